@@ -1,0 +1,127 @@
+r"""Reducing a ``[B, T]`` per-token loss to a scalar, invariant to how the batch is split.
+
+With ℓ_bt the per-token loss, m_bt the mask, n_b = Σ_t m_bt the tokens of
+sequence b, N = Σ_b n_b the tokens of the batch and S the number of sequences
+with at least one token:
+
+==========================  ==========================================
+``agg``                     loss
+==========================  ==========================================
+``token-mean``              Σ_bt ℓ_bt / N
+``token-sum``               Σ_bt ℓ_bt
+``seq-mean-token-mean``     Σ_b (Σ_t ℓ_bt / n_b) / S
+``seq-mean-token-sum``      Σ_bt ℓ_bt / S
+``seq-mean-token-sum-norm`` Σ_bt ℓ_bt / (S · L), L = ``max_len`` (Dr. GRPO)
+==========================  ==========================================
+
+**Micro-batches and data parallelism.** ``batch_num_tokens`` replaces N and
+``global_batch_size`` replaces S. Pass the counts of the *full* batch (all
+micro-batches on all ranks) and the shard losses **sum** to exactly the
+full-batch loss, so gradients accumulate by summation: call ``backward()`` on
+each micro-batch loss without dividing, and all-reduce gradients with SUM
+across ranks (with a MEAN all-reduce, as FSDP/DDP do by default, multiply each
+rank's loss by the world size — verl's ``* dp_size``). Fully masked sequences
+do not count in S (verl's convention). ``seq-mean-token-sum-norm`` needs a
+constant L: pass ``max_len`` (default: the padded width T, which changes with
+padding — set it for Dr. GRPO).
+
+An empty mask gives 0, not NaN (a zero count is replaced by 1; the sum it
+divides is then 0). Nothing here calls ``.item()``: no host-device sync.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+
+from ._util import check_choice
+
+__all__ = ["AGG_MODES", "aggregate", "check_count"]
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def check_count(name: str, value: object) -> None:
+    """Validate an optional global count: ``None``, a number ≥ 0, or a tensor with one element."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number or a scalar tensor, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _denominator(count, default: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if count is None:
+        count = default
+    count = torch.as_tensor(count, dtype=like.dtype, device=like.device)
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def aggregate_masked(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str,
+    *,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """As :func:`aggregate`, for a ``per_token`` that is already 0 wherever ``mask`` is 0."""
+    if agg == "token-sum":
+        return per_token.sum()
+    if agg == "token-mean":
+        return per_token.sum() / _denominator(batch_num_tokens, mask.sum(), per_token)
+    n_b = mask.sum(-1).to(per_token.dtype)
+    seqs = _denominator(global_batch_size, (n_b > 0).sum(), per_token)
+    if agg == "seq-mean-token-mean":
+        return (per_token.sum(-1) / n_b.clamp_min(1)).sum() / seqs
+    if agg == "seq-mean-token-sum":
+        return per_token.sum() / seqs
+    if agg == "seq-mean-token-sum-norm":
+        return per_token.sum() / (seqs * (per_token.shape[-1] if max_len is None else max_len))
+    check_choice("agg", agg, AGG_MODES)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    *,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    r"""Aggregate a per-token loss ``[B, T]`` under ``mask`` ``[B, T]`` into a scalar.
+
+    Args:
+        per_token: ``[B, T]`` per-token values (differentiable).
+        mask: ``[B, T]`` bool or 0/1 float; 0 marks padding. Masked entries are
+            removed with ``torch.where``, so NaN/inf there never reach the result
+            or its gradient.
+        agg: one of :data:`AGG_MODES` (table above).
+        batch_num_tokens: N of the full batch, replacing the local token count.
+        global_batch_size: S of the full batch, replacing the local sequence count.
+        max_len: L for ``seq-mean-token-sum-norm`` (default ``T``).
+
+    Returns:
+        A scalar tensor; 0 (with zero gradient) for an all-masked batch.
+    """
+    check_choice("agg", agg, AGG_MODES)
+    check_count("batch_num_tokens", batch_num_tokens)
+    check_count("global_batch_size", global_batch_size)
+    if per_token.shape != mask.shape or per_token.dim() != 2:
+        raise ValueError(
+            f"per_token and mask must have the same [B, T] shape, got {tuple(per_token.shape)} and {tuple(mask.shape)}"
+        )
+    keep = mask.bool()
+    per_token = torch.where(keep, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return aggregate_masked(
+        per_token, keep, agg, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, max_len=max_len
+    )

@@ -1,0 +1,168 @@
+r"""Clipping rules for importance ratios: PPO / dual clip, RPG-Style Clip, truncation.
+
+Three rules, each a pure function of per-token tensors (DESIGN §4, paper §3.3,
+§4.1, App. G, Algorithms 1 and 2). ``w = exp(logp − old_logp)``; ε_low, ε_high
+and the dual bound c_dual come from :class:`Clip` / :class:`Truncate`.
+
+**PPO / dual clip** (:func:`ppo`, Algorithm 1; GRPO, DAPO). For an advantage
+analogue Â the per-token loss is
+ℓ = max(−w·Â, −clip(w, 1−ε_low, 1+ε_high)·Â), and for Â < 0 with a dual bound
+ℓ = min(ℓ, −c_dual·Â). Written as ℓ = −m·Â with the *effective ratio*
+
+* Â > 0: m = min(w, 1+ε_high) — clipped (no gradient through w) when w ≥ 1+ε_high;
+* Â < 0: m = min(max(w, 1−ε_low), c_dual) — clipped when w ≤ 1−ε_low or w ≥ c_dual.
+
+In the differentiable RPG losses the clip acts on the policy-gradient term with
+the detached A, and the KL surrogate is added outside the clip (what the
+authors' experiments ran). ``fold_kl=True`` instead folds the KL into
+Â = g/w with gradient flowing through it (Algorithm 1 as printed): exact in
+expectation for rkl and urkl (the extra gradient is β·w·∇logp, and
+E_old[w·∇logp] = 0), but biased by β·E_old[c·∇logp] ≠ 0 for fkl and ufkl, so
+it is refused there.
+
+**RPG-Style Clip** (:func:`rpg_clip`, Algorithm 2, REINFORCE style). With the
+REINFORCE weight g and the effective advantage A′ = g/w (same sign as g):
+
+* A′ ≥ 0: the token keeps its gradient only while w < 1+ε_high;
+* A′ < 0: only while 1−ε_low < w < c_dual.
+
+Otherwise its gradient is 0 and its value −g·logp is kept, detached. This is
+exactly the gradient mask of the PPO dual clip applied to sg(A′). We branch on
+A′ as the paper does; the authors' released code branches on A alone and
+evaluates the KL part at the clipped w — a different estimator, not copied here.
+
+**Truncation** (:func:`truncate`, paper eq. 4.1, CISPO): the REINFORCE weight is
+evaluated at w̄ = sg(clip(w, 1−ε_low, 1+ε_high)) (and log w̄ in place of log w),
+so every token keeps a gradient, with a bounded weight.
+
+Clip codes (``int8``, per token) record which bound bound the token, for the
+metrics: 0 none, 1 low, 2 high, 3 dual. Tokens with Â = 0 (or g = 0) are never
+counted as clipped: no bound acts on a zero advantage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+__all__ = ["Clip", "Truncate", "ppo", "rpg_clip", "truncate", "NONE", "LOW", "HIGH", "DUAL"]
+
+NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
+
+
+def _check_bound(name: str, value: object, ok: bool, rule: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
+    if math.isnan(value) or not ok:
+        raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Clip:
+    r"""Clip bounds for the importance ratio w = π_θ/π_old.
+
+    Args:
+        low: ε_low, 0 ≤ ε_low < 1; lower bound 1−ε_low (negative advantages).
+            ``None`` turns the lower bound off.
+        high: ε_high ≥ 0; upper bound 1+ε_high (positive advantages; DAPO's
+            clip-higher uses ε_high > ε_low). ``None`` turns it off.
+        dual: c_dual > 1, the dual-clip bound for negative advantages
+            (Ye et al., 2020). ``None`` turns it off.
+
+    Defaults are the paper's (App. H): (0.2, 0.28) and c_dual = 3.
+    In the differentiable style this is the PPO / dual clip of Algorithm 1;
+    in the REINFORCE style it is RPG-Style Clip (Algorithm 2).
+    Invalid bounds raise ``ValueError`` (``TypeError`` for non-numbers).
+    """
+
+    low: float | None = 0.2
+    high: float | None = 0.28
+    dual: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        _check_bound("Clip.low", self.low, self.low is None or 0 <= self.low < 1, "0 <= low < 1")
+        _check_bound("Clip.high", self.high, self.high is None or self.high >= 0, "high >= 0")
+        _check_bound("Clip.dual", self.dual, self.dual is None or self.dual > 1, "dual > 1")
+
+
+@dataclass(frozen=True)
+class Truncate:
+    r"""Truncated importance weights (paper eq. 4.1; CISPO): w̄ = sg(clip(w, 1−low, 1+high)).
+
+    Used with ``style="reinforce"``: every token keeps its gradient, with the
+    REINFORCE weight evaluated at w̄. ``low``: 0 ≤ low < 1 or ``None`` (no lower
+    bound); ``high`` ≥ 0 or ``None`` (no upper bound).
+    """
+
+    low: float | None = None
+    high: float | None = 0.28
+
+    def __post_init__(self) -> None:
+        _check_bound("Truncate.low", self.low, self.low is None or 0 <= self.low < 1, "0 <= low < 1")
+        _check_bound("Truncate.high", self.high, self.high is None or self.high >= 0, "high >= 0")
+
+
+def _codes(pos: torch.Tensor, neg: torch.Tensor, w: torch.Tensor, clip: Clip):
+    """Boolean masks (low, high, dual) of the tokens whose bound binds, by advantage sign."""
+    false = torch.zeros_like(pos)
+    high = pos & (w >= 1 + clip.high) if clip.high is not None else false
+    low = neg & (w <= 1 - clip.low) if clip.low is not None else false
+    dual = neg & (w >= clip.dual) if clip.dual is not None else false
+    return low, high, dual
+
+
+def _code_tensor(low: torch.Tensor, high: torch.Tensor, dual: torch.Tensor) -> torch.Tensor:
+    return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH + dual.to(torch.int8) * DUAL
+
+
+def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""PPO / dual clip as an effective ratio: ℓ = −m·Â.
+
+    Args:
+        w: ``[B, T]`` importance ratio.
+        adv_hat: ``[B, T]`` advantage analogue Â (its sign picks the branch).
+        clip: the bounds.
+
+    Returns:
+        ``(m, unclipped, code)``: ``m`` ``[B, T]`` the effective ratio (w where
+        unclipped, else the binding bound), ``unclipped`` bool — the tokens whose
+        gradient flows through w — and the ``int8`` clip code.
+    """
+    low, high, dual = _codes(adv_hat > 0, adv_hat < 0, w, clip)
+    m = w
+    if clip.high is not None:
+        m = torch.where(high, torch.full_like(w, 1 + clip.high), m)
+    if clip.low is not None:
+        m = torch.where(low, torch.full_like(w, 1 - clip.low), m)
+    if clip.dual is not None:
+        m = torch.where(dual, torch.full_like(w, clip.dual), m)
+    return m, ~(low | high | dual), _code_tensor(low, high, dual)
+
+
+def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""RPG-Style Clip gradient mask (Algorithm 2), branching on A′ = g/w (sign of g).
+
+    Returns ``(keep, code)``: ``keep`` bool ``[B, T]``, True where the token keeps
+    its REINFORCE gradient −g (A′ ≥ 0: w < 1+ε_high; A′ < 0: 1−ε_low < w < c_dual),
+    and the ``int8`` clip code.
+    """
+    low, high, dual = _codes(g > 0, g < 0, w, clip)
+    return ~(low | high | dual), _code_tensor(low, high, dual)
+
+
+def truncate(log_w: torch.Tensor, trunc: Truncate) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Truncated log-ratio log w̄ = clip(log w, log(1−low), log(1+high)) and its clip code.
+
+    Returns ``(log_w_bar, code)``; ``log_w_bar`` is a value (use it inside sg).
+    """
+    lo = math.log1p(-trunc.low) if trunc.low is not None else None
+    hi = math.log1p(trunc.high) if trunc.high is not None else None
+    low = log_w < lo if lo is not None else torch.zeros_like(log_w, dtype=torch.bool)
+    high = log_w > hi if hi is not None else torch.zeros_like(log_w, dtype=torch.bool)
+    log_w_bar = log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
+    return log_w_bar, _code_tensor(low, high, torch.zeros_like(low))

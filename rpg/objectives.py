@@ -1,0 +1,135 @@
+r"""The four RPG objectives as per-token surrogates with closed-form derivatives.
+
+The objective is J(θ) = E_{π_θ}[A] − β·D with D one of
+
+=========  ===================  ==============================================
+name       D                    per-token KL surrogate (value → ∂/∂logp)
+=========  ===================  ==============================================
+``fkl``    KL(π_ref ‖ π_θ)      −c·logp                       → −c
+``rkl``    KL(π_θ ‖ π_ref)      w·log ρ                       → w·(log ρ + 1)
+``ufkl``   UKL(π_ref ‖ π_θ)     c·(ρ − 1 − log ρ) = c·k3      → w − c
+``urkl``   UKL(π_θ ‖ π_ref)     w·(1/ρ − 1 + log ρ) = w·k3    → w·log ρ
+=========  ===================  ==============================================
+
+with tokens sampled from π_old and, per token (all ``[B, T]``),
+``log w = logp − old_logp`` (w = π_θ/π_old), ``log ρ = logp − ref_logp``
+(ρ = π_θ/π_ref) and ``c = exp(ref_logp − old_logp)`` (π_ref/π_old, constant).
+With ``ref_logp = old_logp`` (the default, RPG's iterative reference) c = 1 and
+ρ = w, which is the paper's setting.
+
+The fully differentiable per-token loss (paper Table 1, Props. 3.2, 3.6, E.1,
+E.3) is ℓ = −w·A + β·KL-surrogate, and its derivative with respect to ``logp``
+is the weight of the REINFORCE-style loss with the sign flipped:
+g = −∂ℓ/∂logp (paper Table 2, Props. F.1–F.5). For every divergence,
+E_{π_old}[∂ℓ/∂logp · ∇logp] = −∇J exactly, also when π_ref ≠ π_old
+(checked by exact enumeration in ``tests/test_objectives.py``).
+
+Every per-token loss is a scalar function of the scalar ``logp``, so each
+function here returns its value *and* its derivative in one pass, with no
+autograd graph: :mod:`rpg.losses` wraps them in one ``autograd.Function`` that
+saves a single tensor (DESIGN §7). Values are exact — no clamp — and are
+evaluated in a form that neither cancels near ρ = 1 nor overflows when ρ is
+huge but w and c are not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._util import check_choice
+from .kl import DIVERGENCES
+
+__all__ = ["DIVERGENCES", "kl_term", "surrogate", "reinforce_weight", "kl_value_and_grad"]
+
+
+def _k3_exp(x: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """scale·(e^x − 1 − x), accurate near x = 0 and finite when scale·e^x is (via log-space)."""
+    small = x.abs() < 1
+    near = scale * (torch.expm1(x) - x)
+    far = torch.exp(log_scale + x) - scale * (1 + x)
+    return torch.where(small, near, far)
+
+
+def kl_value_and_grad(
+    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor, logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""KL surrogate value and its derivative in ``logp``, from log w, log c and logp.
+
+    The internal form of :func:`kl_term`, taking ``log_w = logp − old_logp`` and
+    ``log_c = ref_logp − old_logp`` already formed (the truncation rule of
+    :mod:`rpg.clipping` evaluates the derivative at a clipped log w).
+    """
+    log_rho = log_w - log_c
+    if divergence == "fkl":
+        c = log_c.exp()
+        return -c * logp, -c
+    if divergence == "rkl":
+        w = log_w.exp()
+        return w * log_rho, w * (log_rho + 1)
+    if divergence == "ufkl":
+        c, w = log_c.exp(), log_w.exp()
+        return _k3_exp(log_rho, c, log_c), w - c
+    if divergence == "urkl":
+        w = log_w.exp()
+        return _k3_exp(-log_rho, w, log_w), w * log_rho
+    check_choice("divergence", divergence, DIVERGENCES)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def kl_term(
+    divergence: str, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token KL surrogate of ``divergence`` (β excluded) and its ∂/∂logp.
+
+    Args:
+        divergence: ``"fkl"``, ``"rkl"``, ``"ufkl"`` or ``"urkl"`` (table above).
+        logp: ``[B, T]`` log π_θ of the sampled tokens.
+        old_logp: ``[B, T]`` log π_old (behaviour policy).
+        ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old.
+
+    Returns:
+        ``(value, grad)``, both ``[B, T]``: the surrogate value and its closed-form
+        derivative with respect to ``logp``. No autograd graph is built; the
+        expected derivative E_old[grad·∇logp] is exactly ∇D (the divergence's
+        gradient, in the direction its name says).
+    """
+    log_c = torch.zeros_like(old_logp) if ref_logp is None else ref_logp - old_logp
+    return kl_value_and_grad(divergence, logp - old_logp, log_c, logp)
+
+
+def surrogate(
+    divergence: str,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    beta: float,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Fully differentiable RPG per-token loss ℓ = −w·A + β·KL-surrogate, and ∂ℓ/∂logp.
+
+    ``advantages`` broadcasts against ``logp`` (``[B, 1]`` or ``[B, T]``) and is a
+    constant. Returns ``(value, grad)``, ``[B, T]``; E_old[grad·∇logp] = −∇J
+    for J = E_{π_θ}[A] − β·D (paper Props. 3.2, 3.6, E.1, E.3).
+    """
+    kl_v, kl_g = kl_term(divergence, logp, old_logp, ref_logp)
+    wa = (logp - old_logp).exp() * advantages
+    return beta * kl_v - wa, beta * kl_g - wa
+
+
+def reinforce_weight(
+    divergence: str,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    beta: float,
+    ref_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""REINFORCE-style weight g = −∂ℓ/∂logp, so that ℓ = −sg(g)·logp has the RPG gradient.
+
+    fkl: g = w·A + β·c; rkl: g = w·(A − β(log ρ + 1)); ufkl: g = w·A − β(w − c);
+    urkl: g = w·(A − β·log ρ) (paper Table 2, Props. F.1–F.5, with c = π_ref/π_old).
+    Returns ``[B, T]``; a value, never differentiated.
+    """
+    return -surrogate(divergence, logp, old_logp, advantages, beta=beta, ref_logp=ref_logp)[1]
