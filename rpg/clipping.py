@@ -16,9 +16,10 @@ In the differentiable RPG losses the clip acts on the policy-gradient term with
 the detached A, and the KL surrogate is added outside the clip (what the
 authors' experiments ran). ``fold_kl=True`` instead folds the KL into
 Â = g/w with gradient flowing through it (Algorithm 1 as printed): exact in
-expectation for rkl and urkl (the extra gradient is β·w·∇logp, and
-E_old[w·∇logp] = 0), but biased by β·E_old[c·∇logp] ≠ 0 for fkl and ufkl, so
-it is refused there.
+expectation for rkl and urkl while no bound binds (the extra gradient is
+β·w·∇logp, and E_old[w·∇logp] = ∇Σπ_θ = 0 for a normalized policy), but for
+fkl and ufkl it drops the KL gradient β·E_old[c·∇logp] ≠ 0 entirely, so it is
+refused there.
 
 **RPG-Style Clip** (:func:`rpg_clip`, Algorithm 2, REINFORCE style). With the
 REINFORCE weight g and the effective advantage A′ = g/w (same sign as g):

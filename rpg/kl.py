@@ -87,8 +87,9 @@ def k2(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 def k3(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     r"""k3 = (r − 1) − log r, r = p(x)/q(x): unbiased, non-negative estimate of KL(q ‖ p), x ~ q.
 
-    Computed as ``expm1(log r) − log r`` (no cancellation near r = 1, no clamp
-    far from it). GRPO's penalty is ``k3(logp, ref_logp)``; as a loss its
+    Computed as ``expm1(log r) − log r``: absolute error a few ulps of
+    |log r| near r = 1 (the naive (r − 1) − log r loses a few ulps of 1), and
+    no clamp far from it. GRPO's penalty is ``k3(logp, ref_logp)``; as a loss its
     gradient is ∇ **forward** KL(π_ref ‖ π_θ) on-policy and neither direction
     off-policy. Multiplied by a differentiable w it becomes the URKL surrogate
     (paper Prop. 3.6). Shapes as :func:`k1`.

@@ -27,9 +27,9 @@ E_{π_old}[∂ℓ/∂logp · ∇logp] = −∇J exactly, also when π_ref ≠ π
 Every per-token loss is a scalar function of the scalar ``logp``, so each
 function here returns its value *and* its derivative in one pass, with no
 autograd graph: :mod:`rpg.losses` wraps them in one ``autograd.Function`` that
-saves a single tensor (DESIGN §7). Values are exact — no clamp — and are
-evaluated in a form that neither cancels near ρ = 1 nor overflows when ρ is
-huge but w and c are not.
+saves a single tensor (DESIGN §7). Values are exact — no clamp — and the
+unnormalized ones are evaluated with ``expm1`` near ρ = 1 and in log space far
+from it, so ρ never overflows while w and c are finite.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ __all__ = ["DIVERGENCES", "kl_term", "surrogate", "reinforce_weight", "kl_value_
 
 
 def _k3_exp(x: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """scale·(e^x − 1 − x), accurate near x = 0 and finite when scale·e^x is (via log-space)."""
+    """scale·(e^x − 1 − x): expm1 near x = 0; exp(log_scale + x) far from it, finite whenever scale·e^x is."""
     small = x.abs() < 1
     near = scale * (torch.expm1(x) - x)
     far = torch.exp(log_scale + x) - scale * (1 + x)

@@ -1,0 +1,88 @@
+"""Plain-autograd reference of every rpg per-token loss, transcribed from DESIGN §3–§4.
+
+No closed-form derivatives here: gradients come from autograd through the
+formulas as printed (stop-gradient = ``detach``). The fused kernel must agree
+with this to 1e-12 in float64 (``tests/test_losses.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rpg
+
+
+def kl_surrogate(div, logp, old_logp, ref_logp):
+    """DESIGN §3 table, differentiable column minus the −w·A term, β excluded."""
+    w = (logp - old_logp).exp()
+    log_rho = logp - ref_logp
+    rho = log_rho.exp()
+    c = (ref_logp - old_logp).exp()
+    return {
+        "fkl": -c * logp,
+        "rkl": w * log_rho,
+        "ufkl": c * (rho - 1 - log_rho),
+        "urkl": w * (1 / rho - 1 + log_rho),
+    }[div]
+
+
+def reinforce_g(div, adv, beta, w, log_rho, c):
+    """DESIGN §3 REINFORCE weights g."""
+    return {
+        "fkl": w * adv + beta * c,
+        "rkl": w * (adv - beta * (log_rho + 1)),
+        "ufkl": w * adv - beta * (w - c),
+        "urkl": w * (adv - beta * log_rho),
+    }[div]
+
+
+def ppo_term(w, adv_hat, clip):
+    """Algorithm 1 dual clip, written with max/min as the paper prints it."""
+    if clip is None:
+        return -w * adv_hat
+    lo = 1 - clip.low if clip.low is not None else None
+    hi = 1 + clip.high if clip.high is not None else None
+    loss = torch.maximum(-w * adv_hat, -w.clamp(min=lo, max=hi) * adv_hat) if (lo or hi) else -w * adv_hat
+    if clip.dual is not None:
+        loss = torch.where(adv_hat < 0, torch.minimum(loss, -clip.dual * adv_hat), loss)
+    return loss
+
+
+def per_token(logp, old_logp, adv, mask, *, kl, beta, style, clip, fold_kl=False, ref_logp=None):
+    """Reference per-token loss, masked with torch.where; ``adv`` is ``[B]`` or ``[B, T]``."""
+    if ref_logp is None:
+        ref_logp = old_logp
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    adv = adv.expand_as(logp)
+    old_logp, ref_logp = old_logp.detach(), ref_logp.detach()
+    w = (logp - old_logp).exp()
+    c = (ref_logp - old_logp).exp()
+    log_rho = logp - ref_logp
+    if style == "differentiable":
+        if fold_kl and kl is not None:
+            adv_hat = adv - beta * (log_rho + 1 if kl == "rkl" else log_rho)
+            loss = ppo_term(w, adv_hat, clip)
+        else:
+            loss = ppo_term(w, adv, clip)
+            if kl is not None:
+                loss = loss + beta * kl_surrogate(kl, logp, old_logp, ref_logp)
+    else:
+        wd = w.detach()
+        if isinstance(clip, rpg.Truncate):
+            lo = 1 - clip.low if clip.low is not None else None
+            hi = 1 + clip.high if clip.high is not None else None
+            wd = wd.clamp(min=lo, max=hi)
+        lr = wd.log() - (ref_logp - old_logp)
+        g = reinforce_g(kl, adv, beta, wd, lr, c) if kl is not None else wd * adv
+        g = g.detach()
+        loss = -g * logp
+        if isinstance(clip, rpg.Clip):
+            # Algorithm 2: branch on the effective advantage A' = g / w.
+            a_eff = g / wd
+            hi = 1 + clip.high if clip.high is not None else float("inf")
+            lo = 1 - clip.low if clip.low is not None else float("-inf")
+            dual = clip.dual if clip.dual is not None else float("inf")
+            keep = torch.where(a_eff >= 0, wd < hi, (wd > lo) & (wd < dual))
+            loss = torch.where(keep, loss, loss.detach())
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
