@@ -54,12 +54,13 @@ __all__ = ["Clip", "Truncate", "ppo", "rpg_clip", "truncate", "NONE", "LOW", "HI
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
 
 
-def _check_bound(name: str, value: object, ok: bool, rule: str) -> None:
+def _check_bound(name: str, value: object, ok, rule: str) -> None:
+    """Raise TypeError for a non-number, ValueError unless ``ok(value)``; ``None`` is always valid."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
-    if math.isnan(value) or not ok:
+    if math.isnan(value) or not ok(value):
         raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
 
 
@@ -86,9 +87,9 @@ class Clip:
     dual: float | None = 3.0
 
     def __post_init__(self) -> None:
-        _check_bound("Clip.low", self.low, self.low is None or 0 <= self.low < 1, "0 <= low < 1")
-        _check_bound("Clip.high", self.high, self.high is None or self.high >= 0, "high >= 0")
-        _check_bound("Clip.dual", self.dual, self.dual is None or self.dual > 1, "dual > 1")
+        _check_bound("Clip.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
+        _check_bound("Clip.high", self.high, lambda v: v >= 0, "high >= 0")
+        _check_bound("Clip.dual", self.dual, lambda v: v > 1, "dual > 1")
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ class Truncate:
     high: float | None = 0.28
 
     def __post_init__(self) -> None:
-        _check_bound("Truncate.low", self.low, self.low is None or 0 <= self.low < 1, "0 <= low < 1")
-        _check_bound("Truncate.high", self.high, self.high is None or self.high >= 0, "high >= 0")
+        _check_bound("Truncate.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
+        _check_bound("Truncate.high", self.high, lambda v: v >= 0, "high >= 0")
 
 
 def _codes(pos: torch.Tensor, neg: torch.Tensor, w: torch.Tensor, clip: Clip):

@@ -1,0 +1,162 @@
+"""rpg.clipping: each branch of PPO / dual clip, RPG-Style Clip and truncation, and bound validation."""
+
+import math
+
+import pytest
+import torch
+
+import rpg
+from rpg import clipping
+from rpg.clipping import DUAL, HIGH, LOW, NONE
+
+F64 = torch.float64
+CLIP = rpg.Clip(low=0.2, high=0.28, dual=3.0)
+
+
+def _grad(loss_fn, log_w, adv, ref_shift=None):
+    """Per-token value and d(value)/d(logp) for tokens with logp = log_w - 1, old = -1."""
+    logp = (torch.tensor(log_w, dtype=F64) - 1.0)[None].requires_grad_(True)
+    old = torch.full_like(logp, -1.0)
+    ref = None if ref_shift is None else old + torch.tensor(ref_shift, dtype=F64)[None]
+    out = loss_fn(logp, old, torch.tensor(adv, dtype=F64)[None], ref_logp=ref)
+    (g,) = torch.autograd.grad(out.per_token.sum(), logp)
+    return out.per_token.detach()[0], g[0]
+
+
+W = [0.5, 0.9, 1.1, 1.5, 4.0]  # below 1-low, inside, inside, above 1+high, above dual
+
+
+def test_ppo_branches_positive_advantage():
+    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), CLIP)
+    torch.testing.assert_close(m, torch.tensor([0.5, 0.9, 1.1, 1.28, 1.28], dtype=F64))
+    assert unclipped.tolist() == [True, True, True, False, False]
+    assert code.tolist() == [NONE, NONE, NONE, HIGH, HIGH]
+
+
+def test_ppo_branches_negative_advantage():
+    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), CLIP)
+    torch.testing.assert_close(m, torch.tensor([0.8, 0.9, 1.1, 1.5, 3.0], dtype=F64))
+    assert unclipped.tolist() == [False, True, True, True, False]
+    assert code.tolist() == [LOW, NONE, NONE, NONE, DUAL]
+
+
+def test_ppo_without_dual_or_bounds():
+    m, unclipped, _ = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), rpg.Clip(0.2, 0.28, None))
+    assert unclipped.tolist() == [False, True, True, True, True] and m[-1] == 4.0
+    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), rpg.Clip(None, None, None))
+    assert unclipped.all() and (code == NONE).all() and torch.equal(m, torch.tensor(W, dtype=F64))
+
+
+def test_zero_advantage_is_never_counted_as_clipped():
+    _, _, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.zeros(5, dtype=F64), CLIP)
+    assert (code == NONE).all()
+
+
+def test_differentiable_ppo_value_and_gradient_per_branch():
+    """ℓ = max(−wA, −clip(w)A), dual for A<0; gradient −wA where unclipped, else 0 (β = 0)."""
+    fn = rpg.RPGLoss("rkl", beta=0.0, clip=CLIP, agg="token-sum")
+    for sign in (1.0, -1.0):
+        value, grad = _grad(fn, [math.log(w) for w in W], [sign] * 5)
+        m, unclipped, _ = clipping.ppo(torch.tensor(W, dtype=F64), torch.full((5,), sign, dtype=F64), CLIP)
+        torch.testing.assert_close(value, -m * sign, rtol=0, atol=1e-14)
+        want = torch.where(unclipped, -torch.tensor(W, dtype=F64) * sign, torch.zeros(5, dtype=F64))
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
+
+
+def test_differentiable_kl_stays_outside_the_clip():
+    """A clipped token still carries the KL surrogate's gradient β·w(log ρ + 1) (rkl)."""
+    beta = 0.3
+    fn = rpg.RPGLoss("rkl", beta=beta, clip=CLIP, agg="token-sum")
+    log_w = math.log(1.5)  # A > 0, above 1 + high: the PG term is clipped
+    _, grad = _grad(fn, [log_w], [1.0])
+    assert grad.item() == pytest.approx(beta * 1.5 * (log_w + 1), rel=1e-13)
+
+
+def test_rpg_clip_branches_on_effective_advantage():
+    """A > 0 but A' = g/w < 0 because of the KL: the negative-advantage bounds apply."""
+    beta, A = 1.0, 0.1
+    fn = rpg.RPGLoss("urkl", style="reinforce", beta=beta, clip=CLIP, agg="token-sum")
+    # urkl: g = w (A − β log w); at w = 1.5: A' = 0.1 − log 1.5 < 0, and 1−low < w < dual: gradient kept.
+    # Branching on A alone would clip it (w ≥ 1 + high).
+    log_w = math.log(1.5)
+    value, grad = _grad(fn, [log_w], [A])
+    g = 1.5 * (A - beta * log_w)
+    assert g < 0
+    assert grad.item() == pytest.approx(-g, rel=1e-13)
+    assert value.item() == pytest.approx(-g * (log_w - 1.0), rel=1e-13)
+    # At w = 0.5: A' = 0.1 + log 2 > 0, w < 1 + high: kept (A' ≥ 0 has no lower bound).
+    _, grad = _grad(fn, [math.log(0.5)], [A])
+    assert grad.item() == pytest.approx(-0.5 * (A + beta * math.log(2)), rel=1e-13)
+
+
+@pytest.mark.parametrize(
+    "w,adv,kept,code",
+    [
+        (0.5, 1.0, True, NONE),
+        (1.2, 1.0, True, NONE),
+        (1.28, 1.0, False, HIGH),
+        (2.0, 1.0, False, HIGH),
+        (0.8, -1.0, False, LOW),
+        (0.5, -1.0, False, LOW),
+        (1.5, -1.0, True, NONE),
+        (2.99, -1.0, True, NONE),
+        (3.0, -1.0, False, DUAL),
+        (10.0, -1.0, False, DUAL),
+    ],
+)
+def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
+    fn = rpg.RPGLoss("fkl", style="reinforce", beta=0.0, clip=CLIP, agg="token-sum")
+    value, grad = _grad(fn, [math.log(w)], [adv])
+    assert value.item() == pytest.approx(-w * adv * (math.log(w) - 1.0), rel=1e-13)  # value kept
+    assert grad.item() == (pytest.approx(-w * adv, rel=1e-13) if kept else 0.0)
+    _, c = clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP)
+    assert c.item() == code
+
+
+def test_truncation_uses_clipped_weight_everywhere():
+    """g(w̄) with w̄ = sg(clip(w)) and log w̄ in place of log w; every token keeps a gradient."""
+    trunc = rpg.Truncate(low=0.2, high=0.28)
+    beta, A = 0.5, 1.0
+    fn = rpg.RPGLoss("urkl", style="reinforce", beta=beta, clip=trunc, agg="token-sum")
+    for w, wbar in [(0.5, 0.8), (1.0, 1.0), (2.0, 1.28)]:
+        _, grad = _grad(fn, [math.log(w)], [A])
+        assert grad.item() == pytest.approx(-wbar * (A - beta * math.log(wbar)), rel=1e-13)
+    log_w_bar, code = clipping.truncate(torch.log(torch.tensor([0.5, 1.0, 2.0])), trunc)
+    assert code.tolist() == [LOW, NONE, HIGH]
+    torch.testing.assert_close(log_w_bar.exp(), torch.tensor([0.8, 1.0, 1.28]))
+
+
+def test_truncation_one_sided():
+    log_w_bar, code = clipping.truncate(torch.log(torch.tensor([0.01, 5.0])), rpg.Truncate(low=None, high=1.0))
+    torch.testing.assert_close(log_w_bar.exp(), torch.tensor([0.01, 2.0]))
+    assert code.tolist() == [NONE, HIGH]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc",
+    [
+        (dict(low=1.0), ValueError),
+        (dict(low=-0.1), ValueError),
+        (dict(high=-0.1), ValueError),
+        (dict(dual=1.0), ValueError),
+        (dict(dual=0.5), ValueError),
+        (dict(low=float("nan")), ValueError),
+        (dict(low="0.2"), TypeError),
+        (dict(high=True), TypeError),
+    ],
+)
+def test_clip_validation(kwargs, exc):
+    with pytest.raises(exc, match=next(iter(kwargs))):
+        rpg.Clip(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(low=1.0), dict(low=-0.5), dict(high=-1.0)])
+def test_truncate_validation(kwargs):
+    with pytest.raises(ValueError, match="Truncate"):
+        rpg.Truncate(**kwargs)
+
+
+def test_valid_bounds_are_accepted():
+    assert rpg.Clip(0.0, 0.0, 1.0001).dual == 1.0001
+    assert rpg.Clip(None, None, None).low is None
+    assert rpg.Clip() == rpg.Clip(0.2, 0.28, 3.0)
