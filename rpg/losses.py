@@ -48,7 +48,7 @@ class LossOutput:
     * ``kl/term`` — mean of the loss's own KL surrogate, β excluded (absent when
       the loss has no KL term).
 
-    All are 0 for an all-masked batch.
+    All are 0 for an all-masked batch. They are computed in float64.
     """
 
     __slots__ = ("loss", "per_token", "_metric_inputs", "_metrics")
@@ -72,6 +72,10 @@ class LossOutput:
 
 
 def _metrics(logp, old_logp, ref_logp, mask, code, kl) -> dict[str, float]:
+    # Diagnostics in float64 (where the device has it): k3 of a log-ratio of 100 is finite there.
+    if logp.device.type != "mps":
+        logp, old_logp = logp.double(), old_logp.double()
+        ref_logp = None if ref_logp is None else ref_logp.double()
     maskf = mask.to(logp.dtype)
     n = maskf.sum()
     denom = n.clamp_min(1)

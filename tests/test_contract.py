@@ -10,7 +10,15 @@ import torch
 
 import rpg
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module only (a module-level switch would leak into other test files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 DIVS = ["fkl", "rkl", "ufkl", "urkl"]
 STYLES = ["differentiable", "reinforce"]
