@@ -1,4 +1,4 @@
-"""The README's quick start runs as printed and its updates move the policy."""
+"""The code in README.md and docs/ runs as printed; the quick start's updates move the policy."""
 
 import pathlib
 import re
@@ -28,3 +28,13 @@ def test_readme_code_runs(block, capsys):
     assert capsys.readouterr().out.strip()  # it printed its numbers
     if "token_logp" in namespace:  # the optimizer steps changed the policy's log-probs
         assert not torch.allclose(namespace["token_logp"](), namespace["old_logp"])
+
+
+DOCS = sorted((README.parent / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_docs_code_runs(page):
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), {})  # each block asserts what it shows
