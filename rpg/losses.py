@@ -16,6 +16,8 @@ are configurations of it; their ``repr`` shows the configuration.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import torch
 
 from ._kernel import Spec, TokenLoss
@@ -163,10 +165,12 @@ class PolicyLoss:
             check_choice("divergence", kl, DIVERGENCES)
         check_choice("style", style, STYLES)
         check_choice("agg", agg, AGG_MODES)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, Real):
+            raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
+        if not 0 <= beta < float("inf"):
+            raise ValueError(f"beta must be >= 0 and finite, got {beta!r}")
+        if kl is None and beta != 0:
+            raise ValueError(f"beta={beta!r} needs a KL term: pass kl= one of {', '.join(map(repr, DIVERGENCES))}")
         if clip is not None and not isinstance(clip, (Clip, Truncate)):
             raise TypeError(f"clip must be rpg.Clip, rpg.Truncate or None, got {type(clip).__name__}")
         if isinstance(clip, Truncate) and style != "reinforce":
@@ -178,10 +182,10 @@ class PolicyLoss:
                 f"fold_kl=True is biased for {kl!r}: folding the KL into the clipped advantage drops "
                 "beta*E_old[c*grad logp] != 0 from the gradient; it is exact only for 'rkl' and 'urkl'"
             )
-        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0):
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, Integral) or max_len <= 0):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         self.kl, self.beta, self.style, self.clip, self.agg = kl, float(beta), style, clip, agg
-        self.fold_kl, self.max_len = bool(fold_kl), max_len
+        self.fold_kl, self.max_len = bool(fold_kl), None if max_len is None else int(max_len)
         self._spec = Spec(kl=kl, beta=float(beta), style=style, clip=clip, fold_kl=bool(fold_kl))
 
     def __repr__(self) -> str:

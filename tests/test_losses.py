@@ -197,11 +197,25 @@ def test_paper_defaults():
         (dict(divergence="fkl", fold_kl=True), ValueError, "biased"),
         (dict(divergence="ufkl", fold_kl=True), ValueError, "biased"),
         (dict(divergence="rkl", max_len=0), ValueError, "max_len"),
+        (dict(divergence="rkl", max_len=2.5), ValueError, "max_len"),
+        (dict(divergence="rkl", beta=float("inf")), ValueError, "finite"),
     ],
 )
 def test_bad_settings(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         rpg.RPGLoss(**kwargs)
+
+
+def test_policy_loss_beta_needs_a_kl_term():
+    with pytest.raises(ValueError, match="needs a KL term"):
+        rpg.PolicyLoss(beta=0.1)
+    assert rpg.PolicyLoss(beta=0.0).kl is None
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    fn = rpg.RPGLoss("rkl", beta=np.float32(0.5), max_len=np.int64(8), agg="seq-mean-token-sum-norm")
+    assert fn.beta == 0.5 and fn.max_len == 8 and type(fn.max_len) is int
 
 
 @pytest.mark.parametrize(
