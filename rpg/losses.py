@@ -148,7 +148,7 @@ class PolicyLoss:
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
     """
 
-    _name_args: tuple[str, ...] = ("kl",)
+    _repr_first: tuple[str, ...] = ("kl",)  # the settings a subclass's repr leads with
 
     def __init__(
         self,
@@ -189,7 +189,7 @@ class PolicyLoss:
         self._spec = Spec(kl=kl, beta=float(beta), style=style, clip=clip, fold_kl=bool(fold_kl))
 
     def __repr__(self) -> str:
-        shown = {"divergence" if k == "kl" and type(self) is not PolicyLoss else k: getattr(self, k) for k in self._name_args}
+        shown = {k: getattr(self, k) for k in self._repr_first}
         shown.update(style=self.style, beta=self.beta, clip=self.clip, agg=self.agg)
         if self.fold_kl:
             shown["fold_kl"] = True
@@ -304,6 +304,8 @@ class RPGLoss(PolicyLoss):
         out = loss_fn(logp, old_logp, advantages, mask)
         out.loss.backward()
     """
+
+    _repr_first = ("divergence",)
 
     def __init__(
         self,
