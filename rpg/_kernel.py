@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .clipping import Clip, Truncate, ppo, rpg_clip, truncate
-from .objectives import kl_value_and_grad
+from .objectives import kl_grad_split, kl_value_and_grad
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,14 @@ def token_loss(
     code = None
     if spec.style == "reinforce":
         if isinstance(spec.clip, Truncate):
-            log_w, code = truncate(log_w, spec.clip)
-            w = log_w.exp()
-        g = w * adv
-        if has_kl:
-            g = g - spec.beta * kl_value_and_grad(spec.kl, log_w, log_c, logp)[1]
+            # g = w̄·(A − β·per_w) − β·const: only the importance weight is truncated.
+            log_w_bar, code = truncate(log_w, spec.clip)
+            per_w, const = kl_grad_split(spec.kl, log_w, log_c) if has_kl else (0.0, 0.0)
+            g = log_w_bar.exp() * (adv - spec.beta * per_w) - spec.beta * const
+        else:
+            g = w * adv
+            if has_kl:
+                g = g - spec.beta * kl_value_and_grad(spec.kl, log_w, log_c, logp)[1]
         value = -g * logp
         if isinstance(spec.clip, Clip):
             keep, code = rpg_clip(w, g, spec.clip)

@@ -26,7 +26,9 @@ constant L: pass ``max_len`` (default: the padded width T, which changes with
 padding — set it for Dr. GRPO).
 
 An empty mask gives 0, not NaN (a zero count is replaced by 1; the sum it
-divides is then 0). Nothing here calls ``.item()``: no host-device sync.
+divides is then 0). Nothing here calls ``.item()`` or copies a Python number to
+the device: no host-device sync. Tensor counts are not validated (that would
+need a sync); Python counts must be ≥ 0.
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def _denominator(count, default: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if count is None:
-        count = default
-    count = torch.as_tensor(count, dtype=like.dtype, device=like.device)
+def _denominator(count, default: torch.Tensor, like: torch.Tensor):
+    """The count to divide by, 1 where it is 0. A Python number stays a Python number, so
+    that no host-to-device copy (a sync on CUDA) happens; a tensor is used where it lives."""
+    if isinstance(count, Real):
+        return float(count) if count > 0 else 1.0
+    count = default if count is None else count.to(device=like.device, dtype=like.dtype, non_blocking=True)
+    count = count.to(like.dtype)
     return torch.where(count > 0, count, torch.ones_like(count))
 
 

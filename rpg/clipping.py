@@ -27,18 +27,23 @@ REINFORCE weight g and the effective advantage A′ = g/w (same sign as g):
 * A′ ≥ 0: the token keeps its gradient only while w < 1+ε_high;
 * A′ < 0: only while 1−ε_low < w < c_dual.
 
-Otherwise its gradient is 0 and its value −g·logp is kept, detached. This is
-exactly the gradient mask of the PPO dual clip applied to sg(A′). We branch on
-A′ as the paper does; the authors' released code branches on A alone and
-evaluates the KL part at the clipped w — a different estimator, not copied here.
+Otherwise its gradient is 0 and its value −g·logp is kept, detached (DESIGN
+§4; Algorithm 2 instead prints the value at the bound, e.g. A′_high·w_high·ℓ —
+the gradient, 0, is the same). This is exactly the gradient mask of the PPO
+dual clip applied to sg(A′). We branch on A′ as the paper does; the authors'
+released code branches on A alone and evaluates the KL part at the clipped w
+— a different estimator, not copied here.
 
-**Truncation** (:func:`truncate`, paper eq. 4.1, CISPO): the REINFORCE weight is
-evaluated at w̄ = sg(clip(w, 1−ε_low, 1+ε_high)) (and log w̄ in place of log w),
-so every token keeps a gradient, with a bounded weight.
+**Truncation** (:func:`truncate`, paper eq. 4.1, CISPO): the importance weight
+in the REINFORCE weight is replaced by w̄ = sg(clip(w, 1−ε_low, 1+ε_high)):
+g = w̄·(A − β·per_w) − β·const (:func:`rpg.objectives.kl_grad_split`), i.e.
+C(w, sg(A′)) with the effective advantage A′ at the unclipped w — log ρ and c
+are not clipped. Every token keeps a gradient, with a bounded weight.
 
 Clip codes (``int8``, per token) record which bound bound the token, for the
-metrics: 0 none, 1 low, 2 high, 3 dual. Tokens with Â = 0 (or g = 0) are never
-counted as clipped: no bound acts on a zero advantage.
+metrics: 0 none, 1 low, 2 high, 3 dual. Under :class:`Clip`, tokens with Â = 0
+(or g = 0) are never counted as clipped: no bound acts on a zero advantage.
+Under :class:`Truncate` a token counts whenever its w was truncated.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ k2 as loss                        ∇ reverse KL           wrong
 k3 as loss (GRPO)                 ∇ **forward** KL       wrong
 w·k3(π_θ→π_ref), w differentiable ∇ reverse KL           ∇ reverse KL (= URKL)
 sg(w)·k2                          ∇ reverse KL           ∇ reverse KL
+k1 in reward, return-to-go        ∇ sequence reverse KL  needs IS
+(REINFORCE++)
 ================================  =====================  =====================
 
 Values are never clamped: a log-ratio of 50 gives k3 = e^50 − 51, as the math
@@ -99,9 +101,15 @@ def k3(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def _xlogy_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """p · (log p − log q), with 0 where p = 0 (even if q = 0)."""
+    """p · (log p − log q), with value and gradient 0 where p = 0 (even if q = 0).
+
+    Both logs are replaced by 0 where p = 0 *before* the product, so the branch
+    ``torch.where`` discards has no inf in it and no NaN reaches the gradient."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    support = p > 0
+    zero = torch.zeros_like(p)
+    safe = torch.where(support, log_p, zero) - torch.where(support, log_q, zero)
+    return torch.where(support, p * safe, zero)
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -92,11 +92,12 @@ def _metrics(logp, old_logp, ref_logp, mask, code, kl) -> dict[str, float]:
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     has = n > 0
     names = ["ratio/mean", "ratio/min", "ratio/max"]
-    values = [
-        mean(w),
-        torch.where(has, torch.where(mask, w, inf).min(), zero),
-        torch.where(has, torch.where(mask, w, -inf).max(), zero),
-    ]
+    if w.numel():
+        w_min = torch.where(has, torch.where(mask, w, inf).min(), zero)
+        w_max = torch.where(has, torch.where(mask, w, -inf).max(), zero)
+    else:  # an empty [0, T] or [B, 0] batch
+        w_min = w_max = zero
+    values = [mean(w), w_min, w_max]
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
         names.append(f"clip_frac/{name}")
         values.append(mean((code == bound).to(w.dtype)) if code.numel() else zero)
@@ -231,8 +232,8 @@ class PolicyLoss:
         if ref_logp is not None:
             check_floating("ref_logp", ref_logp)
             _check_shape("ref_logp", ref_logp, logp.shape)
-        if not isinstance(advantages, torch.Tensor):
-            raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+        if not isinstance(advantages, torch.Tensor) or advantages.is_complex():
+            raise TypeError(f"advantages must be a real torch.Tensor, got {getattr(advantages, 'dtype', type(advantages).__name__)}")
         if advantages.shape not in (logp.shape[:1], logp.shape):
             raise ValueError(
                 f"advantages must have shape [B] = {tuple(logp.shape[:1])} or [B, T] = {tuple(logp.shape)}, "

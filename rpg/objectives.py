@@ -39,7 +39,7 @@ import torch
 from ._util import check_choice
 from .kl import DIVERGENCES
 
-__all__ = ["DIVERGENCES", "kl_term", "surrogate", "reinforce_weight", "kl_value_and_grad"]
+__all__ = ["DIVERGENCES", "kl_term", "surrogate", "reinforce_weight", "kl_value_and_grad", "kl_grad_split"]
 
 
 def _k3_exp(x: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -72,6 +72,27 @@ def kl_value_and_grad(
     if divergence == "urkl":
         w = log_w.exp()
         return _k3_exp(-log_rho, w, log_w), w * log_rho
+    check_choice("divergence", divergence, DIVERGENCES)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def kl_grad_split(divergence: str, log_w: torch.Tensor, log_c: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    r"""The KL derivative split by its importance weight: ∂KL/∂logp = w·per_w + const.
+
+    fkl: (0, −c); rkl: (log ρ + 1, 0); ufkl: (1, −c); urkl: (log ρ, 0). The
+    REINFORCE weight is then g = w·(A − β·per_w) − β·const, so the effective
+    advantage is A′ = g/w, and truncation (:class:`rpg.Truncate`) replaces only
+    the weight w by w̄ — log ρ and c stay exact (DESIGN §4).
+    """
+    log_rho = log_w - log_c
+    if divergence == "fkl":
+        return 0.0, -log_c.exp()
+    if divergence == "rkl":
+        return log_rho + 1, 0.0
+    if divergence == "ufkl":
+        return 1.0, -log_c.exp()
+    if divergence == "urkl":
+        return log_rho, 0.0
     check_choice("divergence", divergence, DIVERGENCES)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -70,10 +70,11 @@ def per_token(logp, old_logp, adv, mask, *, kl, beta, style, clip, fold_kl=False
     else:
         wd = w.detach()
         if isinstance(clip, rpg.Truncate):
+            # DESIGN §4: g uses sg(clip(w)) in place of w; ρ and c are other symbols and stay.
             lo = 1 - clip.low if clip.low is not None else None
             hi = 1 + clip.high if clip.high is not None else None
             wd = wd.clamp(min=lo, max=hi)
-        lr = wd.log() - (ref_logp - old_logp)
+        lr = log_rho.detach()
         g = reinforce_g(kl, adv, beta, wd, lr, c) if kl is not None else wd * adv
         g = g.detach()
         loss = -g * logp

@@ -94,7 +94,7 @@ def test_rpg_clip_branches_on_effective_advantage():
     [
         (0.5, 1.0, True, NONE),
         (1.2, 1.0, True, NONE),
-        (1.28, 1.0, False, HIGH),
+        (1.2801, 1.0, False, HIGH),
         (2.0, 1.0, False, HIGH),
         (0.8, -1.0, False, LOW),
         (0.5, -1.0, False, LOW),
@@ -113,14 +113,36 @@ def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
     assert c.item() == code
 
 
-def test_truncation_uses_clipped_weight_everywhere():
-    """g(w̄) with w̄ = sg(clip(w)) and log w̄ in place of log w; every token keeps a gradient."""
+@pytest.mark.parametrize("div", ["fkl", "rkl", "ufkl", "urkl"])
+def test_truncation_replaces_only_the_weight(div):
+    """g with w̄ = sg(clip(w)) in place of w; log ρ and c stay exact (paper eq. 4.1: C(w, sg(Â_reg)));
+    every token keeps a gradient. Hand formulas from DESIGN §3 with w → w̄."""
     trunc = rpg.Truncate(low=0.2, high=0.28)
-    beta, A = 0.5, 1.0
-    fn = rpg.RPGLoss("urkl", style="reinforce", beta=beta, clip=trunc, agg="token-sum")
+    beta, A, log_c = 0.5, 1.0, -0.3
+    c = math.exp(log_c)
+    fn = rpg.RPGLoss(div, style="reinforce", beta=beta, clip=trunc, agg="token-sum")
     for w, wbar in [(0.5, 0.8), (1.0, 1.0), (2.0, 1.28)]:
-        _, grad = _grad(fn, [math.log(w)], [A])
-        assert grad.item() == pytest.approx(-wbar * (A - beta * math.log(wbar)), rel=1e-13)
+        lr = math.log(w) - log_c
+        g = {
+            "fkl": wbar * A + beta * c,
+            "rkl": wbar * (A - beta * (lr + 1)),
+            "ufkl": wbar * A - beta * (wbar - c),
+            "urkl": wbar * (A - beta * lr),
+        }[div]
+        _, grad = _grad(fn, [math.log(w)], [A], ref_shift=[log_c])
+        assert grad.item() == pytest.approx(-g, rel=1e-12)
+
+
+def test_truncation_by_hand_at_one_token():
+    """log w = 1, A = 0, β = 1, Truncate(high=0.28): urkl g = 1.28·(0 − 1) = −1.28 (the KL's log ρ = 1
+    is not clipped to log 1.28 — that would give −0.316)."""
+    fn = rpg.RPGLoss("urkl", style="reinforce", beta=1.0, clip=rpg.Truncate(None, 0.28), agg="token-sum")
+    _, grad = _grad(fn, [1.0], [0.0])
+    assert grad.item() == pytest.approx(1.28, rel=1e-12)
+
+
+def test_truncation_codes():
+    trunc = rpg.Truncate(low=0.2, high=0.28)
     log_w_bar, code = clipping.truncate(torch.log(torch.tensor([0.5, 1.0, 2.0])), trunc)
     assert code.tolist() == [LOW, NONE, HIGH]
     torch.testing.assert_close(log_w_bar.exp(), torch.tensor([0.8, 1.0, 1.28]))

@@ -126,3 +126,15 @@ def test_weighted_estimators_follow_reverse_kl_off_policy(term):
     got = _expected_grad(term, P.logits, P.old_logits, P.ref_logits)
     torch.testing.assert_close(got, rev, rtol=0, atol=1e-12)
     assert (got - fwd).abs().max() > 1e-2
+
+
+def test_exact_kl_gradient_is_finite_off_support():
+    """p = 0 somewhere: value is the KL on the support and the gradient has no NaN (where-NaN trap)."""
+    log_p = torch.log(torch.tensor([1.0, 0.0], dtype=F64)).requires_grad_(True)
+    log_q = torch.log(torch.tensor([0.5, 0.5], dtype=F64)).requires_grad_(True)
+    for fn in (kl, ukl):
+        value = fn(log_p, log_q)
+        gp, gq = torch.autograd.grad(value, (log_p, log_q))
+        assert torch.isfinite(gp).all() and torch.isfinite(gq).all()
+    assert kl(log_p, log_q).item() == pytest.approx(math.log(2))
+    assert gp[1] == 0

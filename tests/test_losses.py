@@ -229,7 +229,7 @@ def test_numpy_scalars_are_accepted():
         (dict(mask=torch.ones(4, 7, dtype=torch.bool)), ValueError, r"mask has shape \(4, 7\)"),
         (dict(advantages=torch.zeros(4, 6, 1, dtype=F64)), ValueError, r"advantages must have shape \[B\] = \(4,\)"),
         (dict(advantages=torch.zeros(5, dtype=F64)), ValueError, r"got \(5,\)"),
-        (dict(advantages=0.5), TypeError, "advantages must be a torch.Tensor"),
+        (dict(advantages=0.5), TypeError, "advantages must be a real torch.Tensor"),
         (dict(old_logp=torch.zeros(4, 6, dtype=torch.int32)), TypeError, "old_logp must be a floating-point"),
         (dict(batch_num_tokens=-1), ValueError, "batch_num_tokens must be >= 0"),
         (dict(global_batch_size="8"), TypeError, "global_batch_size"),
@@ -242,3 +242,17 @@ def test_bad_inputs(bad, exc, match):
     args.update(bad)
     with pytest.raises(exc, match=match):
         rpg.RPGLoss("urkl", beta=0.1)(**args)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
+def test_empty_batch(shape):
+    logp = torch.zeros(shape, dtype=F64, requires_grad=True)
+    out = rpg.RPGLoss("urkl", beta=0.1)(logp, torch.zeros(shape, dtype=F64), torch.zeros(shape[0], dtype=F64))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and all(v == 0.0 for v in out.metrics.values())
+
+
+def test_complex_advantages_are_refused():
+    logp, old, _, mask, _ = make_batch(4, 6)
+    with pytest.raises(TypeError, match="advantages must be a real"):
+        rpg.RPGLoss("urkl")(logp, old, torch.zeros(4, dtype=torch.complex64), mask)
