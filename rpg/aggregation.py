@@ -63,8 +63,7 @@ def _denominator(count, default: torch.Tensor, like: torch.Tensor):
     that no host-to-device copy (a sync on CUDA) happens; a tensor is used where it lives."""
     if isinstance(count, Real):
         return float(count) if count > 0 else 1.0
-    count = default if count is None else count.to(device=like.device, dtype=like.dtype, non_blocking=True)
-    count = count.to(like.dtype)
+    count = (default if count is None else count.to(like.device, non_blocking=True)).to(like.dtype)
     return torch.where(count > 0, count, torch.ones_like(count))
 
 
