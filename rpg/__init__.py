@@ -5,30 +5,54 @@ KL-Regularized Policy Gradient Algorithms for LLM Reasoning", ICLR 2026,
 arXiv 2505.17508): k1/k2/k3 estimators, forward / reverse, normalized /
 unnormalized KL-regularized objectives in fully differentiable and
 REINFORCE-style forms, RPG-Style Clip, and batching-invariant aggregation —
-each loss with a gradient that is exactly the gradient of its objective.
+each loss with a gradient that is exactly the gradient of its objective — and
+GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
+configurations of the same :class:`PolicyLoss`.
 
 Functional core: :mod:`rpg.kl`, :mod:`rpg.objectives`, :mod:`rpg.clipping`,
-:mod:`rpg.aggregation`. Loss classes: :class:`PolicyLoss`, :class:`RPGLoss`.
-Exact oracle for tests: :mod:`rpg.testing`.
+:mod:`rpg.aggregation`, :mod:`rpg.advantages`. Loss classes: :class:`PolicyLoss`,
+:class:`RPGLoss` and the presets of :mod:`rpg.presets`. Exact oracles for
+tests: :mod:`rpg.testing`.
 """
 
-from . import aggregation, clipping, kl, objectives, testing
+from . import advantages, aggregation, clipping, kl, metrics, objectives, presets, testing
 from .aggregation import AGG_MODES, aggregate
 from .clipping import Clip, Truncate
 from .kl import DIVERGENCES, k1, k2, k3
-from .losses import STYLES, LossOutput, PolicyLoss, RPGLoss
+from .losses import RATIOS, STYLES, PolicyLoss, RPGLoss
+from .metrics import LossOutput
+from .presets import (
+    CISPOLoss,
+    DAPOLoss,
+    DrGRPOLoss,
+    GRPOLoss,
+    GSPOLoss,
+    OnPolicyDistillationLoss,
+    REINFORCEPlusPlusLoss,
+)
+from .reference import ReferenceUpdate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGG_MODES",
     "DIVERGENCES",
+    "RATIOS",
     "STYLES",
+    "CISPOLoss",
     "Clip",
+    "DAPOLoss",
+    "DrGRPOLoss",
+    "GRPOLoss",
+    "GSPOLoss",
     "LossOutput",
+    "OnPolicyDistillationLoss",
     "PolicyLoss",
+    "REINFORCEPlusPlusLoss",
     "RPGLoss",
+    "ReferenceUpdate",
     "Truncate",
+    "advantages",
     "aggregate",
     "aggregation",
     "clipping",
@@ -36,7 +60,9 @@ __all__ = [
     "k2",
     "k3",
     "kl",
+    "metrics",
     "objectives",
+    "presets",
     "testing",
     "__version__",
 ]

@@ -28,6 +28,14 @@ class Spec:
     style: str
     clip: Clip | Truncate | None
     fold_kl: bool
+    ratio: str = "token"
+
+
+def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` masked mean over tokens of log w: the log of GSPO's sequence ratio s."""
+    zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
+    n = mask.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(mask, log_w, zero).sum(-1, keepdim=True) / n
 
 
 def token_loss(
@@ -35,9 +43,15 @@ def token_loss(
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
+    mask: torch.Tensor,
     spec: Spec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token ``(value, grad, code)`` for ``spec`` (unmasked; ``code`` is None without a clip)."""
+    """Per-token ``(value, grad, code)`` for ``spec`` (unmasked; ``code`` is None without a clip).
+
+    With ``spec.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
+    ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
+    ∂ℓ_t/∂logp_t = −s·A (s_t = sg(s)·π_θ(y_t)/sg(π_θ(y_t))); a KL term stays per token.
+    """
     log_w = logp - old_logp
     log_c = torch.zeros_like(log_w) if ref_logp is None else ref_logp - old_logp
     w = log_w.exp()
@@ -69,11 +83,12 @@ def token_loss(
         d_adv = -spec.beta
     elif has_kl:
         kl_v, kl_g = kl_value_and_grad(spec.kl, log_w, log_c, logp)
+    w_pg = sequence_log_ratio(log_w, mask).exp().expand_as(w) if spec.ratio == "sequence" else w
     if spec.clip is None:
-        m, w_adv = w, w * adv
+        m, w_adv = w_pg, w_pg * adv
     else:
-        m, unclipped, code = ppo(w, adv, spec.clip)
-        w_adv = torch.where(unclipped, w * adv, torch.zeros_like(w))
+        m, unclipped, code = ppo(w_pg, adv, spec.clip)
+        w_adv = torch.where(unclipped, w_pg * adv, torch.zeros_like(w))
     value, grad = -m * adv, -w_adv
     if kl_v is not None:
         value, grad = value + spec.beta * kl_v, grad + spec.beta * kl_g
@@ -93,7 +108,7 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, spec):  # noqa: D102
-        value, grad, code = token_loss(logp, old_logp, ref_logp, advantages, spec)
+        value, grad, code = token_loss(logp, old_logp, ref_logp, advantages, mask, spec)
         zero = torch.zeros((), dtype=value.dtype, device=value.device)
         value = torch.where(mask, value, zero)
         grad = torch.where(mask, grad, zero)

@@ -23,94 +23,15 @@ import torch
 from ._kernel import Spec, TokenLoss
 from ._util import check_choice, check_floating, compute_dtype
 from .aggregation import AGG_MODES, aggregate_masked, check_count
-from .clipping import DUAL, HIGH, LOW, Clip, Truncate
+from .clipping import Clip, Truncate
 from .kl import DIVERGENCES
-from .objectives import kl_value_and_grad
+from .metrics import LossOutput
+from .objectives import KL_TERMS
 
-__all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES"]
+__all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
 STYLES = ("differentiable", "reinforce")
-
-
-class LossOutput:
-    """What a loss call returns: ``loss`` (scalar), ``per_token`` (``[B, T]``) and ``metrics``.
-
-    ``metrics`` is a ``dict[str, float]`` computed from detached tensors the
-    first time it is read (one host-device sync then, none before), over the
-    tokens where ``mask`` is 1:
-
-    * ``ratio/mean``, ``ratio/min``, ``ratio/max`` — w = π_θ/π_old;
-    * ``clip_frac``, ``clip_frac/low``, ``clip_frac/high``, ``clip_frac/dual`` —
-      the fraction of tokens whose bound binds (for the advantage sign the
-      clip acts on; 0 without a clip);
-    * ``kl/old_k1``, ``kl/old_k3``, ``kl/ref_k1``, ``kl/ref_k3`` — k1 and k3
-      estimates of KL(π_θ ‖ π_old) and KL(π_θ ‖ π_ref) that treat the tokens as
-      drawn from π_θ (exact in expectation on-policy; ``kl/ref_k3`` is the
-      value GRPO logs);
-    * ``kl/term`` — mean of the loss's own KL surrogate, β excluded (absent when
-      the loss has no KL term).
-
-    All are 0 for an all-masked batch. They are computed in float64.
-    """
-
-    __slots__ = ("loss", "per_token", "_metric_inputs", "_metrics")
-
-    def __init__(self, loss: torch.Tensor, per_token: torch.Tensor, metric_inputs: tuple) -> None:
-        self.loss = loss
-        self.per_token = per_token
-        self._metric_inputs = metric_inputs
-        self._metrics: dict[str, float] | None = None
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        if self._metrics is None:
-            with torch.no_grad():
-                self._metrics = _metrics(*self._metric_inputs)
-            self._metric_inputs = ()
-        return self._metrics
-
-    def __repr__(self) -> str:
-        return f"LossOutput(loss={self.loss!r}, per_token=<{tuple(self.per_token.shape)}>)"
-
-
-def _metrics(logp, old_logp, ref_logp, mask, code, kl) -> dict[str, float]:
-    # Diagnostics in float64 (where the device has it): k3 of a log-ratio of 100 is finite there.
-    if logp.device.type != "mps":
-        logp, old_logp = logp.double(), old_logp.double()
-        ref_logp = None if ref_logp is None else ref_logp.double()
-    maskf = mask.to(logp.dtype)
-    n = maskf.sum()
-    denom = n.clamp_min(1)
-
-    def mean(x):
-        return torch.where(mask, x, torch.zeros_like(x)).sum() / denom
-
-    log_w = logp - old_logp
-    w = log_w.exp()
-    log_r = log_w if ref_logp is None else logp - ref_logp
-    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    has = n > 0
-    names = ["ratio/mean", "ratio/min", "ratio/max"]
-    if w.numel():
-        w_min = torch.where(has, torch.where(mask, w, inf).min(), zero)
-        w_max = torch.where(has, torch.where(mask, w, -inf).max(), zero)
-    else:  # an empty [0, T] or [B, 0] batch
-        w_min = w_max = zero
-    values = [mean(w), w_min, w_max]
-    for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
-        names.append(f"clip_frac/{name}")
-        values.append(mean((code == bound).to(w.dtype)) if code.numel() else zero)
-    names.append("clip_frac")
-    values.append(values[-1] + values[-2] + values[-3])
-    for prefix, lr in (("kl/old", log_w), ("kl/ref", log_r)):
-        names += [f"{prefix}_k1", f"{prefix}_k3"]
-        values += [mean(lr), mean(torch.expm1(-lr) + lr)]
-    if kl is not None:
-        log_c = torch.zeros_like(log_w) if ref_logp is None else ref_logp - old_logp
-        names.append("kl/term")
-        values.append(mean(kl_value_and_grad(kl, log_w, log_c, logp)[0]))
-    return dict(zip(names, torch.stack(values).tolist()))
+RATIOS = ("token", "sequence")
 
 
 def _check_shape(name: str, x: torch.Tensor, shape: torch.Size) -> None:
@@ -132,24 +53,32 @@ class PolicyLoss:
       expected gradient. A :class:`~rpg.Clip` applies RPG-Style Clip
       (Algorithm 2); a :class:`~rpg.Truncate` evaluates g at sg(clip(w)).
 
-    The KL surrogates are those of :mod:`rpg.objectives` (``kl`` ∈ fkl, rkl, ufkl,
-    urkl, or ``None`` for no KL term). The per-token loss and its closed-form
-    derivative come from one ``autograd.Function`` that saves one tensor; only
-    ``logp`` receives gradient (``old_logp``, ``ref_logp``, ``advantages`` are
-    treated as constants).
+    * ``ratio="sequence"`` (GSPO, differentiable style): the PG term uses the
+      sequence ratio s = exp(mean_t log w) in place of w.
+
+    The KL terms are those of :mod:`rpg.objectives`: a divergence surrogate
+    (fkl, rkl, ufkl, urkl — exact gradients), an unweighted estimator penalty
+    (k1, k2, k3 — GRPO-style, see :mod:`rpg.kl` for what their gradients follow),
+    or ``None``. The per-token loss and its closed-form derivative come from one
+    ``autograd.Function`` that saves one tensor; only ``logp`` receives gradient
+    (``old_logp``, ``ref_logp``, ``advantages`` are treated as constants).
+    The named losses (:class:`RPGLoss`, :class:`~rpg.GRPOLoss`, ...) are
+    configurations of this class; :attr:`config` shows it.
 
     Args:
-        kl: divergence of the KL term, or ``None``.
-        beta: β ≥ 0, the KL coefficient.
+        kl: the KL term (one of ``rpg.objectives.KL_TERMS``), or ``None``.
+        beta: β ≥ 0, the KL coefficient (must be 0 without a KL term).
         style: ``"differentiable"`` or ``"reinforce"``.
         clip: :class:`~rpg.Clip`, :class:`~rpg.Truncate` (reinforce only) or ``None``.
         agg: aggregation mode (:mod:`rpg.aggregation`).
         fold_kl: fold the KL into the clipped advantage (differentiable style,
-            rkl/urkl only; biased for fkl/ufkl, so refused there).
+            rkl/urkl only; it drops the KL gradient for fkl/ufkl, so refused there).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
+        ratio: ``"token"`` (default) or ``"sequence"`` (GSPO).
     """
 
-    _repr_first: tuple[str, ...] = ("kl",)  # the settings a subclass's repr leads with
+    _repr_fields: tuple[str, ...] = ("kl", "style", "beta", "clip", "agg", "fold_kl", "max_len", "ratio")
+    _repr_defaults: dict = {"fold_kl": False, "max_len": None, "ratio": "token"}
 
     def __init__(
         self,
@@ -161,48 +90,54 @@ class PolicyLoss:
         agg: str = "token-mean",
         fold_kl: bool = False,
         max_len: int | None = None,
+        ratio: str = "token",
     ) -> None:
         if kl is not None:
-            check_choice("divergence", kl, DIVERGENCES)
+            check_choice("kl", kl, KL_TERMS)
         check_choice("style", style, STYLES)
+        check_choice("ratio", ratio, RATIOS)
         check_choice("agg", agg, AGG_MODES)
         if isinstance(beta, bool) or not isinstance(beta, Real):
             raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
         if not 0 <= beta < float("inf"):
             raise ValueError(f"beta must be >= 0 and finite, got {beta!r}")
         if kl is None and beta != 0:
-            raise ValueError(f"beta={beta!r} needs a KL term: pass kl= one of {', '.join(map(repr, DIVERGENCES))}")
+            raise ValueError(f"beta={beta!r} needs a KL term: pass kl= one of {', '.join(map(repr, KL_TERMS))}")
         if clip is not None and not isinstance(clip, (Clip, Truncate)):
             raise TypeError(f"clip must be rpg.Clip, rpg.Truncate or None, got {type(clip).__name__}")
         if isinstance(clip, Truncate) and style != "reinforce":
             raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
         if fold_kl and style != "differentiable":
             raise ValueError("fold_kl applies to style='differentiable' (RPG-Style Clip already branches on A' = g/w)")
-        if fold_kl and kl in ("fkl", "ufkl"):
+        if fold_kl and kl not in ("rkl", "urkl"):
             raise ValueError(
-                f"fold_kl=True is biased for {kl!r}: folding the KL into the clipped advantage drops "
-                "beta*E_old[c*grad logp] != 0 from the gradient; it is exact only for 'rkl' and 'urkl'"
+                f"fold_kl=True is biased for kl={kl!r}: folding the KL into the clipped advantage Â = g/w "
+                "is exact only for 'rkl' and 'urkl' (for 'fkl'/'ufkl' it drops beta*E_old[c*grad logp] != 0)"
             )
+        if ratio == "sequence" and (style != "differentiable" or fold_kl):
+            raise ValueError("ratio='sequence' (GSPO) applies to style='differentiable' without fold_kl")
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, Integral) or max_len <= 0):
             raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
         self.kl, self.beta, self.style, self.clip, self.agg = kl, float(beta), style, clip, agg
         self.fold_kl, self.max_len = bool(fold_kl), None if max_len is None else int(max_len)
-        self._spec = Spec(kl=kl, beta=float(beta), style=style, clip=clip, fold_kl=bool(fold_kl))
+        self.ratio = ratio
+        self._spec = Spec(kl=kl, beta=float(beta), style=style, clip=clip, fold_kl=bool(fold_kl), ratio=ratio)
+
+    @property
+    def config(self) -> dict:
+        """The :class:`PolicyLoss` configuration this loss is: ``PolicyLoss(**loss.config)`` gives the same loss."""
+        return {k: getattr(self, k) for k in PolicyLoss._repr_fields}
 
     def __repr__(self) -> str:
-        shown = {k: getattr(self, k) for k in self._repr_first}
-        shown.update(style=self.style, beta=self.beta, clip=self.clip, agg=self.agg)
-        if self.fold_kl:
-            shown["fold_kl"] = True
-        if self.max_len is not None:
-            shown["max_len"] = self.max_len
+        shown = {k: getattr(self, k) for k in self._repr_fields}
+        shown = {k: v for k, v in shown.items() if k not in self._repr_defaults or v != self._repr_defaults[k]}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __call__(
         self,
         logp: torch.Tensor,
         old_logp: torch.Tensor,
-        advantages: torch.Tensor,
+        advantages: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
         batch_num_tokens=None,
@@ -213,7 +148,8 @@ class PolicyLoss:
         Args:
             logp: ``[B, T]`` log π_θ of the sampled tokens; the only input with gradient.
             old_logp: ``[B, T]`` log π_old (behaviour policy); detached.
-            advantages: ``[B]`` or ``[B, T]``; detached.
+            advantages: ``[B]`` or ``[B, T]``; detached. ``None`` means 0 (a pure
+                KL objective, e.g. distillation).
             mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
             ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's
                 iterative reference). Required where β > 0 and π_ref ≠ π_old.
@@ -232,6 +168,8 @@ class PolicyLoss:
         if ref_logp is not None:
             check_floating("ref_logp", ref_logp)
             _check_shape("ref_logp", ref_logp, logp.shape)
+        if advantages is None:
+            advantages = torch.zeros(logp.shape[:1], dtype=logp.dtype, device=logp.device)
         if not isinstance(advantages, torch.Tensor) or advantages.is_complex():
             raise TypeError(f"advantages must be a real torch.Tensor, got {getattr(advantages, 'dtype', type(advantages).__name__)}")
         if advantages.shape not in (logp.shape[:1], logp.shape):
@@ -268,7 +206,7 @@ class PolicyLoss:
             max_len=self.max_len,
         )
         kl = self.kl if self.beta != 0 else None
-        return LossOutput(loss, per_token, (logp.detach(), old_logp, ref_logp, mask, code, kl))
+        return LossOutput(loss, per_token, (logp.detach(), old_logp, ref_logp, mask, code, kl, batch_num_tokens))
 
 
 class RPGLoss(PolicyLoss):
@@ -306,7 +244,7 @@ class RPGLoss(PolicyLoss):
         out.loss.backward()
     """
 
-    _repr_first = ("divergence",)
+    _repr_fields = ("divergence", "style", "beta", "clip", "agg", "fold_kl", "max_len")
 
     def __init__(
         self,

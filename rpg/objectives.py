@@ -17,6 +17,19 @@ with tokens sampled from π_old and, per token (all ``[B, T]``),
 With ``ref_logp = old_logp`` (the default, RPG's iterative reference) c = 1 and
 ρ = w, which is the paper's setting.
 
+Besides the four divergences, the KL term can be an *estimator used as a
+penalty* (``"k1"``, ``"k2"``, ``"k3"``), unweighted, with the tokens treated as
+if drawn from π_θ — GRPO's ``β·k3(logp → ref)`` is ``"k3"``. These are what
+verl calls ``kl``, ``mse`` and ``low_var_kl``. Their expected gradients are not
+those of a divergence off-policy (see :mod:`rpg.kl`); they exist to express the
+published algorithms, and importance-weighting k3 turns it into ``"urkl"``.
+
+=========  ==========================  =============================
+``k1``     log ρ                       → 1
+``k2``     ½ (log ρ)²                  → log ρ
+``k3``     1/ρ − 1 + log ρ             → 1 − 1/ρ
+=========  ==========================  =============================
+
 The fully differentiable per-token loss (paper Table 1, Props. 3.2, 3.6, E.1,
 E.3) is ℓ = −w·A + β·KL-surrogate, and its derivative with respect to ``logp``
 is the weight of the REINFORCE-style loss with the sign flipped:
@@ -39,7 +52,19 @@ import torch
 from ._util import check_choice
 from .kl import DIVERGENCES
 
-__all__ = ["DIVERGENCES", "kl_term", "surrogate", "reinforce_weight", "kl_value_and_grad", "kl_grad_split"]
+__all__ = [
+    "DIVERGENCES",
+    "ESTIMATORS",
+    "KL_TERMS",
+    "kl_term",
+    "surrogate",
+    "reinforce_weight",
+    "kl_value_and_grad",
+    "kl_grad_split",
+]
+
+ESTIMATORS = ("k1", "k2", "k3")
+KL_TERMS = DIVERGENCES + ESTIMATORS
 
 
 def _k3_exp(x: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -72,7 +97,14 @@ def kl_value_and_grad(
     if divergence == "urkl":
         w = log_w.exp()
         return _k3_exp(-log_rho, w, log_w), w * log_rho
-    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence == "k1":
+        return log_rho, torch.ones_like(log_rho)
+    if divergence == "k2":
+        return 0.5 * log_rho * log_rho, log_rho
+    if divergence == "k3":
+        e = torch.expm1(-log_rho)
+        return e + log_rho, -e
+    check_choice("kl", divergence, KL_TERMS)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -93,7 +125,9 @@ def kl_grad_split(divergence: str, log_w: torch.Tensor, log_c: torch.Tensor) -> 
         return 1.0, -log_c.exp()
     if divergence == "urkl":
         return log_rho, 0.0
-    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence in ESTIMATORS:  # unweighted penalties: no importance weight in their derivative
+        return 0.0, kl_value_and_grad(divergence, log_w, log_c, log_rho)[1]
+    check_choice("kl", divergence, KL_TERMS)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -1,0 +1,106 @@
+r"""What a loss call returns, and the diagnostics it reports.
+
+``out.metrics`` is a ``dict[str, float]`` computed from detached tensors the
+first time it is read — one host-device sync then, none before — over the
+tokens where ``mask`` is 1, in float64:
+
+* ``ratio/mean``, ``ratio/min``, ``ratio/max`` — the importance ratio
+  w = π_θ/π_old; ``ratio/ess`` — its normalized effective sample size
+  (Σw)² / (n·Σw²) ∈ (0, 1] (1 = on-policy).
+* ``clip_frac``, ``clip_frac/low``, ``clip_frac/high``, ``clip_frac/dual`` — the
+  fraction of tokens where a bound binds: under :class:`~rpg.Clip` only for the
+  advantage sign it acts on (low and dual for A′ < 0, high for A′ > 0 — the
+  count verl and TRL got wrong for months), under :class:`~rpg.Truncate`
+  wherever w was truncated; 0 without a clip.
+* ``kl/old_k1``, ``kl/old_k3``, ``kl/ref_k1``, ``kl/ref_k3`` — k1 and k3
+  estimates of KL(π_θ ‖ π_old) and KL(π_θ ‖ π_ref) treating the tokens as drawn
+  from π_θ (exact in expectation on-policy; ``kl/ref_k3`` is what GRPO logs).
+* ``kl/term`` — the mean of the loss's own KL term, β excluded (absent when
+  the loss has none).
+
+**Global means.** When ``batch_num_tokens`` is given, every mean above is
+divided by it instead of the local token count, so summing a metric over the
+micro-batches / ranks of a step gives the full-batch mean. ``ratio/min``,
+``ratio/max`` and ``ratio/ess`` stay local. An all-masked or empty batch gives 0.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+
+from .clipping import DUAL, HIGH, LOW
+from .objectives import kl_value_and_grad
+
+__all__ = ["LossOutput"]
+
+
+class LossOutput:
+    """``loss`` (scalar tensor), ``per_token`` (``[B, T]``, differentiable, 0 at padding), ``metrics`` (lazy dict)."""
+
+    __slots__ = ("loss", "per_token", "_metric_inputs", "_metrics")
+
+    def __init__(self, loss: torch.Tensor, per_token: torch.Tensor, metric_inputs: tuple) -> None:
+        self.loss = loss
+        self.per_token = per_token
+        self._metric_inputs = metric_inputs
+        self._metrics: dict[str, float] | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The diagnostics of this call (see :mod:`rpg.metrics`), computed once on first access."""
+        if self._metrics is None:
+            with torch.no_grad():
+                self._metrics = compute_metrics(*self._metric_inputs)
+            self._metric_inputs = ()
+        return self._metrics
+
+    def __repr__(self) -> str:
+        return f"LossOutput(loss={self.loss!r}, per_token=<{tuple(self.per_token.shape)}>)"
+
+
+def compute_metrics(logp, old_logp, ref_logp, mask, code, kl, batch_num_tokens=None) -> dict[str, float]:
+    """The metrics dict from the detached inputs of a loss call (see the module docstring)."""
+    if logp.device.type != "mps":  # float64 where the device has it: k3 of a log-ratio of 100 is finite
+        logp, old_logp = logp.double(), old_logp.double()
+        ref_logp = None if ref_logp is None else ref_logp.double()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    n = mask.sum().to(logp.dtype)
+    if batch_num_tokens is None:
+        denom = n.clamp_min(1)
+    elif isinstance(batch_num_tokens, Real):
+        denom = max(float(batch_num_tokens), 1.0)
+    else:
+        denom = batch_num_tokens.to(logp.device, logp.dtype).clamp_min(1)
+
+    def total(x):
+        return torch.where(mask, x, zero).sum()
+
+    def mean(x):
+        return total(x) / denom
+
+    log_w = logp - old_logp
+    w = log_w.exp()
+    log_r = log_w if ref_logp is None else logp - ref_logp
+    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+    has = n > 0
+    if w.numel():
+        w_min = torch.where(has, torch.where(mask, w, inf).min(), zero)
+        w_max = torch.where(has, torch.where(mask, w, -inf).max(), zero)
+    else:  # an empty [0, T] or [B, 0] batch
+        w_min = w_max = zero
+    sum_w, sum_w2 = total(w), total(w * w)
+    ess = torch.where(has, sum_w * sum_w / (n * sum_w2).clamp_min(torch.finfo(w.dtype).tiny), zero)
+    metrics = {"ratio/mean": mean(w), "ratio/min": w_min, "ratio/max": w_max, "ratio/ess": ess}
+    for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
+        metrics[f"clip_frac/{name}"] = mean((code == bound).to(w.dtype)) if code.numel() else zero
+    metrics["clip_frac"] = metrics["clip_frac/low"] + metrics["clip_frac/high"] + metrics["clip_frac/dual"]
+    for prefix, lr in (("kl/old", log_w), ("kl/ref", log_r)):
+        metrics[f"{prefix}_k1"] = mean(lr)
+        metrics[f"{prefix}_k3"] = mean(torch.expm1(-lr) + lr)
+    if kl is not None:
+        log_c = torch.zeros_like(log_w) if ref_logp is None else ref_logp - old_logp
+        metrics["kl/term"] = mean(kl_value_and_grad(kl, log_w, log_c, logp)[0])
+    values = torch.stack(list(metrics.values()))
+    return dict(zip(metrics, values.tolist()))

@@ -1,0 +1,195 @@
+r"""Published algorithms as configurations of one :class:`~rpg.PolicyLoss`.
+
+Every class here is a ``PolicyLoss`` with fixed settings — the way optax builds
+``adam`` from ``chain(...)`` — and the same call signature (DESIGN §6). Its
+``repr`` shows the preset's arguments and ``.config`` the framework settings.
+
+==========================  =============================================================  ==========================
+class                       per-token loss (w = π_θ/π_old, ρ = π_θ/π_ref)                  gradient follows
+==========================  =============================================================  ==========================
+``GRPOLoss``                −min(wA, clip(w)A) + β·k3(logp → ref)                          ∇ forward KL on-policy,
+                                                                                           neither off-policy
+``GRPOLoss(importance_      −min(wA, clip(w)A) + β·w·k3(logp → ref)                        ∇ reverse KL (= URKL)
+weighted_kl=True)``                                                                        off-policy
+``DrGRPOLoss``              −min(wA, clip(w)A), Σ / (B·L)                                  E[r] (no KL)
+``DAPOLoss``                −min(wA, clip(w)A), clip-higher, token-mean                    E[r] (no KL)
+``REINFORCEPlusPlusLoss``   −min(wA, clip(w)A) on REINFORCE++ advantages                   sequence reverse KL via
+                                                                                           the reward, on-policy
+``GSPOLoss``                −min(sA, clip(s)A), s = exp(mean_t log w), per sequence        E[r] (no KL)
+``CISPOLoss``               −sg(clip(w))·A·logp                                            E[r], truncated IS
+``OnPolicyDistillation      −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher                    ∇ KL(π_θ‖π_teacher) per
+Loss``                                                                                     token, off-policy
+``RPGLoss``                 the eight RPG losses (:mod:`rpg.losses`)                       ∇ its divergence
+==========================  =============================================================  ==========================
+
+"Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
+(token level) and ``tests/test_sequence.py`` (two-step sequences). Per-token KL
+penalties give only a *partial* gradient of the sequence-level KL (Tang &
+Munos, "On a few pitfalls in KL divergence gradient estimation for RL"): the
+KL of a later token also depends on the earlier tokens, and a per-token loss
+ignores that. Only a KL shaped into the reward and summed into returns-to-go
+(REINFORCE++) follows ∇KL(π_θ(y)‖π_ref(y)) — exactly on-policy.
+"""
+
+from __future__ import annotations
+
+from .aggregation import AGG_MODES
+from .clipping import Clip, Truncate
+from .losses import PolicyLoss
+
+__all__ = [
+    "GRPOLoss",
+    "DrGRPOLoss",
+    "DAPOLoss",
+    "REINFORCEPlusPlusLoss",
+    "GSPOLoss",
+    "CISPOLoss",
+    "OnPolicyDistillationLoss",
+]
+
+
+class GRPOLoss(PolicyLoss):
+    r"""GRPO (Shao et al., 2024, DeepSeekMath): PPO clip + β·k3 penalty, per-sequence token mean.
+
+    ℓ_t = −min(w·A, clip(w, 1−ε_low, 1+ε_high)·A) + β·k3(logp → ref_logp), with
+    k3 = π_ref/π_θ − log(π_ref/π_θ) − 1, unweighted: as a loss its gradient is
+    ∇ **forward** KL(π_ref‖π_θ) on-policy and follows neither direction
+    off-policy. ``importance_weighted_kl=True`` multiplies k3 by the
+    differentiable w — the RPG / DeepSeek-V3.2 correction — which is exactly the
+    URKL surrogate: its gradient is ∇ reverse KL(π_θ‖π_ref) off-policy too.
+
+    Defaults from the paper: β = 0.04, ε = 0.2, no dual clip,
+    ``agg="seq-mean-token-mean"``. Pass ``ref_logp`` (the frozen reference).
+    """
+
+    _repr_fields = ("beta", "clip", "importance_weighted_kl", "agg")
+    _repr_defaults: dict = {}
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        clip: Clip | None = Clip(0.2, 0.2, dual=None),
+        importance_weighted_kl: bool = False,
+        agg: str = "seq-mean-token-mean",
+    ) -> None:
+        self.importance_weighted_kl = bool(importance_weighted_kl)
+        super().__init__(kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg)
+
+
+class DrGRPOLoss(PolicyLoss):
+    r"""Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-like training"): GRPO without its length bias.
+
+    ℓ_t = −min(w·A, clip(w)·A), no KL (β = 0), aggregated as Σ_bt ℓ_bt / (B·L)
+    with L = ``max_len`` a constant (``seq-mean-token-sum-norm``), so a token's
+    weight does not depend on its response's length. Pair with
+    ``rpg.advantages.grpo(..., scale="none")`` (no std scaling).
+    """
+
+    _repr_fields = ("max_len", "clip")
+    _repr_defaults: dict = {}
+
+    def __init__(self, max_len: int, clip: Clip | None = Clip(0.2, 0.2, dual=None)) -> None:
+        super().__init__(clip=clip, agg="seq-mean-token-sum-norm", max_len=max_len)
+
+
+class DAPOLoss(PolicyLoss):
+    r"""DAPO (Yu et al., 2025): PPO clip with clip-higher (ε_low = 0.2, ε_high = 0.28), token-mean, no KL.
+
+    ℓ_t = −min(w·A, clip(w, 0.8, 1.28)·A), averaged over all tokens of the batch.
+    Pair with ``rpg.advantages.dapo_overlong_penalty`` and
+    ``rpg.advantages.informative_groups`` (dynamic sampling).
+    """
+
+    _repr_fields = ("clip", "agg")
+    _repr_defaults: dict = {}
+
+    def __init__(self, clip: Clip | None = Clip(0.2, 0.28, dual=None), agg: str = "token-mean") -> None:
+        super().__init__(clip=clip, agg=agg)
+
+
+class REINFORCEPlusPlusLoss(PolicyLoss):
+    r"""REINFORCE++ (Hu et al., 2025): PPO clip on REINFORCE++ advantages, token-mean.
+
+    ℓ_t = −min(w·A_t, clip(w)·A_t) with A_t from :func:`rpg.advantages.reinforce_pp`:
+    the KL to the reference is shaped into the reward (−β·k1 per token) and
+    summed into returns-to-go, so it is not in the loss (β here is 0). With γ = 1
+    and before whitening, the expected gradient is ∇(E[R] − β·KL(π_θ(y)‖π_ref(y)))
+    for the *sequence* distribution, exactly on-policy; off-policy it would need
+    importance weights of whole prefixes (``tests/test_sequence.py``).
+    """
+
+    _repr_fields = ("clip", "agg")
+    _repr_defaults: dict = {}
+
+    def __init__(self, clip: Clip | None = Clip(0.2, 0.2, dual=None), agg: str = "token-mean") -> None:
+        super().__init__(clip=clip, agg=agg)
+
+
+class GSPOLoss(PolicyLoss):
+    r"""GSPO (Zheng et al., 2025, Qwen3): the ratio and the clip act on whole sequences.
+
+    s_b = exp((1/|y_b|) Σ_t log w_bt) and, per sequence,
+    ℓ_b = −min(s_b·A_b, clip(s_b, 1−ε_low, 1+ε_high)·A_b), averaged over sequences.
+    ``per_token`` holds ℓ_b at each of the sequence's tokens (GSPO-token: the
+    value is the sequence's, and ∂ℓ_bt/∂logp_bt = −s_b·A_bt where unclipped), and
+    the aggregation is fixed to ``seq-mean-token-mean``, so ``loss`` is exactly
+    the mean of ℓ_b and its gradient is GSPO's, ∇s_b = s_b·(1/|y_b|)Σ_t ∇logp_bt.
+    Any other aggregation would silently re-weight sequences by length, so it is
+    refused. ``[B, T]`` advantages give GSPO-token. Defaults: ε = (3e-4, 4e-4).
+    """
+
+    _repr_fields = ("clip",)
+    _repr_defaults: dict = {}
+
+    def __init__(self, clip: Clip | None = Clip(3e-4, 4e-4, dual=None), agg: str = "seq-mean-token-mean") -> None:
+        if agg != "seq-mean-token-mean":
+            raise ValueError(
+                f"GSPOLoss aggregates per sequence: agg must be 'seq-mean-token-mean', got {agg!r} "
+                f"(another of {AGG_MODES} would re-weight each sequence's loss by its length)"
+            )
+        super().__init__(clip=clip, agg=agg, ratio="sequence")
+
+
+class CISPOLoss(PolicyLoss):
+    r"""CISPO (MiniMax-M1, 2025): REINFORCE with truncated, detached importance weights.
+
+    ℓ_t = −sg(clip(w, 1−ε_low, 1+ε_high))·A·logp: every token keeps its gradient,
+    with a bounded weight (no PPO-style zeroing). ``clip`` is a
+    :class:`~rpg.Truncate`: ``low`` is ε_low (bound 1−ε_low; ``None`` = no lower
+    bound), ``high`` is ε_high (bound 1+ε_high). The default ``Truncate(None, 4.0)``
+    caps w at 5 with no lower bound (ScaleRL's setting). Peers disagree on the
+    meaning of "eps_low = 0": in SkyRL it is documented as "no lower bound" yet
+    gives the bound 1 − 0 = 1; here ``low=0.0`` means the bound 1 and ``None``
+    means none. A :class:`~rpg.Clip` without a dual bound is read as the same
+    bounds.
+    """
+
+    _repr_fields = ("clip", "agg")
+    _repr_defaults: dict = {}
+
+    def __init__(self, clip: Truncate | Clip | None = Truncate(None, 4.0), agg: str = "token-mean") -> None:
+        if isinstance(clip, Clip):
+            if clip.dual is not None:
+                raise ValueError("CISPOLoss truncates w; a dual clip bound has no meaning here: pass dual=None")
+            clip = Truncate(clip.low, clip.high)
+        super().__init__(style="reinforce", clip=clip, agg=agg)
+
+
+class OnPolicyDistillationLoss(PolicyLoss):
+    r"""On-policy distillation: reverse KL to a teacher, importance-weighted so it holds off-policy.
+
+    Pass the teacher's log-probs of the sampled tokens as ``ref_logp``. Per token
+    ℓ = −sg(g)·logp with g = w·(A − β·log ρ), ρ = π_θ/π_teacher — the REINFORCE
+    form of the URKL objective, so E_old[∇ℓ] = −∇(E[A] − β·KL(π_θ‖π_teacher))
+    exactly, on- and off-policy, at the token level (each position's
+    next-token distribution). ``advantages=None`` gives pure distillation;
+    passing task advantages adds the reward term. The per-token reverse KL
+    as advantage, without returns-to-go, is the usual on-policy distillation
+    recipe; it is a partial gradient of the sequence-level KL (see module docs).
+    """
+
+    _repr_fields = ("beta", "clip", "agg")
+    _repr_defaults: dict = {}
+
+    def __init__(self, beta: float = 1.0, clip: Clip | Truncate | None = None, agg: str = "token-mean") -> None:
+        super().__init__(kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg)
