@@ -15,6 +15,14 @@ normalized policies, so there fkl ≡ ufkl and rkl ≡ urkl in expectation).
   unnormalized masses: Σ_a π_old(a)·∇ℓ(a) = Z_old·E_{π̃_old}[∇ℓ], the paper's
   Z_old factor (Props. 3.2, 3.6).
 
+**Sequences.** :func:`sequence_objective` and :func:`sequence_expected_gradient`
+do the same for two-token responses y = (a, b) with π(y) = π(a)·π(b | a)
+(first-token logits ``[K]`` and second-token logits ``[K, K]``, flattened into
+one ``[K + K²]`` vector), against the *sequence-level* objective
+J(θ) = E_{π_θ}[R(y)] − β·KL(π_θ(y) ‖ π_ref(y)). There a per-token KL penalty
+is only a partial gradient of the sequence KL (Tang & Munos); a KL in the
+reward with returns-to-go is exact on-policy (``tests/test_sequence.py``).
+
 A loss is exact for its objective when ``expected_gradient(...)`` equals
 ``-objective_gradient(...)``; test it off-policy (θ ≠ θ_old) and with
 π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart::
@@ -35,7 +43,19 @@ import torch
 
 from .kl import divergence as _divergence
 
-__all__ = ["Problem", "random_problem", "log_policy", "objective", "objective_gradient", "expected_gradient"]
+__all__ = [
+    "Problem",
+    "random_problem",
+    "log_policy",
+    "objective",
+    "objective_gradient",
+    "expected_gradient",
+    "random_sequence_problem",
+    "sequence_token_logp",
+    "sequence_objective",
+    "sequence_objective_gradient",
+    "sequence_expected_gradient",
+]
 
 
 class Problem(NamedTuple):
@@ -113,5 +133,71 @@ def expected_gradient(
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
     out = loss_fn(logp, old_logp, rewards, torch.ones_like(logp, dtype=torch.bool), ref_logp=ref_logp)
     weighted = (old_logp.exp() * out.per_token).sum()
+    (grad,) = torch.autograd.grad(weighted, theta)
+    return grad
+
+
+# --- two-step sequences -------------------------------------------------------------------
+
+
+def random_sequence_problem(k: int = 3, seed: int = 0, *, scale: float = 0.5, dtype=torch.float64) -> Problem:
+    """Like :func:`random_problem` for two-token sequences: logits ``[K + K²]``, rewards ``[K²]``."""
+    p = random_problem(k + k * k, seed, scale=scale, dtype=dtype)
+    return Problem(p.logits, p.old_logits, p.ref_logits, p.rewards[: k * k])
+
+
+def _k_of(logits: torch.Tensor) -> int:
+    k = int(round((-1 + (1 + 4 * logits.numel()) ** 0.5) / 2))
+    if k + k * k != logits.numel():
+        raise ValueError(f"sequence logits must have K + K^2 entries, got {logits.numel()}")
+    return k
+
+
+def sequence_token_logp(logits: torch.Tensor) -> torch.Tensor:
+    """``[K², 2]`` per-token log-probs of every sequence y = (a, b), row a·K + b: [log π(a), log π(b | a)]."""
+    k = _k_of(logits)
+    first = torch.log_softmax(logits[:k], -1)
+    second = torch.log_softmax(logits[k:].view(k, k), -1)
+    return torch.stack([first[:, None].expand(k, k).reshape(-1), second.reshape(-1)], -1)
+
+
+def sequence_objective(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
+    r"""Exact J(θ) = Σ_y π_θ(y)·R(y) − β·KL(π_θ(y) ‖ π_ref(y)) over all K² two-token sequences."""
+    logp = sequence_token_logp(logits).sum(-1)
+    ref = sequence_token_logp(ref_logits).sum(-1)
+    p = logp.exp()
+    return (p * rewards).sum() - beta * (p * (logp - ref)).sum()
+
+
+def sequence_objective_gradient(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
+    """∇_θ of :func:`sequence_objective`, ``[K + K²]``."""
+    theta = logits.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(sequence_objective(theta, ref_logits, rewards, beta), theta)
+    return grad
+
+
+def sequence_expected_gradient(
+    loss_fn: Callable,
+    logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    advantages: Callable | None = None,
+) -> torch.Tensor:
+    r"""Σ_y π_old(y)·∇_θ Σ_t ℓ_t(y): the exact expected gradient of a per-token loss over sequences.
+
+    The batch holds every sequence once (``[K², 2]``). ``advantages`` is ``None``
+    (the sequence reward as a ``[B]`` advantage) or a callable
+    ``(rewards, mask, old_logp, ref_logp) -> [B, T]`` — e.g. REINFORCE++ returns.
+    """
+    theta = logits.detach().clone().requires_grad_(True)
+    logp = sequence_token_logp(theta)
+    old_logp = sequence_token_logp(old_logits).detach()
+    ref_logp = None if ref_logits is None else sequence_token_logp(ref_logits).detach()
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    adv = rewards if advantages is None else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
+    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp)
+    weighted = (old_logp.sum(-1).exp()[:, None] * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
