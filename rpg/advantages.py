@@ -53,7 +53,7 @@ def _flat(groups: torch.Tensor) -> torch.Tensor:
     return groups.reshape(-1)
 
 
-def grpo(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def grpo(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
     r"""Group-relative advantages, ``[B]``.
 
     A_i = (r_i − mean_g(r)) / (s + eps) with s the unbiased std of the group
@@ -129,10 +129,10 @@ def reinforce_pp(
     mask: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    *,
     beta: float = 0.0,
     estimator: str = "k1",
     gamma: float = 1.0,
+    *,
     whiten_advantages: bool = True,
 ) -> torch.Tensor:
     r"""REINFORCE++ advantages, ``[B, T]`` (Hu et al., 2025; verl / OpenRLHF ``reinforce_plus_plus``).

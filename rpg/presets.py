@@ -160,8 +160,8 @@ class CISPOLoss(PolicyLoss):
     caps w at 5 with no lower bound (ScaleRL's setting). Peers disagree on the
     meaning of "eps_low = 0": in SkyRL it is documented as "no lower bound" yet
     gives the bound 1 − 0 = 1; here ``low=0.0`` means the bound 1 and ``None``
-    means none. A :class:`~rpg.Clip` without a dual bound is read as the same
-    bounds.
+    means none. A :class:`~rpg.Clip` is read as the same two bounds; its dual
+    bound plays no part in truncation and is not used.
     """
 
     _repr_fields = ("clip", "agg")
@@ -169,8 +169,6 @@ class CISPOLoss(PolicyLoss):
 
     def __init__(self, clip: Truncate | Clip | None = Truncate(None, 4.0), agg: str = "token-mean") -> None:
         if isinstance(clip, Clip):
-            if clip.dual is not None:
-                raise ValueError("CISPOLoss truncates w; a dual clip bound has no meaning here: pass dual=None")
             clip = Truncate(clip.low, clip.high)
         super().__init__(style="reinforce", clip=clip, agg=agg)
 

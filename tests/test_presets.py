@@ -107,10 +107,9 @@ def test_cispo_value_and_gradient():
     (g,) = torch.autograd.grad(out.per_token.sum(), logp)
     torch.testing.assert_close(g, -(wbar * adv[:, None]) * mask, rtol=0, atol=1e-13)
     assert ((logp - old).exp() > 5)[mask].any()  # the cap binds somewhere
-    # A Clip without a dual bound is the same truncation; with one it is refused.
+    # A Clip gives the same two bounds (its dual bound plays no part in truncation).
     assert rpg.CISPOLoss(clip=rpg.Clip(0.2, 0.28, None)).clip == rpg.Truncate(0.2, 0.28)
-    with pytest.raises(ValueError, match="dual"):
-        rpg.CISPOLoss(clip=rpg.Clip(0.2, 0.28, 3.0))
+    assert rpg.CISPOLoss(clip=rpg.Clip(0.2, 0.28)).clip == rpg.Truncate(0.2, 0.28)
 
 
 # --- which KL each preset's gradient follows (exact enumeration, off-policy) ---------------
