@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .clipping import Clip, Truncate, ppo, rpg_clip, truncate
+from .clipping import Clip, Truncate, codes, ppo, rpg_clip, truncate
 from .objectives import kl_grad_split, kl_value_and_grad
 
 
@@ -38,6 +38,30 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, zero).sum(-1, keepdim=True) / n
 
 
+def _reinforce_weight(log_w, w, log_c, logp, adv, spec: Spec) -> torch.Tensor:
+    """g = −∂ℓ_diff/∂logp, with w̄ in place of w under :class:`Truncate`."""
+    has_kl = spec.kl is not None and spec.beta != 0
+    if isinstance(spec.clip, Truncate):
+        # g = w̄·(A − β·per_w) − β·const: only the importance weight is truncated.
+        w_bar = truncate(log_w, spec.clip).exp()
+        if not has_kl:
+            return w_bar * adv
+        per_w, const = kl_grad_split(spec.kl, log_w, log_c)
+        return w_bar * (adv - spec.beta * per_w) - spec.beta * const
+    g = w * adv
+    if has_kl:
+        g = g - spec.beta * kl_value_and_grad(spec.kl, log_w, log_c, logp)[1]
+    return g
+
+
+def _advantage_analogue(log_w, log_c, adv, spec: Spec):
+    """Â for the PPO clip and its derivative in logp: A and 0, or g/w with gradient (fold_kl; rkl/urkl)."""
+    if spec.fold_kl and spec.kl is not None and spec.beta != 0:
+        log_rho = log_w if log_c is None else log_w - log_c
+        return adv - spec.beta * (log_rho + 1 if spec.kl == "rkl" else log_rho), -spec.beta
+    return adv, None
+
+
 def token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -45,80 +69,78 @@ def token_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     spec: Spec,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token ``(value, grad, code)`` for ``spec`` (unmasked; ``code`` is None without a clip).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(value, grad)`` for ``spec``, before masking.
 
     With ``spec.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
     ∂ℓ_t/∂logp_t = −s·A (s_t = sg(s)·π_θ(y_t)/sg(π_θ(y_t))); a KL term stays per token.
+    Written for few passes over memory: each line is one or two elementwise ops.
     """
     log_w = logp - old_logp
-    log_c = torch.zeros_like(log_w) if ref_logp is None else ref_logp - old_logp
     w = log_w.exp()
-    adv = advantages
-    has_kl = spec.kl is not None and spec.beta != 0
-    code = None
+    log_c = None if ref_logp is None else ref_logp - old_logp
     if spec.style == "reinforce":
-        if isinstance(spec.clip, Truncate):
-            # g = w̄·(A − β·per_w) − β·const: only the importance weight is truncated.
-            log_w_bar, code = truncate(log_w, spec.clip)
-            per_w, const = kl_grad_split(spec.kl, log_w, log_c) if has_kl else (0.0, 0.0)
-            g = log_w_bar.exp() * (adv - spec.beta * per_w) - spec.beta * const
-        else:
-            g = w * adv
-            if has_kl:
-                g = g - spec.beta * kl_value_and_grad(spec.kl, log_w, log_c, logp)[1]
-        value = -g * logp
+        g = _reinforce_weight(log_w, w, log_c, logp, advantages, spec)
+        value = (g * logp).neg_()
+        grad = g.neg()
         if isinstance(spec.clip, Clip):
-            keep, code = rpg_clip(w, g, spec.clip)
-            return value, torch.where(keep, -g, torch.zeros_like(g)), code
-        return value, -g, code
+            grad.masked_fill_(~rpg_clip(w, g, spec.clip), 0)
+        return value, grad
 
     # Differentiable style: PPO / dual clip on −w·Â, KL surrogate outside the clip
     # (default) or folded into Â = g/w with gradient through it (fold_kl, rkl/urkl).
-    kl_v = kl_g = d_adv = None
-    if has_kl and spec.fold_kl:
-        log_rho = log_w - log_c
-        adv = adv - spec.beta * (log_rho + 1 if spec.kl == "rkl" else log_rho)
-        d_adv = -spec.beta
-    elif has_kl:
-        kl_v, kl_g = kl_value_and_grad(spec.kl, log_w, log_c, logp)
+    adv, d_adv = _advantage_analogue(log_w, log_c, advantages, spec)
     w_pg = sequence_log_ratio(log_w, mask).exp().expand_as(w) if spec.ratio == "sequence" else w
+    grad = (w_pg * adv).neg_()
     if spec.clip is None:
-        m, w_adv = w_pg, w_pg * adv
+        m, value = w_pg, grad.clone()
     else:
-        m, unclipped, code = ppo(w_pg, adv, spec.clip)
-        w_adv = torch.where(unclipped, w_pg * adv, torch.zeros_like(w))
-    value, grad = -m * adv, -w_adv
-    if kl_v is not None:
-        value, grad = value + spec.beta * kl_v, grad + spec.beta * kl_g
+        m, unclipped = ppo(w_pg, adv, spec.clip)
+        value = (m * adv).neg_()
+        grad.masked_fill_(~unclipped, 0)
     if d_adv is not None:
-        grad = grad - m * d_adv
-    return value, grad, code
+        grad.sub_(m * d_adv)
+    elif spec.kl is not None and spec.beta != 0:
+        kl_v, kl_g = kl_value_and_grad(spec.kl, log_w, log_c, logp)
+        value.add_(kl_v, alpha=spec.beta)
+        grad.add_(kl_g, alpha=spec.beta)
+    return value, grad
+
+
+def clip_codes(logp, old_logp, ref_logp, advantages, mask, spec: Spec) -> torch.Tensor | None:
+    """The ``int8`` clip code of every token (for the metrics), or ``None`` without a clip."""
+    if spec.clip is None:
+        return None
+    log_w = logp - old_logp
+    w = log_w.exp()
+    log_c = None if ref_logp is None else ref_logp - old_logp
+    if spec.style == "reinforce":
+        direction = None if isinstance(spec.clip, Truncate) else _reinforce_weight(log_w, w, log_c, logp, advantages, spec)
+        return codes(w, direction, spec.clip)
+    if spec.ratio == "sequence":
+        w = sequence_log_ratio(log_w, mask).exp().expand_as(w)
+    return codes(w, _advantage_analogue(log_w, log_c, advantages, spec)[0].expand_as(w), spec.clip)
 
 
 class TokenLoss(torch.autograd.Function):
     """Per-token loss with a closed-form backward; gradient flows to ``logp`` only.
 
-    ``forward(logp, old_logp, ref_logp, advantages, mask, spec) -> (per_token, code)``:
-    ``per_token`` is 0 wherever ``mask`` is False (``torch.where``, so NaN/inf
-    there never leak); ``code`` is the int8 clip code (non-differentiable).
-    Saves one tensor for backward: the masked derivative.
+    ``forward(logp, old_logp, ref_logp, advantages, mask, spec) -> per_token``:
+    ``per_token`` is 0 wherever ``mask`` is False (``masked_fill``, so NaN/inf
+    there never leak). Saves one tensor for backward: the masked derivative.
     """
 
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, spec):  # noqa: D102
-        value, grad, code = token_loss(logp, old_logp, ref_logp, advantages, mask, spec)
-        zero = torch.zeros((), dtype=value.dtype, device=value.device)
-        value = torch.where(mask, value, zero)
-        grad = torch.where(mask, grad, zero)
-        if code is None:
-            code = torch.zeros((0,), dtype=torch.int8, device=value.device)
+        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, spec)
+        padding = ~mask
+        value.masked_fill_(padding, 0)  # both are fresh [B, T] tensors: in place is safe
+        grad.masked_fill_(padding, 0)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(code)
-        return value, code
+        return value
 
     @staticmethod
-    def backward(ctx, grad_value, grad_code):  # noqa: D102
+    def backward(ctx, grad_value):  # noqa: D102
         (grad,) = ctx.saved_tensors
         return grad_value * grad, None, None, None, None, None

@@ -40,10 +40,11 @@ g = w̄·(A − β·per_w) − β·const (:func:`rpg.objectives.kl_grad_split`),
 C(w, sg(A′)) with the effective advantage A′ at the unclipped w — log ρ and c
 are not clipped. Every token keeps a gradient, with a bounded weight.
 
-Clip codes (``int8``, per token) record which bound bound the token, for the
-metrics: 0 none, 1 low, 2 high, 3 dual. Under :class:`Clip`, tokens with Â = 0
-(or g = 0) are never counted as clipped: no bound acts on a zero advantage.
-Under :class:`Truncate` a token counts whenever its w was truncated.
+Clip codes (:func:`codes`, ``int8`` per token, computed only when metrics are
+read) record which bound bound the token: 0 none, 1 low, 2 high, 3 dual.
+Under :class:`Clip`, tokens with Â = 0 (or g = 0) are never counted as
+clipped: no bound acts on a zero advantage. Under :class:`Truncate` a token
+counts whenever its w was truncated.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from numbers import Real
 
 import torch
 
-__all__ = ["Clip", "Truncate", "ppo", "rpg_clip", "truncate", "NONE", "LOW", "HIGH", "DUAL"]
+__all__ = ["Clip", "Truncate", "ppo", "rpg_clip", "truncate", "in_band", "codes", "NONE", "LOW", "HIGH", "DUAL"]
 
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
 
@@ -114,62 +115,79 @@ class Truncate:
         _check_bound("Truncate.high", self.high, lambda v: v >= 0, "high >= 0")
 
 
-def _codes(pos: torch.Tensor, neg: torch.Tensor, w: torch.Tensor, clip: Clip):
-    """Boolean masks (low, high, dual) of the tokens whose bound binds, by advantage sign."""
-    false = torch.zeros_like(pos)
-    high = pos & (w >= 1 + clip.high) if clip.high is not None else false
-    low = neg & (w <= 1 - clip.low) if clip.low is not None else false
-    dual = neg & (w >= clip.dual) if clip.dual is not None else false
-    return low, high, dual
+def _bounds(clip: Clip | Truncate) -> tuple[float | None, float | None, float | None]:
+    """(1 − ε_low, 1 + ε_high, c_dual) with ``None`` for a bound that is off."""
+    lo = 1 - clip.low if clip.low is not None else None
+    hi = 1 + clip.high if clip.high is not None else None
+    return lo, hi, getattr(clip, "dual", None)
 
 
-def _code_tensor(low: torch.Tensor, high: torch.Tensor, dual: torch.Tensor) -> torch.Tensor:
-    return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH + dual.to(torch.int8) * DUAL
+def in_band(w: torch.Tensor, up: torch.Tensor, clip: Clip) -> torch.Tensor:
+    r"""Bool ``[B, T]``: True where the ratio leaves the gradient on for its branch.
+
+    ``up`` (the sign of Â or A′, ≥ 0): w < 1+ε_high; otherwise 1−ε_low < w < c_dual.
+    A ratio exactly at a bound counts as clipped (Algorithm 2's strict inequalities).
+    """
+    lo, hi, dual = _bounds(clip)
+    true = torch.ones_like(w, dtype=torch.bool)
+    keep_up = w < hi if hi is not None else true
+    keep_down = w > lo if lo is not None else true
+    if dual is not None:
+        keep_down = keep_down & (w < dual)
+    return torch.where(up, keep_up, keep_down)
 
 
-def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
     r"""PPO / dual clip as an effective ratio: ℓ = −m·Â.
 
     Args:
         w: ``[B, T]`` importance ratio.
-        adv_hat: ``[B, T]`` advantage analogue Â (its sign picks the branch).
+        adv_hat: ``[B, T]`` or ``[B, 1]`` advantage analogue Â (its sign picks the branch).
         clip: the bounds.
 
     Returns:
-        ``(m, unclipped, code)``: ``m`` ``[B, T]`` the effective ratio (w where
-        unclipped, else the binding bound), ``unclipped`` bool — the tokens whose
-        gradient flows through w — and the ``int8`` clip code.
+        ``(m, unclipped)``: ``m`` ``[B, T]``, min(w, 1+ε_high) for Â ≥ 0 and
+        min(max(w, 1−ε_low), c_dual) for Â < 0; ``unclipped`` bool, the tokens
+        whose gradient flows through w (:func:`in_band`).
     """
-    low, high, dual = _codes(adv_hat > 0, adv_hat < 0, w, clip)
-    m = w
-    if clip.high is not None:
-        m = torch.where(high, torch.full_like(w, 1 + clip.high), m)
-    if clip.low is not None:
-        m = torch.where(low, torch.full_like(w, 1 - clip.low), m)
-    if clip.dual is not None:
-        m = torch.where(dual, torch.full_like(w, clip.dual), m)
-    return m, ~(low | high | dual), _code_tensor(low, high, dual)
+    lo, hi, dual = _bounds(clip)
+    up = adv_hat >= 0
+    m_up = w.clamp(max=hi) if hi is not None else w
+    m_down = w.clamp(min=lo, max=dual) if lo is not None or dual is not None else w
+    return torch.where(up, m_up, m_down), in_band(w, up, clip)
 
 
-def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""RPG-Style Clip gradient mask (Algorithm 2), branching on A′ = g/w (sign of g).
+def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:
+    r"""RPG-Style Clip gradient mask (Algorithm 2), branching on A′ = g/w (the sign of g).
 
-    Returns ``(keep, code)``: ``keep`` bool ``[B, T]``, True where the token keeps
-    its REINFORCE gradient −g (A′ ≥ 0: w < 1+ε_high; A′ < 0: 1−ε_low < w < c_dual),
-    and the ``int8`` clip code.
+    Returns ``keep``, bool ``[B, T]``: True where the token keeps its REINFORCE
+    gradient −g (A′ ≥ 0: w < 1+ε_high; A′ < 0: 1−ε_low < w < c_dual).
     """
-    low, high, dual = _codes(g > 0, g < 0, w, clip)
-    return ~(low | high | dual), _code_tensor(low, high, dual)
+    return in_band(w, g >= 0, clip)
 
 
-def truncate(log_w: torch.Tensor, trunc: Truncate) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Truncated log-ratio log w̄ = clip(log w, log(1−low), log(1+high)) and its clip code.
-
-    Returns ``(log_w_bar, code)``; ``log_w_bar`` is a value (use it inside sg).
-    """
+def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:
+    r"""Truncated log-ratio log w̄ = clip(log w, log(1−low), log(1+high)), a value (use it inside sg)."""
     lo = math.log1p(-trunc.low) if trunc.low is not None else None
     hi = math.log1p(trunc.high) if trunc.high is not None else None
-    low = log_w < lo if lo is not None else torch.zeros_like(log_w, dtype=torch.bool)
-    high = log_w > hi if hi is not None else torch.zeros_like(log_w, dtype=torch.bool)
-    log_w_bar = log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
-    return log_w_bar, _code_tensor(low, high, torch.zeros_like(low))
+    return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
+
+
+def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: Clip | Truncate) -> torch.Tensor:
+    r"""``int8`` clip code per token, for the metrics: 0 none, 1 low, 2 high, 3 dual.
+
+    Under :class:`Clip` a bound counts only for the sign of ``direction`` (Â or
+    A′) it acts on, and never for a zero one; under :class:`Truncate` (``direction``
+    unused) wherever w lies outside [1−low, 1+high].
+    """
+    lo, hi, dual = _bounds(clip)
+    false = torch.zeros_like(w, dtype=torch.bool)
+    if isinstance(clip, Truncate):
+        low = w < lo if lo is not None else false
+        high = w > hi if hi is not None else false
+        return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH
+    up, down = direction > 0, direction < 0
+    low = down & (w <= lo) if lo is not None else false
+    high = up & (w >= hi) if hi is not None else false
+    dual_ = down & (w >= dual) if dual is not None else false
+    return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH + dual_.to(torch.int8) * DUAL

@@ -196,7 +196,7 @@ class PolicyLoss:
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(-1)
 
-        per_token, code = TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, self._spec)
+        per_token = TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, self._spec)
         loss = aggregate_masked(
             per_token,
             mask,
@@ -205,8 +205,7 @@ class PolicyLoss:
             global_batch_size=global_batch_size,
             max_len=self.max_len,
         )
-        kl = self.kl if self.beta != 0 else None
-        return LossOutput(loss, per_token, (logp.detach(), old_logp, ref_logp, mask, code, kl, batch_num_tokens))
+        return LossOutput(loss, per_token, (logp.detach(), old_logp, ref_logp, advantages, mask, self._spec, batch_num_tokens))
 
 
 class RPGLoss(PolicyLoss):

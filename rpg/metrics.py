@@ -30,6 +30,7 @@ from numbers import Real
 
 import torch
 
+from ._kernel import clip_codes
 from .clipping import DUAL, HIGH, LOW
 from .objectives import kl_value_and_grad
 
@@ -60,8 +61,10 @@ class LossOutput:
         return f"LossOutput(loss={self.loss!r}, per_token=<{tuple(self.per_token.shape)}>)"
 
 
-def compute_metrics(logp, old_logp, ref_logp, mask, code, kl, batch_num_tokens=None) -> dict[str, float]:
+def compute_metrics(logp, old_logp, ref_logp, advantages, mask, spec, batch_num_tokens=None) -> dict[str, float]:
     """The metrics dict from the detached inputs of a loss call (see the module docstring)."""
+    code = clip_codes(logp, old_logp, ref_logp, advantages, mask, spec)  # in the loss's own dtype
+    kl = spec.kl if spec.beta != 0 else None
     if logp.device.type != "mps":  # float64 where the device has it: k3 of a log-ratio of 100 is finite
         logp, old_logp = logp.double(), old_logp.double()
         ref_logp = None if ref_logp is None else ref_logp.double()
@@ -94,13 +97,13 @@ def compute_metrics(logp, old_logp, ref_logp, mask, code, kl, batch_num_tokens=N
     ess = torch.where(has, sum_w * sum_w / (n * sum_w2).clamp_min(torch.finfo(w.dtype).tiny), zero)
     metrics = {"ratio/mean": mean(w), "ratio/min": w_min, "ratio/max": w_max, "ratio/ess": ess}
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
-        metrics[f"clip_frac/{name}"] = mean((code == bound).to(w.dtype)) if code.numel() else zero
+        metrics[f"clip_frac/{name}"] = zero if code is None else mean((code == bound).to(w.dtype))
     metrics["clip_frac"] = metrics["clip_frac/low"] + metrics["clip_frac/high"] + metrics["clip_frac/dual"]
     for prefix, lr in (("kl/old", log_w), ("kl/ref", log_r)):
         metrics[f"{prefix}_k1"] = mean(lr)
         metrics[f"{prefix}_k3"] = mean(torch.expm1(-lr) + lr)
     if kl is not None:
-        log_c = torch.zeros_like(log_w) if ref_logp is None else ref_logp - old_logp
+        log_c = None if ref_logp is None else ref_logp - old_logp
         metrics["kl/term"] = mean(kl_value_and_grad(kl, log_w, log_c, logp)[0])
     values = torch.stack(list(metrics.values()))
     return dict(zip(metrics, values.tolist()))

@@ -67,32 +67,34 @@ ESTIMATORS = ("k1", "k2", "k3")
 KL_TERMS = DIVERGENCES + ESTIMATORS
 
 
-def _k3_exp(x: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """scale·(e^x − 1 − x): expm1 near x = 0; exp(log_scale + x) far from it, finite whenever scale·e^x is."""
+def _k3_exp(x: torch.Tensor, scale, log_scale) -> torch.Tensor:
+    """scale·(e^x − 1 − x): expm1 near x = 0; exp(log_scale + x) far from it, finite whenever scale·e^x is.
+
+    ``scale``/``log_scale`` are tensors, or ``1.0``/``None`` for scale 1."""
     small = x.abs() < 1
     near = scale * (torch.expm1(x) - x)
-    far = torch.exp(log_scale + x) - scale * (1 + x)
+    far = torch.exp(x if log_scale is None else log_scale + x) - scale * (1 + x)
     return torch.where(small, near, far)
 
 
 def kl_value_and_grad(
-    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor, logp: torch.Tensor
+    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor | None, logp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""KL surrogate value and its derivative in ``logp``, from log w, log c and logp.
 
     The internal form of :func:`kl_term`, taking ``log_w = logp − old_logp`` and
-    ``log_c = ref_logp − old_logp`` already formed (the truncation rule of
-    :mod:`rpg.clipping` evaluates the derivative at a clipped log w).
+    ``log_c = ref_logp − old_logp`` already formed; ``log_c=None`` means
+    π_ref = π_old (c = 1), and saves two passes over the batch.
     """
-    log_rho = log_w - log_c
+    log_rho = log_w if log_c is None else log_w - log_c
+    c = 1.0 if log_c is None else log_c.exp()
     if divergence == "fkl":
-        c = log_c.exp()
-        return -c * logp, -c
+        return -c * logp, -c * torch.ones_like(logp) if log_c is None else -c
     if divergence == "rkl":
         w = log_w.exp()
         return w * log_rho, w * (log_rho + 1)
     if divergence == "ufkl":
-        c, w = log_c.exp(), log_w.exp()
+        w = log_w.exp()
         return _k3_exp(log_rho, c, log_c), w - c
     if divergence == "urkl":
         w = log_w.exp()
@@ -108,7 +110,9 @@ def kl_value_and_grad(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def kl_grad_split(divergence: str, log_w: torch.Tensor, log_c: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+def kl_grad_split(
+    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor | None
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     r"""The KL derivative split by its importance weight: ∂KL/∂logp = w·per_w + const.
 
     fkl: (0, −c); rkl: (log ρ + 1, 0); ufkl: (1, −c); urkl: (log ρ, 0). The
@@ -116,13 +120,14 @@ def kl_grad_split(divergence: str, log_w: torch.Tensor, log_c: torch.Tensor) -> 
     advantage is A′ = g/w, and truncation (:class:`rpg.Truncate`) replaces only
     the weight w by w̄ — log ρ and c stay exact (DESIGN §4).
     """
-    log_rho = log_w - log_c
+    log_rho = log_w if log_c is None else log_w - log_c
+    c = 1.0 if log_c is None else log_c.exp()
     if divergence == "fkl":
-        return 0.0, -log_c.exp()
+        return 0.0, -c
     if divergence == "rkl":
         return log_rho + 1, 0.0
     if divergence == "ufkl":
-        return 1.0, -log_c.exp()
+        return 1.0, -c
     if divergence == "urkl":
         return log_rho, 0.0
     if divergence in ESTIMATORS:  # unweighted penalties: no importance weight in their derivative
@@ -148,7 +153,7 @@ def kl_term(
         expected derivative E_old[grad·∇logp] is exactly ∇D (the divergence's
         gradient, in the direction its name says).
     """
-    log_c = torch.zeros_like(old_logp) if ref_logp is None else ref_logp - old_logp
+    log_c = None if ref_logp is None else ref_logp - old_logp
     return kl_value_and_grad(divergence, logp - old_logp, log_c, logp)
 
 

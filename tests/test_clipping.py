@@ -27,37 +27,56 @@ W = [0.5, 0.9, 1.1, 1.5, 4.0]  # below 1-low, inside, inside, above 1+high, abov
 
 
 def test_ppo_branches_positive_advantage():
-    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), CLIP)
+    w, adv = torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64)
+    m, unclipped = clipping.ppo(w, adv, CLIP)
     torch.testing.assert_close(m, torch.tensor([0.5, 0.9, 1.1, 1.28, 1.28], dtype=F64))
     assert unclipped.tolist() == [True, True, True, False, False]
-    assert code.tolist() == [NONE, NONE, NONE, HIGH, HIGH]
+    assert clipping.codes(w, adv, CLIP).tolist() == [NONE, NONE, NONE, HIGH, HIGH]
 
 
 def test_ppo_branches_negative_advantage():
-    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), CLIP)
+    w, adv = torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64)
+    m, unclipped = clipping.ppo(w, adv, CLIP)
     torch.testing.assert_close(m, torch.tensor([0.8, 0.9, 1.1, 1.5, 3.0], dtype=F64))
     assert unclipped.tolist() == [False, True, True, True, False]
-    assert code.tolist() == [LOW, NONE, NONE, NONE, DUAL]
+    assert clipping.codes(w, adv, CLIP).tolist() == [LOW, NONE, NONE, NONE, DUAL]
+
+
+def test_ppo_broadcasts_a_per_sequence_advantage():
+    w = torch.tensor([W, W], dtype=F64)
+    m, unclipped = clipping.ppo(w, torch.tensor([[1.0], [-1.0]], dtype=F64), CLIP)
+    assert unclipped.tolist() == [[True, True, True, False, False], [False, True, True, True, False]]
+    torch.testing.assert_close(m[1], torch.tensor([0.8, 0.9, 1.1, 1.5, 3.0], dtype=F64))
 
 
 def test_ppo_without_dual_or_bounds():
-    m, unclipped, _ = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), rpg.Clip(0.2, 0.28, None))
+    m, unclipped = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), rpg.Clip(0.2, 0.28, None))
     assert unclipped.tolist() == [False, True, True, True, True] and m[-1] == 4.0
-    m, unclipped, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), rpg.Clip(None, None, None))
-    assert unclipped.all() and (code == NONE).all() and torch.equal(m, torch.tensor(W, dtype=F64))
+    w, adv, none = torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), rpg.Clip(None, None, None)
+    m, unclipped = clipping.ppo(w, adv, none)
+    assert unclipped.all() and (clipping.codes(w, adv, none) == NONE).all() and torch.equal(m, w)
+
+
+def test_exact_bound_counts_as_clipped():
+    """Algorithm 2's strict inequalities: at w = 1+ε_high (A>0), w = 1−ε_low or w = c_dual (A<0) no gradient."""
+    w = torch.tensor([1.28, 0.8, 3.0], dtype=F64)
+    adv = torch.tensor([1.0, -1.0, -1.0], dtype=F64)
+    assert not clipping.ppo(w, adv, CLIP)[1].any() and not clipping.rpg_clip(w, adv, CLIP).any()
+    assert clipping.codes(w, adv, CLIP).tolist() == [HIGH, LOW, DUAL]
 
 
 def test_zero_advantage_is_never_counted_as_clipped():
-    _, _, code = clipping.ppo(torch.tensor(W, dtype=F64), torch.zeros(5, dtype=F64), CLIP)
-    assert (code == NONE).all()
+    assert (clipping.codes(torch.tensor(W, dtype=F64), torch.zeros(5, dtype=F64), CLIP) == NONE).all()
 
 
 def test_differentiable_ppo_value_and_gradient_per_branch():
     """ℓ = max(−wA, −clip(w)A), dual for A<0; gradient −wA where unclipped, else 0 (β = 0)."""
     fn = rpg.RPGLoss("rkl", beta=0.0, clip=CLIP, agg="token-sum")
-    for sign in (1.0, -1.0):
+    hand = {1.0: ([0.5, 0.9, 1.1, 1.28, 1.28], [True, True, True, False, False]),
+            -1.0: ([0.8, 0.9, 1.1, 1.5, 3.0], [False, True, True, True, False])}
+    for sign, (m, unclipped) in hand.items():
         value, grad = _grad(fn, [math.log(w) for w in W], [sign] * 5)
-        m, unclipped, _ = clipping.ppo(torch.tensor(W, dtype=F64), torch.full((5,), sign, dtype=F64), CLIP)
+        m, unclipped = torch.tensor(m, dtype=F64), torch.tensor(unclipped)
         torch.testing.assert_close(value, -m * sign, rtol=0, atol=1e-14)
         want = torch.where(unclipped, -torch.tensor(W, dtype=F64) * sign, torch.zeros(5, dtype=F64))
         torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
@@ -109,8 +128,8 @@ def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
     value, grad = _grad(fn, [math.log(w)], [adv])
     assert value.item() == pytest.approx(-w * adv * (math.log(w) - 1.0), rel=1e-13)  # value kept
     assert grad.item() == (pytest.approx(-w * adv, rel=1e-13) if kept else 0.0)
-    _, c = clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP)
-    assert c.item() == code
+    assert clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() == kept
+    assert clipping.codes(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() == code
 
 
 @pytest.mark.parametrize("div", ["fkl", "rkl", "ufkl", "urkl"])
@@ -143,15 +162,16 @@ def test_truncation_by_hand_at_one_token():
 
 def test_truncation_codes():
     trunc = rpg.Truncate(low=0.2, high=0.28)
-    log_w_bar, code = clipping.truncate(torch.log(torch.tensor([0.5, 1.0, 2.0])), trunc)
-    assert code.tolist() == [LOW, NONE, HIGH]
+    w = torch.tensor([0.5, 1.0, 2.0])
+    log_w_bar = clipping.truncate(w.log(), trunc)
+    assert clipping.codes(w, None, trunc).tolist() == [LOW, NONE, HIGH]
     torch.testing.assert_close(log_w_bar.exp(), torch.tensor([0.8, 1.0, 1.28]))
 
 
 def test_truncation_one_sided():
-    log_w_bar, code = clipping.truncate(torch.log(torch.tensor([0.01, 5.0])), rpg.Truncate(low=None, high=1.0))
-    torch.testing.assert_close(log_w_bar.exp(), torch.tensor([0.01, 2.0]))
-    assert code.tolist() == [NONE, HIGH]
+    w, trunc = torch.tensor([0.01, 5.0]), rpg.Truncate(low=None, high=1.0)
+    torch.testing.assert_close(clipping.truncate(w.log(), trunc).exp(), torch.tensor([0.01, 2.0]))
+    assert clipping.codes(w, None, trunc).tolist() == [NONE, HIGH]
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ def test_saves_one_tensor_for_backward(batch):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fn = rpg.RPGLoss("urkl", style="reinforce", beta=0.1)
-        per_token, _ = TokenLoss.apply(logp, old, ref_logp, adv[:, None], mask, fn._spec)
+        TokenLoss.apply(logp, old, ref_logp, adv[:, None], mask, fn._spec)
     assert len(saved) == 1 and saved[0].shape == logp.shape
 
 
