@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .clipping import Clip, Truncate, codes, ppo, rpg_clip, truncate
-from .objectives import kl_grad_split, kl_value_and_grad
+from .objectives import kl_accumulate, kl_grad_split
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class Spec:
     ratio: str = "token"
 
 
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
 def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, 1]`` masked mean over tokens of log w: the log of GSPO's sequence ratio s."""
     zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
@@ -38,26 +42,26 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, zero).sum(-1, keepdim=True) / n
 
 
-def _reinforce_weight(log_w, w, log_c, logp, adv, spec: Spec) -> torch.Tensor:
-    """g = −∂ℓ_diff/∂logp, with w̄ in place of w under :class:`Truncate`."""
+def _reinforce_weight(logp, old_logp, ref_logp, log_w, w, adv, spec: Spec) -> torch.Tensor:
+    """g = −∂ℓ_diff/∂logp (a fresh tensor), with w̄ in place of w under :class:`Truncate`."""
     has_kl = spec.kl is not None and spec.beta != 0
     if isinstance(spec.clip, Truncate):
         # g = w̄·(A − β·per_w) − β·const: only the importance weight is truncated.
         w_bar = truncate(log_w, spec.clip).exp()
         if not has_kl:
-            return w_bar * adv
-        per_w, const = kl_grad_split(spec.kl, log_w, log_c)
-        return w_bar * (adv - spec.beta * per_w) - spec.beta * const
+            return w_bar.mul_(adv)
+        per_w, const = kl_grad_split(spec.kl, logp, old_logp, ref_logp, log_w)
+        return w_bar.mul_(adv - spec.beta * per_w).sub_(spec.beta * const)
     g = w * adv
     if has_kl:
-        g = g - spec.beta * kl_value_and_grad(spec.kl, log_w, log_c, logp)[1]
+        kl_accumulate(spec.kl, None, g, -spec.beta, logp, old_logp, ref_logp, log_w, w)
     return g
 
 
-def _advantage_analogue(log_w, log_c, adv, spec: Spec):
-    """Â for the PPO clip and its derivative in logp: A and 0, or g/w with gradient (fold_kl; rkl/urkl)."""
+def _advantage_analogue(logp, ref_logp, log_w, adv, spec: Spec):
+    """Â for the PPO clip and its derivative in logp: A and None, or g/w with gradient −β (fold_kl; rkl/urkl)."""
     if spec.fold_kl and spec.kl is not None and spec.beta != 0:
-        log_rho = log_w if log_c is None else log_w - log_c
+        log_rho = log_w if ref_logp is None else logp - ref_logp
         return adv - spec.beta * (log_rho + 1 if spec.kl == "rkl" else log_rho), -spec.beta
     return adv, None
 
@@ -70,41 +74,39 @@ def token_loss(
     mask: torch.Tensor,
     spec: Spec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(value, grad)`` for ``spec``, before masking.
+    """Per-token ``(value, grad)`` for ``spec``, before masking; both fresh ``[B, T]`` tensors.
 
     With ``spec.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
     ∂ℓ_t/∂logp_t = −s·A (s_t = sg(s)·π_θ(y_t)/sg(π_θ(y_t))); a KL term stays per token.
-    Written for few passes over memory: each line is one or two elementwise ops.
+    Written to allocate few tensors (on CPU a fresh tensor costs more than the math).
     """
     log_w = logp - old_logp
     w = log_w.exp()
-    log_c = None if ref_logp is None else ref_logp - old_logp
     if spec.style == "reinforce":
-        g = _reinforce_weight(log_w, w, log_c, logp, advantages, spec)
-        value = (g * logp).neg_()
-        grad = g.neg()
-        if isinstance(spec.clip, Clip):
-            grad.masked_fill_(~rpg_clip(w, g, spec.clip), 0)
+        g = _reinforce_weight(logp, old_logp, ref_logp, log_w, w, advantages, spec)
+        value = torch.addcmul(_zero(g), g, logp, value=-1)
+        clipped = rpg_clip(w, g, spec.clip) if isinstance(spec.clip, Clip) else None
+        grad = g.neg_()
+        if clipped is not None:
+            grad.masked_fill_(clipped, 0)
         return value, grad
 
     # Differentiable style: PPO / dual clip on −w·Â, KL surrogate outside the clip
     # (default) or folded into Â = g/w with gradient through it (fold_kl, rkl/urkl).
-    adv, d_adv = _advantage_analogue(log_w, log_c, advantages, spec)
+    adv, d_adv = _advantage_analogue(logp, ref_logp, log_w, advantages, spec)
     w_pg = sequence_log_ratio(log_w, mask).exp().expand_as(w) if spec.ratio == "sequence" else w
-    grad = (w_pg * adv).neg_()
+    grad = torch.addcmul(_zero(w), w_pg, adv, value=-1)  # −w·Â, one pass
     if spec.clip is None:
         m, value = w_pg, grad.clone()
     else:
-        m, unclipped = ppo(w_pg, adv, spec.clip)
-        value = (m * adv).neg_()
-        grad.masked_fill_(~unclipped, 0)
+        m, clipped = ppo(w_pg, adv, spec.clip)
+        grad.masked_fill_(clipped, 0)
+        value = torch.addcmul(_zero(w), m, adv, value=-1)
     if d_adv is not None:
-        grad.sub_(m * d_adv)
+        grad.sub_(m, alpha=d_adv)
     elif spec.kl is not None and spec.beta != 0:
-        kl_v, kl_g = kl_value_and_grad(spec.kl, log_w, log_c, logp)
-        value.add_(kl_v, alpha=spec.beta)
-        grad.add_(kl_g, alpha=spec.beta)
+        kl_accumulate(spec.kl, value, grad, spec.beta, logp, old_logp, ref_logp, log_w, w)
     return value, grad
 
 
@@ -114,13 +116,14 @@ def clip_codes(logp, old_logp, ref_logp, advantages, mask, spec: Spec) -> torch.
         return None
     log_w = logp - old_logp
     w = log_w.exp()
-    log_c = None if ref_logp is None else ref_logp - old_logp
     if spec.style == "reinforce":
-        direction = None if isinstance(spec.clip, Truncate) else _reinforce_weight(log_w, w, log_c, logp, advantages, spec)
+        direction = None
+        if not isinstance(spec.clip, Truncate):
+            direction = _reinforce_weight(logp, old_logp, ref_logp, log_w, w, advantages, spec)
         return codes(w, direction, spec.clip)
     if spec.ratio == "sequence":
         w = sequence_log_ratio(log_w, mask).exp().expand_as(w)
-    return codes(w, _advantage_analogue(log_w, log_c, advantages, spec)[0].expand_as(w), spec.clip)
+    return codes(w, _advantage_analogue(logp, ref_logp, log_w, advantages, spec)[0].expand_as(w), spec.clip)
 
 
 class TokenLoss(torch.autograd.Function):

@@ -80,9 +80,9 @@ def aggregate_masked(
     if agg == "token-sum":
         return per_token.sum()
     if agg == "token-mean":
-        return per_token.sum() / _denominator(batch_num_tokens, mask.sum(), per_token)
-    n_b = mask.sum(-1).to(per_token.dtype)
-    seqs = _denominator(global_batch_size, (n_b > 0).sum(), per_token)
+        return per_token.sum() / _denominator(batch_num_tokens, torch.count_nonzero(mask), per_token)
+    n_b = torch.count_nonzero(mask, dim=-1).to(per_token.dtype)
+    seqs = _denominator(global_batch_size, torch.count_nonzero(n_b), per_token)
     if agg == "seq-mean-token-mean":
         return (per_token.sum(-1) / n_b.clamp_min(1)).sum() / seqs
     if agg == "seq-mean-token-sum":

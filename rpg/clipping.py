@@ -55,7 +55,21 @@ from numbers import Real
 
 import torch
 
-__all__ = ["Clip", "Truncate", "ppo", "rpg_clip", "truncate", "in_band", "codes", "NONE", "LOW", "HIGH", "DUAL"]
+__all__ = [
+    "Clip",
+    "Truncate",
+    "ppo",
+    "rpg_clip",
+    "truncate",
+    "in_band",
+    "branch_bounds",
+    "out_of_band",
+    "codes",
+    "NONE",
+    "LOW",
+    "HIGH",
+    "DUAL",
+]
 
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
 
@@ -122,19 +136,35 @@ def _bounds(clip: Clip | Truncate) -> tuple[float | None, float | None, float | 
     return lo, hi, getattr(clip, "dual", None)
 
 
+def branch_bounds(up: torch.Tensor, clip: Clip, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-element open interval (lo, hi) for w on each branch: Â ≥ 0 → (−∞, 1+ε_high), else (1−ε_low, c_dual).
+
+    Shaped like ``up`` (``[B, 1]`` for per-sequence advantages: tiny), so the
+    clip is one ``clamp`` and the band two comparisons. Off bounds are ±∞.
+    """
+    inf = float("inf")
+    lo, hi, dual = _bounds(clip)
+
+    def scalar(v):  # a 0-dim tensor made on the device (no host-to-device copy)
+        return torch.full((), v, dtype=dtype, device=up.device)
+
+    lo_t = torch.where(up, scalar(-inf), scalar(-inf if lo is None else lo))
+    hi_t = torch.where(up, scalar(inf if hi is None else hi), scalar(inf if dual is None else dual))
+    return lo_t, hi_t
+
+
+def out_of_band(w: torch.Tensor, lo_t: torch.Tensor, hi_t: torch.Tensor) -> torch.Tensor:
+    """Bool: w ≤ lo or w ≥ hi (the clipped tokens; a ratio at a bound counts as clipped)."""
+    return torch.le(w, lo_t).logical_or_(w >= hi_t)
+
+
 def in_band(w: torch.Tensor, up: torch.Tensor, clip: Clip) -> torch.Tensor:
     r"""Bool ``[B, T]``: True where the ratio leaves the gradient on for its branch.
 
     ``up`` (the sign of Â or A′, ≥ 0): w < 1+ε_high; otherwise 1−ε_low < w < c_dual.
     A ratio exactly at a bound counts as clipped (Algorithm 2's strict inequalities).
     """
-    lo, hi, dual = _bounds(clip)
-    true = torch.ones_like(w, dtype=torch.bool)
-    keep_up = w < hi if hi is not None else true
-    keep_down = w > lo if lo is not None else true
-    if dual is not None:
-        keep_down = keep_down & (w < dual)
-    return torch.where(up, keep_up, keep_down)
+    return out_of_band(w, *branch_bounds(up, clip, w.dtype)).logical_not_()
 
 
 def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,24 +176,22 @@ def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tenso
         clip: the bounds.
 
     Returns:
-        ``(m, unclipped)``: ``m`` ``[B, T]``, min(w, 1+ε_high) for Â ≥ 0 and
-        min(max(w, 1−ε_low), c_dual) for Â < 0; ``unclipped`` bool, the tokens
-        whose gradient flows through w (:func:`in_band`).
+        ``(m, clipped)``: ``m`` ``[B, T]``, min(w, 1+ε_high) for Â ≥ 0 and
+        min(max(w, 1−ε_low), c_dual) for Â < 0; ``clipped`` bool, the tokens
+        whose gradient does not flow through w (the complement of :func:`in_band`).
     """
-    lo, hi, dual = _bounds(clip)
-    up = adv_hat >= 0
-    m_up = w.clamp(max=hi) if hi is not None else w
-    m_down = w.clamp(min=lo, max=dual) if lo is not None or dual is not None else w
-    return torch.where(up, m_up, m_down), in_band(w, up, clip)
+    lo_t, hi_t = branch_bounds(adv_hat >= 0, clip, w.dtype)
+    return torch.clamp(w, lo_t, hi_t), out_of_band(w, lo_t, hi_t)
 
 
 def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:
-    r"""RPG-Style Clip gradient mask (Algorithm 2), branching on A′ = g/w (the sign of g).
+    r"""RPG-Style Clip (Algorithm 2), branching on A′ = g/w (the sign of g): the clipped tokens.
 
-    Returns ``keep``, bool ``[B, T]``: True where the token keeps its REINFORCE
-    gradient −g (A′ ≥ 0: w < 1+ε_high; A′ < 0: 1−ε_low < w < c_dual).
+    Returns bool ``[B, T]``, True where the token loses its REINFORCE gradient −g
+    (A′ ≥ 0: w ≥ 1+ε_high; A′ < 0: w ≤ 1−ε_low or w ≥ c_dual); :func:`in_band`
+    is its complement.
     """
-    return in_band(w, g >= 0, clip)
+    return out_of_band(w, *branch_bounds(g >= 0, clip, w.dtype))
 
 
 def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from ._kernel import clip_codes
 from .clipping import DUAL, HIGH, LOW
-from .objectives import kl_value_and_grad
+from .objectives import kl_term
 
 __all__ = ["LossOutput"]
 
@@ -103,7 +103,6 @@ def compute_metrics(logp, old_logp, ref_logp, advantages, mask, spec, batch_num_
         metrics[f"{prefix}_k1"] = mean(lr)
         metrics[f"{prefix}_k3"] = mean(torch.expm1(-lr) + lr)
     if kl is not None:
-        log_c = None if ref_logp is None else ref_logp - old_logp
-        metrics["kl/term"] = mean(kl_value_and_grad(kl, log_w, log_c, logp)[0])
+        metrics["kl/term"] = mean(kl_term(kl, logp, old_logp, ref_logp)[0])
     values = torch.stack(list(metrics.values()))
     return dict(zip(metrics, values.tolist()))

@@ -59,7 +59,7 @@ __all__ = [
     "kl_term",
     "surrogate",
     "reinforce_weight",
-    "kl_value_and_grad",
+    "kl_accumulate",
     "kl_grad_split",
 ]
 
@@ -71,67 +71,119 @@ def _k3_exp(x: torch.Tensor, scale, log_scale) -> torch.Tensor:
     """scale·(e^x − 1 − x): expm1 near x = 0; exp(log_scale + x) far from it, finite whenever scale·e^x is.
 
     ``scale``/``log_scale`` are tensors, or ``1.0``/``None`` for scale 1."""
-    small = x.abs() < 1
-    near = scale * (torch.expm1(x) - x)
-    far = torch.exp(x if log_scale is None else log_scale + x) - scale * (1 + x)
-    return torch.where(small, near, far)
+    near = torch.expm1(x).sub_(x).mul_(scale)
+    far = (x if log_scale is None else log_scale + x).exp()
+    far.sub_((x + 1).mul_(scale))
+    return torch.where(x.abs() < 1, near, far)
 
 
-def kl_value_and_grad(
-    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor | None, logp: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""KL surrogate value and its derivative in ``logp``, from log w, log c and logp.
+class _Ratios:
+    """log ρ, −log ρ, c and log c of one batch, each computed once and only if asked for."""
 
-    The internal form of :func:`kl_term`, taking ``log_w = logp − old_logp`` and
-    ``log_c = ref_logp − old_logp`` already formed; ``log_c=None`` means
-    π_ref = π_old (c = 1), and saves two passes over the batch.
+    def __init__(self, logp, old_logp, ref_logp, log_w):
+        self.logp, self.old_logp, self.ref_logp, self.log_w = logp, old_logp, ref_logp, log_w
+
+    @property
+    def log_rho(self):  # log π_θ − log π_ref
+        if not hasattr(self, "_log_rho"):
+            self._log_rho = self.log_w if self.ref_logp is None else self.logp - self.ref_logp
+        return self._log_rho
+
+    @property
+    def neg_log_rho(self):  # a fresh tensor: callers may overwrite it
+        return torch.neg(self.log_w) if self.ref_logp is None else self.ref_logp - self.logp
+
+    @property
+    def log_c(self):  # log π_ref − log π_old, or None when π_ref = π_old
+        if not hasattr(self, "_log_c"):
+            self._log_c = None if self.ref_logp is None else self.ref_logp - self.old_logp
+        return self._log_c
+
+    @property
+    def c(self):
+        if not hasattr(self, "_c"):
+            self._c = 1.0 if self.ref_logp is None else self.log_c.exp()
+        return self._c
+
+
+def kl_accumulate(
+    divergence: str,
+    value: torch.Tensor | None,
+    grad: torch.Tensor,
+    beta: float,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    log_w: torch.Tensor,
+    w: torch.Tensor,
+) -> None:
+    r"""In place: ``value += β·KL-surrogate`` (skipped when ``value`` is None) and ``grad += β·∂KL/∂logp``.
+
+    The one implementation of every KL term (table above), written to make as
+    few passes over memory as it can — on a CPU the fast path's cost is mostly
+    fresh tensors. ``log_w = logp − old_logp`` and ``w = exp(log_w)`` come from
+    the caller; ``ref_logp=None`` means π_ref = π_old (c = 1). ``value`` and
+    ``grad`` are ``[B, T]`` tensors the caller owns. Inputs must be detached.
     """
-    log_rho = log_w if log_c is None else log_w - log_c
-    c = 1.0 if log_c is None else log_c.exp()
-    if divergence == "fkl":
-        return -c * logp, -c * torch.ones_like(logp) if log_c is None else -c
-    if divergence == "rkl":
-        w = log_w.exp()
-        return w * log_rho, w * (log_rho + 1)
-    if divergence == "ufkl":
-        w = log_w.exp()
-        return _k3_exp(log_rho, c, log_c), w - c
-    if divergence == "urkl":
-        w = log_w.exp()
-        return _k3_exp(-log_rho, w, log_w), w * log_rho
-    if divergence == "k1":
-        return log_rho, torch.ones_like(log_rho)
-    if divergence == "k2":
-        return 0.5 * log_rho * log_rho, log_rho
-    if divergence == "k3":
-        e = torch.expm1(-log_rho)
-        return e + log_rho, -e
-    check_choice("kl", divergence, KL_TERMS)
-    raise AssertionError("unreachable")  # pragma: no cover
+    r = _Ratios(logp, old_logp, ref_logp, log_w)
+    if divergence == "fkl":  # −c·logp → −c
+        if value is not None:
+            value.sub_(logp if ref_logp is None else logp * r.c, alpha=beta)
+        grad.sub_(beta) if ref_logp is None else grad.sub_(r.c, alpha=beta)
+    elif divergence == "rkl":  # w·log ρ → w·(log ρ + 1)
+        w_log_rho = w * r.log_rho
+        if value is not None:
+            value.add_(w_log_rho, alpha=beta)
+        grad.add_(w_log_rho.add_(w), alpha=beta)
+    elif divergence == "ufkl":  # c·(ρ − 1 − log ρ) → w − c
+        if value is not None:
+            value.add_(_k3_exp(r.log_rho, r.c, r.log_c), alpha=beta)
+        grad.add_(w, alpha=beta)
+        grad.sub_(beta) if ref_logp is None else grad.sub_(r.c, alpha=beta)
+    elif divergence == "urkl":  # w·(1/ρ − 1 + log ρ) → w·log ρ
+        if value is not None:
+            value.add_(_k3_exp(-r.log_rho, w, log_w), alpha=beta)
+        grad.addcmul_(w, r.log_rho, value=beta)
+    elif divergence == "k1":  # log ρ → 1
+        if value is not None:
+            value.add_(r.log_rho, alpha=beta)
+        grad.add_(beta)
+    elif divergence == "k2":  # ½(log ρ)² → log ρ
+        if value is not None:
+            value.addcmul_(r.log_rho, r.log_rho, value=0.5 * beta)
+        grad.add_(r.log_rho, alpha=beta)
+    elif divergence == "k3":  # 1/ρ − 1 + log ρ → 1 − 1/ρ, with t = −log ρ: k3 = expm1(t) − t
+        t = r.neg_log_rho
+        e = torch.expm1(t)
+        if value is not None:
+            value.add_(e, alpha=beta).sub_(t, alpha=beta)
+        grad.sub_(e, alpha=beta)
+    else:
+        check_choice("kl", divergence, KL_TERMS)
 
 
 def kl_grad_split(
-    divergence: str, log_w: torch.Tensor, log_c: torch.Tensor | None
+    divergence: str, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, log_w: torch.Tensor
 ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     r"""The KL derivative split by its importance weight: ∂KL/∂logp = w·per_w + const.
 
-    fkl: (0, −c); rkl: (log ρ + 1, 0); ufkl: (1, −c); urkl: (log ρ, 0). The
-    REINFORCE weight is then g = w·(A − β·per_w) − β·const, so the effective
-    advantage is A′ = g/w, and truncation (:class:`rpg.Truncate`) replaces only
-    the weight w by w̄ — log ρ and c stay exact (DESIGN §4).
+    fkl: (0, −c); rkl: (log ρ + 1, 0); ufkl: (1, −c); urkl: (log ρ, 0); the
+    unweighted estimators: (0, ∂k/∂logp). The REINFORCE weight is then
+    g = w·(A − β·per_w) − β·const, so the effective advantage is A′ = g/w, and
+    truncation (:class:`rpg.Truncate`) replaces only the weight w by w̄ — log ρ
+    and c stay exact (DESIGN §4).
     """
-    log_rho = log_w if log_c is None else log_w - log_c
-    c = 1.0 if log_c is None else log_c.exp()
+    r = _Ratios(logp, old_logp, ref_logp, log_w)
     if divergence == "fkl":
-        return 0.0, -c
+        return 0.0, -r.c
     if divergence == "rkl":
-        return log_rho + 1, 0.0
+        return r.log_rho + 1, 0.0
     if divergence == "ufkl":
-        return 1.0, -c
+        return 1.0, -r.c
     if divergence == "urkl":
-        return log_rho, 0.0
+        return r.log_rho, 0.0
     if divergence in ESTIMATORS:  # unweighted penalties: no importance weight in their derivative
-        return 0.0, kl_value_and_grad(divergence, log_w, log_c, log_rho)[1]
+        return 0.0, kl_term(divergence, logp, old_logp, ref_logp)[1]
     check_choice("kl", divergence, KL_TERMS)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -139,22 +191,27 @@ def kl_grad_split(
 def kl_term(
     divergence: str, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-token KL surrogate of ``divergence`` (β excluded) and its ∂/∂logp.
+    r"""Per-token KL term of ``divergence`` (β excluded) and its ∂/∂logp.
 
     Args:
-        divergence: ``"fkl"``, ``"rkl"``, ``"ufkl"`` or ``"urkl"`` (table above).
+        divergence: one of :data:`KL_TERMS` (tables above).
         logp: ``[B, T]`` log π_θ of the sampled tokens.
         old_logp: ``[B, T]`` log π_old (behaviour policy).
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old.
 
     Returns:
-        ``(value, grad)``, both ``[B, T]``: the surrogate value and its closed-form
-        derivative with respect to ``logp``. No autograd graph is built; the
-        expected derivative E_old[grad·∇logp] is exactly ∇D (the divergence's
-        gradient, in the direction its name says).
+        ``(value, grad)``, both fresh ``[B, T]`` tensors: the surrogate value and
+        its closed-form derivative with respect to ``logp``. No autograd graph
+        (the losses wrap this for autograd). For the divergences the expected
+        derivative E_old[grad·∇logp] is exactly ∇D, in the direction its name says.
     """
-    log_c = None if ref_logp is None else ref_logp - old_logp
-    return kl_value_and_grad(divergence, logp - old_logp, log_c, logp)
+    check_choice("kl", divergence, KL_TERMS)
+    logp, old_logp = logp.detach(), old_logp.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    log_w = logp - old_logp
+    value, grad = torch.zeros_like(log_w), torch.zeros_like(log_w)
+    kl_accumulate(divergence, value, grad, 1.0, logp, old_logp, ref_logp, log_w, log_w.exp())
+    return value, grad
 
 
 def surrogate(

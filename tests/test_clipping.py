@@ -28,40 +28,41 @@ W = [0.5, 0.9, 1.1, 1.5, 4.0]  # below 1-low, inside, inside, above 1+high, abov
 
 def test_ppo_branches_positive_advantage():
     w, adv = torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64)
-    m, unclipped = clipping.ppo(w, adv, CLIP)
+    m, clipped = clipping.ppo(w, adv, CLIP)
     torch.testing.assert_close(m, torch.tensor([0.5, 0.9, 1.1, 1.28, 1.28], dtype=F64))
-    assert unclipped.tolist() == [True, True, True, False, False]
+    assert clipped.tolist() == [False, False, False, True, True]
+    assert clipping.in_band(w, adv >= 0, CLIP).tolist() == [True, True, True, False, False]
     assert clipping.codes(w, adv, CLIP).tolist() == [NONE, NONE, NONE, HIGH, HIGH]
 
 
 def test_ppo_branches_negative_advantage():
     w, adv = torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64)
-    m, unclipped = clipping.ppo(w, adv, CLIP)
+    m, clipped = clipping.ppo(w, adv, CLIP)
     torch.testing.assert_close(m, torch.tensor([0.8, 0.9, 1.1, 1.5, 3.0], dtype=F64))
-    assert unclipped.tolist() == [False, True, True, True, False]
+    assert clipped.tolist() == [True, False, False, False, True]
     assert clipping.codes(w, adv, CLIP).tolist() == [LOW, NONE, NONE, NONE, DUAL]
 
 
 def test_ppo_broadcasts_a_per_sequence_advantage():
     w = torch.tensor([W, W], dtype=F64)
-    m, unclipped = clipping.ppo(w, torch.tensor([[1.0], [-1.0]], dtype=F64), CLIP)
-    assert unclipped.tolist() == [[True, True, True, False, False], [False, True, True, True, False]]
+    m, clipped = clipping.ppo(w, torch.tensor([[1.0], [-1.0]], dtype=F64), CLIP)
+    assert clipped.tolist() == [[False, False, False, True, True], [True, False, False, False, True]]
     torch.testing.assert_close(m[1], torch.tensor([0.8, 0.9, 1.1, 1.5, 3.0], dtype=F64))
 
 
 def test_ppo_without_dual_or_bounds():
-    m, unclipped = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), rpg.Clip(0.2, 0.28, None))
-    assert unclipped.tolist() == [False, True, True, True, True] and m[-1] == 4.0
+    m, clipped = clipping.ppo(torch.tensor(W, dtype=F64), -torch.ones(5, dtype=F64), rpg.Clip(0.2, 0.28, None))
+    assert clipped.tolist() == [True, False, False, False, False] and m[-1] == 4.0
     w, adv, none = torch.tensor(W, dtype=F64), torch.ones(5, dtype=F64), rpg.Clip(None, None, None)
-    m, unclipped = clipping.ppo(w, adv, none)
-    assert unclipped.all() and (clipping.codes(w, adv, none) == NONE).all() and torch.equal(m, w)
+    m, clipped = clipping.ppo(w, adv, none)
+    assert not clipped.any() and (clipping.codes(w, adv, none) == NONE).all() and torch.equal(m, w)
 
 
 def test_exact_bound_counts_as_clipped():
     """Algorithm 2's strict inequalities: at w = 1+ε_high (A>0), w = 1−ε_low or w = c_dual (A<0) no gradient."""
     w = torch.tensor([1.28, 0.8, 3.0], dtype=F64)
     adv = torch.tensor([1.0, -1.0, -1.0], dtype=F64)
-    assert not clipping.ppo(w, adv, CLIP)[1].any() and not clipping.rpg_clip(w, adv, CLIP).any()
+    assert clipping.ppo(w, adv, CLIP)[1].all() and clipping.rpg_clip(w, adv, CLIP).all()
     assert clipping.codes(w, adv, CLIP).tolist() == [HIGH, LOW, DUAL]
 
 
@@ -128,7 +129,7 @@ def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
     value, grad = _grad(fn, [math.log(w)], [adv])
     assert value.item() == pytest.approx(-w * adv * (math.log(w) - 1.0), rel=1e-13)  # value kept
     assert grad.item() == (pytest.approx(-w * adv, rel=1e-13) if kept else 0.0)
-    assert clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() == kept
+    assert clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() != kept
     assert clipping.codes(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() == code
 
 
