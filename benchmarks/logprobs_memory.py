@@ -45,13 +45,14 @@ def impl_fn(name):
     if name == "verl FusedLinearForPPO":
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
 
-        head = FusedLinearForPPO(chunk_size=512)
+        head = FusedLinearForPPO()  # its default chunk of 512 tokens
         return lambda h, w, t: head(h, w, t)
     if name == "TRL ChunkedLogProbFunction":
         from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # the vocabulary tile GRPOTrainer uses
 
         def trl(h, w, t):
-            out = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, 4096, None, 1.0, ("entropy",))
+            out = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))
             return out[0], out[1]
 
         return trl

@@ -16,8 +16,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     [
         rpg.RPGLoss("urkl", style="reinforce", beta=0.1, agg="seq-mean-token-mean"),
         rpg.RPGLoss("fkl", style="differentiable", beta=0.1, clip=rpg.Clip(0.2, 0.28, 3.0)),
+        rpg.GRPOLoss(beta=0.1),
+        rpg.GSPOLoss(clip=rpg.Clip(0.05, 0.05, None)),
+        rpg.CISPOLoss(clip=rpg.Truncate(0.2, 0.5)),
+        rpg.RPGLoss("rkl", beta=0.1, fold_kl=True),
     ],
-    ids=["urkl-reinforce", "fkl-differentiable"],
+    ids=["urkl-reinforce", "fkl-differentiable", "grpo-k3", "gspo", "cispo", "rkl-fold"],
 )
 def test_compiled_equals_eager(fn, device):
     torch._dynamo.reset()
