@@ -178,10 +178,13 @@ def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tenso
     Returns:
         ``(m, clipped)``: ``m`` ``[B, T]``, min(w, 1+ε_high) for Â ≥ 0 and
         min(max(w, 1−ε_low), c_dual) for Â < 0; ``clipped`` bool, the tokens
-        whose gradient does not flow through w (the complement of :func:`in_band`).
+        whose gradient does not flow through w: where m ≠ w. A ratio exactly on a
+        bound (a kink of max/min, measure zero) keeps its gradient here, as the
+        unclipped term; RPG-Style Clip follows Algorithm 2's strict inequalities.
     """
     lo_t, hi_t = branch_bounds(adv_hat >= 0, clip, w.dtype)
-    return torch.clamp(w, lo_t, hi_t), out_of_band(w, lo_t, hi_t)
+    m = torch.clamp(w, lo_t, hi_t)
+    return m, m != w
 
 
 def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:

@@ -58,11 +58,14 @@ def test_ppo_without_dual_or_bounds():
     assert not clipped.any() and (clipping.codes(w, adv, none) == NONE).all() and torch.equal(m, w)
 
 
-def test_exact_bound_counts_as_clipped():
-    """Algorithm 2's strict inequalities: at w = 1+ε_high (A>0), w = 1−ε_low or w = c_dual (A<0) no gradient."""
+def test_exact_bound():
+    """RPG-Style Clip: Algorithm 2's strict inequalities — at w = 1+ε_high (A′>0), w = 1−ε_low or w = c_dual
+    (A′<0) no gradient. PPO: on the kink the gradient of the unclipped term is kept (m == w there)."""
     w = torch.tensor([1.28, 0.8, 3.0], dtype=F64)
     adv = torch.tensor([1.0, -1.0, -1.0], dtype=F64)
-    assert clipping.ppo(w, adv, CLIP)[1].all() and clipping.rpg_clip(w, adv, CLIP).all()
+    assert clipping.rpg_clip(w, adv, CLIP).all() and not clipping.in_band(w, adv >= 0, CLIP).any()
+    m, clipped = clipping.ppo(w, adv, CLIP)
+    assert not clipped.any() and torch.equal(m, w)
     assert clipping.codes(w, adv, CLIP).tolist() == [HIGH, LOW, DUAL]
 
 
