@@ -23,8 +23,9 @@ def test_readme_code_runs(block, capsys):
     namespace = {}
     exec(compile(block, str(README), "exec"), namespace)
     out = namespace.get("out")
-    assert out is not None and torch.isfinite(out.loss)
-    assert 0.0 <= out.metrics["clip_frac"] <= 1.0
+    if out is not None:  # a loss example: a finite loss and sane metrics
+        assert torch.isfinite(out.loss)
+        assert 0.0 <= out.metrics["clip_frac"] <= 1.0
     assert capsys.readouterr().out.strip()  # it printed its numbers
     if "token_logp" in namespace:  # the optimizer steps changed the policy's log-probs
         assert not torch.allclose(namespace["token_logp"](), namespace["old_logp"])
