@@ -10,12 +10,12 @@ GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
 configurations of the same :class:`PolicyLoss`.
 
 Functional core: :mod:`rpg.kl`, :mod:`rpg.objectives`, :mod:`rpg.clipping`,
-:mod:`rpg.aggregation`, :mod:`rpg.advantages`. Loss classes: :class:`PolicyLoss`,
+:mod:`rpg.aggregation`, :mod:`rpg.advantages`, :mod:`rpg.logprobs`. Loss classes: :class:`PolicyLoss`,
 :class:`RPGLoss` and the presets of :mod:`rpg.presets`. Exact oracles for
 tests: :mod:`rpg.testing`.
 """
 
-from . import advantages, aggregation, clipping, kl, metrics, objectives, presets, testing
+from . import advantages, aggregation, clipping, kl, logprobs, metrics, objectives, presets, testing
 from .aggregation import AGG_MODES, aggregate
 from .clipping import Clip, Truncate
 from .kl import DIVERGENCES, k1, k2, k3
@@ -60,6 +60,7 @@ __all__ = [
     "k2",
     "k3",
     "kl",
+    "logprobs",
     "metrics",
     "objectives",
     "presets",
