@@ -40,22 +40,35 @@ __all__ = ["LossOutput"]
 class LossOutput:
     """``loss`` (scalar tensor), ``per_token`` (``[B, T]``, differentiable, 0 at padding), ``metrics`` (lazy dict)."""
 
-    __slots__ = ("loss", "per_token", "_metric_inputs", "_metrics")
+    __slots__ = ("loss", "per_token", "_metric_inputs", "_metrics", "_local")
 
     def __init__(self, loss: torch.Tensor, per_token: torch.Tensor, metric_inputs: tuple) -> None:
         self.loss = loss
         self.per_token = per_token
         self._metric_inputs = metric_inputs
         self._metrics: dict[str, float] | None = None
+        self._local: dict[str, float] | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The diagnostics of this call (see :mod:`rpg.metrics`), computed once on first access."""
+        """The diagnostics of this call (see :mod:`rpg.metrics`), computed once on first access.
+
+        Means are over ``batch_num_tokens`` when the call had it (they sum over micro-batches)."""
         if self._metrics is None:
             with torch.no_grad():
                 self._metrics = compute_metrics(*self._metric_inputs)
-            self._metric_inputs = ()
         return self._metrics
+
+    @property
+    def local_metrics(self) -> dict[str, float]:
+        """As :attr:`metrics` with means over this call's own tokens, whatever ``batch_num_tokens`` was —
+        for frameworks that average logged values over micro-batches (TRL, verl)."""
+        if self._metric_inputs[-1] is None:
+            return self.metrics
+        if self._local is None:
+            with torch.no_grad():
+                self._local = compute_metrics(*self._metric_inputs[:-1], None)
+        return self._local
 
     def __repr__(self) -> str:
         return f"LossOutput(loss={self.loss!r}, per_token=<{tuple(self.per_token.shape)}>)"

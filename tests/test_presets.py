@@ -215,3 +215,11 @@ def test_metric_global_means_sum_over_micro_batches():
 def test_preset_errors(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_local_metrics_ignore_global_counts():
+    logp, old, adv, mask, ref = make_batch(seed=12)
+    fn = rpg.DAPOLoss()
+    local = fn(logp, old, adv, mask).metrics
+    out = fn(logp, old, adv, mask, batch_num_tokens=1000)
+    assert out.local_metrics == local and out.metrics["ratio/mean"] < local["ratio/mean"]

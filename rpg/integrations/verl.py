@@ -49,7 +49,6 @@ from ..aggregation import aggregate
 from ..clipping import Clip
 from ..kl import DIVERGENCES
 from ..losses import RPGLoss
-from ..metrics import compute_metrics
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -104,9 +103,7 @@ def _make(loss_mode: str):
             loss = aggregate(out.per_token * rollout_is_weights.to(out.per_token.dtype), mask, loss_agg_mode,
                              max_len=loss_fn.max_len, **counts)
         loss = loss * (info.get("dp_size") or 1)
-        with torch.no_grad():  # local means: verl averages policy metrics over micro-batches itself
-            m = compute_metrics(log_prob.detach().to(out.per_token.dtype), old_log_prob.to(out.per_token.dtype),
-                                None, advantages.to(out.per_token.dtype), mask, loss_fn._spec)
+        m = out.local_metrics  # verl averages policy metrics over micro-batches itself
         metrics = {
             "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
             "actor/pg_clipfrac_lower": m["clip_frac/dual"],
