@@ -1,4 +1,6 @@
-"""The code in README.md and docs/ runs as printed; the quick start's updates move the policy."""
+"""The code in README.md and docs/ runs as printed; the quick start's updates move the policy.
+
+Blocks fenced as ```python run; ```py marks an excerpt that needs outside state (a model, a dataset)."""
 
 import pathlib
 import re
