@@ -154,7 +154,12 @@ def reinforce_pp(
     Args:
         rewards: ``[B]`` scalar reward of each response.
         mask: ``[B, T]`` response mask.
-        old_logp, ref_logp: ``[B, T]``; needed when ``beta > 0``.
+        old_logp: ``[B, T]`` log π_old of the sampled tokens; needed when ``beta > 0``.
+        ref_logp: ``[B, T]`` log π_ref; needed when ``beta > 0``.
+        beta: the KL coefficient β ≥ 0 of the reward shaping.
+        estimator: ``"k1"`` (exact sequence KL on-policy) or ``"k2"``.
+        gamma: the discount γ ∈ [0, 1].
+        whiten_advantages: whiten over the batch's masked tokens (REINFORCE++'s default).
     """
     check_choice("estimator", estimator, ("k1", "k2"))
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:

@@ -98,8 +98,8 @@ def aggregate(
     mask: torch.Tensor,
     agg: str = "token-mean",
     *,
-    batch_num_tokens=None,
-    global_batch_size=None,
+    batch_num_tokens: int | float | torch.Tensor | None = None,
+    global_batch_size: int | float | torch.Tensor | None = None,
     max_len: int | None = None,
 ) -> torch.Tensor:
     r"""Aggregate a per-token loss ``[B, T]`` under ``mask`` ``[B, T]`` into a scalar.

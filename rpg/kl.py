@@ -116,8 +116,9 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:
     r"""Exact KL(p ‖ q) = Σ p · log(p/q) over ``dim`` (normalized or not: no mass term).
 
     Args:
-        log_p, log_q: ``[..., K, ...]`` log-probabilities (or log-measures) over
-            the same support, reduced over ``dim``.
+        log_p: ``[..., K, ...]`` log-probabilities (or log-measures) of p.
+        log_q: the same for q, over the same support; both reduced over ``dim``.
+        dim: the support dimension.
 
     Returns:
         ``[...]`` with ``dim`` removed. Fully differentiable in both arguments.

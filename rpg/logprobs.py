@@ -49,7 +49,7 @@ def _check_temperature(temperature: float) -> None:
 
 def from_logits(
     logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""log π(token) from materialised logits ``[..., V]`` and ``tokens`` ``[...]``.
 
     Returns ``logp`` ``[...]`` (and the entropy ``[...]`` with ``return_entropy``),
@@ -183,7 +183,7 @@ def from_hidden(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     return_entropy: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""log π(token) from hidden states and the LM head, never materialising the ``[N, V]`` logits.
 
     Args:
@@ -200,9 +200,7 @@ def from_hidden(
         return_entropy: also return the entropy of each next-token distribution.
 
     Returns:
-        ``logp`` ``[...]`` (and ``entropy`` ``[...]``), float32 for bf16/fp16 inputs.
-        Gradients flow to ``hidden``, ``weight`` and ``bias`` (exact; the logits
-        are recomputed block by block in backward).
+        ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy``; float32 for bf16/fp16 inputs. Gradients flow to ``hidden``, ``weight`` and ``bias`` (exact; the logits are recomputed block by block in backward).
     """
     check_floating("hidden", hidden)
     check_floating("weight", weight)

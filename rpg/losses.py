@@ -140,8 +140,8 @@ class PolicyLoss:
         advantages: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
-        batch_num_tokens=None,
-        global_batch_size=None,
+        batch_num_tokens: int | float | torch.Tensor | None = None,
+        global_batch_size: int | float | torch.Tensor | None = None,
     ) -> LossOutput:
         r"""Compute the loss.
 
@@ -234,7 +234,8 @@ class RPGLoss(PolicyLoss):
         beta: β ≥ 0 (default 1e-4, the paper's).
         clip: default ``Clip(low=0.2, high=0.28, dual=3.0)`` (the paper's); ``None`` for none.
         agg: default ``"token-mean"``.
-        fold_kl, max_len: see :class:`PolicyLoss`.
+        fold_kl: see :class:`PolicyLoss`.
+        max_len: see :class:`PolicyLoss`.
 
     Example::
 
