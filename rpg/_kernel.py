@@ -2,7 +2,7 @@ r"""The fast path: one pass computing each per-token loss and its derivative (DE
 
 Every per-token loss in ``rpg`` is a scalar function of the scalar ``logp``, so its
 derivative is closed-form. :func:`token_loss` composes the pieces of
-:mod:`rpg.objectives` and :mod:`rpg.clipping` into ``(value, dvalue/dlogp, clip code)``
+:mod:`rpg.objectives` and :mod:`rpg.clipping` into ``(value, dvalue/dlogp)``
 in one pass with no autograd graph; :class:`TokenLoss` wraps that in one
 ``torch.autograd.Function`` that saves a single tensor (the derivative) for
 backward. The plain-autograd version of the same formulas lives in
