@@ -62,7 +62,8 @@ def grpo(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: floa
     E[r]; std scaling instead maximises E[h(p)], h(p) = arcsin √p for 0/1 rewards).
 
     A group whose rewards are all equal gets exactly 0 (and so contributes no
-    gradient), never NaN or ±1/eps. A group of one response gets 0.
+    gradient), never NaN or ±1/eps. A group of one response gets 0 (it has no
+    baseline of its own; verl instead returns r there).
     """
     check_choice("scale", scale, ("group", "batch", "none"))
     g = _groups(rewards, group_size)
@@ -142,8 +143,8 @@ def reinforce_pp(
     log π_old − log π_ref; ``"k2"``: ½(log π_old − log π_ref)². Then the
     discounted return-to-go G_t = Σ_{t' ≥ t} γ^{t'−t} r_{t'} (within the response)
     over the response tokens (masked positions inside a response, e.g. tool
-    output in a multi-turn rollout, are skipped rather than cutting the return;
-    verl cuts it there), and, with ``whiten_advantages``, whitening over all
+    output in a multi-turn rollout, are skipped rather than cutting the return,
+    as verl 0.9.1 does too), computed in float32 (float64 for float64 rewards), and, with ``whiten_advantages``, whitening over all
     masked tokens of the batch (:func:`whiten`). Masked positions are 0.
 
     With k1, γ = 1 and no whitening, E_{π_θ}[Σ_t G_t ∇log π_θ(y_t)] is exactly
@@ -174,8 +175,10 @@ def reinforce_pp(
     _check_token_tensor("ref_logp", ref_logp, mask)
     if beta > 0 and (old_logp is None or ref_logp is None):
         raise ValueError("beta > 0 shapes the reward with the KL to the reference: pass old_logp and ref_logp")
-    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32  # bf16/fp16/int: float32
     keep = mask.bool()
+    if mask.shape[-1] == 0:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     token_r = torch.where(_last_token(mask), rewards.detach().to(dtype)[:, None], zero)
     if beta > 0:

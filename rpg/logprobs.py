@@ -67,7 +67,8 @@ def from_logits(
     if not return_entropy:
         return logp
     p = torch.softmax(z, -1)
-    return logp, lse - (p * z).sum(-1)
+    finite_z = torch.where(torch.isinf(z), torch.zeros_like(z), z)  # p·z = 0 where z = −inf (p = 0)
+    return logp, lse - (p * finite_z).sum(-1)
 
 
 def _block(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -114,10 +115,13 @@ class _FromHidden(torch.autograd.Function):
                 picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
                 target[r0:r1] = torch.where(inside, picked, target[r0:r1])
                 new_max = torch.maximum(run_max, z.max(1).values)
-                scale = torch.exp(run_max - new_max)  # 0 on the first block (run_max = −inf)
-                e = torch.sub(z, new_max.unsqueeze(1), out=_block(e_buf, r1 - r0, v1 - v0)).exp_()
+                # a row whose logits so far are all −inf (e.g. a −inf bias block) has max −inf: shift by 0
+                shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+                scale = torch.exp(run_max - shift)  # 0 on the first block (run_max = −inf)
+                e = torch.sub(z, shift.unsqueeze(1), out=_block(e_buf, r1 - r0, v1 - v0)).exp_()
                 run_sum = run_sum * scale + e.sum(1)
                 if want_entropy:  # Σ e·z as a batched dot product: no third block in memory
+                    z.masked_fill_(e == 0, 0)  # p·z → 0 where p = 0, also for z = −inf
                     run_pz = run_pz * scale + torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
                 run_max = new_max
             lse[r0:r1] = run_max + run_sum.log()
@@ -155,6 +159,7 @@ class _FromHidden(torch.autograd.Function):
                 p = torch.sub(z, lse[r0:r1].unsqueeze(1), out=_block(p_buf, r1 - r0, v1 - v0)).exp_()
                 # dz = a·(onehot − p) − e·p·(z − μ), built in place in z's (or p's) storage
                 if use_entropy:
+                    z.masked_fill_(p == 0, 0)  # those entries get no gradient; keeps −inf logits finite
                     dz = z.sub_(mu_r).mul_(e_grad).add_(a).mul_(p).neg_()
                 else:
                     dz = p.mul_(a).neg_()

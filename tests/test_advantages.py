@@ -128,3 +128,18 @@ def test_informative_groups():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_reinforce_pp_upcasts_half_precision():
+    """bf16 rewards must not swallow a small KL shaping over a long response."""
+    T = 2000
+    mask = torch.ones(1, T, dtype=torch.bool)
+    old, ref = torch.zeros(1, T), torch.full((1, T), -0.013)
+    got = adv.reinforce_pp(torch.tensor([1.0], dtype=torch.bfloat16), mask, old, ref, beta=0.01,
+                           whiten_advantages=False)
+    assert got.dtype == torch.float32
+    assert got[0, 0].item() == pytest.approx(1.0 - 0.01 * 0.013 * T, rel=1e-4)
+
+
+def test_reinforce_pp_empty_responses():
+    assert adv.reinforce_pp(torch.tensor([1.0, 2.0]), torch.ones(2, 0, dtype=torch.bool)).shape == (2, 0)

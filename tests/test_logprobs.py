@@ -87,3 +87,24 @@ def test_errors(call, exc, match):
     hidden, weight, _, tokens = _problem(bias=False)
     with pytest.raises(exc, match=match):
         call(hidden.detach(), weight.detach(), tokens)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_minus_inf_logits_in_a_whole_block(entropy):
+    """A vocabulary block that is −inf for every row (a masked-out range of the vocabulary) stays finite."""
+    hidden, weight, b, _ = _problem(n=6, v=12, bias=True)
+    b = b.detach().clone()
+    b[:5] = float("-inf")
+    b.requires_grad_(True)
+    tokens = torch.tensor([6, 7, 8, 9, 10, 11])
+    kw = dict(chunk_size=4, vocab_chunk_size=5, return_entropy=entropy)
+    got = logprobs.from_hidden(hidden, weight, tokens, bias=b, **kw)
+    want = _naive(hidden, weight, b, tokens, 1.0, entropy)
+    got, want = (got, want) if entropy else ((got,), (want,))
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    g_got = torch.autograd.grad(sum(x.sum() for x in got), (hidden, weight))
+    g_want = torch.autograd.grad(sum(torch.nan_to_num(y).sum() for y in want), (hidden, weight))
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-10)

@@ -223,3 +223,22 @@ def test_local_metrics_ignore_global_counts():
     local = fn(logp, old, adv, mask).metrics
     out = fn(logp, old, adv, mask, batch_num_tokens=1000)
     assert out.local_metrics == local and out.metrics["ratio/mean"] < local["ratio/mean"]
+
+
+def test_kl_metrics_are_unbiased_off_policy():
+    """Each KL metric is the batch mean of a per-token term whose expectation under π_old (computed exactly on a
+    tabular problem) is the KL it names: kl/old_* → KL(π_old‖π_θ), kl/ref_* → KL(π_θ‖π_ref)."""
+    from rpg.kl import kl
+
+    p = T.random_problem(k=7, seed=13, scale=0.7)
+    logp, old, ref = (torch.log_softmax(x, -1)[:, None] for x in (p.logits, p.old_logits, p.ref_logits))
+    out = rpg.DAPOLoss()(logp, old, torch.zeros(7, dtype=F64), ref_logp=ref)
+    lw, lr = logp - old, logp - ref
+    w = lw.exp()
+    terms = {"kl/old_k1": -lw, "kl/old_k3": torch.expm1(lw) - lw, "kl/ref_k1": w * lr,
+             "kl/ref_k3": w * (torch.expm1(-lr) + lr)}
+    drift, to_ref = kl(old[:, 0], logp[:, 0]), kl(logp[:, 0], ref[:, 0])
+    truth = {"kl/old_k1": drift, "kl/old_k3": drift, "kl/ref_k1": to_ref, "kl/ref_k3": to_ref}
+    for key, term in terms.items():
+        assert out.metrics[key] == pytest.approx(term.mean().item(), rel=1e-12)  # what the metric computes
+        assert (old.exp() * term).sum().item() == pytest.approx(truth[key].item(), rel=1e-10)  # its expectation

@@ -107,7 +107,7 @@ def _make(loss_mode: str):
         metrics = {
             "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
             "actor/pg_clipfrac_lower": m["clip_frac/dual"],
-            "actor/ppo_kl": -m["kl/old_k1"],
+            "actor/ppo_kl": m["kl/old_k1"],
         }
         metrics.update({f"actor/rpg/{k}": v for k, v in m.items()})
         return loss, metrics
