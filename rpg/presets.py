@@ -15,7 +15,8 @@ weighted_kl=True)``                                                             
 ``DAPOLoss``                −min(wA, clip(w)A), clip-higher, token-mean                    E[r] (no KL)
 ``REINFORCEPlusPlusLoss``   −min(wA, clip(w)A) on REINFORCE++ advantages                   sequence reverse KL via
                                                                                            the reward, on-policy
-``GSPOLoss``                −min(sA, clip(s)A), s = exp(mean_t log w), per sequence        E[r] (no KL)
+``GSPOLoss``                −min(sA, clip(s)A), s = exp(mean_t log w), per sequence        E[r] on-policy, equal
+                                                                                           lengths only
 ``CISPOLoss``               −sg(clip(w))·A·logp                                            E[r], truncated IS
 ``OnPolicyDistillation      −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher                    ∇ KL(π_θ‖π_teacher) per
 Loss``                                                                                     token, off-policy
@@ -136,6 +137,12 @@ class GSPOLoss(PolicyLoss):
     the mean of ℓ_b and its gradient is GSPO's, ∇s_b = s_b·(1/|y_b|)Σ_t ∇logp_bt.
     Any other aggregation would silently re-weight sequences by length, so it is
     refused. ``[B, T]`` advantages give GSPO-token. Defaults: ε = (3e-4, 4e-4).
+
+    Its expected gradient is ∇E[r] only on-policy and for responses of equal
+    length: the 1/|y| inside s weights a short response's tokens more, and
+    off-policy the geometric mean of token ratios is not an unbiased sequence
+    importance weight (measured by exact enumeration in review: cos = 0.93 to
+    ∇E[r] with lengths 1 and 2; 0.12 off from it off-policy at length 2).
     """
 
     _repr_fields = ("clip",)
