@@ -141,8 +141,7 @@ class GSPOLoss(PolicyLoss):
     Its expected gradient is ∇E[r] only on-policy and for responses of equal
     length: the 1/|y| inside s weights a short response's tokens more, and
     off-policy the geometric mean of token ratios is not an unbiased sequence
-    importance weight (measured by exact enumeration in review: cos = 0.93 to
-    ∇E[r] with lengths 1 and 2; 0.12 off from it off-policy at length 2).
+    importance weight.
     """
 
     _repr_fields = ("clip",)
