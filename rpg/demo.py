@@ -6,8 +6,9 @@ fraction of positions holding the right digit, in [0, 1] (0.1 at random). The po
 (prompt, position, previous digit) embeddings, initialised at random.
 
 Every loss gets the same recipe (the RPG paper's setting, scaled down): groups
-of ``GROUP`` samples per prompt from π_old, ``EPOCHS`` off-policy passes over
-``MINIBATCHES`` mini-batches per batch, AdamW, and the iterative reference
+of ``GROUP`` samples per prompt from π_old, ``EPOCHS`` passes over
+``MINIBATCHES`` mini-batches per batch with an AdamW step after each (so three
+of every four updates are off-policy), and the iterative reference
 update π_ref ← π_θ every ``REF_EVERY`` steps (:class:`rpg.ReferenceUpdate`) for
 all losses (only those with a KL term, and REINFORCE++'s reward shaping, use
 it; the KL to it is reported for every loss). Same seed, same numbers.
@@ -113,18 +114,16 @@ def train(name: str, steps: int, seed: int, progress=None) -> dict:
             ref_logp = ref_all if uses_ref else None
             kls.append(rpg.k3(old_logp, ref_all).mean().item())  # tokens from π_θ: unbiased KL(π_θ‖π_ref)
         adv = advantage_fn(r, mask, old_logp, ref_all)
-        n_tok, n_seq = mask.sum(), len(prompts)
         step_clip = []
-        for _ in range(EPOCHS):
+        for _ in range(EPOCHS):  # EPOCHS × MINIBATCHES optimizer steps per batch: all but the first off-policy
             order = torch.randperm(len(prompts), generator=gen)
-            opt.zero_grad()
-            for part in order.chunk(MINIBATCHES):  # accumulate mini-batches into one update per epoch
+            for part in order.chunk(MINIBATCHES):
+                opt.zero_grad()
                 out = loss_fn(policy.token_logp(prompts[part], tokens[part]), old_logp[part], adv[part], mask[part],
-                              ref_logp=None if ref_logp is None else ref_logp[part],
-                              batch_num_tokens=n_tok, global_batch_size=n_seq)
+                              ref_logp=None if ref_logp is None else ref_logp[part])
                 out.loss.backward()
+                opt.step()
                 step_clip.append(out.local_metrics["clip_frac"])
-            opt.step()
         rewards.append(r.mean().item())
         clips.append(sum(step_clip) / len(step_clip))
         if schedule.step():
