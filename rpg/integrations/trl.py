@@ -23,6 +23,10 @@ counts. The rpg loss receives
 
 Every entry of ``out.local_metrics`` is logged through TRL as ``rpg/<name>``
 (TRL averages logged values over micro-batches, so they are per-call means).
+A Mixture-of-Experts router loss is added as TRL does. GRPOConfig options that
+act inside TRL's own loss — ``off_policy_mask_threshold``,
+``top_entropy_quantile``, the entropy bonus, the vLLM importance-sampling
+correction — are refused with an error rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ class RPGGRPOTrainer(GRPOTrainer):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset), got {type(loss).__name__}")
         self.rpg_loss = loss
         super().__init__(*args, **kwargs)
+        unsupported = {
+            "off_policy_mask_threshold": getattr(self, "off_policy_mask_threshold", None) is not None,
+            "top_entropy_quantile < 1": getattr(self, "top_entropy_quantile", 1.0) < 1.0,
+            "an entropy bonus (entropy_coef / adaptive entropy)": getattr(self, "_entropy_bonus_enabled", False),
+            "vLLM importance-sampling correction": getattr(self, "use_vllm", False)
+            and getattr(self, "vllm_importance_sampling_correction", False),
+        }
+        used = [name for name, on in unsupported.items() if on]
+        if used:
+            raise ValueError(
+                f"RPGGRPOTrainer computes the loss with {type(loss).__name__} and does not apply TRL's "
+                f"{', '.join(used)}; unset them in GRPOConfig (or correct with rpg's own options)"
+            )
 
     def _window_counts(self, inputs, mask: torch.Tensor, training: bool):
         """Tokens and sequences of this process's gradient-accumulation window (TRL's normalisation)."""
@@ -70,8 +87,9 @@ class RPGGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        logp, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=False
+        logp, _, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=False,
+            compute_aux_loss=self.aux_loss_enabled,
         )
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         old = inputs.get("old_per_token_logps")
@@ -89,4 +107,7 @@ class RPGGRPOTrainer(GRPOTrainer):
         mode = "train" if training else "eval"
         for name, value in out.local_metrics.items():  # TRL averages logged values over micro-batches
             self._metrics[mode][f"rpg/{name}"].append(value)
-        return out.loss
+        loss = out.loss
+        if self.aux_loss_enabled:  # MoE load balancing, scaled for accumulation as TRL does
+            loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps if training else 1)
+        return loss
