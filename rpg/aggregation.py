@@ -4,15 +4,13 @@ With ℓ_bt the per-token loss, m_bt the mask, n_b = Σ_t m_bt the tokens of
 sequence b, N = Σ_b n_b the tokens of the batch and S the number of sequences
 with at least one token:
 
-==========================  ==========================================
-``agg``                     loss
-==========================  ==========================================
-``token-mean``              Σ_bt ℓ_bt / N
-``token-sum``               Σ_bt ℓ_bt
-``seq-mean-token-mean``     Σ_b (Σ_t ℓ_bt / n_b) / S
-``seq-mean-token-sum``      Σ_bt ℓ_bt / S
-``seq-mean-token-sum-norm`` Σ_bt ℓ_bt / (S · L), L = ``max_len`` (Dr. GRPO)
-==========================  ==========================================
+| ``agg`` | loss |
+|---|---|
+| ``token-mean`` | Σ_bt ℓ_bt / N |
+| ``token-sum`` | Σ_bt ℓ_bt |
+| ``seq-mean-token-mean`` | Σ_b (Σ_t ℓ_bt / n_b) / S |
+| ``seq-mean-token-sum`` | Σ_bt ℓ_bt / S |
+| ``seq-mean-token-sum-norm`` | Σ_bt ℓ_bt / (S · L), L = ``max_len`` (Dr. GRPO) |
 
 **Micro-batches and data parallelism.** ``batch_num_tokens`` replaces N and
 ``global_batch_size`` replaces S. Pass the counts of the *full* batch (all

@@ -11,13 +11,11 @@ Directions, fixed for the whole library (DESIGN §1):
 Sample estimators (Schulman's k1/k2/k3). For tokens x ~ q and r = p(x)/q(x),
 each estimates KL(q ‖ p):
 
-=====  ==========================  ================
-name   value                       bias
-=====  ==========================  ================
-k1     −log r                      unbiased
-k2     ½ (log r)²                  biased (2nd order)
-k3     (r − 1) − log r             unbiased, ≥ 0
-=====  ==========================  ================
+| name | value | bias |
+|---|---|---|
+| k1 | −log r | unbiased |
+| k2 | ½ (log r)² | biased (2nd order) |
+| k3 | (r − 1) − log r | unbiased, ≥ 0 |
 
 Signature ``kX(log_q, log_p)``: the **first argument is the distribution the
 tokens were sampled from**. GRPO's penalty is ``k3(logp, ref_logp)``: tokens
@@ -27,17 +25,14 @@ Their *gradients*, when the value is used as a loss, are a different matter
 (DESIGN §2, verified by exact enumeration in ``tests/test_kl.py``). With tokens
 from π_old:
 
-================================  =====================  =====================
-term                              on-policy (π_old=π_θ)  off-policy
-================================  =====================  =====================
-k1 as loss                        0                      wrong
-k2 as loss                        ∇ reverse KL           wrong
-k3 as loss (GRPO)                 ∇ **forward** KL       wrong
-w·k3(π_θ→π_ref), w differentiable ∇ reverse KL           ∇ reverse KL (= URKL)
-sg(w)·k2                          ∇ reverse KL           ∇ reverse KL
-k1 in reward, return-to-go        ∇ sequence reverse KL  needs IS
-(REINFORCE++)
-================================  =====================  =====================
+| term | on-policy (π_old=π_θ) | off-policy |
+|---|---|---|
+| k1 as loss | 0 | wrong |
+| k2 as loss | ∇ reverse KL | wrong |
+| k3 as loss (GRPO) | ∇ **forward** KL | wrong |
+| w·k3(π_θ→π_ref), w differentiable | ∇ reverse KL | ∇ reverse KL (= URKL) |
+| sg(w)·k2 | ∇ reverse KL | ∇ reverse KL |
+| k1 in reward, return-to-go (REINFORCE++) | ∇ sequence reverse KL | needs IS |
 
 Values are never clamped: a log-ratio of 50 gives k3 = e^50 − 51, as the math
 says. bf16/fp16 inputs are computed in float32.

@@ -214,14 +214,12 @@ class RPGLoss(PolicyLoss):
     J(θ) = E_{π_θ}[A] − β·D, D ∈ {fkl, rkl, ufkl, urkl}; for every loss
     E_{π_old}[∇ℓ] = −∇J exactly when no clip binds, also with π_ref ≠ π_old.
 
-    =========  =====================================  ====================================
-    D          differentiable ℓ                       REINFORCE weight g (ℓ = −sg(g)·logp)
-    =========  =====================================  ====================================
-    fkl        −w·A − β·c·logp                        w·A + β·c
-    rkl        −w·A + β·w·log ρ                       w·(A − β(log ρ + 1))
-    ufkl       −w·A + β·c·(ρ − 1 − log ρ)             w·A − β(w − c)
-    urkl       −w·A + β·w·(1/ρ − 1 + log ρ)           w·(A − β·log ρ)
-    =========  =====================================  ====================================
+    | D | differentiable ℓ | REINFORCE weight g (ℓ = −sg(g)·logp) |
+    |---|---|---|
+    | fkl | −w·A − β·c·logp | w·A + β·c |
+    | rkl | −w·A + β·w·log ρ | w·(A − β(log ρ + 1)) |
+    | ufkl | −w·A + β·c·(ρ − 1 − log ρ) | w·A − β(w − c) |
+    | urkl | −w·A + β·w·(1/ρ − 1 + log ρ) | w·(A − β·log ρ) |
 
     w = π_θ/π_old, ρ = π_θ/π_ref, c = π_ref/π_old. With ``clip``, the
     differentiable style uses the PPO / dual clip on the PG term (Algorithm 1,

@@ -2,14 +2,12 @@ r"""The four RPG objectives as per-token surrogates with closed-form derivatives
 
 The objective is J(θ) = E_{π_θ}[A] − β·D with D one of
 
-=========  ===================  ==============================================
-name       D                    per-token KL surrogate (value → ∂/∂logp)
-=========  ===================  ==============================================
-``fkl``    KL(π_ref ‖ π_θ)      −c·logp                       → −c
-``rkl``    KL(π_θ ‖ π_ref)      w·log ρ                       → w·(log ρ + 1)
-``ufkl``   UKL(π_ref ‖ π_θ)     c·(ρ − 1 − log ρ) = c·k3      → w − c
-``urkl``   UKL(π_θ ‖ π_ref)     w·(1/ρ − 1 + log ρ) = w·k3    → w·log ρ
-=========  ===================  ==============================================
+| name | D | per-token KL surrogate | ∂/∂logp |
+|---|---|---|---|
+| ``fkl`` | KL(π_ref ‖ π_θ) | −c·logp | −c |
+| ``rkl`` | KL(π_θ ‖ π_ref) | w·log ρ | w·(log ρ + 1) |
+| ``ufkl`` | UKL(π_ref ‖ π_θ) | c·(ρ − 1 − log ρ) = c·k3 | w − c |
+| ``urkl`` | UKL(π_θ ‖ π_ref) | w·(1/ρ − 1 + log ρ) = w·k3 | w·log ρ |
 
 with tokens sampled from π_old and, per token (all ``[B, T]``),
 ``log w = logp − old_logp`` (w = π_θ/π_old), ``log ρ = logp − ref_logp``
@@ -24,11 +22,11 @@ verl calls ``kl``, ``mse`` and ``low_var_kl``. Their expected gradients are not
 those of a divergence off-policy (see :mod:`rpg.kl`); they exist to express the
 published algorithms, and importance-weighting k3 turns it into ``"urkl"``.
 
-=========  ==========================  =============================
-``k1``     log ρ                       → 1
-``k2``     ½ (log ρ)²                  → log ρ
-``k3``     1/ρ − 1 + log ρ             → 1 − 1/ρ
-=========  ==========================  =============================
+| name | penalty | ∂/∂logp |
+|---|---|---|
+| ``k1`` | log ρ | 1 |
+| ``k2`` | ½ (log ρ)² | log ρ |
+| ``k3`` | 1/ρ − 1 + log ρ | 1 − 1/ρ |
 
 The fully differentiable per-token loss (paper Table 1, Props. 3.2, 3.6, E.1,
 E.3) is ℓ = −w·A + β·KL-surrogate, and its derivative with respect to ``logp``

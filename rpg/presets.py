@@ -4,24 +4,17 @@ Every class here is a ``PolicyLoss`` with fixed settings — the way optax build
 ``adam`` from ``chain(...)`` — and the same call signature (DESIGN §6). Its
 ``repr`` shows the preset's arguments and ``.config`` the framework settings.
 
-==========================  =============================================================  ==========================
-class                       per-token loss (w = π_θ/π_old, ρ = π_θ/π_ref)                  gradient follows
-==========================  =============================================================  ==========================
-``GRPOLoss``                −min(wA, clip(w)A) + β·k3(logp → ref)                          ∇ forward KL on-policy,
-                                                                                           neither off-policy
-``GRPOLoss(importance_      −min(wA, clip(w)A) + β·w·k3(logp → ref)                        ∇ reverse KL (= URKL)
-weighted_kl=True)``                                                                        off-policy
-``DrGRPOLoss``              −min(wA, clip(w)A), Σ / (B·L)                                  E[r] (no KL)
-``DAPOLoss``                −min(wA, clip(w)A), clip-higher, token-mean                    E[r] (no KL)
-``REINFORCEPlusPlusLoss``   −min(wA, clip(w)A) on REINFORCE++ advantages                   sequence reverse KL via
-                                                                                           the reward, on-policy
-``GSPOLoss``                −min(sA, clip(s)A), s = exp(mean_t log w), per sequence        E[r] on-policy, equal
-                                                                                           lengths only
-``CISPOLoss``               −sg(clip(w))·A·logp                                            E[r], truncated IS
-``OnPolicyDistillation      −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher                    ∇ KL(π_θ‖π_teacher) per
-Loss``                                                                                     token, off-policy
-``RPGLoss``                 the eight RPG losses (:mod:`rpg.losses`)                       ∇ its divergence
-==========================  =============================================================  ==========================
+| class | per-token loss (w = π_θ/π_old, ρ = π_θ/π_ref) | gradient follows |
+|---|---|---|
+| ``GRPOLoss`` | −min(wA, clip(w)A) + β·k3(logp → ref) | ∇ forward KL on-policy, neither off-policy |
+| ``GRPOLoss(importance_weighted_kl=True)`` | −min(wA, clip(w)A) + β·w·k3(logp → ref) | ∇ reverse KL (= URKL) off-policy |
+| ``DrGRPOLoss`` | −min(wA, clip(w)A), Σ / (B·L) | E[r] (no KL) |
+| ``DAPOLoss`` | −min(wA, clip(w)A), clip-higher, token-mean | E[r] (no KL) |
+| ``REINFORCEPlusPlusLoss`` | −min(wA, clip(w)A) on REINFORCE++ advantages | sequence reverse KL via the reward, on-policy |
+| ``GSPOLoss`` | −min(sA, clip(s)A), s = exp(mean_t log w), per sequence | E[r] on-policy, equal lengths only |
+| ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
+| ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
+| ``RPGLoss`` | the eight RPG losses (:mod:`rpg.losses`) | ∇ its divergence |
 
 "Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
 (token level) and ``tests/test_sequence.py`` (two-step sequences). Per-token KL
