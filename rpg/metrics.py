@@ -12,13 +12,13 @@ tokens where ``mask`` is 1, in float64:
   advantage sign it acts on (low and dual for A′ < 0, high for A′ > 0 — the
   count verl and TRL got wrong for months), under :class:`~rpg.Truncate`
   wherever w was truncated; 0 without a clip.
-* ``kl/old_k1``, ``kl/old_k3`` — k1 and k3 estimates of KL(π_old ‖ π_θ), the
-  drift of the policy from the behaviour policy, unbiased for the tokens drawn
-  from π_old: mean(−log w) (verl's ``ppo_kl``) and mean((w − 1) − log w).
-* ``kl/ref_k1``, ``kl/ref_k3`` — importance-weighted estimates of
-  KL(π_θ ‖ π_ref), unbiased off-policy too: mean(w·log ρ) and
-  mean(w·k3(π_θ → π_ref)) = mean(w·(1/ρ − 1 + log ρ)); on-policy (w = 1) the
-  latter is the k3 value GRPO logs.
+* ``kl/old_k1``, ``kl/old_k3`` and ``kl/ref_k1``, ``kl/ref_k3`` — estimates of
+  KL(π_θ ‖ π_old) (the drift since sampling) and KL(π_θ ‖ π_ref), importance
+  weighted so that they are unbiased for tokens drawn from π_old:
+  mean(w·log r) and mean(w·k3(π_θ → π_X)) = mean(w·(1/r − 1 + log r)) with
+  r = π_θ/π_X. On-policy (w = 1) ``kl/ref_k3`` is the k3 value GRPO logs.
+  (verl's ``ppo_kl`` is the other direction, KL(π_old ‖ π_θ) ≈ mean(−log w);
+  the verl adapter reports it under that name.)
 * ``kl/term`` — the mean of the loss's own KL term, β excluded (absent when
   the loss has none).
 
@@ -116,10 +116,9 @@ def compute_metrics(logp, old_logp, ref_logp, advantages, mask, spec, batch_num_
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
         metrics[f"clip_frac/{name}"] = zero if code is None else mean((code == bound).to(w.dtype))
     metrics["clip_frac"] = metrics["clip_frac/low"] + metrics["clip_frac/high"] + metrics["clip_frac/dual"]
-    metrics["kl/old_k1"] = mean(-log_w)  # tokens from π_old: KL(π_old‖π_θ)
-    metrics["kl/old_k3"] = mean(torch.expm1(log_w) - log_w)
-    metrics["kl/ref_k1"] = mean(w * log_r)  # importance-weighted: KL(π_θ‖π_ref)
-    metrics["kl/ref_k3"] = mean(w * (torch.expm1(-log_r) + log_r))
+    for prefix, lr in (("kl/old", log_w), ("kl/ref", log_r)):  # importance-weighted: KL(π_θ‖π_X)
+        metrics[f"{prefix}_k1"] = mean(w * lr)
+        metrics[f"{prefix}_k3"] = mean(w * (torch.expm1(-lr) + lr))
     if kl is not None:
         metrics["kl/term"] = mean(kl_term(kl, logp, old_logp, ref_logp)[0])
     values = torch.stack(list(metrics.values()))

@@ -227,7 +227,7 @@ def test_local_metrics_ignore_global_counts():
 
 def test_kl_metrics_are_unbiased_off_policy():
     """Each KL metric is the batch mean of a per-token term whose expectation under π_old (computed exactly on a
-    tabular problem) is the KL it names: kl/old_* → KL(π_old‖π_θ), kl/ref_* → KL(π_θ‖π_ref)."""
+    tabular problem) is the KL it names: kl/old_* → KL(π_θ‖π_old), kl/ref_* → KL(π_θ‖π_ref)."""
     from rpg.kl import kl
 
     p = T.random_problem(k=7, seed=13, scale=0.7)
@@ -235,9 +235,9 @@ def test_kl_metrics_are_unbiased_off_policy():
     out = rpg.DAPOLoss()(logp, old, torch.zeros(7, dtype=F64), ref_logp=ref)
     lw, lr = logp - old, logp - ref
     w = lw.exp()
-    terms = {"kl/old_k1": -lw, "kl/old_k3": torch.expm1(lw) - lw, "kl/ref_k1": w * lr,
+    terms = {"kl/old_k1": w * lw, "kl/old_k3": w * (torch.expm1(-lw) + lw), "kl/ref_k1": w * lr,
              "kl/ref_k3": w * (torch.expm1(-lr) + lr)}
-    drift, to_ref = kl(old[:, 0], logp[:, 0]), kl(logp[:, 0], ref[:, 0])
+    drift, to_ref = kl(logp[:, 0], old[:, 0]), kl(logp[:, 0], ref[:, 0])
     truth = {"kl/old_k1": drift, "kl/old_k3": drift, "kl/ref_k1": to_ref, "kl/ref_k3": to_ref}
     for key, term in terms.items():
         assert out.metrics[key] == pytest.approx(term.mean().item(), rel=1e-12)  # what the metric computes

@@ -104,10 +104,13 @@ def _make(loss_mode: str):
                              max_len=loss_fn.max_len, **counts)
         loss = loss * (info.get("dp_size") or 1)
         m = out.local_metrics  # verl averages policy metrics over micro-batches itself
+        with torch.no_grad():  # verl's ppo_kl: mean(old − new), KL(π_old‖π_θ), over this call's tokens
+            log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
+            ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
         metrics = {
             "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
             "actor/pg_clipfrac_lower": m["clip_frac/dual"],
-            "actor/ppo_kl": m["kl/old_k1"],
+            "actor/ppo_kl": ppo_kl,
         }
         metrics.update({f"actor/rpg/{k}": v for k, v in m.items()})
         return loss, metrics
