@@ -84,3 +84,36 @@ def test_import_verl_loads_the_plugin():
             "print(sorted(k for k in R if k.startswith('rpg_')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted(rpg_verl.LOSS_MODES))
+
+
+def test_advantage_estimators_agree_with_verls():
+    """rpg.advantages against verl's registered estimators on the same rollouts (groups contiguous)."""
+    import numpy as np
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.core_algos import (
+        compute_grpo_outcome_advantage,
+        compute_reinforce_plus_plus_outcome_advantage,
+        compute_rloo_outcome_advantage,
+    )
+
+    g = torch.Generator().manual_seed(5)
+    b, t, group = 12, 7, 4
+    rewards = torch.randint(0, 3, (b,), generator=g).to(torch.float32)
+    rewards[:group] = 1.0  # one degenerate group
+    lengths = torch.randint(2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    mask[0, 1] = 0.0  # an interior masked token (tool output)
+    last = (torch.arange(t)[None] == (lengths - 1)[:, None]).float()
+    token_rewards = last * rewards[:, None]
+    index = np.repeat(np.arange(b // group), group)
+
+    want, _ = compute_grpo_outcome_advantage(token_rewards, mask, index)
+    torch.testing.assert_close(rpg.advantages.grpo(rewards, group)[:, None] * mask, want, rtol=1e-5, atol=1e-6)
+    want, _ = compute_grpo_outcome_advantage(token_rewards, mask, index, norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(rpg.advantages.grpo(rewards, group, scale="none")[:, None] * mask, want)
+    want, _ = compute_rloo_outcome_advantage(token_rewards, mask, index)
+    torch.testing.assert_close(rpg.advantages.rloo(rewards, group)[:, None] * mask, want)
+    cfg = AlgoConfig(gamma=0.9)
+    want, _ = compute_reinforce_plus_plus_outcome_advantage(token_rewards, mask, config=cfg)
+    got = rpg.advantages.reinforce_pp(rewards, mask, gamma=0.9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
