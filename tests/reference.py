@@ -55,6 +55,7 @@ def per_token(logp, old_logp, adv, mask, *, kl, beta, style, clip, fold_kl=False
     if adv.dim() == 1:
         adv = adv[:, None]
     adv = adv.expand_as(logp)
+    assert old_logp.shape == ref_logp.shape == mask.shape == logp.shape, "reference: inputs must share [B, T]"
     old_logp, ref_logp = old_logp.detach(), ref_logp.detach()
     w = (logp - old_logp).exp()
     c = (ref_logp - old_logp).exp()
