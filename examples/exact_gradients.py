@@ -6,7 +6,6 @@ on-policy (π_old = π_θ) and off-policy, with a reference π_ref ≠ π_old. A
 the largest absolute error; ≈ 0 means "this loss follows that objective".
 """
 
-import torch
 
 import rpg
 from rpg import testing as T

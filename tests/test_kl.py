@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import rpg
 from rpg import testing as T
 from rpg.kl import divergence, forward_kl, k1, k2, k3, kl, reverse_kl, ukl
 

@@ -1,6 +1,5 @@
 """rpg.presets: each preset's value against its paper's formula, and the gradient it follows (exact oracle)."""
 
-import math
 
 import pytest
 import torch
