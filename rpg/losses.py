@@ -121,7 +121,11 @@ class PolicyLoss:
         self.kl, self.beta, self.style, self.clip, self.agg = kl, float(beta), style, clip, agg
         self.fold_kl, self.max_len = bool(fold_kl), None if max_len is None else int(max_len)
         self.ratio = ratio
-        self._spec = Spec(kl=kl, beta=float(beta), style=style, clip=clip, fold_kl=bool(fold_kl), ratio=ratio)
+
+    @property
+    def _spec(self) -> Spec:
+        """The kernel's view of the settings, read at each call (so it can never disagree with them)."""
+        return Spec(kl=self.kl, beta=self.beta, style=self.style, clip=self.clip, fold_kl=self.fold_kl, ratio=self.ratio)
 
     @property
     def config(self) -> dict:
