@@ -37,9 +37,8 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, 1]`` masked mean over tokens of log w: the log of GSPO's sequence ratio s."""
-    zero = torch.zeros((), dtype=log_w.dtype, device=log_w.device)
     n = mask.sum(-1, keepdim=True).clamp_min(1)
-    return torch.where(mask, log_w, zero).sum(-1, keepdim=True) / n
+    return torch.where(mask, log_w, _zero(log_w)).sum(-1, keepdim=True) / n
 
 
 def _reinforce_weight(logp, old_logp, ref_logp, log_w, w, adv, spec: Spec) -> torch.Tensor:

@@ -56,7 +56,7 @@ def check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def _denominator(count, default: torch.Tensor, like: torch.Tensor):
+def denominator(count, default: torch.Tensor, like: torch.Tensor):
     """The count to divide by, 1 where it is 0. A Python number stays a Python number, so
     that no host-to-device copy (a sync on CUDA) happens; a tensor is used where it lives."""
     if isinstance(count, Real):
@@ -78,9 +78,9 @@ def aggregate_masked(
     if agg == "token-sum":
         return per_token.sum()
     if agg == "token-mean":
-        return per_token.sum() / _denominator(batch_num_tokens, torch.count_nonzero(mask), per_token)
+        return per_token.sum() / denominator(batch_num_tokens, torch.count_nonzero(mask), per_token)
     n_b = torch.count_nonzero(mask, dim=-1).to(per_token.dtype)
-    seqs = _denominator(global_batch_size, torch.count_nonzero(n_b), per_token)
+    seqs = denominator(global_batch_size, torch.count_nonzero(n_b), per_token)
     if agg == "seq-mean-token-mean":
         return (per_token.sum(-1) / n_b.clamp_min(1)).sum() / seqs
     if agg == "seq-mean-token-sum":

@@ -30,11 +30,10 @@ micro-batches / ranks of a step gives the full-batch mean. ``ratio/min``,
 
 from __future__ import annotations
 
-from numbers import Real
-
 import torch
 
 from ._kernel import clip_codes
+from .aggregation import denominator
 from .clipping import DUAL, HIGH, LOW
 from .objectives import kl_term
 
@@ -87,12 +86,7 @@ def compute_metrics(logp, old_logp, ref_logp, advantages, mask, spec, batch_num_
         ref_logp = None if ref_logp is None else ref_logp.double()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     n = mask.sum().to(logp.dtype)
-    if batch_num_tokens is None:
-        denom = n.clamp_min(1)
-    elif isinstance(batch_num_tokens, Real):
-        denom = max(float(batch_num_tokens), 1.0)
-    else:
-        denom = batch_num_tokens.to(logp.device, logp.dtype).clamp_min(1)
+    denom = denominator(batch_num_tokens, n, logp)  # the same count the loss divides by
 
     def total(x):
         return torch.where(mask, x, zero).sum()
