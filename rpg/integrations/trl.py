@@ -36,7 +36,8 @@ import torch
 try:
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("rpg.integrations.trl needs TRL: pip install 'rpg[trl]'") from e
+    raise ImportError("rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' "
+                      "(from a clone of rpg: pip install -e '.[trl]')") from e
 
 from ..losses import PolicyLoss
 

@@ -53,7 +53,8 @@ from ..losses import RPGLoss
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("rpg.integrations.verl needs verl: pip install 'rpg[verl]'") from e
+    raise ImportError("rpg.integrations.verl needs verl: pip install 'rpg-losses[verl]' "
+                      "(from a clone of rpg: pip install -e '.[verl]')") from e
 
 __all__ = ["LOSS_MODES", "loss_from_config"]
 
