@@ -1,0 +1,545 @@
+r"""A fused LM head + policy loss: the gradients of ``hidden``, ``weight`` and ``bias`` computed in the forward pass.
+
+:func:`rpg.logprobs.from_hidden` followed by a loss runs the LM head twice: its
+forward computes the log-probs block by block, its backward recomputes every
+block of logits to form their gradient — four head-sized matrix products.
+:class:`FusedLinearLoss` needs three. For a chunk of tokens it computes the
+logits once,
+
+    z = (h·Wᵀ + b) / temperature,   log p(y) = z_y − logsumexp(z),
+    H = −Σ_v p_v·log p_v                                    (entropy, if the loss has a bonus),
+
+calls the loss on that chunk with ``logp`` (and ``entropy``) as leaves to get
+a = ∂L/∂logp and e = ∂L/∂H — an elementwise derivative, cheap — and turns them
+into the gradient of the logits while they are still in memory,
+
+    ∂L/∂z_v = a·(δ_vy − p_v) − e·p_v·(log p_v + H),
+
+then into ∂L/∂h = ∂L/∂z·W and ∂L/∂W += ∂L/∂zᵀ·h (and ∂L/∂b += Σ ∂L/∂z),
+divided by the temperature. The backward pass only multiplies these saved
+gradients by the incoming gradient of the loss.
+
+**Why chunk losses add up to the loss.** Every rpg loss is
+L = Σ_bt c_bt·ℓ_bt(logp_bt) (+ the entropy term, alike): the per-token loss
+depends on its own ``logp`` only, and the aggregation coefficient c_bt on the
+mask and the counts only. So each chunk calls the loss on the whole rows it
+touches with the *full batch's* token count N and sequence count S (or the
+caller's ``batch_num_tokens`` / ``global_batch_size``), the chunk's own
+log-probs in place and the old log-probs as placeholders elsewhere; the
+derivative at the chunk's tokens is then exactly that of the full loss. A chunk
+may therefore cut through a sequence. The exception is a sequence-level ratio
+(GSPO, ``ratio="sequence"``), whose derivative at one token depends on every
+token of its sequence: there chunks hold whole sequences, and one sequence
+longer than ``chunk_size`` tokens makes its chunk that long (the memory then
+grows with the sequence length).
+
+The value, ``per_token`` and ``metrics`` come from one more call of the loss
+on the full detached ``logp`` (elementwise; the head is not recomputed), so
+they equal the unfused path's. ``per_token`` is a value (no gradient): the
+gradient flows only through ``loss``.
+
+**Memory.** One float32 ``[chunk_size, V]`` block of logits (two with an
+entropy term; ``chunk_size × vocab_chunk_size`` blocks instead when
+``vocab_chunk_size`` is set), plus the gradients themselves, which live from
+the forward pass until ``backward``: ``hidden``'s (``[B, T, H]``) and
+``weight``'s — accumulated in a ``[V, H]`` tensor of the compute dtype (float32
+for bf16/fp16 weights, i.e. twice the weight's bytes, cast to the weight's
+dtype at the end of the forward pass; the weight's own dtype for
+float32/float64) — and ``bias``'s (``[V]``). Gradients are computed only for
+the tensors that require them (a frozen head gets none).
+
+**Numerics.** bf16/fp16 inputs are computed in float32 (operands upcast block by
+block), float32 and float64 in their own dtype; float64 results equal
+``from_hidden`` + the same loss to 1e-10 (tested for every loss family and
+aggregation). A vocabulary block of −inf logits (e.g. a −inf bias) gets
+probability 0, entropy contribution 0 and gradient 0.
+
+**Log-probs without a loss** (reference, teacher or old log-probs): use
+:func:`rpg.logprobs.from_hidden` under ``torch.no_grad()`` — it keeps only two
+blocks of logits and saves nothing. Calling a :class:`FusedLinearLoss` under
+``torch.no_grad()`` (or with no input requiring grad) evaluates the loss the
+same lean way, without any gradient work.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+
+from ._util import check_floating, compute_dtype
+
+__all__ = ["FusedLinearLoss"]
+
+_BLOCK_BYTES = 64 * 2**20  # default logits block: 64 MiB of float32 (chosen by measurement, see benchmarks/)
+_CAST_BLOCK = 4096  # vocabulary rows upcast at a time for bf16/fp16 weights
+_LOG_ZERO = -1e4  # log-probabilities below this have p = 0 exactly (float32 and float64): clamp −inf to it
+
+
+def _positive_int(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _check_bt(name: str, x: object, shape: tuple[int, int], *, floating: bool = True) -> None:
+    if x is None:
+        return
+    if floating:
+        check_floating(name, x)
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape [B, T] = {shape}, got {tuple(x.shape)}")
+
+
+def _sequence_coupled(loss_fn) -> bool:
+    """Whether the loss's derivative at one token depends on other tokens of its sequence (GSPO)."""
+    ratio = getattr(loss_fn, "ratio", None)
+    if ratio is None:
+        ratio = getattr(loss_fn, "config", {}).get("ratio", "token") if isinstance(getattr(loss_fn, "config", None), dict) else "token"
+    return ratio != "token"
+
+
+def _weight_blocks(weight: torch.Tensor, dtype: torch.dtype):
+    """``(v0, v1, W[v0:v1] in dtype)``: the whole weight when it already is in ``dtype``, else upcast blocks."""
+    v = weight.shape[0]
+    if weight.dtype == dtype:
+        yield 0, v, weight
+        return
+    for v0 in range(0, v, _CAST_BLOCK):
+        v1 = min(v, v0 + _CAST_BLOCK)
+        yield v0, v1, weight[v0:v1].to(dtype)
+
+
+def _logits(out, h, weight, bias, temperature, dtype):
+    """``out[:] = (h·Wᵀ + b) / temperature`` for a ``[m, V']`` buffer (``weight`` ``[V', H]``)."""
+    if weight.dtype == dtype:
+        torch.mm(h, weight.T, out=out)
+    else:
+        for v0, v1, w in _weight_blocks(weight, dtype):
+            out[:, v0:v1] = torch.mm(h, w.T)
+    if bias is not None:
+        out += bias.to(dtype)
+    if temperature != 1.0:
+        out /= temperature
+    return out
+
+
+def _accumulate(dz, h, weight, dtype, grads, k0, k1, v0=0):
+    """∂L/∂h[k0:k1] += dz·W, ∂L/∂W[v0:v0+V'] += dzᵀ·h, ∂L/∂b[...] += Σ dz for one block ``dz`` ``[m, V']``."""
+    g_h, g_w, g_b = grads
+    v1 = v0 + dz.shape[1]
+    for b0, b1, w in _weight_blocks(weight[v0:v1], dtype):
+        if g_h is not None:
+            g_h[k0:k1].addmm_(dz[:, b0:b1], w)
+        if g_w is not None:
+            g_w[v0 + b0 : v0 + b1].addmm_(dz[:, b0:b1].T, h)
+    if g_b is not None:
+        g_b[v0:v1] += dz.sum(0)
+
+
+def _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers):
+    """One chunk's logits, materialised across the vocabulary: ``(logp, entropy, state)``.
+
+    ``state`` is what :func:`_head_backward` needs: e = exp(z − max) ``[m, V]`` (in the logits'
+    storage without an entropy term), its row sums s, and with one t = z − max clamped at −1e4.
+    """
+    m, v = h.shape[0], weight.shape[0]
+    z = _logits(buffers[0][: m * v].view(m, v), h, weight, bias, temperature, dtype)
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    z_max = z.amax(1)
+    shift = torch.where(torch.isinf(z_max), torch.zeros_like(z_max), z_max)  # a row of −inf logits: shift by 0
+    t = z.sub_(shift.unsqueeze(1))
+    if want_entropy:
+        t.clamp_(min=_LOG_ZERO)  # −inf → a value whose exp is exactly 0, so 0·t stays 0
+        e = torch.exp(t, out=buffers[1][: m * v].view(m, v))
+    else:
+        e = t.exp_()
+    s = e.sum(1)
+    log_s = s.log()
+    logp = z_y - shift - log_s
+    if not want_entropy:
+        return logp, None, (e, s, None, None)
+    entropy = log_s - torch.bmm(e.unsqueeze(1), t.unsqueeze(2)).view(-1) / s  # H = log s − Σ e·t / s
+    return logp, entropy, (e, s, t, entropy - log_s)
+
+
+def _head_backward(a, eps, state, y):
+    """∂L/∂z = a·(onehot(y) − p) − ε·p·(log p + H) with p = e/s, log p = t − log s; built in place."""
+    e, s, t, c = state
+    if eps is None:
+        dz = e.mul_((-a / s).unsqueeze(1))
+    else:  # −(e/s)·(a + ε·(t + c)),  c = H − log s
+        dz = t.mul_((-eps / s).unsqueeze(1)).sub_(((a + eps * c) / s).unsqueeze(1)).mul_(e)
+    return dz.scatter_add_(1, y.unsqueeze(1), a.unsqueeze(1))
+
+
+def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, buffers):
+    """Online log-sum-exp over vocabulary blocks of ``vb``: ``(logp, entropy, lse)``; keeps no block."""
+    m, v = h.shape[0], weight.shape[0]
+    neg_inf = torch.full((m,), -float("inf"), dtype=dtype, device=h.device)
+    run_max, run_sum, target = neg_inf, torch.zeros_like(neg_inf), torch.zeros_like(neg_inf)
+    run_pz = torch.zeros_like(neg_inf) if want_entropy else None
+    for v0 in range(0, v, vb):
+        v1 = min(v, v0 + vb)
+        z = _logits(buffers[0][: m * (v1 - v0)].view(m, v1 - v0), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
+        inside = (y >= v0) & (y < v1)
+        target = torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1), target)
+        new_max = torch.maximum(run_max, z.max(1).values)
+        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all −inf so far: shift by 0
+        scale = torch.exp(run_max - shift)
+        ez = torch.sub(z, shift.unsqueeze(1), out=buffers[1][: m * (v1 - v0)].view(m, v1 - v0)).exp_()
+        run_sum = run_sum * scale + ez.sum(1)
+        if want_entropy:
+            z.masked_fill_(ez == 0, 0)  # p·z = 0 where p = 0, also for z = −inf
+            run_pz = run_pz * scale + torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(-1)
+        run_max = new_max
+    lse = run_max + run_sum.log()
+    entropy = lse - run_pz / run_sum if want_entropy else None
+    return target - lse, entropy, lse
+
+
+def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse, vb, buffers, grads, k0, k1):
+    """Recompute each vocabulary block and accumulate its gradient (``vocab_chunk_size`` mode)."""
+    m, v = h.shape[0], weight.shape[0]
+    for v0 in range(0, v, vb):
+        v1 = min(v, v0 + vb)
+        z = _logits(buffers[0][: m * (v1 - v0)].view(m, v1 - v0), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
+        log_p = z.sub_(lse.unsqueeze(1)).clamp_(min=_LOG_ZERO)
+        p = torch.exp(log_p, out=buffers[1][: m * (v1 - v0)].view(m, v1 - v0))
+        inside = (y >= v0) & (y < v1)
+        a_in = torch.where(inside, a, torch.zeros_like(a))
+        if e is None:
+            dz = p.mul_(-a.unsqueeze(1))
+        else:
+            dz = log_p.add_(entropy.unsqueeze(1)).mul_(-e.unsqueeze(1)).sub_(a.unsqueeze(1)).mul_(p)
+        dz.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1), a_in.unsqueeze(1))
+        _accumulate(dz, h, weight, dtype, grads, k0, k1, v0)
+
+
+class _SavedGradients(torch.autograd.Function):
+    """Attaches gradients computed in the forward pass to ``hidden``, ``weight`` and ``bias``.
+
+    ``forward(value, hidden, weight, bias, g_hidden, g_weight, g_bias) -> value``; backward returns
+    the saved gradients times the incoming gradient. The scaling is done in place (no weight-sized
+    copy), so backward can run once: a second backward through the same call raises.
+    """
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, g_hidden, g_weight, g_bias):  # noqa: D102
+        ctx.save_for_backward(g_hidden, g_weight, g_bias)
+        ctx.spent = False
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):  # noqa: D102
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph of their own
+            raise RuntimeError(
+                "FusedLinearLoss gives first derivatives only (its gradients are computed in the forward pass); "
+                "for second derivatives use rpg.logprobs.from_hidden and the loss"
+            )
+        if ctx.spent:
+            raise RuntimeError(
+                "backward through a FusedLinearLoss output ran twice (retain_graph=True): its gradients were "
+                "computed in the forward pass and handed over on the first backward; call the loss again instead"
+            )
+        ctx.spent = True
+        grads = [None if g is None else g.mul_(grad_value.to(g.dtype)) for g in ctx.saved_tensors]
+        return None, *grads, None, None, None
+
+
+class FusedLinearLoss:
+    r"""LM head + any rpg loss in one chunked pass, with the gradients formed during the forward pass.
+
+    ``FusedLinearLoss(loss_fn)(hidden, weight, tokens, old_logp, advantages, mask)`` returns what
+    ``loss_fn(from_hidden(hidden, weight, tokens), old_logp, advantages, mask)`` returns — the same
+    ``loss`` (value and gradients with respect to ``hidden``, ``weight``, ``bias``), ``per_token`` and
+    ``metrics`` — without the ``[B, T, V]`` logits and with three head-sized matrix products instead of
+    four (see the module docstring for the formula and why the chunks add up exactly). ``per_token`` is
+    a value here: the gradient flows through ``loss`` only. Settings of ``loss_fn`` (clip, KL term,
+    aggregation, entropy bonus, ...) apply unchanged: the fused path calls ``loss_fn`` itself.
+
+    Args:
+        loss_fn: any rpg loss (:class:`~rpg.PolicyLoss`, :class:`~rpg.RPGLoss`, the presets), or a
+            callable with the same call and a result with a settable ``loss``.
+        chunk_size: tokens per chunk (default: as many as make a 64 MiB float32 block of logits,
+            ``2**24 // V``; 524 at V = 32000, 110 at V = 151936). Memory is one ``[chunk_size, V]``
+            float32 block (two with an entropy term). For a sequence-level ratio (GSPO) a chunk holds
+            whole sequences: ``max(1, chunk_size // T)`` of them.
+        vocab_chunk_size: ``None`` (default) keeps a chunk's logits across the whole vocabulary, so they
+            are computed once (three head-sized products). An int bounds the logits to
+            ``chunk_size × vocab_chunk_size`` blocks with an online log-sum-exp, at the cost of
+            recomputing each block for the gradient (four products, as ``from_hidden``).
+        ignore_index: a token id marking positions outside the loss (``-100`` is the Hugging Face
+            convention), or ``None`` (default). Those positions get log-prob 0, entropy 0, no
+            gradient, and are removed from the mask (so they do not count in N or S).
+
+    Call::
+
+        out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, *, bias=None,
+                    temperature=1.0, ref_logp=None, behavior_logp=None, weights=None,
+                    batch_num_tokens=None, global_batch_size=None)
+
+    with ``hidden`` ``[B, T, H]`` (the final hidden states of the response positions), ``weight``
+    ``[V, H]`` (``lm_head.weight``), ``tokens`` ``[B, T]`` (the sampled tokens, already shifted so
+    ``tokens[:, t]`` is predicted from ``hidden[:, t]``), ``bias`` ``[V]`` or ``None``; logits are
+    divided by ``temperature``. The other arguments are ``loss_fn``'s (``[B, T]`` log-probs, mask and
+    weights, ``[B]`` or ``[B, T]`` advantages, global counts) and are passed to it unchanged;
+    ``behavior_logp`` and ``weights`` only when given. A loss with ``entropy_coef > 0`` gets the
+    entropy of each next-token distribution from the same pass (``entropy=``).
+
+    Returns:
+        ``loss_fn``'s result (:class:`~rpg.LossOutput`) whose ``loss`` carries the gradient to
+        ``hidden``, ``weight`` and ``bias``. Its backward runs once (gradients are handed over, not
+        recomputed); a second backward through the same output raises.
+
+    Example::
+
+        fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
+        out = fused(hidden, model.lm_head.weight, tokens, old_logp, advantages, mask)
+        out.loss.backward()
+    """
+
+    def __init__(self, loss_fn, chunk_size: int | None = None, vocab_chunk_size: int | None = None, *, ignore_index: int | None = None) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable rpg loss, got {type(loss_fn).__name__}")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        self.loss_fn = loss_fn
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+
+    def __repr__(self) -> str:
+        extra = "" if self.ignore_index is None else f", ignore_index={self.ignore_index}"
+        return f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, vocab_chunk_size={self.vocab_chunk_size}{extra})"
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        ref_logp: torch.Tensor | None = None,
+        behavior_logp: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        batch_num_tokens: int | float | torch.Tensor | None = None,
+        global_batch_size: int | float | torch.Tensor | None = None,
+    ):
+        """Loss of the head's log-probs; see the class docstring."""
+        check_floating("hidden", hidden)
+        check_floating("weight", weight)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
+        b, t, hdim = hidden.shape
+        if weight.dim() != 2 or weight.shape[1] != hdim:
+            raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hdim}, got {tuple(weight.shape)}")
+        v = weight.shape[0]
+        if bias is not None:
+            check_floating("bias", bias)
+            if tuple(bias.shape) != (v,):
+                raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        temperature = float(temperature)
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        shape = (b, t)
+        if tuple(tokens.shape) != shape:
+            raise ValueError(f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}")
+        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("behavior_logp", behavior_logp), ("weights", weights)):
+            _check_bt(name, x, shape)
+        if old_logp is None:
+            raise TypeError("old_logp must be a [B, T] tensor of the sampling policy's log-probs, got None")
+        _check_bt("mask", mask, shape, floating=False)
+        if advantages is not None:
+            if not isinstance(advantages, torch.Tensor):
+                raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
+            if tuple(advantages.shape) not in ((b,), (b, 1), shape):
+                raise ValueError(
+                    f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, got {tuple(advantages.shape)}"
+                )
+
+        tokens = tokens.long()
+        keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+        if self.ignore_index is not None:
+            ignored = tokens == self.ignore_index
+            keep = keep & ~ignored
+            tokens = tokens.masked_fill(ignored, 0)
+            mask = keep  # the loss sees the ignored positions as padding
+        else:
+            ignored = None
+        invalid = None
+        if tokens.device.type == "cpu":
+            if tokens.numel():
+                lo, hi = int(tokens.min()), int(tokens.max())
+                if lo < 0 or hi >= v:
+                    hint = "" if self.ignore_index is not None else " (pass ignore_index= to skip padding ids such as -100)"
+                    raise ValueError(f"tokens must lie in [0, {v}), got values in [{lo}, {hi}]{hint}")
+        else:  # checking on an accelerator would be a host-device sync: an out-of-range id gives NaN instead
+            invalid = (tokens < 0) | (tokens >= v)
+            tokens = tokens.clamp(0, v - 1)
+
+        want_entropy = getattr(self.loss_fn, "entropy_coef", 0) > 0
+        dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        need_grad = torch.is_grad_enabled() and any(need)
+        n = b * t
+        flat_h, flat_y = hidden.reshape(n, hdim), tokens.reshape(n)
+        logp_all = torch.zeros(n, dtype=dtype, device=hidden.device)
+        entropy_all = torch.zeros(n, dtype=dtype, device=hidden.device) if want_entropy else None
+
+        extra = {}
+        if ref_logp is not None:
+            extra["ref_logp"] = ref_logp
+        if behavior_logp is not None:
+            extra["behavior_logp"] = behavior_logp
+        if weights is not None:
+            extra["weights"] = weights
+
+        chunk = self.chunk_size or max(1, _BLOCK_BYTES // (4 * v))
+        with torch.no_grad():
+            if need_grad:
+                grads = (
+                    torch.zeros(n, hdim, dtype=dtype, device=hidden.device) if need[0] else None,
+                    torch.zeros(v, hdim, dtype=dtype, device=weight.device) if need[1] else None,
+                    torch.zeros(v, dtype=dtype, device=weight.device) if need[2] else None,
+                )
+                # Row shards add up to the loss only given the full batch's counts (the aggregation's
+                # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
+                given = batch_num_tokens is not None and global_batch_size is not None
+                counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size} if given else None
+                self._fused_chunks(
+                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, shape, grads,
+                    logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
+                )
+            else:
+                self._logprob_chunks(flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, logp_all, entropy_all)
+                if invalid is not None:
+                    logp_all.masked_fill_(invalid.reshape(n), float("nan"))
+                grads = None
+        logp = logp_all.view(shape)
+        entropy = None if entropy_all is None else entropy_all.view(shape)
+        if ignored is not None:
+            logp = logp.masked_fill(ignored, 0)
+            entropy = None if entropy is None else entropy.masked_fill(ignored, 0)
+
+        call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+        if entropy is not None:
+            call["entropy"] = entropy
+        with torch.no_grad():
+            out = self.loss_fn(logp, old_logp, advantages, mask, **call)
+        if grads is not None:
+            g_h, g_w, g_b = grads
+            g_h = None if g_h is None else g_h.view(hidden.shape).to(hidden.dtype)
+            g_w = None if g_w is None else g_w.to(weight.dtype)
+            g_b = None if g_b is None else g_b.to(bias.dtype)
+            out.loss = _SavedGradients.apply(out.loss.detach(), hidden, weight, bias, g_h, g_w, g_b)
+        return out
+
+    def _chunks(self, n: int, t: int, chunk: int):
+        """Flat token ranges ``[k0, k1)``: any cut for per-token derivatives, whole sequences for GSPO."""
+        if _sequence_coupled(self.loss_fn):
+            step = max(1, chunk // t) * t if t else 1
+        else:
+            step = chunk
+        return [(k0, min(n, k0 + step)) for k0 in range(0, n, step)]
+
+    def _logprob_chunks(self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, logp_all, entropy_all):
+        n, v = flat_h.shape[0], weight.shape[0]
+        vb = min(v, self.vocab_chunk_size or 4096)
+        rows = min(chunk, n)
+        buffers = [torch.empty(rows * vb, dtype=dtype, device=flat_h.device) for _ in range(2)]
+        for k0 in range(0, n, chunk):
+            k1 = min(n, k0 + chunk)
+            h = flat_h[k0:k1].to(dtype)
+            logp, ent, _ = _blocked_forward(h, weight, bias, flat_y[k0:k1], temperature, dtype, want_entropy, vb, buffers)
+            logp_all[k0:k1] = logp
+            if want_entropy:
+                entropy_all[k0:k1] = ent
+
+    def _fused_chunks(
+        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, shape, grads,
+        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
+    ):
+        b, t = shape
+        n, v = flat_h.shape[0], weight.shape[0]
+        ranges = self._chunks(n, t, chunk)
+        rows = max(k1 - k0 for k0, k1 in ranges) if ranges else 0
+        vb = self.vocab_chunk_size
+        cols = v if vb is None else min(v, vb)
+        n_buf = 2 if (want_entropy or vb is not None) else 1
+        buffers = [torch.empty(rows * cols, dtype=dtype, device=flat_h.device) for _ in range(n_buf)]
+        old_flat = old_logp.detach().reshape(n).to(dtype)
+        flat_ignored = None if ignored is None else ignored.reshape(n)
+        inv_t = 1.0 / temperature
+        for k0, k1 in ranges:
+            h = flat_h[k0:k1].to(dtype)
+            y = flat_y[k0:k1]
+            if vb is None:
+                logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)
+            else:
+                logp, ent, lse = _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, buffers)
+            if flat_ignored is not None:
+                logp = logp.masked_fill(flat_ignored[k0:k1], 0)
+                ent = None if ent is None else ent.masked_fill(flat_ignored[k0:k1], 0)
+            if invalid is not None:
+                logp = logp.masked_fill(invalid.reshape(n)[k0:k1], float("nan"))
+            logp_all[k0:k1] = logp
+            if want_entropy:
+                entropy_all[k0:k1] = ent
+            a, e = self._chunk_derivative(logp, ent, k0, k1, shape, old_flat, old_logp, advantages, mask, extra, counts)
+            if flat_ignored is not None:
+                a = a.masked_fill(flat_ignored[k0:k1], 0)
+                e = None if e is None else e.masked_fill(flat_ignored[k0:k1], 0)
+            a = a * inv_t  # ∂z/∂logits = 1/temperature; ∂L/∂z is linear in (a, e)
+            e = None if e is None else e * inv_t
+            if vb is None:
+                _accumulate(_head_backward(a, e, state, y), h, weight, dtype, grads, k0, k1)
+            else:
+                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, grads, k0, k1)
+
+    def _chunk_derivative(self, logp, ent, k0, k1, shape, old_flat, old_logp, advantages, mask, extra, counts):
+        """a = ∂L/∂logp and e = ∂L/∂H at the chunk's tokens [k0, k1), from one call of ``loss_fn``.
+
+        With both global counts known the call covers only the rows the chunk touches (the counts make
+        row shards add up exactly); otherwise it covers the whole batch, so the loss counts its own N
+        and S whatever its settings drop from them. Tokens outside the chunk hold placeholders
+        (``old_logp``, entropy 0) whose derivative is not used.
+        """
+        b, t = shape
+        b0, b1 = (k0 // t, (k1 - 1) // t + 1) if counts is not None else (0, b)
+        off, m = k0 - b0 * t, k1 - k0
+        rows = slice(b0, b1)
+        lp = old_flat[b0 * t : b1 * t].clone()
+        lp[off : off + m] = logp
+        lp = lp.view(b1 - b0, t).requires_grad_(True)
+        leaves = [lp]
+        call = {k: x[rows] for k, x in extra.items()}
+        if counts is not None:
+            call.update(counts)
+        if ent is not None:
+            en = torch.zeros((b1 - b0) * t, dtype=ent.dtype, device=ent.device)
+            en[off : off + m] = ent
+            en = en.view(b1 - b0, t).requires_grad_(True)
+            call["entropy"] = en
+            leaves.append(en)
+        adv = None if advantages is None else advantages[rows]
+        with torch.enable_grad():
+            out = self.loss_fn(lp, old_logp[rows], adv, None if mask is None else mask[rows], **call)
+            got = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+
+        def pick(g):
+            if g is None:
+                return torch.zeros(m, dtype=logp.dtype, device=logp.device)
+            return g.reshape(-1)[off : off + m].to(logp.dtype)
+
+        return pick(got[0]), (pick(got[1]) if ent is not None else None)
