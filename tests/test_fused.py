@@ -1,0 +1,302 @@
+"""rpg.FusedLinearLoss equals rpg.logprobs.from_hidden + the same loss: values, per_token, metrics and the
+gradients of hidden, weight and bias, in float64, for every loss family, aggregation and chunking."""
+
+import inspect
+
+import pytest
+import torch
+
+import rpg
+from rpg import fused as fused_mod
+from rpg.fused import FusedLinearLoss
+from rpg.logprobs import from_hidden
+
+F64 = torch.float64
+B, T, H, V = 5, 7, 6, 50
+TEMP = 0.7
+OPTIONS = "entropy_coef" in inspect.signature(rpg.PolicyLoss).parameters  # weights, entropy, behaviour policy
+needs_options = pytest.mark.skipif(not OPTIONS, reason="this rpg has no entropy_coef / weights / behavior_logp")
+
+# (chunk_size, vocab_chunk_size, pass the global counts): chunks that cut sequences (3), hold one token (1),
+# exactly one row (7), cross row boundaries (13), the whole batch (None); whole-vocabulary logits and
+# vocabulary blocks; the row-shard path (counts given) and the whole-batch path (counts not given).
+CHUNKINGS = [(None, None, False), (3, None, False), (1, 16, True), (7, None, True), (13, 16, False), (13, None, True)]
+
+
+def make(seed=0, *, neg_inf_block=True, adv_shape="seq"):
+    """A float64 batch: hidden [B, T, H], head [V, H] + bias (a −inf block at 10:20), log-probs nearby."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=F64)
+    weight = torch.randn(V, H, generator=g, dtype=F64)
+    bias = torch.randn(V, generator=g, dtype=F64)
+    if neg_inf_block:
+        bias[10:20] = -float("inf")
+    tokens = torch.randint(20, V, (B, T), generator=g)
+    with torch.no_grad():
+        logp = from_hidden(hidden, weight, tokens, bias=bias, temperature=TEMP)
+    noise = lambda s: s * torch.randn(B, T, generator=g, dtype=F64)  # noqa: E731
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    mask[2] = False  # a fully masked sequence (does not count in S)
+    return {
+        "hidden": hidden.requires_grad_(True),
+        "weight": weight.requires_grad_(True),
+        "bias": bias.requires_grad_(True),
+        "tokens": tokens,
+        "old_logp": logp + noise(0.3),
+        "ref_logp": logp + noise(0.3),
+        "behavior_logp": logp + noise(0.4),
+        "advantages": torch.randn(B if adv_shape == "seq" else (B, T), generator=g, dtype=F64),
+        "weights": torch.rand(B, T, generator=g, dtype=F64),
+        "mask": mask,
+    }
+
+
+def reference(loss_fn, d, *, counts=None, options=(), advantages=...):
+    """from_hidden + loss_fn with plain autograd: (output, (grad hidden, grad weight, grad bias))."""
+    want_entropy = getattr(loss_fn, "entropy_coef", 0) > 0
+    lp = from_hidden(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP, return_entropy=want_entropy)
+    kw = dict(counts or {}, ref_logp=d["ref_logp"], **{k: d[k] for k in options})
+    if want_entropy:
+        lp, kw["entropy"] = lp
+    adv = d["advantages"] if advantages is ... else advantages
+    out = loss_fn(lp, d["old_logp"], adv, d["mask"], **kw)
+    return out, torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+
+
+def fused(loss_fn, d, *, chunk_size=None, vocab_chunk_size=None, counts=None, options=(), advantages=..., **extra):
+    f = FusedLinearLoss(loss_fn, chunk_size, vocab_chunk_size, **extra)
+    adv = d["advantages"] if advantages is ... else advantages
+    kw = dict(counts or {}, **{k: d[k] for k in options})
+    return f(d["hidden"], d["weight"], d["tokens"], d["old_logp"], adv, d["mask"], bias=d["bias"], temperature=TEMP,
+             ref_logp=d["ref_logp"], **kw)
+
+
+def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
+    for chunk_size, vocab_chunk_size, with_counts in chunkings:
+        counts = {"batch_num_tokens": 17, "global_batch_size": 6} if with_counts else None
+        ref, ref_grads = reference(loss_fn, d, counts=counts, options=options, advantages=advantages)
+        out = fused(loss_fn, d, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, counts=counts,
+                    options=options, advantages=advantages)
+        grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+        where = f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}"
+        torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12, msg=f"loss ({where})")
+        torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12, msg=f"per_token ({where})")
+        for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+            assert torch.isfinite(g).all(), f"grad {name} not finite ({where})"
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"grad {name} ({where})")
+        assert out.metrics.keys() == ref.metrics.keys()
+        for k in ref.metrics:
+            assert out.metrics[k] == pytest.approx(ref.metrics[k], abs=1e-12), k
+    assert any(g.abs().sum() > 0 for g in grads), "a test whose gradients are all zero checks nothing"
+
+
+LOSSES = {
+    **{f"rpg-{d}-{s}": rpg.RPGLoss(d, style=s, beta=0.1) for d in rpg.DIVERGENCES for s in rpg.STYLES},
+    **{f"rpg-{d}-{s}-noclip": rpg.RPGLoss(d, style=s, beta=0.1, clip=None) for d in rpg.DIVERGENCES for s in rpg.STYLES},
+    "rpg-urkl-reinforce-truncate": rpg.RPGLoss("urkl", style="reinforce", beta=0.1, clip=rpg.Truncate(0.2, 0.5)),
+    "rpg-rkl-fold": rpg.RPGLoss("rkl", beta=0.1, fold_kl=True),
+    "grpo-k3": rpg.GRPOLoss(beta=0.1),
+    "grpo-iw": rpg.GRPOLoss(beta=0.1, importance_weighted_kl=True),
+    "dr-grpo": rpg.DrGRPOLoss(max_len=10),
+    "dapo": rpg.DAPOLoss(),
+    "gspo": rpg.GSPOLoss(),
+    "gspo-wide": rpg.GSPOLoss(clip=rpg.Clip(0.2, 0.2, None)),
+    "cispo": rpg.CISPOLoss(),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_equals_from_hidden_plus_loss(name):
+    assert_same(LOSSES[name], make())
+
+
+def test_reinforce_pp_token_advantages():
+    assert_same(rpg.REINFORCEPlusPlusLoss(), make(adv_shape="token"))
+
+
+def test_on_policy_distillation_no_advantages():
+    assert_same(rpg.OnPolicyDistillationLoss(), make(), advantages=None)
+
+
+@pytest.mark.parametrize("agg", rpg.AGG_MODES)
+@pytest.mark.parametrize("ratio", rpg.RATIOS)
+def test_every_aggregation(agg, ratio):
+    kl = "k3" if ratio == "token" else None  # GSPO's sequence ratio without a KL term
+    loss_fn = rpg.PolicyLoss(kl=kl, beta=0.1 if kl else 0.0, clip=rpg.Clip(0.2, 0.28, 3.0 if kl else None), agg=agg,
+                             ratio=ratio, max_len=9 if agg == "seq-mean-token-sum-norm" else None)
+    assert_same(loss_fn, make(1))
+
+
+@needs_options
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        pytest.param(lambda: rpg.DAPOLoss(entropy_coef=0.1), id="dapo-entropy"),
+        pytest.param(lambda: rpg.GSPOLoss(clip=rpg.Clip(0.2, 0.2, None), entropy_coef=0.3), id="gspo-entropy"),
+        pytest.param(lambda: rpg.RPGLoss("urkl", style="reinforce", beta=0.1, agg="seq-mean-token-mean", entropy_coef=0.2,
+                                         correction=rpg.RolloutCorrection(level="sequence", lower=0.5, upper=2.0)),
+                     id="urkl-seq-correction-entropy"),
+        pytest.param(lambda: rpg.RPGLoss("fkl", beta=0.1, correction=rpg.RolloutCorrection(
+            mode="mask", lower=0.8, upper=1.25, count_rejected=False)), id="fkl-mask-correction-uncounted"),
+    ],
+)
+def test_weights_behaviour_policy_entropy(loss_fn):
+    """The loss options flow through: weights=, behavior_logp= (with its correction) and the entropy bonus."""
+    assert_same(loss_fn(), make(2), options=("weights", "behavior_logp"))
+
+
+@needs_options
+def test_entropy_bonus_changes_the_gradient():
+    """The entropy term reaches the head's gradient (so its closed form is exercised, not skipped)."""
+    d = make(3)
+    plain = torch.autograd.grad(fused(rpg.DAPOLoss(), d).loss, d["weight"])[0]
+    bonus = torch.autograd.grad(fused(rpg.DAPOLoss(entropy_coef=0.5), d).loss, d["weight"])[0]
+    assert (plain - bonus).abs().max() > 1e-3
+
+
+def test_backward_scales_by_the_incoming_gradient():
+    d = make(4)
+    loss_fn = rpg.RPGLoss("fkl", beta=0.1)
+    _, ref_grads = reference(loss_fn, d)
+    out = fused(loss_fn, d, chunk_size=4)
+    (-2.5 * out.loss).backward()
+    for name, r in zip(("hidden", "weight", "bias"), ref_grads):
+        torch.testing.assert_close(d[name].grad, -2.5 * r, rtol=0, atol=1e-10)
+
+
+def test_frozen_head_and_no_bias():
+    """Only the tensors that require grad get one (a frozen head under LoRA gets none)."""
+    d = make(5, neg_inf_block=False)
+    d["weight"].requires_grad_(False)
+    loss_fn = rpg.DAPOLoss()
+    lp = from_hidden(d["hidden"], d["weight"], d["tokens"], temperature=TEMP)
+    ref = loss_fn(lp, d["old_logp"], d["advantages"], d["mask"])
+    (g_ref,) = torch.autograd.grad(ref.loss, d["hidden"])
+    out = FusedLinearLoss(loss_fn, chunk_size=3)(d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"],
+                                                 d["mask"], temperature=TEMP)
+    out.loss.backward()
+    torch.testing.assert_close(d["hidden"].grad, g_ref, rtol=0, atol=1e-10)
+    assert d["weight"].grad is None
+
+
+def test_no_grad_mode_evaluates_the_loss():
+    d = make(6)
+    loss_fn = rpg.GRPOLoss(beta=0.1)
+    ref, _ = reference(loss_fn, d)
+    with torch.no_grad():
+        out = fused(loss_fn, d, chunk_size=3)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    for k in ("hidden", "weight", "bias"):  # inputs that need no gradient: the same lean path
+        d[k] = d[k].detach()
+    out = fused(loss_fn, d, vocab_chunk_size=16)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+
+
+def test_empty_mask_and_empty_batch():
+    d = make(7)
+    d["mask"] = torch.zeros(B, T, dtype=torch.bool)
+    out = fused(rpg.DAPOLoss(), d, chunk_size=3)
+    grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+    assert out.loss.item() == 0 and all((g == 0).all() for g in grads)
+    h = torch.zeros(0, T, H, dtype=F64, requires_grad=True)
+    z = torch.zeros(0, T, dtype=F64)
+    out = FusedLinearLoss(rpg.DAPOLoss())(h, d["weight"], torch.zeros(0, T, dtype=torch.long), z, torch.zeros(0, dtype=F64))
+    g_h, g_w = torch.autograd.grad(out.loss, (h, d["weight"]))
+    assert out.loss.item() == 0 and g_h.shape == h.shape and (g_w == 0).all()
+
+
+def test_ignore_index():
+    """Positions with the ignore id: log-prob 0, no gradient, out of the loss and its counts."""
+    d = make(8)
+    ignored = torch.zeros(B, T, dtype=torch.bool)
+    ignored[0, 3:] = ignored[4, 1] = True
+    loss_fn = rpg.GRPOLoss(beta=0.1)  # per-sequence means: the count n_b must drop the ignored tokens
+    ref_d = dict(d, mask=d["mask"] & ~ignored)
+    ref, ref_grads = reference(loss_fn, ref_d)
+    d["tokens"] = d["tokens"].masked_fill(ignored, -100)
+    out = fused(loss_fn, d, chunk_size=3, ignore_index=-100)
+    grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+    assert (grads[0][ignored] == 0).all() and (out.per_token[ignored] == 0).all()
+    with pytest.raises(ValueError, match="ignore_index"):  # without ignore_index, -100 is an out-of-range id
+        fused(loss_fn, d)
+
+
+def test_bf16_close_to_float32(monkeypatch):
+    """bf16 head and hidden states: computed in float32 (upcast in vocabulary blocks), gradients in bf16."""
+    monkeypatch.setattr(fused_mod, "_CAST_BLOCK", 16)  # several upcast blocks for V = 50
+    d = make(9, neg_inf_block=False)
+    half = {k: d[k].detach().to(torch.bfloat16).requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    exact = {k: half[k].detach().double().requires_grad_(True) for k in half}  # the same rounded numbers
+    loss_fn = rpg.RPGLoss("urkl", beta=0.1)
+    ref, ref_grads = reference(loss_fn, dict(d, **exact))
+    out = fused(loss_fn, dict(d, **half), chunk_size=4)
+    grads = torch.autograd.grad(out.loss, tuple(half.values()))
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    for g, r, x in zip(grads, ref_grads, half.values()):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
+
+
+def test_gradients_are_handed_over_once():
+    d = make(10)
+    out = fused(rpg.DAPOLoss(), d)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.loss.backward()
+    out = fused(rpg.DAPOLoss(), d)
+    with pytest.raises(RuntimeError, match="first derivatives"):  # never a silently zero second derivative
+        torch.autograd.grad(out.loss, d["weight"], create_graph=True)
+
+
+def test_chunk_plan():
+    """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences."""
+    assert FusedLinearLoss(rpg.DAPOLoss(), 3)._chunks(14, 7, 3) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]
+    assert FusedLinearLoss(rpg.GSPOLoss(), 3)._chunks(14, 7, 3) == [(0, 7), (7, 14)]
+    assert FusedLinearLoss(rpg.GSPOLoss(), 15)._chunks(35, 7, 15) == [(0, 14), (14, 28), (28, 35)]
+
+
+def _call(d, **change):
+    args = {k: d[k] for k in ("hidden", "weight", "tokens", "old_logp", "advantages", "mask")}
+    kw = {"bias": d["bias"], "temperature": 1.0, "ref_logp": d["ref_logp"]}
+    for k, v in change.items():
+        (args if k in args else kw)[k] = v
+    return FusedLinearLoss(rpg.DAPOLoss())(*args.values(), **kw)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"hidden": torch.zeros(B * T, H, dtype=F64)}, ValueError, "hidden must have shape"),
+        ({"weight": torch.zeros(V, H + 1, dtype=F64)}, ValueError, "weight must have shape"),
+        ({"tokens": torch.zeros(B, T + 1, dtype=torch.long)}, ValueError, "tokens must have shape"),
+        ({"tokens": torch.zeros(B, T)}, TypeError, "tokens must be an integer"),
+        ({"tokens": torch.full((B, T), V)}, ValueError, r"tokens must lie in \[0, 50\)"),
+        ({"bias": torch.zeros(V + 1, dtype=F64)}, ValueError, "bias must have shape"),
+        ({"old_logp": torch.zeros(B, T + 1, dtype=F64)}, ValueError, "old_logp must have shape"),
+        ({"ref_logp": torch.zeros(T, dtype=F64)}, ValueError, "ref_logp must have shape"),
+        ({"mask": torch.ones(B + 1, T, dtype=torch.bool)}, ValueError, "mask must have shape"),
+        ({"advantages": torch.zeros(B + 1, dtype=F64)}, ValueError, "advantages must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"hidden": torch.zeros(B, T, H, dtype=torch.long)}, TypeError, "hidden"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    with pytest.raises(error, match=match):
+        _call(make(11), **change)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_settings(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedLinearLoss(rpg.DAPOLoss(), chunk_size=bad)
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        FusedLinearLoss(rpg.DAPOLoss(), vocab_chunk_size=bad)
+    with pytest.raises(TypeError, match="loss_fn"):
+        FusedLinearLoss("dapo")
