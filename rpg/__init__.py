@@ -10,17 +10,35 @@ GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
 configurations of the same :class:`PolicyLoss`.
 
 Functional core: :mod:`rpg.kl`, :mod:`rpg.objectives`, :mod:`rpg.clipping`,
-:mod:`rpg.aggregation`, :mod:`rpg.advantages`, :mod:`rpg.logprobs`. Loss classes: :class:`PolicyLoss`,
+:mod:`rpg.aggregation`, :mod:`rpg.correction`, :mod:`rpg.advantages`, :mod:`rpg.logprobs`; the loss as
+one function, :func:`policy_loss`, of a frozen :class:`LossConfig`. Loss classes: :class:`PolicyLoss`,
 :class:`RPGLoss` and the presets of :mod:`rpg.presets`. Exact oracles for
 tests: :mod:`rpg.testing`.
 """
 
-from . import advantages, aggregation, clipping, kl, logprobs, metrics, objectives, presets, testing
+from . import (
+    advantages,
+    aggregation,
+    clipping,
+    config,
+    correction,
+    functional,
+    kl,
+    logprobs,
+    metrics,
+    objectives,
+    presets,
+    testing,
+)
 from .aggregation import AGG_MODES, aggregate
-from .clipping import Clip, Truncate
-from .kl import DIVERGENCES, k1, k2, k3
-from .losses import RATIOS, STYLES, PolicyLoss, RPGLoss
+from .clipping import Clip, ClipRule, Truncate
+from .config import RATIOS, STYLES, LossConfig
+from .correction import RolloutCorrection
+from .functional import policy_loss
+from .kl import k1, k2, k3
+from .losses import PolicyLoss, RPGLoss
 from .metrics import LossOutput
+from .objectives import DIVERGENCES, ESTIMATORS, KL_TERMS
 from .presets import (
     CISPOLoss,
     DAPOLoss,
@@ -37,25 +55,33 @@ __version__ = "0.1.0"
 __all__ = [
     "AGG_MODES",
     "DIVERGENCES",
+    "ESTIMATORS",
+    "KL_TERMS",
     "RATIOS",
     "STYLES",
     "CISPOLoss",
     "Clip",
+    "ClipRule",
     "DAPOLoss",
     "DrGRPOLoss",
     "GRPOLoss",
     "GSPOLoss",
+    "LossConfig",
     "LossOutput",
     "OnPolicyDistillationLoss",
     "PolicyLoss",
     "REINFORCEPlusPlusLoss",
     "RPGLoss",
+    "RolloutCorrection",
     "ReferenceUpdate",
     "Truncate",
     "advantages",
     "aggregate",
     "aggregation",
     "clipping",
+    "config",
+    "correction",
+    "functional",
     "k1",
     "k2",
     "k3",
@@ -63,6 +89,7 @@ __all__ = [
     "logprobs",
     "metrics",
     "objectives",
+    "policy_loss",
     "presets",
     "testing",
     "__version__",

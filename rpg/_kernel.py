@@ -1,34 +1,31 @@
-r"""The fast path: one pass computing each per-token loss and its derivative (DESIGN §7).
+r"""The fast path: one pass computing each per-token loss and its derivative (private).
 
 Every per-token loss in ``rpg`` is a scalar function of the scalar ``logp``, so its
-derivative is closed-form. :func:`token_loss` composes the pieces of
-:mod:`rpg.objectives` and :mod:`rpg.clipping` into ``(value, dvalue/dlogp)``
-in one pass with no autograd graph; :class:`TokenLoss` wraps that in one
+derivative is closed-form. :func:`token_loss` composes the KL terms of
+:mod:`rpg.objectives` (through their registry records) and the clip rule of
+:mod:`rpg.clipping` (through its methods) into ``(value, dvalue/dlogp)`` in one
+pass with no autograd graph; :class:`TokenLoss` wraps that in one
 ``torch.autograd.Function`` that saves a single tensor (the derivative) for
-backward. The plain-autograd version of the same formulas lives in
+backward. :func:`clip_view` decides which ratio and which sign the clip sees;
+the kernel and the metrics both call it, so clip fractions can never disagree
+with the loss. The plain-autograd version of the same formulas lives in
 ``tests/reference.py`` and the two agree to 1e-12 in float64.
+
+Limits, evaluated exactly: a ``logp`` of −∞ (a token the policy cannot emit) is
+evaluated at the most negative finite number of its dtype, so w = 0 and every
+product w·log ρ, w·k3, g·logp takes its limit 0 instead of 0·∞ = NaN; terms whose
+limit is infinite stay infinite. Under RPG-Style Clip a clipped token keeps its
+value −g·logp (detached); where w overflows the dtype (|log w| ≳ 88 in float32)
+that value is not finite, and the token takes the value at the bound instead,
+−A′·m·logp (Algorithm 2 prints it so), which is — the gradient is 0 either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .clipping import Clip, Truncate, codes, ppo, rpg_clip, truncate
-from .objectives import kl_accumulate, kl_grad_split
-
-
-@dataclass(frozen=True)
-class Spec:
-    """The settings the kernel needs (hashable, so ``torch.compile`` treats it as a constant)."""
-
-    kl: str | None
-    beta: float
-    style: str
-    clip: Clip | Truncate | None
-    fold_kl: bool
-    ratio: str = "token"
+from .config import LossConfig
+from .objectives import REGISTRY, Ratios
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -41,28 +38,55 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, _zero(log_w)).sum(-1, keepdim=True) / n
 
 
-def _reinforce_weight(logp, old_logp, ref_logp, log_w, w, adv, spec: Spec) -> torch.Tensor:
-    """g = −∂ℓ_diff/∂logp (a fresh tensor), with w̄ in place of w under :class:`Truncate`."""
-    has_kl = spec.kl is not None and spec.beta != 0
-    if isinstance(spec.clip, Truncate):
-        # g = w̄·(A − β·per_w) − β·const: only the importance weight is truncated.
-        w_bar = truncate(log_w, spec.clip).exp()
-        if not has_kl:
-            return w_bar.mul_(adv)
-        per_w, const = kl_grad_split(spec.kl, logp, old_logp, ref_logp, log_w)
-        return w_bar.mul_(adv - spec.beta * per_w).sub_(spec.beta * const)
-    g = w * adv
-    if has_kl:
-        kl_accumulate(spec.kl, None, g, -spec.beta, logp, old_logp, ref_logp, log_w, w)
-    return g
+def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """g = −∂ℓ_diff/∂logp (a fresh tensor), with the clip rule's weight w̄ in place of w where it truncates."""
+    term = REGISTRY[cfg.kl] if cfg.has_kl else None
+    w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
+    if w_bar is None:
+        g = r.w * adv
+        if term is not None:
+            term.accumulate(None, g, -cfg.beta, r)
+        return g
+    # g = w̄·(A − β·per_w) − β·const: only the importance weight changes.
+    if term is None:
+        return w_bar.mul_(adv)
+    per_w, const = term.split(r)
+    g = w_bar.mul_(adv - cfg.beta * per_w)
+    return g.sub_(cfg.beta * const) if isinstance(const, torch.Tensor) else g.sub_(cfg.beta * const)
 
 
-def _advantage_analogue(logp, ref_logp, log_w, adv, spec: Spec):
-    """Â for the PPO clip and its derivative in logp: A and None, or g/w with gradient −β (fold_kl; rkl/urkl)."""
-    if spec.fold_kl and spec.kl is not None and spec.beta != 0:
-        log_rho = log_w if ref_logp is None else logp - ref_logp
-        return adv - spec.beta * (log_rho + 1 if spec.kl == "rkl" else log_rho), -spec.beta
-    return adv, None
+def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """A′ = g/w, formed without dividing by w: A − β·per_w − β·const/w (finite where w overflows)."""
+    if not cfg.has_kl:
+        return adv.expand_as(r.log_w)
+    per_w, const = REGISTRY[cfg.kl].split(r)
+    a = adv - cfg.beta * per_w
+    if isinstance(const, torch.Tensor) or const != 0:
+        a = a - cfg.beta * const * torch.exp(-r.log_w)
+    return a.expand_as(r.log_w)
+
+
+def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ratio and which sign the clip sees: ``(ratio, direction)``, both ``[B, T]``-broadcastable.
+
+    REINFORCE style: (w, g), the REINFORCE weight, whose sign is that of A′ = g/w.
+    Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue —
+    A, or A − β·fold with ``fold_kl``). The kernel builds the loss from exactly these."""
+    if cfg.style == "reinforce":
+        return r.w, reinforce_weight(r, adv, cfg)
+    if cfg.fold_kl and cfg.has_kl:
+        adv = adv - cfg.beta * REGISTRY[cfg.kl].fold(r)
+    ratio = sequence_log_ratio(r.log_w, mask).exp().expand_as(r.w) if cfg.ratio == "sequence" else r.w
+    return ratio, adv
+
+
+def ratios(logp, old_logp, ref_logp) -> Ratios:
+    """:class:`Ratios` with a −∞ ``logp`` / ``ref_logp`` moved to the dtype's most negative finite value."""
+    low = torch.finfo(logp.dtype).min
+    logp = logp.clamp_min(low)
+    if ref_logp is not None:
+        ref_logp = ref_logp.clamp_min(low)
+    return Ratios(logp, old_logp, ref_logp)
 
 
 def token_loss(
@@ -71,78 +95,114 @@ def token_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    spec: Spec,
+    cfg: LossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(value, grad)`` for ``spec``, before masking; both fresh ``[B, T]`` tensors.
+    """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
-    With ``spec.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
+    With ``cfg.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
     ∂ℓ_t/∂logp_t = −s·A (s_t = sg(s)·π_θ(y_t)/sg(π_θ(y_t))); a KL term stays per token.
     Written to allocate few tensors (on CPU a fresh tensor costs more than the math).
     """
-    log_w = logp - old_logp
-    w = log_w.exp()
-    if spec.style == "reinforce":
-        g = _reinforce_weight(logp, old_logp, ref_logp, log_w, w, advantages, spec)
+    r = ratios(logp, old_logp, ref_logp)
+    logp = r.logp
+    ratio, direction = clip_view(r, advantages, mask, cfg)
+    if cfg.style == "reinforce":
+        g = direction
         value = torch.addcmul(_zero(g), g, logp, value=-1)
-        clipped = rpg_clip(w, g, spec.clip) if isinstance(spec.clip, Clip) else None
+        clipped = cfg.clip.reinforce_clipped(ratio, g) if cfg.clip is not None else None
         grad = g.neg_()
         if clipped is not None:
             grad.masked_fill_(clipped, 0)
+            # A clipped token keeps its value −g·logp, detached; where w overflowed the dtype (g
+            # not finite) it takes the value at the bound, −A′·m·logp (Algorithm 2), which is finite.
+            overflow = clipped & ~torch.isfinite(value)
+            a_eff = effective_advantage(r, advantages, cfg)
+            m, _ = cfg.clip.effective_ratio(ratio, a_eff)
+            value = torch.where(overflow, -(a_eff * m * logp), value)
         return value, grad
 
-    # Differentiable style: PPO / dual clip on −w·Â, KL surrogate outside the clip
-    # (default) or folded into Â = g/w with gradient through it (fold_kl, rkl/urkl).
-    adv, d_adv = _advantage_analogue(logp, ref_logp, log_w, advantages, spec)
-    w_pg = sequence_log_ratio(log_w, mask).exp().expand_as(w) if spec.ratio == "sequence" else w
-    grad = torch.addcmul(_zero(w), w_pg, adv, value=-1)  # −w·Â, one pass
-    if spec.clip is None:
-        m, value = w_pg, grad.clone()
+    # Differentiable style: the clip rule's effective ratio on −w·Â, the KL surrogate outside
+    # the clip (default) or folded into Â = g/w with gradient through it (fold_kl).
+    adv = direction
+    grad = torch.addcmul(_zero(ratio), ratio, adv, value=-1)  # −w·Â, one pass
+    if cfg.clip is None:
+        m, value = ratio, grad.clone()
     else:
-        m, clipped = ppo(w_pg, adv, spec.clip)
-        grad.masked_fill_(clipped, 0)
-        value = torch.addcmul(_zero(w), m, adv, value=-1)
-    if d_adv is not None:
-        grad.sub_(m, alpha=d_adv)
-    elif spec.kl is not None and spec.beta != 0:
-        kl_accumulate(spec.kl, value, grad, spec.beta, logp, old_logp, ref_logp, log_w, w)
+        m, cut = cfg.clip.effective_ratio(ratio, adv)
+        if cut is not None:
+            grad.masked_fill_(cut, 0)
+        value = torch.addcmul(_zero(ratio), m, adv, value=-1)
+    if cfg.fold_kl and cfg.has_kl:
+        grad.add_(m, alpha=cfg.beta)  # −m·∂Â/∂logp with ∂Â/∂logp = −β
+    elif cfg.has_kl:
+        REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
     return value, grad
-
-
-def clip_codes(logp, old_logp, ref_logp, advantages, mask, spec: Spec) -> torch.Tensor | None:
-    """The ``int8`` clip code of every token (for the metrics), or ``None`` without a clip."""
-    if spec.clip is None:
-        return None
-    log_w = logp - old_logp
-    w = log_w.exp()
-    if spec.style == "reinforce":
-        direction = None
-        if not isinstance(spec.clip, Truncate):
-            direction = _reinforce_weight(logp, old_logp, ref_logp, log_w, w, advantages, spec)
-        return codes(w, direction, spec.clip)
-    if spec.ratio == "sequence":
-        w = sequence_log_ratio(log_w, mask).exp().expand_as(w)
-    return codes(w, _advantage_analogue(logp, ref_logp, log_w, advantages, spec)[0].expand_as(w), spec.clip)
 
 
 class TokenLoss(torch.autograd.Function):
     """Per-token loss with a closed-form backward; gradient flows to ``logp`` only.
 
-    ``forward(logp, old_logp, ref_logp, advantages, mask, spec) -> per_token``:
-    ``per_token`` is 0 wherever ``mask`` is False (``masked_fill``, so NaN/inf
-    there never leak). Saves one tensor for backward: the masked derivative.
+    ``apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg) -> per_token``:
+    ``per_token`` is ``scale``·ℓ (``scale`` a constant ``[B, T]`` weight or ``None``) and 0
+    wherever ``mask`` is False or ``scale`` is 0 (``masked_fill``, so NaN/inf there never leak). Saves one
+    tensor for backward: the masked, scaled derivative.
+
+    Second derivatives: in the REINFORCE style every per-token loss is linear in ``logp``
+    (ℓ = −sg(g)·logp), so its second derivative is exactly 0 and double backward returns
+    that. In the differentiable style it is not: differentiating the backward again
+    raises a clear error instead of returning a silent 0.
     """
 
-    @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, spec):  # noqa: D102
-        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, spec)
-        padding = ~mask
-        value.masked_fill_(padding, 0)  # both are fresh [B, T] tensors: in place is safe
-        grad.masked_fill_(padding, 0)
-        ctx.save_for_backward(grad)
-        return value
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_value):  # noqa: D102
+    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):  # noqa: D102
+        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
+        padding = ~mask
+        if scale is not None:  # value and grad are fresh tensors: in place is safe
+            value.mul_(scale)
+            grad.mul_(scale)
+            padding = padding | (scale == 0)  # a weight of 0 gives exactly 0, even where ℓ is inf
+        return value.masked_fill_(padding, 0), grad.masked_fill_(padding, 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        ctx.save_for_backward(output[1])
+        ctx.set_materialize_grads(True)
+        ctx.mark_non_differentiable(output[1])
+        ctx.linear = inputs[-1].style == "reinforce"
+
+    @staticmethod
+    def backward(ctx, grad_value, _grad_of_grad):  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return grad_value * grad, None, None, None, None, None
+        if not ctx.linear and torch.is_grad_enabled():
+            return _NoSecondDerivative.apply(grad_value, grad), None, None, None, None, None, None
+        return grad_value * grad, None, None, None, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``grad_value * grad`` whose own derivative raises: the differentiable-style loss is not linear in logp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_value, grad):  # noqa: D102
+        return grad_value * grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        pass
+
+    @staticmethod
+    def backward(ctx, _):  # noqa: D102
+        raise RuntimeError(
+            "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
+            "is not linear in logp, and returning 0 would be silently wrong); the REINFORCE-style losses "
+            "(style='reinforce') are linear in logp and support double backward exactly"
+        )
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig) -> torch.Tensor:
+    """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only)."""
+    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg)[0]

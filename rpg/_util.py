@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import torch
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -29,3 +31,36 @@ def check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``valid``, listing the valid options."""
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid options: {', '.join(repr(v) for v in valid)}")
+
+
+def as_real(name: str, value: object) -> float:
+    """A Python float from a real number, a numpy scalar or a one-element tensor; ``TypeError`` otherwise.
+
+    ``bool`` is refused (it is not a number a user means). A tensor is read with ``.item()``: call
+    this on settings, never in a hot path."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, Real):
+        if type(value).__module__ == "numpy" and hasattr(value, "item") and not isinstance(value.item(), bool):
+            item = value.item()
+            if isinstance(item, Real):
+                return float(item)
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def as_int(name: str, value: object) -> int:
+    """A Python int from an integer, a numpy integer or a one-element integer tensor; ``TypeError`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        return int(value.item())
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    if isinstance(value, Integral):
+        return int(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
+        return int(value)
+    raise TypeError(f"{name} must be an integer, got {type(value).__name__}")

@@ -24,18 +24,19 @@ constant L: pass ``max_len`` (default: the padded width T, which changes with
 padding — set it for Dr. GRPO).
 
 An empty mask gives 0, not NaN (a zero count is replaced by 1; the sum it
-divides is then 0). Nothing here calls ``.item()`` or copies a Python number to
-the device: no host-device sync. Tensor counts are not validated (that would
-need a sync); Python counts must be ≥ 0.
+divides is then 0). Nothing here calls ``.item()`` on an accelerator tensor or
+copies a Python number to the device: no host-device sync. Counts must be finite
+and ≥ 0: Python numbers, numpy scalars and CPU tensors are checked with a
+``ValueError``, accelerator tensors by an asynchronous device assertion.
 """
 
 from __future__ import annotations
 
-from numbers import Real
+import math
 
 import torch
 
-from ._util import check_choice
+from ._util import as_real, check_choice
 
 __all__ = ["AGG_MODES", "aggregate", "check_count"]
 
@@ -43,24 +44,35 @@ AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 
 
 def check_count(name: str, value: object) -> None:
-    """Validate an optional global count: ``None``, a number ≥ 0, or a tensor with one element."""
+    """Validate an optional global count: ``None``, a finite number ≥ 0, or a one-element tensor.
+
+    A CPU tensor is checked here (no sync); on an accelerator the check is an asynchronous
+    device assertion (no host-device sync): a negative, NaN or infinite count fails there."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        ok = torch.isfinite(value) & (value >= 0) if value.is_floating_point() else value >= 0
+        if value.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"{name} must be finite and >= 0, got {value.item()!r}")
+        elif value.device.type != "meta" and not torch.compiler.is_compiling():
+            torch._assert_async(ok.reshape(()), f"{name} must be finite and >= 0")
         return
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number or a scalar tensor, got {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    count = as_real(name, value)
+    if not 0 <= count < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 def denominator(count, default: torch.Tensor, like: torch.Tensor):
     """The count to divide by, 1 where it is 0. A Python number stays a Python number, so
     that no host-to-device copy (a sync on CUDA) happens; a tensor is used where it lives."""
-    if isinstance(count, Real):
-        return float(count) if count > 0 else 1.0
+    if count is not None and not isinstance(count, torch.Tensor):
+        count = as_real("count", count)
+        return count if count > 0 else 1.0
     count = (default if count is None else count.to(like.device, non_blocking=True)).to(like.dtype)
     return torch.where(count > 0, count, torch.ones_like(count))
 
@@ -86,7 +98,8 @@ def aggregate_masked(
     if agg == "seq-mean-token-sum":
         return per_token.sum() / seqs
     if agg == "seq-mean-token-sum-norm":
-        return per_token.sum() / (seqs * (per_token.shape[-1] if max_len is None else max_len))
+        length = max(per_token.shape[-1], 1) if max_len is None else max_len  # T = 0: the sum is 0, and so is the loss
+        return per_token.sum() / (seqs * length)
     check_choice("agg", agg, AGG_MODES)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -1,6 +1,6 @@
 r"""Clipping rules for importance ratios: PPO / dual clip, RPG-Style Clip, truncation.
 
-Three rules, each a pure function of per-token tensors (DESIGN §4, paper §3.3,
+Clip rules are small frozen objects that carry their own behaviour (paper §3.3,
 §4.1, App. G, Algorithms 1 and 2). ``w = exp(logp − old_logp)``; ε_low, ε_high
 and the dual bound c_dual come from :class:`Clip` / :class:`Truncate`.
 
@@ -27,8 +27,7 @@ REINFORCE weight g and the effective advantage A′ = g/w (same sign as g):
 * A′ ≥ 0: the token keeps its gradient only while w < 1+ε_high;
 * A′ < 0: only while 1−ε_low < w < c_dual.
 
-Otherwise its gradient is 0 and its value −g·logp is kept, detached (DESIGN
-§4; Algorithm 2 instead prints the value at the bound, e.g. A′_high·w_high·ℓ —
+Otherwise its gradient is 0 and its value −g·logp is kept, detached (Algorithm 2 instead prints the value at the bound, e.g. A′_high·w_high·ℓ —
 the gradient, 0, is the same). This is exactly the gradient mask of the PPO
 dual clip applied to sg(A′). We branch on A′ as the paper does; the authors'
 released code branches on A alone and evaluates the KL part at the clipped w
@@ -36,9 +35,18 @@ released code branches on A alone and evaluates the KL part at the clipped w
 
 **Truncation** (:func:`truncate`, paper eq. 4.1, CISPO): the importance weight
 in the REINFORCE weight is replaced by w̄ = sg(clip(w, 1−ε_low, 1+ε_high)):
-g = w̄·(A − β·per_w) − β·const (:func:`rpg.objectives.kl_grad_split`), i.e.
+g = w̄·(A − β·per_w) − β·const (the KL term's ``split``, :class:`rpg.objectives.KLTerm`), i.e.
 C(w, sg(A′)) with the effective advantage A′ at the unclipped w — log ρ and c
 are not clipped. Every token keeps a gradient, with a bounded weight.
+
+**How a rule plugs in.** Every rule subclasses :class:`ClipRule` and answers
+four questions, so neither the loss kernel nor the metrics branch on its type:
+``styles`` (which loss styles it applies to), ``effective_ratio(w, Â)`` (the
+differentiable style's ℓ = −m·Â and the tokens whose gradient through w is cut),
+``reinforce_ratio(log_w)`` (the importance weight the REINFORCE weight g uses:
+w itself, or a truncated w̄) and ``reinforce_clipped(w, g)`` (the REINFORCE
+tokens that lose their gradient), plus ``codes(w, direction)`` for the metrics.
+A new rule is one class here and its tests.
 
 Clip codes (:func:`codes`, ``int8`` per token, computed only when metrics are
 read) record which bound bound the token: 0 none, 1 low, 2 high, 3 dual.
@@ -55,37 +63,60 @@ from numbers import Real
 
 import torch
 
-__all__ = [
-    "Clip",
-    "Truncate",
-    "ppo",
-    "rpg_clip",
-    "truncate",
-    "in_band",
-    "branch_bounds",
-    "out_of_band",
-    "codes",
-    "NONE",
-    "LOW",
-    "HIGH",
-    "DUAL",
-]
+from ._util import as_real
+
+__all__ = ["ClipRule", "Clip", "Truncate", "ppo", "rpg_clip", "truncate", "codes"]
 
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
+_INF = float("inf")
 
 
-def _check_bound(name: str, value: object, ok, rule: str) -> None:
-    """Raise TypeError for a non-number, ValueError unless ``ok(value)``; ``None`` is always valid."""
+def _check_bound(name: str, value: object, ok, rule: str):
+    """The bound as a float (``None`` stays ``None``); TypeError for a non-number, ValueError unless ``ok``."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
+        return None
+    value = as_real(name, value)
     if math.isnan(value) or not ok(value):
         raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
+    return value
+
+
+def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor made on ``like``'s device (no host-to-device copy)."""
+    return torch.full((), v, dtype=like.dtype, device=like.device)
+
+
+def _out_of_band(w: torch.Tensor, lo_t: torch.Tensor, hi_t: torch.Tensor) -> torch.Tensor:
+    """Bool: w ≤ lo or w ≥ hi (a ratio at a bound counts as clipped)."""
+    return torch.le(w, lo_t).logical_or_(w >= hi_t)
+
+
+class ClipRule:
+    """Base of every clip rule: the answers the kernel and the metrics ask of it (module docstring).
+
+    Subclasses are frozen dataclasses (hashable, so ``torch.compile`` treats them as constants)."""
+
+    styles: tuple[str, ...] = ("differentiable", "reinforce")
+
+    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w."""
+        raise ValueError(f"{type(self).__name__} does not apply to style='differentiable'")
+
+    def reinforce_ratio(self, log_w: torch.Tensor) -> torch.Tensor | None:
+        """REINFORCE style: the importance weight g is evaluated at (a value), or ``None`` for w itself."""
+        return None
+
+    def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        """REINFORCE style: bool ``[B, T]``, the tokens whose gradient −g is set to 0, or ``None``."""
+        return None
+
+    def codes(self, w: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """``int8`` code per token for the metrics: 0 none, 1 low, 2 high, 3 dual."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Clip:
+class Clip(ClipRule):
     r"""Clip bounds for the importance ratio w = π_θ/π_old.
 
     Args:
@@ -107,55 +138,111 @@ class Clip:
     dual: float | None = 3.0
 
     def __post_init__(self) -> None:
-        _check_bound("Clip.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
-        _check_bound("Clip.high", self.high, lambda v: v >= 0, "high >= 0")
-        _check_bound("Clip.dual", self.dual, lambda v: v > 1, "dual > 1")
+        object.__setattr__(self, "low", _check_bound("Clip.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1"))
+        object.__setattr__(self, "high", _check_bound("Clip.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf"))
+        object.__setattr__(self, "dual", _check_bound("Clip.dual", self.dual, lambda v: 1 < v < _INF, "1 < dual < inf"))
+
+    def bounds(self, up: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Per-element open interval (lo, hi) for w on each branch: ``up`` → (−∞, 1+ε_high), else (1−ε_low, c_dual).
+
+        Shaped like ``up`` (``[B, 1]`` for per-sequence advantages: tiny), so the clip is one
+        ``clamp`` and the band two comparisons. Off bounds are ±∞."""
+        lo = -_INF if self.low is None else 1 - self.low
+        hi = _INF if self.high is None else 1 + self.high
+        dual = _INF if self.dual is None else self.dual
+        lo_t = torch.where(up, _scalar(-_INF, like), _scalar(lo, like))
+        hi_t = torch.where(up, _scalar(hi, like), _scalar(dual, like))
+        return lo_t, hi_t
+
+    def effective_ratio(self, w, adv_hat):
+        m = torch.clamp(w, *self.bounds(adv_hat >= 0, w))
+        return m, m != w
+
+    def reinforce_clipped(self, w, g):
+        return _out_of_band(w, *self.bounds(g >= 0, w))
+
+    def codes(self, w, direction):
+        up, down = direction > 0, direction < 0
+        code = torch.zeros_like(w, dtype=torch.int8)
+        if self.low is not None:
+            code.masked_fill_(down & (w <= 1 - self.low), LOW)
+        if self.high is not None:
+            code.masked_fill_(up & (w >= 1 + self.high), HIGH)
+        if self.dual is not None:
+            code.masked_fill_(down & (w >= self.dual), DUAL)
+        return code
 
 
 @dataclass(frozen=True)
-class Truncate:
+class Truncate(ClipRule):
     r"""Truncated importance weights (paper eq. 4.1; CISPO): w̄ = sg(clip(w, 1−low, 1+high)).
 
     Used with ``style="reinforce"``: every token keeps its gradient, with the
     REINFORCE weight evaluated at w̄. ``low``: 0 ≤ low < 1 or ``None`` (no lower
-    bound); ``high`` ≥ 0 or ``None`` (no upper bound).
+    bound); ``high`` ≥ 0 or ``None`` (no upper bound). With ``absolute=True`` the
+    bounds are values of w itself, w̄ = sg(clip(w, low, high)) with 0 ≤ low and
+    0 < high (e.g. a cap below 1, as TRL's CISPO reads its ``epsilon_high``);
+    :meth:`Truncate.at` builds that.
     """
 
     low: float | None = None
     high: float | None = 0.28
+    absolute: bool = False
+
+    styles = ("reinforce",)
 
     def __post_init__(self) -> None:
-        _check_bound("Truncate.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
-        _check_bound("Truncate.high", self.high, lambda v: v >= 0, "high >= 0")
+        if not isinstance(self.absolute, bool):
+            raise TypeError(f"Truncate.absolute must be a bool, got {type(self.absolute).__name__}")
+        if self.absolute:
+            low = _check_bound("Truncate.low", self.low, lambda v: 0 <= v < _INF, "0 <= low < inf (absolute)")
+            high = _check_bound("Truncate.high", self.high, lambda v: 0 < v < _INF, "0 < high < inf (absolute)")
+        else:
+            low = _check_bound("Truncate.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
+            high = _check_bound("Truncate.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+        lo, hi = self.ratio_bounds()
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"Truncate bounds are empty: lower bound {lo} > upper bound {hi}")
+
+    @classmethod
+    def at(cls, lower: float | None = None, upper: float | None = None) -> Truncate:
+        r"""Truncation to absolute bounds of w: w̄ = sg(clip(w, lower, upper)) (``Truncate(lower, upper, absolute=True)``)."""
+        return cls(lower, upper, absolute=True)
+
+    def ratio_bounds(self) -> tuple[float | None, float | None]:
+        """The bounds as values of w: (1 − low, 1 + high), or (low, high) when ``absolute``; ``None`` = off."""
+        if self.absolute:
+            return self.low, self.high
+        return (None if self.low is None else 1 - self.low, None if self.high is None else 1 + self.high)
+
+    def log_bounds(self) -> tuple[float | None, float | None]:
+        """The bounds on log w, ``None`` where a bound is off."""
+        lo, hi = self.ratio_bounds()
+        return (None if lo is None else (math.log(lo) if lo > 0 else -_INF), None if hi is None else math.log(hi))
+
+    def __repr__(self) -> str:
+        extra = ", absolute=True" if self.absolute else ""
+        return f"Truncate(low={self.low!r}, high={self.high!r}{extra})"
+
+    def effective_ratio(self, w, adv_hat):
+        raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
+
+    def reinforce_ratio(self, log_w):
+        return truncate(log_w, self).exp()
+
+    def codes(self, w, direction):
+        lo, hi = self.ratio_bounds()
+        code = torch.zeros_like(w, dtype=torch.int8)
+        if lo is not None:
+            code.masked_fill_(w < lo, LOW)
+        if hi is not None:
+            code.masked_fill_(w > hi, HIGH)
+        return code
 
 
-def _bounds(clip: Clip | Truncate) -> tuple[float | None, float | None, float | None]:
-    """(1 − ε_low, 1 + ε_high, c_dual) with ``None`` for a bound that is off."""
-    lo = 1 - clip.low if clip.low is not None else None
-    hi = 1 + clip.high if clip.high is not None else None
-    return lo, hi, getattr(clip, "dual", None)
-
-
-def branch_bounds(up: torch.Tensor, clip: Clip, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-element open interval (lo, hi) for w on each branch: Â ≥ 0 → (−∞, 1+ε_high), else (1−ε_low, c_dual).
-
-    Shaped like ``up`` (``[B, 1]`` for per-sequence advantages: tiny), so the
-    clip is one ``clamp`` and the band two comparisons. Off bounds are ±∞.
-    """
-    inf = float("inf")
-    lo, hi, dual = _bounds(clip)
-
-    def scalar(v):  # a 0-dim tensor made on the device (no host-to-device copy)
-        return torch.full((), v, dtype=dtype, device=up.device)
-
-    lo_t = torch.where(up, scalar(-inf), scalar(-inf if lo is None else lo))
-    hi_t = torch.where(up, scalar(inf if hi is None else hi), scalar(inf if dual is None else dual))
-    return lo_t, hi_t
-
-
-def out_of_band(w: torch.Tensor, lo_t: torch.Tensor, hi_t: torch.Tensor) -> torch.Tensor:
-    """Bool: w ≤ lo or w ≥ hi (the clipped tokens; a ratio at a bound counts as clipped)."""
-    return torch.le(w, lo_t).logical_or_(w >= hi_t)
+# --- the rules as plain functions -------------------------------------------------------------
 
 
 def in_band(w: torch.Tensor, up: torch.Tensor, clip: Clip) -> torch.Tensor:
@@ -164,7 +251,7 @@ def in_band(w: torch.Tensor, up: torch.Tensor, clip: Clip) -> torch.Tensor:
     ``up`` (the sign of Â or A′, ≥ 0): w < 1+ε_high; otherwise 1−ε_low < w < c_dual.
     A ratio exactly at a bound counts as clipped (Algorithm 2's strict inequalities).
     """
-    return out_of_band(w, *branch_bounds(up, clip, w.dtype)).logical_not_()
+    return _out_of_band(w, *clip.bounds(up, w)).logical_not_()
 
 
 def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +269,7 @@ def ppo(w: torch.Tensor, adv_hat: torch.Tensor, clip: Clip) -> tuple[torch.Tenso
         bound (a kink of max/min, measure zero) keeps its gradient here, as the
         unclipped term; RPG-Style Clip follows Algorithm 2's strict inequalities.
     """
-    lo_t, hi_t = branch_bounds(adv_hat >= 0, clip, w.dtype)
-    m = torch.clamp(w, lo_t, hi_t)
-    return m, m != w
+    return clip.effective_ratio(w, adv_hat)
 
 
 def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:
@@ -194,31 +279,20 @@ def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:
     (A′ ≥ 0: w ≥ 1+ε_high; A′ < 0: w ≤ 1−ε_low or w ≥ c_dual); :func:`in_band`
     is its complement.
     """
-    return out_of_band(w, *branch_bounds(g >= 0, clip, w.dtype))
+    return clip.reinforce_clipped(w, g)
 
 
 def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:
     r"""Truncated log-ratio log w̄ = clip(log w, log(1−low), log(1+high)), a value (use it inside sg)."""
-    lo = math.log1p(-trunc.low) if trunc.low is not None else None
-    hi = math.log1p(trunc.high) if trunc.high is not None else None
+    lo, hi = trunc.log_bounds()
     return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
 
 
-def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: Clip | Truncate) -> torch.Tensor:
+def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule) -> torch.Tensor:
     r"""``int8`` clip code per token, for the metrics: 0 none, 1 low, 2 high, 3 dual.
 
     Under :class:`Clip` a bound counts only for the sign of ``direction`` (Â or
     A′) it acts on, and never for a zero one; under :class:`Truncate` (``direction``
     unused) wherever w lies outside [1−low, 1+high].
     """
-    lo, hi, dual = _bounds(clip)
-    false = torch.zeros_like(w, dtype=torch.bool)
-    if isinstance(clip, Truncate):
-        low = w < lo if lo is not None else false
-        high = w > hi if hi is not None else false
-        return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH
-    up, down = direction > 0, direction < 0
-    low = down & (w <= lo) if lo is not None else false
-    high = up & (w >= hi) if hi is not None else false
-    dual_ = down & (w >= dual) if dual is not None else false
-    return low.to(torch.int8) * LOW + high.to(torch.int8) * HIGH + dual_.to(torch.int8) * DUAL
+    return clip.codes(w, direction)

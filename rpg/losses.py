@@ -1,48 +1,44 @@
 r"""Loss classes: the generic :class:`PolicyLoss` and its first instance, :class:`RPGLoss`.
 
-A loss object holds settings only — no networks, no trainer state. Calling it
-(DESIGN §6)::
+A loss object holds one frozen :class:`~rpg.LossConfig` — no networks, no trainer
+state — and calling it is :func:`rpg.policy_loss` with that configuration::
 
-    out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None,
-                  batch_num_tokens=None, global_batch_size=None)
+    out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None, behavior_logp=None,
+                  batch_num_tokens=None, global_batch_size=None, *, weights=None, entropy=None)
     out.loss       # scalar; backward() gives the gradient
     out.per_token  # [B, T], 0 where mask is 0; differentiable
     out.metrics    # dict[str, float], computed on first access
 
 ``PolicyLoss`` = policy-gradient term (clip rule) + KL term (divergence
-surrogate, in the loss or folded into the advantage) + aggregation. Named losses
-are configurations of it; their ``repr`` shows the configuration.
+surrogate, in the loss or folded into the advantage) + rollout correction +
+per-token weights + entropy bonus + aggregation. Named losses are
+configurations of it; their ``repr`` shows the arguments they were built with
+and ``.config`` the framework settings. Loss objects are immutable (a setting
+cannot drift from what was validated), compare equal when their configurations
+are equal, and hash accordingly; ``loss.replace(beta=0.1)`` gives a new one.
 """
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import torch
 
-from ._kernel import Spec, TokenLoss
-from ._util import check_choice, check_floating, compute_dtype
-from .aggregation import AGG_MODES, aggregate_masked, check_count
-from .clipping import Clip, Truncate
-from .kl import DIVERGENCES
+from ._util import check_choice
+from .clipping import Clip, ClipRule
+from .config import RATIOS, STYLES, LossConfig
+from .correction import RolloutCorrection
+from .functional import policy_loss
 from .metrics import LossOutput
-from .objectives import KL_TERMS
+from .objectives import DIVERGENCES
 
 __all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
-STYLES = ("differentiable", "reinforce")
-RATIOS = ("token", "sequence")
-
-
-def _check_shape(name: str, x: torch.Tensor, shape: torch.Size) -> None:
-    if x.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape {tuple(shape)}; they must match")
+_FIELDS = ("kl", "beta", "style", "clip", "agg", "fold_kl", "max_len", "ratio", "correction", "entropy_coef")
 
 
 class PolicyLoss:
     r"""Generic KL-regularized policy-gradient loss: PG term + KL term + aggregation.
 
-    Per token (all ``[B, T]``; w = π_θ/π_old, tokens sampled from π_old):
+    Per token (all ``[B, T]``; w = π_θ/π_old):
 
     * ``style="differentiable"``: ℓ = −m·A + β·KL-surrogate, where m = w
       without a clip and the PPO / dual effective ratio with a :class:`~rpg.Clip`
@@ -52,33 +48,41 @@ class PolicyLoss:
     * ``style="reinforce"``: ℓ = −sg(g)·logp with g = −∂ℓ_diff/∂logp, the same
       expected gradient. A :class:`~rpg.Clip` applies RPG-Style Clip
       (Algorithm 2); a :class:`~rpg.Truncate` evaluates g at sg(clip(w)).
-
     * ``ratio="sequence"`` (GSPO, differentiable style): the PG term uses the
       sequence ratio s = exp(mean_t log w) in place of w.
+
+    Then, per token, the loss is multiplied by the rollout correction's constant
+    weight when the call passes ``behavior_logp`` (:class:`~rpg.RolloutCorrection`)
+    and by the call's ``weights``, and ``entropy_coef``·entropy is subtracted.
 
     The KL terms are those of :mod:`rpg.objectives`: a divergence surrogate
     (fkl, rkl, ufkl, urkl — exact gradients), an unweighted estimator penalty
     (k1, k2, k3 — GRPO-style, see :mod:`rpg.kl` for what their gradients follow),
     or ``None``. The per-token loss and its closed-form derivative come from one
-    ``autograd.Function`` that saves one tensor; only ``logp`` receives gradient
-    (``old_logp``, ``ref_logp``, ``advantages`` are treated as constants).
-    The named losses (:class:`RPGLoss`, :class:`~rpg.GRPOLoss`, ...) are
-    configurations of this class; :attr:`config` shows it.
+    ``autograd.Function`` that saves one tensor; only ``logp`` (and ``entropy``)
+    receive gradient. The named losses (:class:`RPGLoss`, :class:`~rpg.GRPOLoss`, ...)
+    are configurations of this class; :attr:`config` shows it.
 
     Args:
-        kl: the KL term (one of ``rpg.objectives.KL_TERMS``), or ``None``.
+        kl: the KL term (one of ``rpg.KL_TERMS``), or ``None``.
         beta: β ≥ 0, the KL coefficient (must be 0 without a KL term).
         style: ``"differentiable"`` or ``"reinforce"``.
-        clip: :class:`~rpg.Clip`, :class:`~rpg.Truncate` (reinforce only) or ``None``.
+        clip: a clip rule (:class:`~rpg.Clip`, :class:`~rpg.Truncate` (reinforce only)) or ``None``.
         agg: aggregation mode (:mod:`rpg.aggregation`).
         fold_kl: fold the KL into the clipped advantage (differentiable style,
             rkl/urkl only; it drops the KL gradient for fkl/ufkl, so refused there).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"`` (default) or ``"sequence"`` (GSPO).
+        correction: the :class:`~rpg.RolloutCorrection` for calls with ``behavior_logp``
+            (default ``None``: ``RolloutCorrection()``, token-level truncation at 2).
+        entropy_coef: c_H ≥ 0, the entropy bonus (the call must pass ``entropy=``).
     """
 
-    _repr_fields: tuple[str, ...] = ("kl", "style", "beta", "clip", "agg", "fold_kl", "max_len", "ratio")
-    _repr_defaults: dict = {"fold_kl": False, "max_len": None, "ratio": "token"}
+    __slots__ = ("_config", "_args")
+    _arg_names: tuple[str, ...] = _FIELDS
+    _arg_defaults: dict = {
+        "fold_kl": False, "max_len": None, "ratio": "token", "correction": None, "entropy_coef": 0.0,
+    }
 
     def __init__(
         self,
@@ -86,55 +90,89 @@ class PolicyLoss:
         kl: str | None = None,
         beta: float = 0.0,
         style: str = "differentiable",
-        clip: Clip | Truncate | None = None,
+        clip: ClipRule | None = None,
         agg: str = "token-mean",
         fold_kl: bool = False,
         max_len: int | None = None,
         ratio: str = "token",
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
     ) -> None:
-        if kl is not None:
-            check_choice("kl", kl, KL_TERMS)
-        check_choice("style", style, STYLES)
-        check_choice("ratio", ratio, RATIOS)
-        check_choice("agg", agg, AGG_MODES)
-        if isinstance(beta, bool) or not isinstance(beta, Real):
-            raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-        if not 0 <= beta < float("inf"):
-            raise ValueError(f"beta must be >= 0 and finite, got {beta!r}")
-        if kl is None and beta != 0:
-            raise ValueError(f"beta={beta!r} needs a KL term: pass kl= one of {', '.join(map(repr, KL_TERMS))}")
-        if clip is not None and not isinstance(clip, (Clip, Truncate)):
-            raise TypeError(f"clip must be rpg.Clip, rpg.Truncate or None, got {type(clip).__name__}")
-        if isinstance(clip, Truncate) and style != "reinforce":
-            raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
-        if fold_kl and style != "differentiable":
-            raise ValueError("fold_kl applies to style='differentiable' (RPG-Style Clip already branches on A' = g/w)")
-        if fold_kl and kl not in ("rkl", "urkl"):
-            raise ValueError(
-                f"fold_kl=True is biased for kl={kl!r}: folding the KL into the clipped advantage Â = g/w "
-                "is exact only for 'rkl' and 'urkl' (for 'fkl'/'ufkl' it drops beta*E_old[c*grad logp] != 0)"
-            )
-        if ratio == "sequence" and (style != "differentiable" or fold_kl):
-            raise ValueError("ratio='sequence' (GSPO) applies to style='differentiable' without fold_kl")
-        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, Integral) or max_len <= 0):
-            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-        self.kl, self.beta, self.style, self.clip, self.agg = kl, float(beta), style, clip, agg
-        self.fold_kl, self.max_len = bool(fold_kl), None if max_len is None else int(max_len)
-        self.ratio = ratio
+        cfg = LossConfig(kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef)
+        self._init(cfg, cfg.as_dict())
+
+    def _init(self, config: LossConfig, args: dict) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_args", args)
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> PolicyLoss:
+        """The :class:`PolicyLoss` holding ``config`` (a :class:`~rpg.LossConfig`)."""
+        if not isinstance(config, LossConfig):
+            raise TypeError(f"config must be rpg.LossConfig, got {type(config).__name__}")
+        loss = PolicyLoss.__new__(PolicyLoss)
+        loss._init(config, config.as_dict())
+        return loss
+
+    # --- settings: read-only views of the one configuration ---------------------------------
 
     @property
-    def _spec(self) -> Spec:
-        """The kernel's view of the settings, read at each call (so it can never disagree with them)."""
-        return Spec(kl=self.kl, beta=self.beta, style=self.style, clip=self.clip, fold_kl=self.fold_kl, ratio=self.ratio)
+    def loss_config(self) -> LossConfig:
+        """The frozen :class:`~rpg.LossConfig` this loss computes with."""
+        return self._config
 
     @property
     def config(self) -> dict:
-        """The :class:`PolicyLoss` configuration this loss is: ``PolicyLoss(**loss.config)`` gives the same loss."""
-        return {k: getattr(self, k) for k in PolicyLoss._repr_fields}
+        """The :class:`PolicyLoss` settings this loss is: ``PolicyLoss(**loss.config)`` gives the same loss."""
+        return self._config.as_dict()
+
+    kl = property(lambda self: self._config.kl, doc="The KL term, or None.")
+    beta = property(lambda self: self._config.beta, doc="β, the KL coefficient.")
+    style = property(lambda self: self._config.style, doc="``'differentiable'`` or ``'reinforce'``.")
+    clip = property(lambda self: self._config.clip, doc="The clip rule, or None.")
+    agg = property(lambda self: self._config.agg, doc="The aggregation mode.")
+    fold_kl = property(lambda self: self._config.fold_kl, doc="Whether the KL is folded into Â.")
+    max_len = property(lambda self: self._config.max_len, doc="L of seq-mean-token-sum-norm, or None.")
+    ratio = property(lambda self: self._config.ratio, doc="``'token'`` or ``'sequence'``.")
+    correction = property(lambda self: self._config.correction, doc="The rollout correction, or None.")
+    entropy_coef = property(lambda self: self._config.entropy_coef, doc="The entropy bonus coefficient.")
+
+    def __getattr__(self, name: str):
+        args = object.__getattribute__(self, "_args")
+        if name in args:  # a preset's own argument (e.g. GRPOLoss.importance_weighted_kl)
+            return args[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(
+            f"{type(self).__name__} is immutable (its settings were validated once): "
+            f"use loss.replace({name}=...) for a new loss with a changed setting"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def replace(self, **changes) -> PolicyLoss:
+        """A new loss with framework settings changed (validated); a :class:`PolicyLoss` with the new config."""
+        unknown = set(changes) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(_FIELDS)}")
+        return PolicyLoss.from_config(self._config.replace(**changes))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PolicyLoss):
+            return NotImplemented
+        return self._config == other._config
+
+    def __hash__(self) -> int:
+        return hash(self._config)
+
+    def __reduce__(self):
+        return (PolicyLoss.from_config, (self._config,))
 
     def __repr__(self) -> str:
-        shown = {k: getattr(self, k) for k in self._repr_fields}
-        shown = {k: v for k, v in shown.items() if k not in self._repr_defaults or v != self._repr_defaults[k]}
+        shown = {k: self._args[k] for k in self._arg_names if k in self._args}
+        shown = {k: v for k, v in shown.items() if k not in self._arg_defaults or v != self._arg_defaults[k]}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __call__(
@@ -144,72 +182,38 @@ class PolicyLoss:
         advantages: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
+        behavior_logp: torch.Tensor | None = None,
         batch_num_tokens: int | float | torch.Tensor | None = None,
         global_batch_size: int | float | torch.Tensor | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
     ) -> LossOutput:
-        r"""Compute the loss.
+        r"""Compute the loss (:func:`rpg.policy_loss` with this configuration).
 
         Args:
             logp: ``[B, T]`` log π_θ of the sampled tokens; the only input with gradient.
-            old_logp: ``[B, T]`` log π_old (behaviour policy); detached.
-            advantages: ``[B]`` or ``[B, T]``; detached. ``None`` means 0 (a pure
+            old_logp: ``[B, T]`` log π_old (the proximal policy the ratio and clip anchor on); detached.
+            advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; detached. ``None`` means 0 (a pure
                 KL objective, e.g. distillation).
             mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
             ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's
                 iterative reference). Required where β > 0 and π_ref ≠ π_old.
+            behavior_logp: ``[B, T]`` log μ of the rollout engine that sampled the tokens;
+                ``None`` means μ = π_old (see :mod:`rpg.correction`).
             batch_num_tokens: token count of the full batch (``token-mean``).
             global_batch_size: sequence count of the full batch (``seq-mean-*``).
+            weights: ``[B, T]`` constant per-token multipliers (see :func:`rpg.policy_loss`).
+            entropy: ``[B, T]`` differentiable entropy for the ``entropy_coef`` bonus.
 
         Returns:
             :class:`LossOutput`. bf16/fp16 inputs are computed in float32;
             float32/float64 in their own dtype.
         """
-        check_floating("logp", logp)
-        if logp.dim() != 2:
-            raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
-        check_floating("old_logp", old_logp)
-        _check_shape("old_logp", old_logp, logp.shape)
-        if ref_logp is not None:
-            check_floating("ref_logp", ref_logp)
-            _check_shape("ref_logp", ref_logp, logp.shape)
-        if advantages is None:
-            advantages = torch.zeros(logp.shape[:1], dtype=logp.dtype, device=logp.device)
-        if not isinstance(advantages, torch.Tensor) or advantages.is_complex():
-            raise TypeError(f"advantages must be a real torch.Tensor, got {getattr(advantages, 'dtype', type(advantages).__name__)}")
-        if advantages.shape not in (logp.shape[:1], logp.shape):
-            raise ValueError(
-                f"advantages must have shape [B] = {tuple(logp.shape[:1])} or [B, T] = {tuple(logp.shape)}, "
-                f"got {tuple(advantages.shape)}"
-            )
-        if mask is None:
-            mask = torch.ones(logp.shape, dtype=torch.bool, device=logp.device)
-        elif not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        else:
-            _check_shape("mask", mask, logp.shape)
-            mask = mask.bool()
-        check_count("batch_num_tokens", batch_num_tokens)
-        check_count("global_batch_size", global_batch_size)
-
-        dtype = compute_dtype(logp.dtype)
-        logp = logp.to(dtype)
-        old_logp = old_logp.detach().to(dtype)
-        if ref_logp is not None:
-            ref_logp = ref_logp.detach().to(dtype)
-        advantages = advantages.detach().to(dtype)
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(-1)
-
-        per_token = TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, self._spec)
-        loss = aggregate_masked(
-            per_token,
-            mask,
-            self.agg,
-            batch_num_tokens=batch_num_tokens,
-            global_batch_size=global_batch_size,
-            max_len=self.max_len,
+        return policy_loss(
+            logp, old_logp, advantages, mask, ref_logp, behavior_logp, batch_num_tokens, global_batch_size,
+            weights=weights, entropy=entropy, config=self._config,
         )
-        return LossOutput(loss, per_token, (logp.detach(), old_logp, ref_logp, advantages, mask, self._spec, batch_num_tokens))
 
 
 class RPGLoss(PolicyLoss):
@@ -236,8 +240,7 @@ class RPGLoss(PolicyLoss):
         beta: β ≥ 0 (default 1e-4, the paper's).
         clip: default ``Clip(low=0.2, high=0.28, dual=3.0)`` (the paper's); ``None`` for none.
         agg: default ``"token-mean"``.
-        fold_kl: see :class:`PolicyLoss`.
-        max_len: see :class:`PolicyLoss`.
+        fold_kl, max_len, correction, entropy_coef: see :class:`PolicyLoss`.
 
     Example::
 
@@ -246,23 +249,27 @@ class RPGLoss(PolicyLoss):
         out.loss.backward()
     """
 
-    _repr_fields = ("divergence", "style", "beta", "clip", "agg", "fold_kl", "max_len")
+    __slots__ = ()
+    _arg_names = ("divergence", "style", "beta", "clip", "agg", "fold_kl", "max_len", "correction", "entropy_coef")
 
     def __init__(
         self,
         divergence: str,
         style: str = "differentiable",
         beta: float = 1e-4,
-        clip: Clip | Truncate | None = Clip(),
+        clip: ClipRule | None = Clip(),
         agg: str = "token-mean",
         *,
         fold_kl: bool = False,
         max_len: int | None = None,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
     ) -> None:
         check_choice("divergence", divergence, DIVERGENCES)
-        super().__init__(kl=divergence, beta=beta, style=style, clip=clip, agg=agg, fold_kl=fold_kl, max_len=max_len)
+        cfg = LossConfig(divergence, beta, style, clip, agg, fold_kl, max_len, "token", correction, entropy_coef)
+        self._init(cfg, {"divergence": divergence, **cfg.as_dict()})
 
     @property
     def divergence(self) -> str:
         """The divergence D of the objective."""
-        return self.kl
+        return self._config.kl

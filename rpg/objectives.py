@@ -37,49 +37,63 @@ E_{π_old}[∂ℓ/∂logp · ∇logp] = −∇J exactly, also when π_ref ≠ π
 
 Every per-token loss is a scalar function of the scalar ``logp``, so each
 function here returns its value *and* its derivative in one pass, with no
-autograd graph: :mod:`rpg.losses` wraps them in one ``autograd.Function`` that
-saves a single tensor (DESIGN §7). Values are exact — no clamp — and the
-unnormalized ones are evaluated with ``expm1`` near ρ = 1 and in log space far
+autograd graph: the losses wrap them in one ``autograd.Function`` that
+saves a single tensor. Values are exact — no clamp — and the
+unnormalized ones are evaluated with ``expm1`` near ρ = 1 and from w and c far
 from it, so ρ never overflows while w and c are finite.
+
+**The registry.** Each KL term is one :class:`KLTerm` record in
+:data:`REGISTRY`: its in-place value/derivative update, its derivative split by
+the importance weight (what truncation needs), and the advantage shift that
+folds it into the clipped advantage where folding is exact. ``KL_TERMS``,
+``DIVERGENCES`` and ``ESTIMATORS`` are read from it, and nothing else in the
+library branches on a term's name: adding a term is one record here (plus its
+exact divergence in :mod:`rpg.kl` if it is one) and its tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ._util import check_choice
-from .kl import DIVERGENCES
 
 __all__ = [
     "DIVERGENCES",
     "ESTIMATORS",
     "KL_TERMS",
+    "KLTerm",
+    "REGISTRY",
     "kl_term",
     "surrogate",
     "reinforce_weight",
-    "kl_accumulate",
-    "kl_grad_split",
 ]
 
-ESTIMATORS = ("k1", "k2", "k3")
-KL_TERMS = DIVERGENCES + ESTIMATORS
 
+class Ratios:
+    r"""The per-token quantities of one batch, each computed once and only if asked for.
 
-def _k3_exp(x: torch.Tensor, scale, log_scale) -> torch.Tensor:
-    """scale·(e^x − 1 − x): expm1 near x = 0; exp(log_scale + x) far from it, finite whenever scale·e^x is.
+    ``logp``, ``old_logp`` and ``ref_logp`` (``None``: π_ref = π_old) are detached ``[B, T]``
+    tensors; ``log_w = logp − old_logp`` and ``w`` may be given by a caller that has them.
+    """
 
-    ``scale``/``log_scale`` are tensors, or ``1.0``/``None`` for scale 1."""
-    near = torch.expm1(x).sub_(x).mul_(scale)
-    far = (x if log_scale is None else log_scale + x).exp()
-    far.sub_((x + 1).mul_(scale))
-    return torch.where(x.abs() < 1, near, far)
+    def __init__(self, logp, old_logp, ref_logp=None, log_w=None, w=None):
+        self.logp, self.old_logp, self.ref_logp = logp, old_logp, ref_logp
+        self._log_w, self._w = log_w, w
 
+    @property
+    def log_w(self):  # log π_θ − log π_old
+        if self._log_w is None:
+            self._log_w = self.logp - self.old_logp
+        return self._log_w
 
-class _Ratios:
-    """log ρ, −log ρ, c and log c of one batch, each computed once and only if asked for."""
-
-    def __init__(self, logp, old_logp, ref_logp, log_w):
-        self.logp, self.old_logp, self.ref_logp, self.log_w = logp, old_logp, ref_logp, log_w
+    @property
+    def w(self):
+        if self._w is None:
+            self._w = self.log_w.exp()
+        return self._w
 
     @property
     def log_rho(self):  # log π_θ − log π_ref
@@ -98,92 +112,146 @@ class _Ratios:
         return self._log_c
 
     @property
-    def c(self):
+    def c(self):  # π_ref / π_old: a tensor, or 1.0 when π_ref = π_old
         if not hasattr(self, "_c"):
             self._c = 1.0 if self.ref_logp is None else self.log_c.exp()
         return self._c
 
 
-def kl_accumulate(
-    divergence: str,
-    value: torch.Tensor | None,
-    grad: torch.Tensor,
-    beta: float,
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor | None,
-    log_w: torch.Tensor,
-    w: torch.Tensor,
-) -> None:
-    r"""In place: ``value += β·KL-surrogate`` (skipped when ``value`` is None) and ``grad += β·∂KL/∂logp``.
+def _k3(x: torch.Tensor, scale, far: torch.Tensor) -> torch.Tensor:
+    """scale·(e^x − 1 − x), a fresh tensor: ``expm1`` near x = 0; ``far`` = scale·e^x (given) away from it.
 
-    The one implementation of every KL term (table above), written to make as
-    few passes over memory as it can — on a CPU the fast path's cost is mostly
-    fresh tensors. ``log_w = logp − old_logp`` and ``w = exp(log_w)`` come from
-    the caller; ``ref_logp=None`` means π_ref = π_old (c = 1). ``value`` and
-    ``grad`` are ``[B, T]`` tensors the caller owns. Inputs must be detached.
+    ``far`` comes from quantities the kernel already has (w or c), so ρ = e^x is never formed
+    and never overflows while w and c are finite; ``scale`` is a tensor or ``1.0``."""
+    near = torch.expm1(x).sub_(x)
+    if not isinstance(scale, float):
+        near.mul_(scale)
+    far = far - (x + 1) * scale
+    return torch.where(x.abs() < 1, near, far)
+
+
+def _sub_c(grad: torch.Tensor, beta: float, r: Ratios) -> None:
+    grad.sub_(beta) if r.ref_logp is None else grad.sub_(r.c, alpha=beta)
+
+
+# --- the records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    r"""One KL term of the framework: everything the library needs to know about it, in one place.
+
+    Attributes:
+        name: the ``kl=`` name (``"rkl"``, ``"k3"``, …).
+        divergence: ``True`` for an objective D whose surrogate's expected gradient is exactly ∇D
+            (an exact divergence of the same name lives in :func:`rpg.kl.divergence`); ``False``
+            for an unweighted estimator used as a penalty.
+        surrogate: the per-token surrogate as a formula (β excluded), for docs and errors.
+        accumulate: ``(value | None, grad, beta, r) -> None``: in place, ``value += β·surrogate``
+            (skipped when ``value`` is None) and ``grad += β·∂surrogate/∂logp``, ``r`` a :class:`Ratios`.
+        split: ``r -> (per_w, const)`` with ∂surrogate/∂logp = w·per_w + const: the importance
+            weight factored out, so truncation can replace w by w̄ and keep log ρ and c exact.
+        fold: ``r -> shift`` such that Â = A − β·shift is the exact folded advantage g/w of
+            Algorithm 1, or ``None`` where folding the term into the clipped advantage is biased.
     """
-    r = _Ratios(logp, old_logp, ref_logp, log_w)
-    if divergence == "fkl":  # −c·logp → −c
-        if value is not None:
-            value.sub_(logp if ref_logp is None else logp * r.c, alpha=beta)
-        grad.sub_(beta) if ref_logp is None else grad.sub_(r.c, alpha=beta)
-    elif divergence == "rkl":  # w·log ρ → w·(log ρ + 1)
-        w_log_rho = w * r.log_rho
-        if value is not None:
-            value.add_(w_log_rho, alpha=beta)
-        grad.add_(w_log_rho.add_(w), alpha=beta)
-    elif divergence == "ufkl":  # c·(ρ − 1 − log ρ) → w − c
-        if value is not None:
-            value.add_(_k3_exp(r.log_rho, r.c, r.log_c), alpha=beta)
-        grad.add_(w, alpha=beta)
-        grad.sub_(beta) if ref_logp is None else grad.sub_(r.c, alpha=beta)
-    elif divergence == "urkl":  # w·(1/ρ − 1 + log ρ) → w·log ρ
-        if value is not None:
-            value.add_(_k3_exp(-r.log_rho, w, log_w), alpha=beta)
-        grad.addcmul_(w, r.log_rho, value=beta)
-    elif divergence == "k1":  # log ρ → 1
-        if value is not None:
-            value.add_(r.log_rho, alpha=beta)
-        grad.add_(beta)
-    elif divergence == "k2":  # ½(log ρ)² → log ρ
-        if value is not None:
-            value.addcmul_(r.log_rho, r.log_rho, value=0.5 * beta)
-        grad.add_(r.log_rho, alpha=beta)
-    elif divergence == "k3":  # 1/ρ − 1 + log ρ → 1 − 1/ρ, with t = −log ρ: k3 = expm1(t) − t
-        t = r.neg_log_rho
-        e = torch.expm1(t)
-        if value is not None:
-            value.add_(e, alpha=beta).sub_(t, alpha=beta)
-        grad.sub_(e, alpha=beta)
-    else:
-        check_choice("kl", divergence, KL_TERMS)
+
+    name: str
+    divergence: bool
+    surrogate: str
+    accumulate: Callable
+    split: Callable
+    fold: Callable | None = None
 
 
-def kl_grad_split(
-    divergence: str, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, log_w: torch.Tensor
-) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    r"""The KL derivative split by its importance weight: ∂KL/∂logp = w·per_w + const.
+def _fkl(value, grad, beta, r):  # −c·logp → −c
+    if value is not None:
+        value.sub_(r.logp if r.ref_logp is None else r.logp * r.c, alpha=beta)
+    _sub_c(grad, beta, r)
 
-    fkl: (0, −c); rkl: (log ρ + 1, 0); ufkl: (1, −c); urkl: (log ρ, 0); the
-    unweighted estimators: (0, ∂k/∂logp). The REINFORCE weight is then
-    g = w·(A − β·per_w) − β·const, so the effective advantage is A′ = g/w, and
-    truncation (:class:`rpg.Truncate`) replaces only the weight w by w̄ — log ρ
-    and c stay exact (DESIGN §4).
-    """
-    r = _Ratios(logp, old_logp, ref_logp, log_w)
-    if divergence == "fkl":
-        return 0.0, -r.c
-    if divergence == "rkl":
-        return r.log_rho + 1, 0.0
-    if divergence == "ufkl":
-        return 1.0, -r.c
-    if divergence == "urkl":
-        return r.log_rho, 0.0
-    if divergence in ESTIMATORS:  # unweighted penalties: no importance weight in their derivative
-        return 0.0, kl_term(divergence, logp, old_logp, ref_logp)[1]
-    check_choice("kl", divergence, KL_TERMS)
-    raise AssertionError("unreachable")  # pragma: no cover
+
+def _rkl(value, grad, beta, r):  # w·log ρ → w·(log ρ + 1)
+    w_log_rho = r.w * r.log_rho
+    if value is not None:
+        value.add_(w_log_rho, alpha=beta)
+    grad.add_(w_log_rho.add_(r.w), alpha=beta)
+
+
+def _ufkl(value, grad, beta, r):  # c·(ρ − 1 − log ρ) → w − c; far from ρ = 1: c·ρ = w
+    if value is not None:
+        value.add_(_k3(r.log_rho, r.c, r.w), alpha=beta)
+    grad.add_(r.w, alpha=beta)
+    _sub_c(grad, beta, r)
+
+
+def _urkl(value, grad, beta, r):  # w·(1/ρ − 1 + log ρ) → w·log ρ; far from ρ = 1: w/ρ = c
+    if value is not None:
+        far = 1.0 if r.ref_logp is None else r.c
+        value.add_(_k3(r.neg_log_rho, r.w, far), alpha=beta)
+    grad.addcmul_(r.w, r.log_rho, value=beta)
+
+
+def _k1(value, grad, beta, r):  # log ρ → 1
+    if value is not None:
+        value.add_(r.log_rho, alpha=beta)
+    grad.add_(beta)
+
+
+def _k2(value, grad, beta, r):  # ½(log ρ)² → log ρ
+    if value is not None:
+        value.addcmul_(r.log_rho, r.log_rho, value=0.5 * beta)
+    grad.add_(r.log_rho, alpha=beta)
+
+
+def _k3_penalty(value, grad, beta, r):  # 1/ρ − 1 + log ρ → 1 − 1/ρ; with t = −log ρ: expm1(t) − t
+    t = r.neg_log_rho
+    e = torch.expm1(t)
+    if value is not None:
+        value.add_(e, alpha=beta).sub_(t, alpha=beta)
+    grad.sub_(e, alpha=beta)
+
+
+def _unweighted(term):
+    """The split of an unweighted penalty: no importance weight in its derivative."""
+
+    def split(r):
+        grad = torch.zeros_like(r.log_w)
+        term(None, grad, 1.0, r)
+        return 0.0, grad
+
+    return split
+
+
+REGISTRY: dict[str, KLTerm] = {}
+
+
+def register(term: KLTerm) -> KLTerm:
+    """Add a :class:`KLTerm` to :data:`REGISTRY` (its name must be new)."""
+    if term.name in REGISTRY:
+        raise ValueError(f"KL term {term.name!r} is already registered")
+    REGISTRY[term.name] = term
+    return term
+
+
+register(KLTerm("fkl", True, "−c·logp", _fkl, lambda r: (0.0, -r.c)))
+register(KLTerm("rkl", True, "w·log ρ", _rkl, lambda r: (r.log_rho + 1, 0.0), fold=lambda r: r.log_rho + 1))
+register(KLTerm("ufkl", True, "c·(ρ − 1 − log ρ)", _ufkl, lambda r: (1.0, -r.c)))
+register(KLTerm("urkl", True, "w·(1/ρ − 1 + log ρ)", _urkl, lambda r: (r.log_rho, 0.0), fold=lambda r: r.log_rho))
+register(KLTerm("k1", False, "log ρ", _k1, _unweighted(_k1)))
+register(KLTerm("k2", False, "½(log ρ)²", _k2, _unweighted(_k2)))
+register(KLTerm("k3", False, "1/ρ − 1 + log ρ", _k3_penalty, _unweighted(_k3_penalty)))
+
+DIVERGENCES = tuple(name for name, t in REGISTRY.items() if t.divergence)
+ESTIMATORS = tuple(name for name, t in REGISTRY.items() if not t.divergence)
+KL_TERMS = tuple(REGISTRY)
+
+
+def get(name: str) -> KLTerm:
+    """The registered :class:`KLTerm` called ``name`` (``ValueError`` listing the valid names otherwise)."""
+    check_choice("kl", name, KL_TERMS)
+    return REGISTRY[name]
+
+
+# --- public per-token functions ------------------------------------------------------------
 
 
 def kl_term(
@@ -194,7 +262,7 @@ def kl_term(
     Args:
         divergence: one of :data:`KL_TERMS` (tables above).
         logp: ``[B, T]`` log π_θ of the sampled tokens.
-        old_logp: ``[B, T]`` log π_old (behaviour policy).
+        old_logp: ``[B, T]`` log π_old (the policy that sampled the tokens).
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old.
 
     Returns:
@@ -203,12 +271,11 @@ def kl_term(
         (the losses wrap this for autograd). For the divergences the expected
         derivative E_old[grad·∇logp] is exactly ∇D, in the direction its name says.
     """
-    check_choice("kl", divergence, KL_TERMS)
+    term = get(divergence)
     logp, old_logp = logp.detach(), old_logp.detach()
-    ref_logp = None if ref_logp is None else ref_logp.detach()
-    log_w = logp - old_logp
-    value, grad = torch.zeros_like(log_w), torch.zeros_like(log_w)
-    kl_accumulate(divergence, value, grad, 1.0, logp, old_logp, ref_logp, log_w, log_w.exp())
+    r = Ratios(logp, old_logp, None if ref_logp is None else ref_logp.detach())
+    value, grad = torch.zeros_like(r.log_w), torch.zeros_like(r.log_w)
+    term.accumulate(value, grad, 1.0, r)
     return value, grad
 
 
@@ -228,7 +295,7 @@ def surrogate(
     for J = E_{π_θ}[A] − β·D (paper Props. 3.2, 3.6, E.1, E.3).
     """
     kl_v, kl_g = kl_term(divergence, logp, old_logp, ref_logp)
-    wa = (logp - old_logp).exp() * advantages
+    wa = (logp.detach() - old_logp.detach()).exp() * advantages
     return beta * kl_v - wa, beta * kl_g - wa
 
 

@@ -1,8 +1,13 @@
 r"""Published algorithms as configurations of one :class:`~rpg.PolicyLoss`.
 
 Every class here is a ``PolicyLoss`` with fixed settings — the way optax builds
-``adam`` from ``chain(...)`` — and the same call signature (DESIGN §6). Its
-``repr`` shows the preset's arguments and ``.config`` the framework settings.
+``adam`` from ``chain(...)`` — and the same call signature. Each class is a thin holder: its ``__init__`` maps
+the preset's arguments to one :class:`~rpg.LossConfig` (visible in the code as
+the configuration it is), its ``repr`` shows the preset's arguments and
+``.config`` the framework settings. Rules that belong to a preset — GSPO's
+fixed aggregation, CISPO reading a :class:`~rpg.Clip` as truncation bounds —
+live in that mapping. Every preset also takes ``correction=`` (the rollout
+correction, :class:`~rpg.RolloutCorrection`) and ``entropy_coef=``.
 
 | class | per-token loss (w = π_θ/π_old, ρ = π_θ/π_ref) | gradient follows |
 |---|---|---|
@@ -28,7 +33,9 @@ ignores that. Only a KL shaped into the reward and summed into returns-to-go
 from __future__ import annotations
 
 from .aggregation import AGG_MODES
-from .clipping import Clip, Truncate
+from .clipping import Clip, ClipRule, Truncate
+from .config import LossConfig
+from .correction import RolloutCorrection
 from .losses import PolicyLoss
 
 __all__ = [
@@ -41,8 +48,21 @@ __all__ = [
     "OnPolicyDistillationLoss",
 ]
 
+_EXTRA = ("correction", "entropy_coef")
+_EXTRA_DEFAULTS = {"correction": None, "entropy_coef": 0.0}
 
-class GRPOLoss(PolicyLoss):
+
+class _Preset(PolicyLoss):
+    """A named configuration: subclasses build their :class:`LossConfig` in ``__init__``."""
+
+    __slots__ = ()
+    _arg_defaults = _EXTRA_DEFAULTS
+
+    def _set(self, args: dict, **settings) -> None:
+        self._init(LossConfig(**settings), args)
+
+
+class GRPOLoss(_Preset):
     r"""GRPO (Shao et al., 2024, DeepSeekMath): PPO clip + β·k3 penalty, per-sequence token mean.
 
     ℓ_t = −min(w·A, clip(w, 1−ε_low, 1+ε_high)·A) + β·k3(logp → ref_logp), with
@@ -56,37 +76,60 @@ class GRPOLoss(PolicyLoss):
     ``agg="seq-mean-token-mean"``. Pass ``ref_logp`` (the frozen reference).
     """
 
-    _repr_fields = ("beta", "clip", "importance_weighted_kl", "agg")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("beta", "clip", "importance_weighted_kl", "agg") + _EXTRA
 
     def __init__(
         self,
         beta: float = 0.04,
-        clip: Clip | None = Clip(0.2, 0.2, dual=None),
+        clip: ClipRule | None = Clip(0.2, 0.2, dual=None),
         importance_weighted_kl: bool = False,
         agg: str = "seq-mean-token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
     ) -> None:
-        self.importance_weighted_kl = bool(importance_weighted_kl)
-        super().__init__(kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg)
+        if not isinstance(importance_weighted_kl, bool):
+            raise TypeError(f"importance_weighted_kl must be a bool, got {type(importance_weighted_kl).__name__}")
+        args = dict(beta=beta, clip=clip, importance_weighted_kl=importance_weighted_kl, agg=agg,
+                    correction=correction, entropy_coef=entropy_coef)
+        self._set(args, kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg,
+                  correction=correction, entropy_coef=entropy_coef)
 
 
-class DrGRPOLoss(PolicyLoss):
+class DrGRPOLoss(_Preset):
     r"""Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-like training"): GRPO without its length bias.
 
     ℓ_t = −min(w·A, clip(w)·A), no KL (β = 0), aggregated as Σ_bt ℓ_bt / (B·L)
     with L = ``max_len`` a constant (``seq-mean-token-sum-norm``), so a token's
-    weight does not depend on its response's length. Pair with
-    ``rpg.advantages.grpo(..., scale="none")`` (no std scaling).
+    weight does not depend on its response's length. ``max_len`` is required:
+    falling back to the padded width would bring back the very length bias Dr.
+    GRPO removes. Pair with ``rpg.advantages.grpo(..., scale="none")`` (no std scaling).
     """
 
-    _repr_fields = ("max_len", "clip")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("max_len", "clip") + _EXTRA
 
-    def __init__(self, max_len: int, clip: Clip | None = Clip(0.2, 0.2, dual=None)) -> None:
-        super().__init__(clip=clip, agg="seq-mean-token-sum-norm", max_len=max_len)
+    def __init__(
+        self,
+        max_len: int,
+        clip: ClipRule | None = Clip(0.2, 0.2, dual=None),
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        if max_len is None:
+            raise ValueError(
+                "DrGRPOLoss needs max_len, the constant L of sum/(B*L) (e.g. the generation budget): "
+                "the padded width would vary with padding and reintroduce the length bias"
+            )
+        args = dict(max_len=max_len, clip=clip, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, clip=clip, agg="seq-mean-token-sum-norm", max_len=max_len, correction=correction,
+                  entropy_coef=entropy_coef)
+        self._args["max_len"] = self._config.max_len
 
 
-class DAPOLoss(PolicyLoss):
+class DAPOLoss(_Preset):
     r"""DAPO (Yu et al., 2025): PPO clip with clip-higher (ε_low = 0.2, ε_high = 0.28), token-mean, no KL.
 
     ℓ_t = −min(w·A, clip(w, 0.8, 1.28)·A), averaged over all tokens of the batch.
@@ -94,14 +137,22 @@ class DAPOLoss(PolicyLoss):
     ``rpg.advantages.informative_groups`` (dynamic sampling).
     """
 
-    _repr_fields = ("clip", "agg")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("clip", "agg") + _EXTRA
 
-    def __init__(self, clip: Clip | None = Clip(0.2, 0.28, dual=None), agg: str = "token-mean") -> None:
-        super().__init__(clip=clip, agg=agg)
+    def __init__(
+        self,
+        clip: ClipRule | None = Clip(0.2, 0.28, dual=None),
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
 
 
-class REINFORCEPlusPlusLoss(PolicyLoss):
+class REINFORCEPlusPlusLoss(_Preset):
     r"""REINFORCE++ (Hu et al., 2025): PPO clip on REINFORCE++ advantages, token-mean.
 
     ℓ_t = −min(w·A_t, clip(w)·A_t) with A_t from :func:`rpg.advantages.reinforce_pp`:
@@ -112,14 +163,22 @@ class REINFORCEPlusPlusLoss(PolicyLoss):
     importance weights of whole prefixes (``tests/test_sequence.py``).
     """
 
-    _repr_fields = ("clip", "agg")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("clip", "agg") + _EXTRA
 
-    def __init__(self, clip: Clip | None = Clip(0.2, 0.2, dual=None), agg: str = "token-mean") -> None:
-        super().__init__(clip=clip, agg=agg)
+    def __init__(
+        self,
+        clip: ClipRule | None = Clip(0.2, 0.2, dual=None),
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
 
 
-class GSPOLoss(PolicyLoss):
+class GSPOLoss(_Preset):
     r"""GSPO (Zheng et al., 2025, Qwen3): the ratio and the clip act on whole sequences.
 
     s_b = exp((1/|y_b|) Σ_t log w_bt) and, per sequence,
@@ -129,7 +188,9 @@ class GSPOLoss(PolicyLoss):
     the aggregation is fixed to ``seq-mean-token-mean``, so ``loss`` is exactly
     the mean of ℓ_b and its gradient is GSPO's, ∇s_b = s_b·(1/|y_b|)Σ_t ∇logp_bt.
     Any other aggregation would silently re-weight sequences by length, so it is
-    refused. ``[B, T]`` advantages give GSPO-token. Defaults: ε = (3e-4, 4e-4).
+    refused (``PolicyLoss(ratio="sequence", agg=...)`` expresses those, e.g. TRL's
+    sequence-level importance sampling with its token-level loss types).
+    ``[B, T]`` advantages give GSPO-token. Defaults: ε = (3e-4, 4e-4).
 
     Its expected gradient is ∇E[r] only on-policy and for responses of equal
     length: the 1/|y| inside s weights a short response's tokens more, and
@@ -137,42 +198,60 @@ class GSPOLoss(PolicyLoss):
     importance weight.
     """
 
-    _repr_fields = ("clip",)
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("clip",) + _EXTRA
 
-    def __init__(self, clip: Clip | None = Clip(3e-4, 4e-4, dual=None), agg: str = "seq-mean-token-mean") -> None:
+    def __init__(
+        self,
+        clip: ClipRule | None = Clip(3e-4, 4e-4, dual=None),
+        agg: str = "seq-mean-token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
         if agg != "seq-mean-token-mean":
             raise ValueError(
                 f"GSPOLoss aggregates per sequence: agg must be 'seq-mean-token-mean', got {agg!r} "
                 f"(another of {AGG_MODES} would re-weight each sequence's loss by its length)"
             )
-        super().__init__(clip=clip, agg=agg, ratio="sequence")
+        args = dict(clip=clip, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, clip=clip, agg=agg, ratio="sequence", correction=correction, entropy_coef=entropy_coef)
 
 
-class CISPOLoss(PolicyLoss):
+class CISPOLoss(_Preset):
     r"""CISPO (MiniMax-M1, 2025): REINFORCE with truncated, detached importance weights.
 
     ℓ_t = −sg(clip(w, 1−ε_low, 1+ε_high))·A·logp: every token keeps its gradient,
     with a bounded weight (no PPO-style zeroing). ``clip`` is a
     :class:`~rpg.Truncate`: ``low`` is ε_low (bound 1−ε_low; ``None`` = no lower
-    bound), ``high`` is ε_high (bound 1+ε_high). The default ``Truncate(None, 4.0)``
-    caps w at 5 with no lower bound (ScaleRL's setting). Peers disagree on the
-    meaning of "eps_low = 0": in SkyRL it is documented as "no lower bound" yet
-    gives the bound 1 − 0 = 1; here ``low=0.0`` means the bound 1 and ``None``
-    means none. A :class:`~rpg.Clip` is read as the same two bounds; its dual
-    bound plays no part in truncation and is not used.
+    bound), ``high`` is ε_high (bound 1+ε_high); ``Truncate.at(lower, upper)``
+    gives absolute bounds (TRL's CISPO caps w at its ``epsilon_high`` itself). The
+    default ``Truncate(None, 4.0)`` caps w at 5 with no lower bound (ScaleRL's
+    setting). Peers disagree on the meaning of "eps_low = 0": in SkyRL it is
+    documented as "no lower bound" yet gives the bound 1 − 0 = 1; here
+    ``low=0.0`` means the bound 1 and ``None`` means none. A :class:`~rpg.Clip` is
+    read as the same two bounds; its dual bound plays no part in truncation and
+    is not used.
     """
 
-    _repr_fields = ("clip", "agg")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("clip", "agg") + _EXTRA
 
-    def __init__(self, clip: Truncate | Clip | None = Truncate(None, 4.0), agg: str = "token-mean") -> None:
+    def __init__(
+        self,
+        clip: ClipRule | None = Truncate(None, 4.0),
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
         if isinstance(clip, Clip):
             clip = Truncate(clip.low, clip.high)
-        super().__init__(style="reinforce", clip=clip, agg=agg)
+        self._set(args, style="reinforce", clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
 
 
-class OnPolicyDistillationLoss(PolicyLoss):
+class OnPolicyDistillationLoss(_Preset):
     r"""On-policy distillation: reverse KL to a teacher, importance-weighted so it holds off-policy.
 
     Pass the teacher's log-probs of the sampled tokens as ``ref_logp``. Per token
@@ -185,8 +264,18 @@ class OnPolicyDistillationLoss(PolicyLoss):
     recipe; it is a partial gradient of the sequence-level KL (see module docs).
     """
 
-    _repr_fields = ("beta", "clip", "agg")
-    _repr_defaults: dict = {}
+    __slots__ = ()
+    _arg_names = ("beta", "clip", "agg") + _EXTRA
 
-    def __init__(self, beta: float = 1.0, clip: Clip | Truncate | None = None, agg: str = "token-mean") -> None:
-        super().__init__(kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg)
+    def __init__(
+        self,
+        beta: float = 1.0,
+        clip: ClipRule | None = None,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        args = dict(beta=beta, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg, correction=correction,
+                  entropy_coef=entropy_coef)

@@ -88,7 +88,7 @@ def test_local_counts_are_not_invariant():
     "kwargs,exc,match",
     [
         (dict(agg="mean"), ValueError, "valid options"),
-        (dict(batch_num_tokens=-3), ValueError, "batch_num_tokens must be >= 0"),
+        (dict(batch_num_tokens=-3), ValueError, "batch_num_tokens must be finite and >= 0"),
         (dict(global_batch_size=True), TypeError, "global_batch_size"),
         (dict(mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, r"\(3, 4\) and \(3, 5\)"),
     ],

@@ -1,0 +1,130 @@
+r"""The one configuration of a policy loss: frozen, validated once, the single source of its settings.
+
+:class:`LossConfig` holds every setting of :class:`~rpg.PolicyLoss` and checks
+them in ``__post_init__``. The loss kernel reads it directly (it is hashable, so
+``torch.compile`` treats it as a constant), and a loss object's attributes,
+``repr``, ``config``, equality and hash all derive from it — there is no second
+copy to fall out of step. Being frozen, it cannot be changed after construction:
+``dataclasses.replace(cfg, beta=0.1)`` (or ``loss.replace(beta=0.1)``) makes a new,
+validated one.
+
+The framework, per token (w = π_θ/π_old, tokens from π_old):
+
+* ``style="differentiable"``: ℓ = −m·Â + β·KL-surrogate, m the clip rule's
+  effective ratio (w without a clip; the sequence ratio with ``ratio="sequence"``);
+* ``style="reinforce"``: ℓ = −sg(g)·logp with g = −∂ℓ_diff/∂logp, the clip rule
+  masking or truncating it;
+
+then, before aggregation, times the rollout correction ρ̄ (``correction``) and the
+caller's ``weights``, minus ``entropy_coef``·entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ._util import as_int, as_real, check_choice
+from .aggregation import AGG_MODES
+from .clipping import ClipRule
+from .correction import RolloutCorrection
+from .objectives import KL_TERMS, REGISTRY
+
+__all__ = ["LossConfig", "STYLES", "RATIOS"]
+
+STYLES = ("differentiable", "reinforce")
+RATIOS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    r"""Every setting of a policy loss, validated once.
+
+    Args:
+        kl: the KL term (one of ``rpg.KL_TERMS``), or ``None``.
+        beta: β ≥ 0, the KL coefficient (must be 0 without a KL term).
+        style: ``"differentiable"`` or ``"reinforce"``.
+        clip: a clip rule (:class:`~rpg.Clip`, :class:`~rpg.Truncate`, …) or ``None``.
+        agg: aggregation mode (:mod:`rpg.aggregation`).
+        fold_kl: fold the KL into the clipped advantage (differentiable style, only
+            for terms where that is exact: rkl, urkl).
+        max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
+        ratio: ``"token"`` or ``"sequence"`` (GSPO: the PG term uses
+            s = exp(mean_t log w); differentiable style).
+        correction: the :class:`~rpg.RolloutCorrection` applied when a call passes
+            ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
+        entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
+            ``entropy=``).
+    """
+
+    kl: str | None = None
+    beta: float = 0.0
+    style: str = "differentiable"
+    clip: ClipRule | None = None
+    agg: str = "token-mean"
+    fold_kl: bool = False
+    max_len: int | None = None
+    ratio: str = "token"
+    correction: RolloutCorrection | None = None
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kl is not None:
+            check_choice("kl", self.kl, KL_TERMS)
+        check_choice("style", self.style, STYLES)
+        check_choice("ratio", self.ratio, RATIOS)
+        check_choice("agg", self.agg, AGG_MODES)
+        beta = as_real("beta", self.beta)
+        if not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be >= 0 and finite, got {self.beta!r}")
+        if self.kl is None and beta != 0:
+            raise ValueError(f"beta={beta!r} needs a KL term: pass kl= one of {', '.join(map(repr, KL_TERMS))}")
+        if self.clip is not None and not isinstance(self.clip, ClipRule):
+            raise TypeError(
+                f"clip must be a clip rule (rpg.Clip, rpg.Truncate, ...) or None, got {type(self.clip).__name__}"
+            )
+        if self.clip is not None and self.style not in self.clip.styles:
+            raise ValueError(
+                f"clip={self.clip!r} applies to style={' or '.join(map(repr, self.clip.styles))}, not {self.style!r}"
+                + ("; use rpg.Clip for the PPO clip" if self.style == "differentiable" else "")
+            )
+        if not isinstance(self.fold_kl, bool):
+            raise TypeError(f"fold_kl must be a bool, got {type(self.fold_kl).__name__}")
+        if self.fold_kl and self.style != "differentiable":
+            raise ValueError("fold_kl applies to style='differentiable' (RPG-Style Clip already branches on A' = g/w)")
+        if self.fold_kl and (self.kl is None or REGISTRY[self.kl].fold is None):
+            exact = [name for name, t in REGISTRY.items() if t.fold is not None]
+            raise ValueError(
+                f"fold_kl=True is biased for kl={self.kl!r}: folding the KL into the clipped advantage Â = g/w "
+                f"is exact only for {' and '.join(map(repr, exact))} (for 'fkl'/'ufkl' it drops "
+                "beta*E_old[c*grad logp] != 0)"
+            )
+        if self.ratio == "sequence" and (self.style != "differentiable" or self.fold_kl):
+            raise ValueError("ratio='sequence' (GSPO) applies to style='differentiable' without fold_kl")
+        max_len = self.max_len
+        if max_len is not None:
+            max_len = as_int("max_len", max_len)
+            if max_len <= 0:
+                raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
+        if self.correction is not None and not isinstance(self.correction, RolloutCorrection):
+            raise TypeError(f"correction must be rpg.RolloutCorrection or None, got {type(self.correction).__name__}")
+        entropy_coef = as_real("entropy_coef", self.entropy_coef)
+        if not 0 <= entropy_coef < math.inf:
+            raise ValueError(f"entropy_coef must be >= 0 and finite, got {self.entropy_coef!r}")
+        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "max_len", max_len)
+        object.__setattr__(self, "entropy_coef", entropy_coef)
+
+    @property
+    def has_kl(self) -> bool:
+        """Whether the loss has a KL term with β ≠ 0."""
+        return self.kl is not None and self.beta != 0
+
+    def replace(self, **changes) -> LossConfig:
+        """A new, validated configuration with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The settings as a dict (``LossConfig(**cfg.as_dict()) == cfg``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,264 @@
+r"""The behaviour policy μ of the rollout engine, and the correction of its mismatch with π_old.
+
+In production the tokens are sampled by an inference engine (vLLM, SGLang) whose
+distribution μ differs from the trainer's recomputed π_old: other kernels and
+precision, top-k / top-p, stale weights in asynchronous RL. Four policies play a
+part in one update:
+
+| policy | role | input |
+|---|---|---|
+| μ (behaviour) | sampled the tokens | ``behavior_logp`` |
+| π_old (proximal) | anchors the ratio w = π_θ/π_old and the clip | ``old_logp`` |
+| π_ref (reference) | the KL target | ``ref_logp`` |
+| π_θ (current) | is trained | ``logp`` |
+
+Per token, ρ_t = π_old/μ = exp(old_logp − behavior_logp), a constant. Every loss
+of rpg satisfies E_{π_old}[∇ℓ_t] = −∇J_t per token given its prefix, so the
+weighted loss ℓ′_t = sg(ρ_t)·ℓ_t has E_μ[∇ℓ′_t] = E_{π_old}[∇ℓ_t]: **the token
+weight is exact at the token level**. For an objective on whole responses (an
+outcome reward), the prefix is drawn from μ too, and only the product over the
+response, ρ_seq = Π_t ρ_t, is exact (``level="sequence"``); the token weight is
+biased there. Truncating (min(ρ, upper)), masking (ρ outside [lower, upper] → 0)
+and the sequence filters trade that exactness for variance; their bias is
+measured with the oracle of :mod:`rpg.testing` (docs: "Training–inference
+mismatch").
+
+The weight multiplies the whole per-token loss — policy-gradient and KL term —
+as a constant before aggregation, and never receives gradient. ``behavior_logp``
+of ``None`` means μ = π_old (ρ = 1): every loss is then exactly what it was
+without it. *Bypass mode* (no recompute of π_old by the trainer) is
+``old_logp = behavior_logp``: ρ = 1 and the ratio and clip anchor on μ itself.
+
+Paper: the framework is Zhang et al., ICLR 2026 (arXiv 2505.17508); truncated
+importance sampling for rollout mismatch follows Yao et al., "Your efficient RL
+framework secretly brings you off-policy RL training" (2025), and the
+geometric-mean filter IcePop / verl's ``seq_mean`` rejection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._util import as_real, check_choice
+
+__all__ = ["RolloutCorrection", "LEVELS", "MODES", "correction_weight", "correction_metrics"]
+
+LEVELS = ("token", "sequence")
+MODES = ("truncate", "mask")
+_INF = float("inf")
+
+
+def _bound(name: str, value, ok, rule: str):
+    if value is None:
+        return None
+    value = as_real(name, value)
+    if math.isnan(value) or not ok(value):
+        raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
+    return value
+
+
+def _pair(cls: str, lo_name: str, hi_name: str, lo, hi):
+    lo = _bound(f"{cls}.{lo_name}", lo, lambda v: 0 <= v < _INF, f"0 <= {lo_name} < inf")
+    hi = _bound(f"{cls}.{hi_name}", hi, lambda v: 0 < v < _INF, f"0 < {hi_name} < inf")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{cls}.{lo_name} = {lo} must be <= {cls}.{hi_name} = {hi}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    r"""How a loss corrects for the behaviour policy μ ≠ π_old: a constant weight per token.
+
+    ρ_t = π_old/μ = exp(old_logp − behavior_logp). The weight multiplies each
+    token's whole loss before aggregation, never receives gradient, and is 1
+    when the call has no ``behavior_logp``.
+
+    Args:
+        level: ``"token"`` — weight ρ_t (exact per token); ``"sequence"`` — weight
+            ρ_seq = Π_t ρ_t over the response's tokens at every one of them
+            (exact for an outcome reward on whole responses).
+        mode: ``"truncate"`` — weight clip(ρ, lower, upper) (TIS); ``"mask"`` —
+            weight ρ where lower ≤ ρ ≤ upper, else the token (sequence level: the
+            whole sequence) is rejected with weight 0 (MIS).
+        lower, upper: **absolute** bounds on ρ (not ε offsets as in
+            :class:`~rpg.Clip`); ``None`` turns a bound off. ``upper=None,
+            lower=None`` is the untruncated, exact weight. Default: token-level
+            truncation at 2.0.
+        geo_lower, geo_upper: a sequence filter on the geometric mean of ρ over the
+            response, exp(mean_t log ρ_t) (length-normalised; IcePop / verl's
+            ``seq_mean`` criteria): a sequence outside the band is rejected.
+        token_lower, token_upper: a sequence filter on the worst token: a sequence
+            with any token whose ρ_t is outside the band is rejected.
+        count_rejected: whether rejected tokens still count in the aggregation's
+            denominators (``True``, the default: the correction is purely a weight,
+            so micro-batch invariance holds with global counts; AReaL's and TRL's
+            convention) or leave them (``False``: the mask shrinks; verl's and
+            slime's convention — pass global counts computed after rejection, see
+            :meth:`keep`).
+
+    With ``behavior_logp`` given and no ``correction=`` on the loss, the loss uses
+    ``RolloutCorrection()``. Invalid settings raise ``ValueError`` / ``TypeError``.
+    """
+
+    level: str = "token"
+    mode: str = "truncate"
+    lower: float | None = None
+    upper: float | None = 2.0
+    geo_lower: float | None = None
+    geo_upper: float | None = None
+    token_lower: float | None = None
+    token_upper: float | None = None
+    count_rejected: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("RolloutCorrection.level", self.level, LEVELS)
+        check_choice("RolloutCorrection.mode", self.mode, MODES)
+        if not isinstance(self.count_rejected, bool):
+            raise TypeError(f"RolloutCorrection.count_rejected must be a bool, got {type(self.count_rejected).__name__}")
+        for lo, hi in (("lower", "upper"), ("geo_lower", "geo_upper"), ("token_lower", "token_upper")):
+            a, b = _pair("RolloutCorrection", lo, hi, getattr(self, lo), getattr(self, hi))
+            object.__setattr__(self, lo, a)
+            object.__setattr__(self, hi, b)
+
+    @property
+    def rejects(self) -> bool:
+        """Whether this correction can reject tokens (mask mode with a bound, or a filter)."""
+        return (self.mode == "mask" and (self.lower is not None or self.upper is not None)) or any(
+            v is not None for v in (self.geo_lower, self.geo_upper, self.token_lower, self.token_upper)
+        )
+
+    def weight(self, old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The ``[B, T]`` weight of every token (0 where rejected or masked); see :func:`correction_weight`."""
+        return correction_weight(old_logp, behavior_logp, mask, self)[0]
+
+    def keep(self, old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, T]``: ``mask`` without the rejected tokens — count it for global counts when
+        ``count_rejected=False`` (e.g. ``keep.sum()`` as ``batch_num_tokens``)."""
+        return correction_weight(old_logp, behavior_logp, mask, self)[1]
+
+
+def _log_clamp(x: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    lo = None if lo is None else (math.log(lo) if lo > 0 else -_INF)
+    hi = None if hi is None else math.log(hi)
+    return x.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else x
+
+
+def _outside(log_x: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    """Bool: x < lo or x > hi, compared in log space (bounds inclusive inside)."""
+    out = torch.zeros_like(log_x, dtype=torch.bool)
+    if lo is not None:
+        out |= log_x < (math.log(lo) if lo > 0 else -_INF)
+    if hi is not None:
+        out |= log_x > math.log(hi)
+    return out
+
+
+def log_ratios(old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor):
+    """Per-token log ρ = old_logp − behavior_logp, 0 at padding (``torch.where``), and per-sequence
+    Σ_t log ρ_t ``[B, 1]`` and token counts ``[B, 1]``."""
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    log_rho = torch.where(mask, old_logp - behavior_logp, zero)
+    return log_rho, log_rho.sum(-1, keepdim=True), mask.sum(-1, keepdim=True)
+
+
+def correction_weight(
+    old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor, correction: RolloutCorrection
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The correction weight of every token, the kept tokens, and the rejected ones.
+
+    Args:
+        old_logp, behavior_logp: ``[B, T]`` log π_old and log μ of the sampled tokens (detached).
+        mask: ``[B, T]`` bool, the response tokens.
+        correction: the settings.
+
+    Returns:
+        ``(weight, keep, rejected)``, all ``[B, T]``: ``weight`` ≥ 0 (0 at padding and at
+        rejected tokens; a value, no gradient), ``keep`` = ``mask`` without the rejected
+        tokens, ``rejected`` the rejected response tokens. Computed in log space, so a
+        large mismatch gives an inf weight only where the untruncated math does.
+    """
+    c = correction
+    log_rho, log_seq, n = log_ratios(old_logp, behavior_logp, mask)
+    rejected = torch.zeros_like(mask)
+    if c.level == "token":
+        if c.mode == "truncate":
+            log_weight = _log_clamp(log_rho, c.lower, c.upper)
+        else:
+            log_weight = log_rho
+            rejected |= _outside(log_rho, c.lower, c.upper)
+    else:
+        log_weight = log_seq if c.mode == "mask" else _log_clamp(log_seq, c.lower, c.upper)
+        if c.mode == "mask":
+            rejected |= _outside(log_seq, c.lower, c.upper)
+    if c.geo_lower is not None or c.geo_upper is not None:
+        rejected |= _outside(log_seq / n.clamp_min(1), c.geo_lower, c.geo_upper)
+    if c.token_lower is not None or c.token_upper is not None:
+        bad = _outside(log_rho, c.token_lower, c.token_upper) & mask
+        rejected |= bad.any(-1, keepdim=True)
+    rejected = rejected & mask
+    keep = mask & ~rejected
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    weight = torch.where(keep, log_weight.exp(), zero)
+    return weight, keep, rejected
+
+
+def correction_metrics(old_logp, behavior_logp, mask, correction: RolloutCorrection | None, denom) -> dict:
+    r"""Diagnostics of the mismatch and of the correction, as 0-dim tensors (names under ``rollout_corr/``).
+
+    Over the response tokens (tokens from μ), with log ρ = log π_old − log μ and ``denom`` the
+    token count the loss divides by:
+
+    * ``rollout_corr/kl_k1`` = mean(−log ρ) and ``rollout_corr/kl_k3`` = mean(ρ − 1 − log ρ):
+      estimates of the mismatch KL(μ ‖ π_old) (unbiased for tokens from μ);
+    * ``rollout_corr/ppl_ratio`` = exp(mean(−log π_old)) / exp(mean(−log μ)), the training
+      perplexity over the rollout perplexity (per call);
+    * ``rollout_corr/chi2_token`` = mean(ρ²) − 1 and ``rollout_corr/chi2_seq`` = mean over
+      sequences of ρ_seq² − 1: χ²(π_old ‖ μ) estimates (the variance of the exact weights);
+    * ``rollout_corr/ess`` = (Σ ω)² / (n·Σ ω²) of the applied weights ω ∈ (0, 1];
+    * ``rollout_corr/weight_mean``, ``/weight_max``; ``rollout_corr/truncated_frac`` (tokens
+      whose weight was truncated), ``rollout_corr/rejected_frac`` (tokens rejected) and
+      ``rollout_corr/rejected_seq_frac`` (sequences with a rejected token).
+    """
+    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    log_rho, log_seq, n_b = log_ratios(old_logp, behavior_logp, mask)
+    n = mask.sum().to(old_logp.dtype)
+    has = n > 0
+    safe_n = torch.where(has, n, torch.ones_like(n))
+
+    def mean(x):
+        return torch.where(mask, x, zero).sum() / denom
+
+    rho = log_rho.exp()
+    m = {
+        "rollout_corr/kl_k1": mean(-log_rho),
+        "rollout_corr/kl_k3": mean(torch.expm1(log_rho) - log_rho),
+        "rollout_corr/ppl_ratio": torch.where(
+            has,
+            torch.exp((torch.where(mask, behavior_logp - old_logp, zero)).sum() / safe_n),
+            torch.ones((), dtype=old_logp.dtype, device=old_logp.device),
+        ),
+        "rollout_corr/chi2_token": mean(rho * rho - 1),
+    }
+    seqs = n_b.squeeze(-1) > 0
+    n_seq = seqs.sum().to(old_logp.dtype)
+    chi2_seq = torch.where(seqs, torch.expm1(2 * log_seq.squeeze(-1)), zero).sum()
+    m["rollout_corr/chi2_seq"] = torch.where(n_seq > 0, chi2_seq / n_seq.clamp_min(1), zero)
+    if correction is None:
+        weight, rejected = torch.where(mask, rho, zero), torch.zeros_like(mask)
+        truncated = torch.zeros_like(mask)
+    else:
+        weight, _, rejected = correction_weight(old_logp, behavior_logp, mask, correction)
+        exact = torch.where(mask, rho if correction.level == "token" else log_seq.exp().expand_as(rho), zero)
+        truncated = mask & ~rejected & (weight != exact) if correction.mode == "truncate" else torch.zeros_like(mask)
+    sw, sw2 = weight.sum(), (weight * weight).sum()
+    m["rollout_corr/ess"] = torch.where(has & (sw2 > 0), sw * sw / (safe_n * sw2.clamp_min(torch.finfo(sw.dtype).tiny)), zero)
+    m["rollout_corr/weight_mean"] = mean(weight)
+    m["rollout_corr/weight_max"] = torch.where(has, torch.where(mask, weight, zero).max() if weight.numel() else zero, zero)
+    m["rollout_corr/truncated_frac"] = mean(truncated.to(old_logp.dtype))
+    m["rollout_corr/rejected_frac"] = mean(rejected.to(old_logp.dtype))
+    rej_seq = rejected.any(-1) & seqs
+    m["rollout_corr/rejected_seq_frac"] = torch.where(n_seq > 0, rej_seq.sum() / n_seq.clamp_min(1), zero)
+    return m
