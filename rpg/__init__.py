@@ -31,7 +31,7 @@ from . import (
     testing,
 )
 from .aggregation import AGG_MODES, aggregate
-from .clipping import Clip, ClipRule, Truncate
+from .clipping import Clip, ClipRule, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
 from .functional import policy_loss
@@ -75,6 +75,7 @@ __all__ = [
     "RolloutCorrection",
     "ReferenceUpdate",
     "Truncate",
+    "TrustRegion",
     "advantages",
     "aggregate",
     "aggregation",

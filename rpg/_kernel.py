@@ -66,18 +66,20 @@ def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.
     return a.expand_as(r.log_w)
 
 
-def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which ratio and which sign the clip sees: ``(ratio, direction)``, both ``[B, T]``-broadcastable.
+def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):
+    """Which ratio, which sign and which anchor the clip sees: ``(ratio, direction, anchor_logp)``.
 
-    REINFORCE style: (w, g), the REINFORCE weight, whose sign is that of A′ = g/w.
-    Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue —
-    A, or A − β·fold with ``fold_kl``). The kernel builds the loss from exactly these."""
+    REINFORCE style: (w, g, log π_old), g the REINFORCE weight, whose sign is that of A′ = g/w.
+    Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
+    A − β·fold with ``fold_kl``; log π_old, or ``None`` for a sequence ratio). The kernel builds
+    the loss from exactly these, and the metrics count clipped tokens from them."""
     if cfg.style == "reinforce":
-        return r.w, reinforce_weight(r, adv, cfg)
+        return r.w, reinforce_weight(r, adv, cfg), r.old_logp
     if cfg.fold_kl and cfg.has_kl:
         adv = adv - cfg.beta * REGISTRY[cfg.kl].fold(r)
-    ratio = sequence_log_ratio(r.log_w, mask).exp().expand_as(r.w) if cfg.ratio == "sequence" else r.w
-    return ratio, adv
+    if cfg.ratio == "sequence":
+        return sequence_log_ratio(r.log_w, mask).exp().expand_as(r.w), adv, None
+    return r.w, adv, r.old_logp
 
 
 def ratios(logp, old_logp, ref_logp) -> Ratios:
@@ -96,8 +98,12 @@ def token_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cfg: LossConfig,
+    pg_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
+
+    ``pg_scale`` (differentiable style) multiplies the policy-gradient term only, before the KL
+    term is added (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted).
 
     With ``cfg.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
@@ -106,11 +112,11 @@ def token_loss(
     """
     r = ratios(logp, old_logp, ref_logp)
     logp = r.logp
-    ratio, direction = clip_view(r, advantages, mask, cfg)
+    ratio, direction, anchor = clip_view(r, advantages, mask, cfg)
     if cfg.style == "reinforce":
         g = direction
         value = torch.addcmul(_zero(g), g, logp, value=-1)
-        clipped = cfg.clip.reinforce_clipped(ratio, g) if cfg.clip is not None else None
+        clipped = cfg.clip.reinforce_clipped(ratio, g, anchor) if cfg.clip is not None else None
         grad = g.neg_()
         if clipped is not None:
             grad.masked_fill_(clipped, 0)
@@ -118,7 +124,7 @@ def token_loss(
             # not finite) it takes the value at the bound, −A′·m·logp (Algorithm 2), which is finite.
             overflow = clipped & ~torch.isfinite(value)
             a_eff = effective_advantage(r, advantages, cfg)
-            m, _ = cfg.clip.effective_ratio(ratio, a_eff)
+            m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
             value = torch.where(overflow, -(a_eff * m * logp), value)
         return value, grad
 
@@ -129,10 +135,13 @@ def token_loss(
     if cfg.clip is None:
         m, value = ratio, grad.clone()
     else:
-        m, cut = cfg.clip.effective_ratio(ratio, adv)
+        m, cut = cfg.clip.effective_ratio(ratio, adv, anchor)
         if cut is not None:
             grad.masked_fill_(cut, 0)
         value = torch.addcmul(_zero(ratio), m, adv, value=-1)
+    if pg_scale is not None:
+        value.mul_(pg_scale)
+        grad.mul_(pg_scale)
     if cfg.fold_kl and cfg.has_kl:
         grad.add_(m, alpha=cfg.beta)  # −m·∂Â/∂logp with ∂Â/∂logp = −β
     elif cfg.has_kl:
@@ -158,9 +167,10 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):  # noqa: D102
-        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
+        pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
+        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None)
         padding = ~mask
-        if scale is not None:  # value and grad are fresh tensors: in place is safe
+        if scale is not None and not pg_only:  # value and grad are fresh tensors: in place is safe
             value.mul_(scale)
             grad.mul_(scale)
             padding = padding | (scale == 0)  # a weight of 0 gives exactly 0, even where ℓ is inf

@@ -65,7 +65,7 @@ import torch
 
 from ._util import as_real
 
-__all__ = ["ClipRule", "Clip", "Truncate", "ppo", "rpg_clip", "truncate", "codes"]
+__all__ = ["ClipRule", "Clip", "Truncate", "TrustRegion", "ppo", "rpg_clip", "truncate", "codes"]
 
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
 _INF = float("inf")
@@ -97,20 +97,24 @@ class ClipRule:
     Subclasses are frozen dataclasses (hashable, so ``torch.compile`` treats them as constants)."""
 
     styles: tuple[str, ...] = ("differentiable", "reinforce")
+    ratios: tuple[str, ...] = ("token", "sequence")
 
-    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w."""
+    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor, old_logp=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w.
+
+        ``old_logp`` (``[B, T]`` log π_old, or ``None`` for a sequence ratio) is there for rules that depend on
+        π_old's probability of the token, not only on the ratio."""
         raise ValueError(f"{type(self).__name__} does not apply to style='differentiable'")
 
     def reinforce_ratio(self, log_w: torch.Tensor) -> torch.Tensor | None:
         """REINFORCE style: the importance weight g is evaluated at (a value), or ``None`` for w itself."""
         return None
 
-    def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+    def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor, old_logp=None) -> torch.Tensor | None:
         """REINFORCE style: bool ``[B, T]``, the tokens whose gradient −g is set to 0, or ``None``."""
         return None
 
-    def codes(self, w: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    def codes(self, w: torch.Tensor, direction: torch.Tensor, old_logp=None) -> torch.Tensor:
         """``int8`` code per token for the metrics: 0 none, 1 low, 2 high, 3 dual."""
         raise NotImplementedError
 
@@ -154,14 +158,14 @@ class Clip(ClipRule):
         hi_t = torch.where(up, _scalar(hi, like), _scalar(dual, like))
         return lo_t, hi_t
 
-    def effective_ratio(self, w, adv_hat):
+    def effective_ratio(self, w, adv_hat, old_logp=None):
         m = torch.clamp(w, *self.bounds(adv_hat >= 0, w))
         return m, m != w
 
-    def reinforce_clipped(self, w, g):
+    def reinforce_clipped(self, w, g, old_logp=None):
         return _out_of_band(w, *self.bounds(g >= 0, w))
 
-    def codes(self, w, direction):
+    def codes(self, w, direction, old_logp=None):
         up, down = direction > 0, direction < 0
         code = torch.zeros_like(w, dtype=torch.int8)
         if self.low is not None:
@@ -226,13 +230,13 @@ class Truncate(ClipRule):
         extra = ", absolute=True" if self.absolute else ""
         return f"Truncate(low={self.low!r}, high={self.high!r}{extra})"
 
-    def effective_ratio(self, w, adv_hat):
+    def effective_ratio(self, w, adv_hat, old_logp=None):
         raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
 
     def reinforce_ratio(self, log_w):
         return truncate(log_w, self).exp()
 
-    def codes(self, w, direction):
+    def codes(self, w, direction, old_logp=None):
         lo, hi = self.ratio_bounds()
         code = torch.zeros_like(w, dtype=torch.int8)
         if lo is not None:
@@ -240,6 +244,97 @@ class Truncate(ClipRule):
         if hi is not None:
             code.masked_fill_(w > hi, HIGH)
         return code
+
+
+@dataclass(frozen=True)
+class TrustRegion(ClipRule):
+    r"""Trust-region masking (DPPO, arXiv 2602.04879): drop a token's gradient when π_θ leaves a region around π_old.
+
+    Instead of bounding the ratio w, bound a divergence between π_θ and π_old on the
+    sampled token's two-outcome partition {token, not token}, with p = π_θ(token) and
+    q = π_old(token), in the direction the advantage pushes (sign of Â or A′; a zero
+    advantage takes the low branch, which never matters for the gradient):
+
+    * ``divergence="tv"``: masked when p − q > δ_high (Â > 0) or p − q < −δ_low (Â ≤ 0) —
+      equivalently w > 1 + δ_high/q or w < 1 − δ_low/q: the PPO clip with a per-token
+      ε = δ/q (verl ``dppo_tv``, prime-rl's default loss);
+    * ``divergence="kl"``: masked when KL(Bern(q) ‖ Bern(p)) > δ_high and p > q (Â > 0), or
+      > δ_low and p < q (Â ≤ 0) (verl ``dppo_kl``).
+
+    Masked tokens keep their value (detached) and still count in the denominators. Where no
+    token is masked the loss is exactly the rule-free loss: its expected gradient is −∇J of
+    its objective (tested by enumeration). ``cap`` (REINFORCE style) additionally truncates the
+    importance weight at an absolute value, verl's ``clip_ratio_c`` for DPPO (``None``: none);
+    in the differentiable style it caps the effective ratio (no gradient above it). The mask
+    is evaluated at the current θ, so it changes over off-policy epochs, as a clip does. The
+    paper's default anchors the region on the rollout policy μ: pass ``old_logp =
+    behavior_logp`` (bypass mode). The recommended thresholds are 0.15 (tv) and 0.05 (kl).
+
+    Args:
+        low, high: δ_low, δ_high ≥ 0 (``None``: that side never masks).
+        divergence: ``"tv"`` or ``"kl"``.
+        cap: absolute cap C > 0 on the importance weight, or ``None``.
+    """
+
+    low: float | None = 0.15
+    high: float | None = 0.15
+    divergence: str = "tv"
+    cap: float | None = None
+
+    ratios = ("token",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "low", _check_bound("TrustRegion.low", self.low, lambda v: 0 <= v < _INF, "0 <= low < inf"))
+        object.__setattr__(self, "high", _check_bound("TrustRegion.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf"))
+        object.__setattr__(self, "cap", _check_bound("TrustRegion.cap", self.cap, lambda v: 0 < v < _INF, "0 < cap < inf"))
+        if self.divergence not in ("tv", "kl"):
+            raise ValueError(f"unknown TrustRegion.divergence {self.divergence!r}; valid options: 'tv', 'kl'")
+
+    def _outside(self, w: torch.Tensor, up: torch.Tensor, old_logp) -> torch.Tensor:
+        """Bool: the token left the region for its branch (``up``: Â > 0)."""
+        if old_logp is None:
+            raise ValueError("rpg.TrustRegion needs per-token π_old probabilities (token-level ratios only)")
+        log_w = w.log()
+        if self.divergence == "tv":
+            diff = old_logp.exp() * torch.expm1(log_w)  # p − q = q·(w − 1)
+            hi = torch.zeros_like(w, dtype=torch.bool) if self.high is None else diff > self.high
+            lo = torch.zeros_like(w, dtype=torch.bool) if self.low is None else diff < -self.low
+        else:
+            kl = _bernoulli_kl(old_logp, old_logp + log_w)
+            hi = torch.zeros_like(w, dtype=torch.bool) if self.high is None else (kl > self.high) & (log_w > 0)
+            lo = torch.zeros_like(w, dtype=torch.bool) if self.low is None else (kl > self.low) & (log_w < 0)
+        return torch.where(up, hi, lo)
+
+    def effective_ratio(self, w, adv_hat, old_logp=None):
+        out = self._outside(w, adv_hat > 0, old_logp)
+        if self.cap is None:
+            return w, out
+        capped = w > self.cap
+        return torch.where(capped & ~out, _scalar(self.cap, w), w), out | capped
+
+    def reinforce_ratio(self, log_w):
+        return None if self.cap is None else log_w.clamp(max=math.log(self.cap)).exp()
+
+    def reinforce_clipped(self, w, g, old_logp=None):
+        return self._outside(w, g > 0, old_logp)
+
+    def codes(self, w, direction, old_logp=None):
+        out = self._outside(w, direction > 0, old_logp)
+        code = torch.zeros_like(w, dtype=torch.int8)
+        code.masked_fill_(out & (direction > 0), HIGH)
+        code.masked_fill_(out & (direction < 0), LOW)
+        if self.cap is not None:
+            code.masked_fill_(~out & (direction != 0) & (w > self.cap), DUAL)
+        return code
+
+
+def _bernoulli_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(q) ‖ Bern(p)) = q·log(q/p) + (1−q)·log((1−q)/(1−p)), with 0·log 0 = 0."""
+    q = log_q.exp()
+    log1m_q, log1m_p = torch.log1p(-q), torch.log1p(-log_p.exp())
+    zero = torch.zeros_like(q)
+    second = torch.where(q < 1, (1 - q) * (log1m_q - log1m_p), zero)
+    return q * (log_q - log_p) + second
 
 
 # --- the rules as plain functions -------------------------------------------------------------
@@ -288,11 +383,11 @@ def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:
     return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
 
 
-def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule) -> torch.Tensor:
+def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule, old_logp=None) -> torch.Tensor:
     r"""``int8`` clip code per token, for the metrics: 0 none, 1 low, 2 high, 3 dual.
 
     Under :class:`Clip` a bound counts only for the sign of ``direction`` (Â or
     A′) it acts on, and never for a zero one; under :class:`Truncate` (``direction``
     unused) wherever w lies outside [1−low, 1+high].
     """
-    return clip.codes(w, direction)
+    return clip.codes(w, direction, old_logp)

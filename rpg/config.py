@@ -56,6 +56,11 @@ class LossConfig:
             ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
         entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
             ``entropy=``).
+        weight_kl: whether the per-token multipliers — the rollout correction's weight and
+            the call's ``weights`` — multiply the KL term too (``True``, the default: the whole
+            per-token loss, which keeps the KL gradient exact under a behaviour policy) or only
+            the policy-gradient term (``False``: TRL's convention for its vLLM weight and token
+            masks; differentiable style without ``fold_kl``, where the two terms are separate).
     """
 
     kl: str | None = None
@@ -68,6 +73,7 @@ class LossConfig:
     ratio: str = "token"
     correction: RolloutCorrection | None = None
     entropy_coef: float = 0.0
+    weight_kl: bool = True
 
     def __post_init__(self) -> None:
         if self.kl is not None:
@@ -109,6 +115,15 @@ class LossConfig:
                 raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
         if self.correction is not None and not isinstance(self.correction, RolloutCorrection):
             raise TypeError(f"correction must be rpg.RolloutCorrection or None, got {type(self.correction).__name__}")
+        if not isinstance(self.weight_kl, bool):
+            raise TypeError(f"weight_kl must be a bool, got {type(self.weight_kl).__name__}")
+        if not self.weight_kl and (self.style != "differentiable" or self.fold_kl):
+            raise ValueError(
+                "weight_kl=False needs the KL term separate from the policy-gradient term: style='differentiable' "
+                "without fold_kl (in the REINFORCE style and with fold_kl one weight g carries both)"
+            )
+        if self.clip is not None and self.ratio not in self.clip.ratios:
+            raise ValueError(f"clip={self.clip!r} applies to ratio={' or '.join(map(repr, self.clip.ratios))}, not {self.ratio!r}")
         entropy_coef = as_real("entropy_coef", self.entropy_coef)
         if not 0 <= entropy_coef < math.inf:
             raise ValueError(f"entropy_coef must be >= 0 and finite, got {self.entropy_coef!r}")

@@ -32,7 +32,7 @@ from .objectives import DIVERGENCES
 
 __all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
-_FIELDS = ("kl", "beta", "style", "clip", "agg", "fold_kl", "max_len", "ratio", "correction", "entropy_coef")
+_FIELDS = ("kl", "beta", "style", "clip", "agg", "fold_kl", "max_len", "ratio", "correction", "entropy_coef", "weight_kl")
 
 
 class PolicyLoss:
@@ -76,12 +76,15 @@ class PolicyLoss:
         correction: the :class:`~rpg.RolloutCorrection` for calls with ``behavior_logp``
             (default ``None``: ``RolloutCorrection()``, token-level truncation at 2).
         entropy_coef: c_H ≥ 0, the entropy bonus (the call must pass ``entropy=``).
+        weight_kl: whether the correction weight and ``weights`` multiply the KL term too
+            (default ``True``); ``False`` is TRL's convention (see :class:`~rpg.LossConfig`).
     """
 
     __slots__ = ("_config", "_args")
     _arg_names: tuple[str, ...] = _FIELDS
     _arg_defaults: dict = {
         "fold_kl": False, "max_len": None, "ratio": "token", "correction": None, "entropy_coef": 0.0,
+        "weight_kl": True,
     }
 
     def __init__(
@@ -97,8 +100,9 @@ class PolicyLoss:
         ratio: str = "token",
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
+        weight_kl: bool = True,
     ) -> None:
-        cfg = LossConfig(kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef)
+        cfg = LossConfig(kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef, weight_kl)
         self._init(cfg, cfg.as_dict())
 
     def _init(self, config: LossConfig, args: dict) -> None:
@@ -136,6 +140,7 @@ class PolicyLoss:
     ratio = property(lambda self: self._config.ratio, doc="``'token'`` or ``'sequence'``.")
     correction = property(lambda self: self._config.correction, doc="The rollout correction, or None.")
     entropy_coef = property(lambda self: self._config.entropy_coef, doc="The entropy bonus coefficient.")
+    weight_kl = property(lambda self: self._config.weight_kl, doc="Whether per-token multipliers weight the KL term.")
 
     def __getattr__(self, name: str):
         args = object.__getattribute__(self, "_args")

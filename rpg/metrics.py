@@ -139,7 +139,7 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
     r = ratios(logp, old_logp, ref_logp)
     code = None
     if cfg.clip is not None:  # the same view of the ratio and sign as the loss kernel
-        code = cfg.clip.codes(*clip_view(r, advantages, mask, cfg))
+        code = cfg.clip.codes(*clip_view(r, advantages, mask, cfg))  # (ratio, direction, anchor)
     if logp.device.type != "mps":  # float64 where the device has it: k3 of a log-ratio of 100 is finite
         logp, old_logp = logp.double(), old_logp.double()
         ref_logp = None if ref_logp is None else ref_logp.double()

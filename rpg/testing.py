@@ -23,6 +23,12 @@ J(θ) = E_{π_θ}[R(y)] − β·KL(π_θ(y) ‖ π_ref(y)). There a per-token KL
 is only a partial gradient of the sequence KL (Tang & Munos); a KL in the
 reward with returns-to-go is exact on-policy (``tests/test_sequence.py``).
 
+**A behaviour policy.** Both expected gradients take ``behavior_logits``: the
+tokens (or sequences) are then drawn from a rollout engine μ ≠ π_old, and the
+loss receives ``behavior_logp`` so that its :class:`~rpg.RolloutCorrection`
+applies. :func:`correction_bias` measures how far a correction's expected
+gradient is from −∇J on a two-step problem.
+
 A loss is exact for its objective when ``expected_gradient(...)`` equals
 ``-objective_gradient(...)``; test it off-policy (θ ≠ θ_old) and with
 π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart::
@@ -55,6 +61,7 @@ __all__ = [
     "sequence_objective",
     "sequence_objective_gradient",
     "sequence_expected_gradient",
+    "correction_bias",
 ]
 
 
@@ -120,19 +127,31 @@ def expected_gradient(
     *,
     ref_logits: torch.Tensor | None = None,
     normalized: bool = True,
+    behavior_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Σ_a π_old(a)·∇_θ ℓ(a), ``[K]``: the exact expected gradient of ``loss_fn`` over π_old.
 
-    ``loss_fn`` follows the ``rpg`` call contract (DESIGN §6) and is called once
-    on a batch of K sequences of one token each (``[K, 1]``), action a in row
-    a, with ``advantages = rewards``. ``ref_logits=None`` means π_ref = π_old.
+    ``loss_fn`` follows the ``rpg`` call contract and is called once on a batch
+    of K sequences of one token each (``[K, 1]``), action a in row a, with
+    ``advantages = rewards``. ``ref_logits=None`` means π_ref = π_old.
+
+    With ``behavior_logits`` (a rollout engine μ ≠ π_old) the tokens are drawn from
+    μ instead: the result is Σ_a μ(a)·∇ℓ(a), and the loss is called with
+    ``behavior_logp = log μ`` so that its correction applies. Then a token-level
+    correction is exact when this equals ``-objective_gradient(...)``.
     """
     theta = logits.detach().clone().requires_grad_(True)
     logp = log_policy(theta, normalized)[:, None]
     old_logp = log_policy(old_logits, normalized).detach()[:, None]
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
-    out = loss_fn(logp, old_logp, rewards, torch.ones_like(logp, dtype=torch.bool), ref_logp=ref_logp)
-    weighted = (old_logp.exp() * out.per_token).sum()
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    if behavior_logits is None:
+        out = loss_fn(logp, old_logp, rewards, mask, ref_logp=ref_logp)
+        sampler = old_logp
+    else:
+        sampler = log_policy(behavior_logits, normalized).detach()[:, None]
+        out = loss_fn(logp, old_logp, rewards, mask, ref_logp=ref_logp, behavior_logp=sampler)
+    weighted = (sampler.exp() * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
 
@@ -184,12 +203,20 @@ def sequence_expected_gradient(
     *,
     ref_logits: torch.Tensor | None = None,
     advantages: Callable | None = None,
+    behavior_logits: torch.Tensor | None = None,
+    weights: Callable | None = None,
 ) -> torch.Tensor:
     r"""Σ_y π_old(y)·∇_θ Σ_t ℓ_t(y): the exact expected gradient of a per-token loss over sequences.
 
     The batch holds every sequence once (``[K², 2]``). ``advantages`` is ``None``
     (the sequence reward as a ``[B]`` advantage) or a callable
     ``(rewards, mask, old_logp, ref_logp) -> [B, T]`` — e.g. REINFORCE++ returns.
+
+    With ``behavior_logits`` the sequences are drawn from μ: the result is
+    Σ_y μ(y)·∇Σ_t ℓ_t(y), the loss called with ``behavior_logp`` (log μ per token)
+    so that its correction applies. ``weights`` is an optional callable
+    ``(old_logp, behavior_logp) -> [B, T]`` passed as the call's ``weights=`` (e.g. a
+    prefix product of ρ, to measure an estimator the correction does not offer).
     """
     theta = logits.detach().clone().requires_grad_(True)
     logp = sequence_token_logp(theta)
@@ -197,7 +224,42 @@ def sequence_expected_gradient(
     ref_logp = None if ref_logits is None else sequence_token_logp(ref_logits).detach()
     mask = torch.ones_like(logp, dtype=torch.bool)
     adv = rewards if advantages is None else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
-    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp)
-    weighted = (old_logp.sum(-1).exp()[:, None] * out.per_token).sum()
+    behavior = None if behavior_logits is None else sequence_token_logp(behavior_logits).detach()
+    sampler = old_logp if behavior is None else behavior
+    kwargs = {} if behavior is None else {"behavior_logp": behavior}
+    if weights is not None:
+        kwargs["weights"] = weights(old_logp, sampler)
+    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp, **kwargs)
+    weighted = (sampler.sum(-1).exp()[:, None] * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
+
+
+def correction_bias(
+    loss_fn: Callable,
+    problem: Problem,
+    behavior_logits: torch.Tensor,
+    *,
+    weights: Callable | None = None,
+    behavior: bool = True,
+) -> float:
+    r"""Relative bias ‖E_μ[∇ℓ′] + ∇J‖ / ‖∇J‖ of ``loss_fn`` on a two-step problem with an outcome reward.
+
+    At θ = θ_old (the trainer's recomputed policy is the current one), sequences drawn from μ
+    (``behavior_logits``), β = 0: J = E_{π_θ}[R(y)]. ``behavior=False`` calls the loss without
+    ``behavior_logp`` (no correction) while still sampling from μ; ``weights`` as in
+    :func:`sequence_expected_gradient`. 0 means the correction is exact for this objective.
+    """
+    want = -sequence_objective_gradient(problem.logits, problem.ref_logits, problem.rewards, 0.0)
+    if behavior:
+        got = sequence_expected_gradient(loss_fn, problem.logits, problem.logits, problem.rewards,
+                                         behavior_logits=behavior_logits, weights=weights)
+    else:
+        theta = problem.logits.detach().clone().requires_grad_(True)
+        logp = sequence_token_logp(theta)
+        old = sequence_token_logp(problem.logits).detach()
+        mu = sequence_token_logp(behavior_logits).detach()
+        kwargs = {} if weights is None else {"weights": weights(old, mu)}
+        out = loss_fn(logp, old, problem.rewards, torch.ones_like(logp, dtype=torch.bool), **kwargs)
+        (got,) = torch.autograd.grad((mu.sum(-1).exp()[:, None] * out.per_token).sum(), theta)
+    return float((got - want).norm() / want.norm())
