@@ -42,6 +42,7 @@ from .objectives import DIVERGENCES, ESTIMATORS, KL_TERMS
 from .presets import (
     CISPOLoss,
     DAPOLoss,
+    DPPOLoss,
     DrGRPOLoss,
     GRPOLoss,
     GSPOLoss,
@@ -63,6 +64,7 @@ __all__ = [
     "Clip",
     "ClipRule",
     "DAPOLoss",
+    "DPPOLoss",
     "DrGRPOLoss",
     "GRPOLoss",
     "GSPOLoss",

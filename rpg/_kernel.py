@@ -178,39 +178,26 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: D102
+        # The derivative (output 1) is saved as an output: under create_graph it is unpacked as a
+        # function of logp through this node, so differentiating the backward again lands in
+        # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
-        ctx.set_materialize_grads(True)
-        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.linear = inputs[-1].style == "reinforce"
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_of_grad):  # noqa: D102
+    def backward(ctx, grad_value, grad_of_grad):  # noqa: D102
+        if grad_of_grad is not None and not ctx.linear:
+            raise RuntimeError(
+                "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
+                "is not linear in logp, and a silent 0 would be wrong); the REINFORCE-style losses "
+                "(style='reinforce') are linear in logp and support double backward exactly (the second "
+                "derivative is 0)"
+            )
+        if grad_value is None:
+            return None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        if not ctx.linear and torch.is_grad_enabled():
-            return _NoSecondDerivative.apply(grad_value, grad), None, None, None, None, None, None
         return grad_value * grad, None, None, None, None, None, None
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """``grad_value * grad`` whose own derivative raises: the differentiable-style loss is not linear in logp."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(grad_value, grad):  # noqa: D102
-        return grad_value * grad
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: D102
-        pass
-
-    @staticmethod
-    def backward(ctx, _):  # noqa: D102
-        raise RuntimeError(
-            "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
-            "is not linear in logp, and returning 0 would be silently wrong); the REINFORCE-style losses "
-            "(style='reinforce') are linear in logp and support double backward exactly"
-        )
 
 
 def per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig) -> torch.Tensor:

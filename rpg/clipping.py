@@ -261,7 +261,10 @@ class TrustRegion(ClipRule):
     * ``divergence="kl"``: masked when KL(Bern(q) ‖ Bern(p)) > δ_high and p > q (Â > 0), or
       > δ_low and p < q (Â ≤ 0) (verl ``dppo_kl``).
 
-    Masked tokens keep their value (detached) and still count in the denominators. Where no
+    Masked tokens lose their gradient and still count in the denominators; in the
+    differentiable style (ℓ = −m·Â, as PPO) a masked token's value is taken at the edge of the
+    region, m = 1 ± δ/q for ``"tv"`` (PPO's clip with a per-token ε = δ/q), and at its own w for
+    ``"kl"``; in the REINFORCE style the value is kept (−g·logp, detached). Where no
     token is masked the loss is exactly the rule-free loss: its expected gradient is −∇J of
     its objective (tested by enumeration). ``cap`` (REINFORCE style) additionally truncates the
     importance weight at an absolute value, verl's ``clip_ratio_c`` for DPPO (``None``: none);
@@ -306,11 +309,18 @@ class TrustRegion(ClipRule):
         return torch.where(up, hi, lo)
 
     def effective_ratio(self, w, adv_hat, old_logp=None):
-        out = self._outside(w, adv_hat > 0, old_logp)
+        up = adv_hat > 0
+        out = self._outside(w, up, old_logp)
+        m = w
+        if self.divergence == "tv":  # a masked token's value at the region's edge, w = 1 ± δ/q (finite)
+            inv_q = torch.exp(-old_logp)
+            edge = torch.where(up, 1 + (_INF if self.high is None else self.high) * inv_q,
+                               1 - (_INF if self.low is None else self.low) * inv_q)
+            m = torch.where(out, edge, w)
         if self.cap is None:
-            return w, out
+            return m, out
         capped = w > self.cap
-        return torch.where(capped & ~out, _scalar(self.cap, w), w), out | capped
+        return torch.where(capped & ~out, _scalar(self.cap, w), m), out | capped
 
     def reinforce_ratio(self, log_w):
         return None if self.cap is None else log_w.clamp(max=math.log(self.cap)).exp()

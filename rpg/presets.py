@@ -33,7 +33,7 @@ ignores that. Only a KL shaped into the reward and summed into returns-to-go
 from __future__ import annotations
 
 from .aggregation import AGG_MODES
-from .clipping import Clip, ClipRule, Truncate
+from .clipping import Clip, ClipRule, Truncate, TrustRegion
 from .config import LossConfig
 from .correction import RolloutCorrection
 from .losses import PolicyLoss
@@ -46,6 +46,7 @@ __all__ = [
     "GSPOLoss",
     "CISPOLoss",
     "OnPolicyDistillationLoss",
+    "DPPOLoss",
 ]
 
 _EXTRA = ("correction", "entropy_coef")
@@ -279,3 +280,36 @@ class OnPolicyDistillationLoss(_Preset):
         args = dict(beta=beta, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
         self._set(args, kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg, correction=correction,
                   entropy_coef=entropy_coef)
+
+
+class DPPOLoss(_Preset):
+    r"""DPPO (arXiv 2602.04879): REINFORCE with trust-region masking instead of a ratio clip.
+
+    ℓ_t = −sg(min(w, C))·A·M_t·logp with M_t the :class:`~rpg.TrustRegion` mask: a token
+    loses its gradient when π_θ moved too far from π_old on it, p − q > δ_high for A > 0 or
+    p − q < −δ_low for A ≤ 0 (``divergence="tv"``; the binary KL with ``"kl"``), p = π_θ(token),
+    q = π_old(token). Where no token is masked and C does not bind, its expected gradient is
+    ∇E[A] (the plain importance-sampled policy gradient). verl's ``dppo_tv``/``dppo_kl`` anchor
+    the region on the recomputed π_old (this default); the paper and prime-rl anchor it on the
+    rollout policy — pass ``old_logp = behavior_logp``. Defaults: δ = 0.15 (tv; 0.05 for kl),
+    no cap, token-mean.
+    """
+
+    __slots__ = ()
+    _arg_names = ("low", "high", "divergence", "cap", "agg") + _EXTRA
+
+    def __init__(
+        self,
+        low: float | None = 0.15,
+        high: float | None = 0.15,
+        divergence: str = "tv",
+        cap: float | None = None,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        clip = TrustRegion(low, high, divergence, cap)
+        args = dict(low=clip.low, high=clip.high, divergence=divergence, cap=clip.cap, agg=agg,
+                    correction=correction, entropy_coef=entropy_coef)
+        self._set(args, style="reinforce", clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)

@@ -206,3 +206,78 @@ def test_valid_bounds_are_accepted():
     assert rpg.Clip(0.0, 0.0, 1.0001).dual == 1.0001
     assert rpg.Clip(None, None, None).low is None
     assert rpg.Clip() == rpg.Clip(0.2, 0.28, 3.0)
+
+
+# --- trust-region masking (DPPO) --------------------------------------------------------------
+
+
+def _tr_grad(rule, p_old, p_new, adv, style="reinforce"):
+    old = torch.tensor([p_old], dtype=F64).log()
+    logp = torch.tensor([p_new], dtype=F64).log().requires_grad_(True)
+    out = rpg.PolicyLoss(style=style, clip=rule)(logp, old, torch.tensor(adv, dtype=F64)[None, :])
+    (g,) = torch.autograd.grad(out.per_token.sum(), logp)
+    return g[0], out
+
+
+def test_trust_region_tv_masks_by_the_probability_difference_in_the_advantage_direction():
+    rule = rpg.TrustRegion(low=0.1, high=0.2, divergence="tv")
+    p_old = [0.5, 0.5, 0.5, 0.5, 0.05, 0.05]
+    p_new = [0.75, 0.65, 0.35, 0.45, 0.2, 0.001]
+    for adv, kept in ((1.0, [False, True, True, True, True, True]), (-1.0, [True, True, False, True, True, True])):
+        for style in ("reinforce", "differentiable"):
+            g, out = _tr_grad(rule, p_old, p_new, [adv] * 6, style)
+            assert (g != 0).tolist() == kept, (adv, style, g)
+            # the masked token keeps the value of its branch, finite; metrics count it on its side
+            assert torch.isfinite(out.per_token).all()
+            assert out.metrics["clip_frac/high" if adv > 0 else "clip_frac/low"] == pytest.approx(1 / 6)
+    # p − q = −0.049 for q = 0.05 can never go below −0.1: TV's per-token ε = δ/q does not bind there
+    assert rpg.clipping.codes(torch.tensor([0.02]), torch.tensor([-1.0]), rule,
+                              torch.tensor([0.05]).log()).item() == NONE
+
+
+def test_trust_region_kl_masks_by_the_binary_kl():
+    q, p = 0.5, torch.tensor([0.5, 0.6, 0.9, 0.4, 0.1], dtype=F64)
+    kl = q * math.log(q) - q * p.log() + (1 - q) * math.log(1 - q) - (1 - q) * torch.log1p(-p)
+    rule = rpg.TrustRegion(low=0.05, high=0.05, divergence="kl")
+    g, _ = _tr_grad(rule, [q] * 5, p.tolist(), [1.0] * 5)
+    assert (g != 0).tolist() == (~((kl > 0.05) & (p > q))).tolist()
+    g, _ = _tr_grad(rule, [q] * 5, p.tolist(), [-1.0] * 5)
+    assert (g != 0).tolist() == (~((kl > 0.05) & (p < q))).tolist()
+    assert kl[2] > 0.05 and kl[4] > 0.05 and kl[1] < 0.05  # the crafted tokens exercise both sides
+
+
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+@pytest.mark.parametrize("style", ["differentiable", "reinforce"])
+def test_trust_region_is_exact_where_it_does_not_bind(divergence, style):
+    from rpg import testing as T
+
+    p = T.random_problem(k=6, seed=4)
+    for div in rpg.DIVERGENCES:
+        fn = rpg.RPGLoss(div, style=style, beta=0.3, clip=rpg.TrustRegion(5.0, 5.0, divergence))
+        got = T.expected_gradient(fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
+        want = -T.objective_gradient(div, p.logits, p.ref_logits, p.rewards, 0.3)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # and where it binds, it is not (the oracle can tell)
+    tight = rpg.RPGLoss("rkl", style=style, beta=0.3, clip=rpg.TrustRegion(0.01, 0.01, divergence))
+    got = T.expected_gradient(tight, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
+    assert (got + T.objective_gradient("rkl", p.logits, p.ref_logits, p.rewards, 0.3)).abs().max() > 1e-4
+
+
+def test_dppo_loss_is_reinforce_with_a_trust_region_and_a_cap():
+    fn = rpg.DPPOLoss(0.15, 0.15, "tv", cap=3.0)
+    assert fn.loss_config == rpg.LossConfig(style="reinforce", clip=rpg.TrustRegion(0.15, 0.15, "tv", 3.0))
+    assert repr(fn) == "DPPOLoss(low=0.15, high=0.15, divergence='tv', cap=3.0, agg='token-mean')"
+    # the cap truncates the weight (no mask): w = 4 inside a loose region gives gradient −3·A
+    g, _ = _tr_grad(rpg.TrustRegion(1.0, 1.0, "tv", cap=3.0), [0.1], [0.4], [1.0])
+    assert g.item() == pytest.approx(-3.0)
+
+
+def test_trust_region_errors():
+    with pytest.raises(ValueError, match="divergence"):
+        rpg.TrustRegion(divergence="js")
+    with pytest.raises(ValueError, match="low"):
+        rpg.TrustRegion(low=-0.1)
+    with pytest.raises(ValueError, match="cap"):
+        rpg.TrustRegion(cap=0.0)
+    with pytest.raises(ValueError, match="ratio"):
+        rpg.PolicyLoss(clip=rpg.TrustRegion(), ratio="sequence", agg="seq-mean-token-mean")
