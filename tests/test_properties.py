@@ -90,3 +90,60 @@ def test_kl_values_are_never_clamped(log_w, log_c, div):
     assert abs(grad.item() - want_g) <= 1e-13 * scale
     d = torch.tensor([log_w], dtype=torch.float64)
     assert abs(rpg.k3(torch.zeros_like(d), d).item() - (math.expm1(log_w) - log_w)) <= 1e-13 * max(1.0, math.exp(log_w))
+
+
+# --- the failure classes of the reliability suite, as properties -------------------------------
+
+
+@st.composite
+def edge_cases(draw):
+    b, t = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    old = -5 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    lim = draw(st.sampled_from([1.0, 30.0, 100.0]))
+    logp = old + lim * (2 * torch.rand(b, t, generator=g, dtype=torch.float64) - 1)
+    neg_inf = torch.rand(b, t, generator=g) < draw(st.sampled_from([0.0, 0.3]))
+    logp[neg_inf] = -float("inf")
+    ref = old + 2 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=g) < 0.8
+    return logp, old, ref, adv, mask, draw(st.sampled_from([torch.float32, torch.float64]))
+
+
+@SETTINGS
+@given(edge_cases(), st.sampled_from(rpg.DIVERGENCES), st.sampled_from([rpg.Clip(), rpg.TrustRegion(0.2, 0.2, cap=10.0)]))
+def test_reinforce_with_a_clip_is_finite_for_minus_inf_and_overflowing_ratios(case, div, clip):
+    """RPG-Style Clip / trust region, float32 log-ratios to ±100 and −∞ log-probs: loss and gradient finite."""
+    logp, old, ref, adv, mask, dtype = case
+    leaf = logp.to(dtype).requires_grad_(True)
+    out = rpg.RPGLoss(div, style="reinforce", beta=0.1, clip=clip)(leaf, old.to(dtype), adv.to(dtype), mask)
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert all(v == v for v in out.metrics.values())
+
+
+@SETTINGS
+@given(edge_cases(), st.sampled_from(["rkl", "urkl"]), st.sampled_from(rpg.STYLES))
+def test_minus_inf_log_probs_never_give_nan(case, div, style):
+    """w·log ρ and w·k3 at w = 0 take their limits: no NaN, whatever the clip (float64: no overflow)."""
+    logp, old, ref, adv, mask, _ = case
+    logp = logp.clamp_min(old - 30).masked_fill(torch.isinf(logp), -float("inf"))
+    leaf = logp.requires_grad_(True)
+    out = rpg.RPGLoss(div, style=style, beta=0.5, clip=None)(leaf, old, adv, mask, ref_logp=ref)
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    assert not torch.isnan(out.loss) and torch.isfinite(grad).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["beta", "clip", "agg", "style", "kl", "correction", "entropy_coef", "importance_weighted_kl"]),
+       st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans()))
+def test_no_setting_can_be_mutated_after_construction(attr, value):
+    fn = rpg.GRPOLoss(importance_weighted_kl=True)
+    before = fn.loss_config
+    try:
+        setattr(fn, attr, value)
+    except AttributeError:
+        pass
+    else:  # pragma: no cover - the assertion below reports it
+        raise AssertionError(f"{attr} was set")
+    assert fn.loss_config is before and fn == rpg.GRPOLoss(importance_weighted_kl=True)
