@@ -1,26 +1,58 @@
 r"""The RPG losses inside verl, by name, through verl's own ``register_policy_loss``.
 
-Importing this module registers eight policy losses:
+Importing this module registers ten policy losses:
 
-============================  ====================================================
-``loss_mode``                 loss
-============================  ====================================================
-``rpg_fkl`` … ``rpg_urkl``    ``rpg.RPGLoss(D, style="differentiable")`` — Algorithm 1 (dual clip)
-``rpg_rf_fkl`` … ``rpg_rf_urkl``  ``rpg.RPGLoss(D, style="reinforce")`` — RPG-Style Clip (Algorithm 2)
-============================  ====================================================
+==================================  ===================================================================
+``loss_mode``                       loss
+==================================  ===================================================================
+``rpg_fkl`` … ``rpg_urkl``          ``rpg.RPGLoss(D, style="differentiable")`` — Algorithm 1 (dual clip)
+``rpg_rf_fkl`` … ``rpg_rf_urkl``    ``rpg.RPGLoss(D, style="reinforce")`` — RPG-Style Clip (Algorithm 2)
+``rpg_dppo_tv``, ``rpg_dppo_kl``    ``rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(...))`` —
+                                    verl's ``dppo_tv`` / ``dppo_kl`` (DPPO trust-region masking)
+==================================  ===================================================================
 
-Each reads verl's ``ActorConfig``: ``clip_ratio_low`` / ``clip_ratio_high``
-(falling back to ``clip_ratio``) and ``clip_ratio_c`` as ``rpg.Clip(low, high,
-dual)``, ``kl_loss_coef`` as β, the ``loss_agg_mode`` argument, and
-``global_batch_info`` (``batch_num_tokens``, ``global_batch_size``,
-``loss_scale_factor``, ``dp_size``) for global normalisation — the loss is
-multiplied by ``dp_size`` as verl's own ``agg_loss`` does, because FSDP averages
-gradients across ranks. ``rollout_is_weights``, when given, multiply the
-per-token losses before aggregation. The reference is π_old (RPG's iterative
-reference: no reference model in memory). It returns ``(loss, metrics)`` with
-verl's metric names (``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
-``actor/ppo_kl``) plus every rpg metric under ``actor/rpg/``, all as local
-means (verl averages policy metrics over micro-batches).
+**Settings.** The RPG losses read verl's ``ActorConfig``: ``clip_ratio_low`` /
+``clip_ratio_high`` (falling back to ``clip_ratio``) and ``clip_ratio_c`` as
+``rpg.Clip(low, high, dual)``, ``kl_loss_coef`` as β, the ``loss_agg_mode``
+argument. The reference is π_old (RPG's iterative reference: no reference model
+in memory). The DPPO losses read the same fields as verl's own: ``clip_ratio_low``
+/ ``clip_ratio_high`` are the divergence thresholds δ_low / δ_high and
+``clip_ratio_c`` the cap C of the detached weight, i.e.
+``rpg.TrustRegion(δ_low, δ_high, divergence, cap=C)`` without a KL term (verl adds
+its ``use_kl_loss`` term outside the policy loss, as for its own ``dppo_*``).
+
+**Global counts.** ``global_batch_info`` (``batch_num_tokens``,
+``global_batch_size``, ``loss_scale_factor``, ``dp_size``) gives the global
+normalisation, and the loss is multiplied by ``dp_size`` as verl's own
+``agg_loss`` does, because FSDP averages gradients across ranks. With
+``dp_size > 1`` and no global count for the aggregation mode (``batch_num_tokens``
+for ``token-mean``, ``global_batch_size`` for the ``seq-mean-*`` modes) the call
+raises ``ValueError`` with ``agg_loss``'s condition and message: a local count
+times ``dp_size`` would silently scale the loss.
+
+**Rollout correction weights.** verl's ``rollout_is_weights`` (decoupled mode of
+its ``algorithm.rollout_correction``) reach the rpg loss as its ``weights=``
+argument: a constant per-token multiplier of the whole per-token loss before
+aggregation, never differentiated, inert at padding (the loss masks them with
+``torch.where``, so NaN/inf there never reach the loss or the gradient). As in
+verl's own losses, they multiply the policy loss, not the entropy bonus or a
+``use_kl_loss`` term; with an RPG loss the policy loss includes rpg's KL term, so
+the weights multiply it too (the KL gradient stays exact under the rollout
+engine's sampling). A weight of 0 keeps the token in the denominators (verl's
+IcePop convention); tokens verl *rejects* (``rollout_rs``) arrive already removed
+from ``response_mask`` and from verl's global counts.
+
+**Metrics.** ``(loss, metrics)`` carries verl's names (``actor/pg_clipfrac``,
+``actor/pg_clipfrac_lower``, ``actor/ppo_kl``) and rpg's metrics under
+``actor/rpg/``, all means over this call's tokens. verl averages a policy loss's
+metrics over micro-batches and data-parallel ranks (``losses.py`` wraps them as
+``Metric(aggregation="mean")``), so a per-call extreme would be logged as an
+average of extremes: ``ratio/min`` and ``ratio/max`` are therefore left out of the
+verl log. ``actor/rpg/ratio/ess`` is the effective sample size of each micro-batch's
+ratios, averaged over micro-batches (not the ESS of the whole batch).
+For DPPO, ``actor/pg_clipfrac`` is the fraction of masked tokens and
+``actor/pg_clipfrac_lower`` the fraction of kept tokens whose weight reached C,
+as verl's ``dppo_*`` log them.
 
 **Recipe** (the switches that matter)::
 
@@ -32,6 +64,59 @@ means (verl averages policy metrics over micro-batches).
     actor_rollout_ref.actor.clip_ratio_high=0.28
     actor_rollout_ref.actor.clip_ratio_c=3.0
     actor_rollout_ref.actor.loss_agg_mode=token-mean
+    # training-inference mismatch: verl computes the weights, the rpg loss applies them
+    algorithm.rollout_correction.rollout_is=token               # or sequence
+    algorithm.rollout_correction.rollout_is_threshold=2.0
+
+* Configure the mismatch correction in verl (``algorithm.rollout_correction``,
+  decoupled mode, the default): verl computes ``rollout_is_weights`` and the
+  rejection mask from π_old and the engine's log-probs, and the rpg loss receives
+  them as ``weights=`` and ``response_mask``. Do **not** also configure an
+  :class:`rpg.RolloutCorrection` (the adapter never sees the engine's log-probs,
+  and a second weight would correct twice).
+* ``bypass_mode=True`` replaces ``policy_loss.loss_mode`` with verl's own bypass
+  loss (``apply_bypass_mode``), so an rpg ``loss_mode`` is not used there. rpg's
+  bypass is ``old_logp = behavior_logp`` in a loop of your own.
+* ``rpg_rf_*`` (REINFORCE style) return the surrogate −sg(g)·logp, whose value is
+  what verl logs as ``actor/pg_loss``: it is not comparable with the value of
+  verl's vanilla PPO loss (−w·A); the gradient is what matters. ``rpg_*``
+  (differentiable) and the DPPO losses log values of the same form as verl's
+  ``vanilla`` and ``dppo_*``.
+
+**verl's RolloutCorrectionConfig and rpg's RolloutCorrection.** Both weight each
+token's loss by a function of ρ = π_old/μ (μ the rollout engine). rpg's bounds are
+plain **absolute bounds on ρ** (on Π_t ρ_t at ``level="sequence"``; on the geometric
+mean or the worst token for the filters). For the same tokens and log-probs (checked
+against verl 0.9.1 in ``tests/integrations/test_verl_correction.py``):
+
+==========================================  ==================================================================
+verl                                        rpg ``RolloutCorrection(...)``
+==========================================  ==================================================================
+``rollout_is=token``, threshold ``U``       ``level="token", mode="truncate", upper=U`` (TIS)
+``rollout_is=sequence``, ``U``              ``level="sequence", mode="truncate", upper=U``
+``rollout_is=token``, ``"L_U"`` (IcePop)    ``level="token", mode="mask", lower=L, upper=U`` — zero-weighted
+                                            tokens stay in the denominators: ``count_rejected=True``
+``rollout_is=sequence``, ``"L_U"``          ``level="sequence", mode="mask", lower=L, upper=U``
+``rollout_rs=seq_mean_k1``, ``"L_U"``       ``geo_lower=1/U, geo_upper=1/L`` (note the inversion), ``count_rejected=False``
+``rollout_rs=seq_max_k2``, ``U``            ``token_lower=exp(−√(2U)), token_upper=exp(√(2U))``, ``count_rejected=False``
+``rollout_rs=seq_max_k3``, ``U``            ``token_lower=exp(a), token_upper=exp(b)``, a < 0 < b the roots of
+                                            eˣ − 1 − x = U, ``count_rejected=False``
+``rollout_rs`` alone (``rollout_is=null``)  weight 1 plus the filter: ``mode="truncate", lower=1.0, upper=1.0``
+``bypass_mode=True``                        ``old_logp = behavior_logp`` (ρ = 1; the ratio anchors on μ)
+==========================================  ==================================================================
+
+verl's k1 criteria compare the statistic log(μ/π_old) = −log ρ with [log L, log U],
+so a k1 threshold ``"L_U"`` keeps **1/U ≤ ρ ≤ 1/L** (the geometric mean for
+``seq_mean_k1``, Π_t ρ_t for ``seq_sum_k1``), not L ≤ ρ ≤ U as verl's documentation
+reads; a single number U (L = 1/U) is symmetric and the two agree. rpg's bounds
+mean what they say. verl rejects by shrinking ``response_mask``
+(``count_rejected=False``) but zeroes IcePop weights in place
+(``count_rejected=True``); one rpg correction has one convention. Not expressible
+by one rpg correction: token-level rejection with weight 1 (``token_k1/k2/k3``
+without IcePop weights), ``seq_sum_*`` filters combined with token-level weights,
+``seq_sum_k2/k3`` and ``seq_mean_k2/k3``, and ``rollout_is_batch_normalize``.
+verl clamps log ρ to ±20 before exponentiating (its weight is e^−20 where
+ρ < e^−20); rpg does not.
 
 verl loads this module in every process by itself: rpg declares it as a
 ``verl.plugins`` entry point, which ``import verl`` loads (unless
@@ -45,10 +130,10 @@ from typing import Any
 
 import torch
 
-from ..aggregation import aggregate
-from ..clipping import Clip
+from .._util import as_int, compute_dtype
+from ..clipping import Clip, TrustRegion
 from ..kl import DIVERGENCES
-from ..losses import RPGLoss
+from ..losses import PolicyLoss, RPGLoss
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -56,10 +141,20 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("rpg.integrations.verl needs verl: pip install 'rpg-losses[verl]' "
                       "(from a clone of rpg: pip install -e '.[verl]')") from e
 
-__all__ = ["LOSS_MODES", "loss_from_config"]
+__all__ = ["LOSS_MODES", "DPPO_MODES", "DROPPED_METRICS", "loss_from_config"]
 
 LOSS_MODES = {f"rpg_{d}": (d, "differentiable") for d in DIVERGENCES}
 LOSS_MODES.update({f"rpg_rf_{d}": (d, "reinforce") for d in DIVERGENCES})
+DPPO_MODES = {"rpg_dppo_tv": "tv", "rpg_dppo_kl": "kl"}
+DROPPED_METRICS = ("ratio/min", "ratio/max")  # extremes: verl would average them over micro-batches
+
+# verl's agg_loss: the global count each mode needs when dp_size > 1, and its message.
+_GLOBAL_COUNT = {
+    "token-mean": ("batch_num_tokens", "(global) batch_num_tokens is required when dp_size > 1"),
+    "seq-mean-token-sum": ("global_batch_size", "global_batch_size is required when dp_size > 1"),
+    "seq-mean-token-sum-norm": ("global_batch_size", "global_batch_size is required when dp_size > 1"),
+    "seq-mean-token-mean": ("global_batch_size", "global_batch_size is required when dp_size > 1"),
+}
 
 
 def _get(config, name: str, default=None):
@@ -67,19 +162,42 @@ def _get(config, name: str, default=None):
     return default if value is None else value
 
 
-def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") -> RPGLoss:
-    """The :class:`rpg.RPGLoss` a verl ``ActorConfig`` (or DictConfig) asks for under ``loss_mode``."""
-    divergence, style = LOSS_MODES[loss_mode]
+def _thresholds(config) -> tuple[float, float]:
     clip_ratio = _get(config, "clip_ratio", 0.2)
-    clip = Clip(
-        low=_get(config, "clip_ratio_low", clip_ratio),
-        high=_get(config, "clip_ratio_high", clip_ratio),
-        dual=_get(config, "clip_ratio_c", 3.0),
-    )
+    return _get(config, "clip_ratio_low", clip_ratio), _get(config, "clip_ratio_high", clip_ratio)
+
+
+def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") -> PolicyLoss:
+    """The rpg loss a verl ``ActorConfig`` (or DictConfig) asks for under ``loss_mode``.
+
+    :class:`rpg.RPGLoss` for the ``rpg_*`` / ``rpg_rf_*`` modes; for ``rpg_dppo_tv`` /
+    ``rpg_dppo_kl``, ``rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(δ_low, δ_high,
+    divergence, cap=clip_ratio_c))`` (C falls back to 20.0 as in verl's ``dppo_*``)."""
+    if loss_mode not in LOSS_MODES and loss_mode not in DPPO_MODES:
+        raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {', '.join([*LOSS_MODES, *DPPO_MODES])}")
     info = _get(config, "global_batch_info", {}) or {}
     max_len = info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None
+    low, high = _thresholds(config)
+    if loss_mode in DPPO_MODES:
+        region = TrustRegion(low, high, DPPO_MODES[loss_mode], cap=_get(config, "clip_ratio_c", 20.0))
+        return PolicyLoss(style="reinforce", clip=region, agg=loss_agg_mode, max_len=max_len)
+    divergence, style = LOSS_MODES[loss_mode]
+    clip = Clip(low=low, high=high, dual=_get(config, "clip_ratio_c", 3.0))
     return RPGLoss(divergence, style=style, beta=float(_get(config, "kl_loss_coef", 0.0)), clip=clip,
                    agg=loss_agg_mode, max_len=max_len)
+
+
+def _global_counts(info: dict, loss_agg_mode: str, loss_mode: str) -> tuple[int, dict]:
+    """``(dp_size, counts)`` from verl's ``global_batch_info``; raises where verl's ``agg_loss`` does."""
+    dp_size = info.get("dp_size")
+    dp_size = 1 if dp_size is None else as_int("global_batch_info['dp_size']", dp_size)
+    if dp_size < 1:
+        raise ValueError(f"{loss_mode}: global_batch_info['dp_size'] must be >= 1, got {dp_size}")
+    counts = dict(batch_num_tokens=info.get("batch_num_tokens"), global_batch_size=info.get("global_batch_size"))
+    need = _GLOBAL_COUNT.get(loss_agg_mode)
+    if dp_size > 1 and need is not None and counts[need[0]] is None:
+        raise ValueError(f"{loss_mode}: {need[1]} (loss_agg_mode={loss_agg_mode!r}, dp_size={dp_size})")
+    return dp_size, counts
 
 
 def _make(loss_mode: str):
@@ -96,30 +214,58 @@ def _make(loss_mode: str):
             raise ValueError(f"{loss_mode}: verl passes the ActorConfig as config=; got None")
         loss_fn = loss_from_config(loss_mode, config, loss_agg_mode)
         info = _get(config, "global_batch_info", {}) or {}
-        counts = dict(batch_num_tokens=info.get("batch_num_tokens"), global_batch_size=info.get("global_batch_size"))
+        dp_size, counts = _global_counts(info, loss_agg_mode, loss_mode)
         mask = response_mask.bool()
-        out = loss_fn(log_prob, old_log_prob, advantages, mask, **counts)
-        loss = out.loss
-        if rollout_is_weights is not None:
-            loss = aggregate(out.per_token * rollout_is_weights.to(out.per_token.dtype), mask, loss_agg_mode,
-                             max_len=loss_fn.max_len, **counts)
-        loss = loss * (info.get("dp_size") or 1)
+        weights = rollout_is_weights
+        metrics = {}
+        if loss_mode in DPPO_MODES:
+            weights, metrics = _dppo_mask(loss_fn.clip, log_prob, old_log_prob, advantages, mask, weights)
+        out = loss_fn(log_prob, old_log_prob, advantages, mask, weights=weights, **counts)
+        loss = out.loss * dp_size
         m = out.local_metrics  # verl averages policy metrics over micro-batches itself
         with torch.no_grad():  # verl's ppo_kl: mean(old − new), KL(π_old‖π_θ), over this call's tokens
             log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
             ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
-        metrics = {
-            "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
-            "actor/pg_clipfrac_lower": m["clip_frac/dual"],
-            "actor/ppo_kl": ppo_kl,
-        }
-        metrics.update({f"actor/rpg/{k}": v for k, v in m.items()})
+        if not metrics:
+            metrics = {
+                "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
+                "actor/pg_clipfrac_lower": m["clip_frac/dual"],
+            }
+        metrics["actor/ppo_kl"] = ppo_kl
+        metrics.update({f"actor/rpg/{k}": v for k, v in m.items() if k not in DROPPED_METRICS})
         return loss, metrics
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    policy_loss.__doc__ = f"verl policy loss '{loss_mode}': {LOSS_MODES[loss_mode]} — see rpg.integrations.verl."
+    what = LOSS_MODES.get(loss_mode) or f"TrustRegion({DPPO_MODES[loss_mode]!r})"
+    policy_loss.__doc__ = f"verl policy loss '{loss_mode}': {what} — see rpg.integrations.verl."
     return policy_loss
 
 
-for _mode in LOSS_MODES:
+def _dppo_mask(region: TrustRegion, log_prob, old_log_prob, advantages, mask, rollout_is_weights):
+    """verl's DPPO multiplies a token's whole loss by its trust-region mask M, so a masked token's value
+    is 0; rpg's rule keeps that value (detached). The gradient is the same (0); the mask, evaluated by the
+    rule itself at the current θ and branching on sign(A) as verl does, becomes part of ``weights=``
+    so that the loss value is verl's too. Also returns verl's clip fractions for DPPO."""
+    with torch.no_grad():
+        dtype = compute_dtype(log_prob.dtype)
+        logp = log_prob.detach().to(dtype).clamp_min(torch.finfo(dtype).min)
+        old = old_log_prob.detach().to(dtype)
+        adv = advantages.detach().to(dtype)
+        adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+        w = (logp - old).exp()
+        outside = region.reinforce_clipped(w, adv.expand_as(w), old)
+        zero = torch.zeros((), dtype=dtype, device=w.device)
+        if rollout_is_weights is None:
+            weights = (~outside).to(dtype)
+        else:
+            weights = torch.where(outside, zero, rollout_is_weights.detach().to(dtype))
+        n = mask.sum().clamp_min(1).to(dtype)
+        capped = torch.zeros_like(outside) if region.cap is None else w > region.cap
+        clipfrac = torch.where(mask, outside.to(dtype), zero).sum() / n
+        lower = torch.where(mask & capped & ~outside, torch.ones((), dtype=dtype, device=w.device), zero).sum() / n
+        metrics = {"actor/pg_clipfrac": clipfrac.item(), "actor/pg_clipfrac_lower": lower.item()}
+    return weights, metrics
+
+
+for _mode in [*LOSS_MODES, *DPPO_MODES]:
     register_policy_loss(_mode)(_make(_mode))

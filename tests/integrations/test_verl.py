@@ -1,5 +1,6 @@
 """rpg.integrations.verl against the real verl package: the registered names give rpg.RPGLoss's loss."""
 
+import re
 import subprocess
 import sys
 
@@ -10,12 +11,13 @@ pytest.importorskip("verl", reason="the verl extra is not installed")
 
 import rpg  # noqa: E402
 from rpg.integrations import verl as rpg_verl  # noqa: E402
-from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn  # noqa: E402
+from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
 from ..conftest import make_batch  # noqa: E402
 
 BETA = 0.05
+AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 def _config(**overrides):
@@ -61,6 +63,142 @@ def test_global_batch_info_and_rollout_weights():
     torch.testing.assert_close(loss, want, rtol=1e-14, atol=1e-14)
 
 
+ALL_MODES = sorted([*rpg_verl.LOSS_MODES, *rpg_verl.DPPO_MODES])
+
+
+@pytest.mark.parametrize("loss_mode", ALL_MODES)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_rollout_weights_nan_inf_at_padding_are_inert(loss_mode, agg):
+    """verl's rollout_is_weights enter as the loss's weights=: garbage at padding changes nothing."""
+    logp, old, adv, mask = _batch()
+    weights = torch.rand(logp.shape, dtype=logp.dtype, generator=torch.Generator().manual_seed(4)) + 0.5
+    clean = torch.where(mask.bool(), weights, torch.zeros(()))
+    dirty = clean.clone()
+    pad = ~mask.bool()
+    assert pad.sum() >= 3
+    dirty[pad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dirty.dtype).repeat(int(pad.sum()))[: int(pad.sum())]
+    fn = get_policy_loss_fn(loss_mode)
+    config = _config(global_batch_info=dict(dp_size=2, batch_num_tokens=60, global_batch_size=9))
+    results = []
+    for w in (clean, dirty):
+        loss, _ = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                     config=config, rollout_is_weights=w)
+        (grad,) = torch.autograd.grad(loss, logp)
+        results.append((loss, grad))
+    (l_clean, g_clean), (l_dirty, g_dirty) = results
+    assert torch.isfinite(l_dirty) and torch.isfinite(g_dirty).all()
+    torch.testing.assert_close(l_dirty, l_clean, rtol=0, atol=0)
+    torch.testing.assert_close(g_dirty, g_clean, rtol=0, atol=0)
+    unweighted, _ = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                       config=config)
+    assert not torch.allclose(unweighted, l_clean)  # the weights do act on the response tokens
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_rollout_weights_equal_verls_own_vanilla_loss(agg):
+    """At β = 0, rpg_urkl with rollout_is_weights is verl's vanilla PPO loss with the same weights."""
+    logp, old, adv, mask = _batch()
+    weights = torch.rand(logp.shape, dtype=logp.dtype, generator=torch.Generator().manual_seed(5)) * 2
+    weights = weights * mask  # verl's weights are 0 at padding
+    info = dict(dp_size=3, batch_num_tokens=50, global_batch_size=11, loss_scale_factor=9)
+    config = _config(kl_loss_coef=0.0, global_batch_info=info)
+    ours, _ = get_policy_loss_fn("rpg_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                                            loss_agg_mode=agg, config=config, rollout_is_weights=weights)
+    theirs, _ = compute_policy_loss_vanilla(old, logp, adv, mask, agg, config, rollout_is_weights=weights)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g1, g2 = (torch.autograd.grad(x, logp)[0] for x in (ours, theirs))
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("missing", ["batch_num_tokens", "global_batch_size"])
+def test_dp_size_without_global_count_raises_as_verls_agg_loss(agg, missing):
+    """dp_size > 1 without the count the mode needs: verl's agg_loss raises, and so does the rpg loss, with
+    verl's message; where verl computes a loss, it is the same."""
+    logp, old, adv, mask = _batch()
+    info = dict(dp_size=2, batch_num_tokens=50, global_batch_size=11, loss_scale_factor=None)
+    info[missing] = None
+    config = _config(kl_loss_coef=0.0, global_batch_info=info)
+    per_token = -adv * (logp - old).exp()
+    try:
+        theirs = agg_loss(per_token, mask, agg, **info)
+    except ValueError as e:
+        theirs = e
+    for loss_mode in ("rpg_urkl", "rpg_rf_fkl", "rpg_dppo_tv"):
+        call = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                    config=config)
+        if isinstance(theirs, ValueError):
+            with pytest.raises(ValueError, match=re.escape(str(theirs))):
+                get_policy_loss_fn(loss_mode)(**call)
+        else:
+            loss, _ = get_policy_loss_fn(loss_mode)(**call)
+            assert torch.isfinite(loss)
+    if not isinstance(theirs, ValueError):  # the value where verl has one: vanilla PPO at β = 0
+        ours, _ = get_policy_loss_fn("rpg_urkl")(**call)
+        want, _ = compute_policy_loss_vanilla(old, logp, adv, mask, agg, config)
+        torch.testing.assert_close(ours, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dp_size_must_be_a_positive_int():
+    logp, old, adv, mask = _batch()
+    for dp, err in ((0, ValueError), (-2, ValueError), (2.5, TypeError)):
+        config = _config(global_batch_info=dict(dp_size=dp, batch_num_tokens=50))
+        with pytest.raises(err, match="dp_size"):
+            get_policy_loss_fn("rpg_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                                          config=config)
+
+
+def test_metrics_hold_no_extremes_verl_would_average():
+    """verl averages policy-loss metrics over micro-batches: no min/max may be logged through it."""
+    logp, old, adv, mask = _batch()
+    for loss_mode in ALL_MODES:
+        _, metrics = get_policy_loss_fn(loss_mode)(old_log_prob=old, log_prob=logp, advantages=adv,
+                                                   response_mask=mask, config=_config())
+        assert not [k for k in metrics if "min" in k or "max" in k], loss_mode
+        assert {"actor/rpg/ratio/mean", "actor/rpg/ratio/ess"} <= set(metrics)
+
+
+def _dppo_batch(seed=3):
+    logp, old, adv, mask, _ = make_batch(6, 9, seed=seed, spread=0.5, adv_shape="tok")
+    # log-probs of sampled tokens are <= 0 (verl's binary KL is NaN for a "probability" above 1)
+    logp = logp.detach().clamp(max=-1e-3).requires_grad_(True)
+    old = old.clamp(max=-1e-3)
+    adv[0, 1] = 0.0  # a zero advantage takes verl's lower branch
+    return logp, old, adv, mask.float()
+
+
+@pytest.mark.parametrize("divergence,delta", [("tv", 0.05), ("kl", 0.01)])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dppo_equals_verls_own_dppo(divergence, delta, agg, weighted):
+    """rpg_dppo_tv / rpg_dppo_kl give verl's dppo_tv / dppo_kl loss, gradient and metrics on the same inputs."""
+    logp, old, adv, mask = _dppo_batch()
+    info = dict(dp_size=2, batch_num_tokens=70, global_batch_size=13, loss_scale_factor=None)
+    config = _config(clip_ratio_low=delta, clip_ratio_high=1.5 * delta, clip_ratio_c=1.5, global_batch_info=info)
+    weights = None
+    if weighted:
+        weights = (torch.rand(logp.shape, dtype=logp.dtype, generator=torch.Generator().manual_seed(6)) + 0.5) * mask
+    call = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                config=config, rollout_is_weights=weights)
+    ours, m_ours = get_policy_loss_fn(f"rpg_dppo_{divergence}")(**call)
+    theirs, m_theirs = get_policy_loss_fn(f"dppo_{divergence}")(**call)
+    assert 0.1 < m_theirs["actor/pg_clipfrac"] < 0.9 and m_theirs["actor/pg_clipfrac_lower"] > 0  # mask and cap bind
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-14)
+    g1, g2 = (torch.autograd.grad(x, logp)[0] for x in (ours, theirs))
+    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-14)
+    for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"):
+        assert m_ours[key] == pytest.approx(m_theirs[key], rel=1e-6, abs=1e-7), key
+
+
+def test_dppo_loss_from_config():
+    fn = rpg_verl.loss_from_config("rpg_dppo_kl", _config(clip_ratio_low=0.03, clip_ratio_high=0.05), "seq-mean-token-mean")
+    assert fn == rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(0.03, 0.05, "kl", cap=3.0), agg="seq-mean-token-mean")
+    fn = rpg_verl.loss_from_config("rpg_dppo_tv", {"clip_ratio": 0.15})  # verl's dppo falls back to C = 20
+    assert fn.clip == rpg.TrustRegion(0.15, 0.15, "tv", cap=20.0) and fn.kl is None
+    with pytest.raises(ValueError, match="rpg_dppo_tv"):
+        rpg_verl.loss_from_config("dppo_tv", {})
+
+
 def test_beta_zero_differentiable_equals_verls_own_ppo_loss():
     """Algorithm 1's dual clip is verl's vanilla PPO loss when β = 0 (ratios well inside verl's ±20 clamp)."""
     logp, old, adv, mask = _batch()
@@ -83,7 +221,7 @@ def test_import_verl_loads_the_plugin():
     code = ("from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; "
             "print(sorted(k for k in R if k.startswith('rpg_')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(sorted(rpg_verl.LOSS_MODES))
+    assert out.stdout.strip() == str(ALL_MODES)
 
 
 def test_advantage_estimators_agree_with_verls():
