@@ -1,6 +1,6 @@
 r"""KL divergences and their sample estimators: the one place directions are defined.
 
-Directions, fixed for the whole library (DESIGN §1):
+Directions, fixed for the whole library (docs/design.md, “Notation”):
 
 * **forward** KL  = KL(π_ref ‖ π_θ) = Σ π_ref · log(π_ref / π_θ)
 * **reverse** KL  = KL(π_θ ‖ π_ref) = Σ π_θ · log(π_θ / π_ref)
@@ -22,7 +22,7 @@ tokens were sampled from**. GRPO's penalty is ``k3(logp, ref_logp)``: tokens
 treated as sampled from π_θ, p = π_ref.
 
 Their *gradients*, when the value is used as a loss, are a different matter
-(DESIGN §2, verified by exact enumeration in ``tests/test_kl.py``). With tokens
+(docs/estimators.md, verified by exact enumeration in ``tests/test_kl.py``). With tokens
 from π_old:
 
 | term | on-policy (π_old=π_θ) | off-policy |
@@ -75,7 +75,7 @@ def k2(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     r"""k2 = ½ (log r)², r = p(x)/q(x): biased (second-order) estimate of KL(q ‖ p), x ~ q.
 
     Shapes as :func:`k1`. As a loss in ``log_q = logp`` its gradient is
-    ∇ KL(π_θ ‖ p) on-policy; ``sg(w)·k2`` keeps that off-policy (DESIGN §2).
+    ∇ KL(π_θ ‖ p) on-policy; ``sg(w)·k2`` keeps that off-policy (docs/estimators.md).
     """
     d = _log_ratio(log_q, log_p)
     return 0.5 * d * d

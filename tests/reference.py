@@ -1,4 +1,4 @@
-"""Plain-autograd reference of every rpg per-token loss, transcribed from DESIGN §3–§4.
+"""Plain-autograd reference of every rpg per-token loss, transcribed from docs/objectives.md and docs/clipping.md.
 
 No closed-form derivatives here: gradients come from autograd through the
 formulas as printed (stop-gradient = ``detach``). The fused kernel must agree
@@ -13,7 +13,7 @@ import rpg
 
 
 def kl_surrogate(div, logp, old_logp, ref_logp):
-    """DESIGN §3 table, differentiable column minus the −w·A term, β excluded."""
+    """docs/objectives.md table, differentiable column minus the −w·A term, β excluded."""
     w = (logp - old_logp).exp()
     log_rho = logp - ref_logp
     rho = log_rho.exp()
@@ -27,7 +27,7 @@ def kl_surrogate(div, logp, old_logp, ref_logp):
 
 
 def reinforce_g(div, adv, beta, w, log_rho, c):
-    """DESIGN §3 REINFORCE weights g."""
+    """docs/objectives.md REINFORCE weights g."""
     return {
         "fkl": w * adv + beta * c,
         "rkl": w * (adv - beta * (log_rho + 1)),
@@ -71,7 +71,7 @@ def per_token(logp, old_logp, adv, mask, *, kl, beta, style, clip, fold_kl=False
     else:
         wd = w.detach()
         if isinstance(clip, rpg.Truncate):
-            # DESIGN §4: g uses sg(clip(w)) in place of w; ρ and c are other symbols and stay.
+            # docs/clipping.md: g uses sg(clip(w)) in place of w; ρ and c are other symbols and stay.
             lo = 1 - clip.low if clip.low is not None else None
             hi = 1 + clip.high if clip.high is not None else None
             wd = wd.clamp(min=lo, max=hi)

@@ -34,3 +34,22 @@ def test_core_import_pulls_no_integration():
     code = "import rpg, sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'verl', 'trl', 'transformers', 'ray'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_kernel_plumbing_is_private_and_no_design_citations_remain():
+    """The public API is curated (no in-place kernel helpers), and the project cites its own docs."""
+    import pathlib
+
+    import rpg.clipping
+    import rpg.objectives
+
+    plumbing = {"kl_accumulate", "kl_grad_split", "branch_bounds", "out_of_band", "in_band", "NONE", "LOW",
+                "HIGH", "DUAL", "Spec", "TokenLoss", "token_loss", "clip_codes"}
+    for module in (rpg, rpg.objectives, rpg.clipping, rpg.losses, rpg.metrics, rpg.functional):
+        assert not plumbing & set(module.__all__), module.__name__
+    assert {"KL_TERMS", "LossConfig", "RolloutCorrection", "policy_loss", "TrustRegion"} <= set(rpg.__all__)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cited = [str(p) for d in ("rpg", "tests", "docs", "examples") for p in (root / d).rglob("*")
+             if p.suffix in (".py", ".md", ".ipynb") and p.name != "test_api.py" and p.name != "test_readme.py"
+             and "DESIGN §" in p.read_text(errors="ignore")]
+    assert not cited, cited

@@ -139,7 +139,7 @@ def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
 @pytest.mark.parametrize("div", ["fkl", "rkl", "ufkl", "urkl"])
 def test_truncation_replaces_only_the_weight(div):
     """g with w̄ = sg(clip(w)) in place of w; log ρ and c stay exact (paper eq. 4.1: C(w, sg(Â_reg)));
-    every token keeps a gradient. Hand formulas from DESIGN §3 with w → w̄."""
+    every token keeps a gradient. Hand formulas from docs/objectives.md with w → w̄."""
     trunc = rpg.Truncate(low=0.2, high=0.28)
     beta, A, log_c = 0.5, 1.0, -0.3
     c = math.exp(log_c)

@@ -1,6 +1,6 @@
-"""Independent black-box contract tests for `rpg.RPGLoss` (DESIGN.md §1-§4, §6).
+"""Independent black-box contract tests for `rpg.RPGLoss` (docs/design.md: notation, the call; docs/objectives.md, docs/clipping.md).
 
-Only the public call contract of DESIGN §6 is used.  Every expected value is
+Only the public call contract (docs/design.md, “The call”) is used.  Every expected value is
 computed here from hand-written formulas or an exact tabular oracle.
 """
 import math
@@ -31,7 +31,7 @@ def close(a, b, tol=1e-10):
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-# ---------------------------------------------------------------- hand formulas (DESIGN §3)
+# ---------------------------------------------------------------- hand formulas (docs/objectives.md)
 def parts(logp, old, ref):
     logw = logp - old
     logrho = logp - ref
@@ -62,7 +62,7 @@ def kl_adv(div, logp, old, ref, beta):
     return g_formula(div, logp, old, ref, torch.zeros_like(logp), beta) / w
 
 
-# ---------------------------------------------------------------- tabular oracle (DESIGN §3, §9)
+# ---------------------------------------------------------------- tabular oracle (docs/objectives.md, docs/design.md “Testing”)
 def oracle_grads(div, style, clip, normalized, ref_differs, beta=BETA, seed=0):
     gen = torch.Generator().manual_seed(seed)
     K = 5

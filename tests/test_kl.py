@@ -67,7 +67,7 @@ def test_divergence_rejects_unknown_name():
         divergence("js", torch.zeros(2), torch.zeros(2))
 
 
-# --- which KL does each estimator follow, used as a loss? (DESIGN §2, exact enumeration) ---
+# --- which KL does each estimator follow, used as a loss? (docs/estimators.md, exact enumeration) ---
 
 
 def _expected_grad(term, theta, old_theta, ref_theta):

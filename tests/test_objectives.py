@@ -88,7 +88,7 @@ def test_fold_kl_exact_only_where_allowed(div):
 
 
 def test_surrogate_values_by_hand():
-    """DESIGN §3 table at one token: log w = 0.3, log c = -0.2 (log ρ = 0.5), logp = -1, A = 2, β = 0.5."""
+    """docs/objectives.md table at one token: log w = 0.3, log c = -0.2 (log ρ = 0.5), logp = -1, A = 2, β = 0.5."""
     logp = torch.tensor([-1.0], dtype=F64)
     old, ref = logp - 0.3, logp - 0.5
     A, beta = torch.tensor([2.0], dtype=F64), 0.5

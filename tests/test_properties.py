@@ -75,7 +75,7 @@ def test_all_masked_is_zero(case):
 @settings(max_examples=200, deadline=None)
 @given(st.floats(-50, 50), st.floats(-50, 50), st.sampled_from(rpg.DIVERGENCES))
 def test_kl_values_are_never_clamped(log_w, log_c, div):
-    """float64 values equal the DESIGN formulas evaluated independently with math, at log-ratios to ±50."""
+    """float64 values equal the documented formulas evaluated independently with math, at log-ratios to ±50."""
     lw, lc, lp = (torch.tensor([x], dtype=torch.float64) for x in (log_w, log_c, -3.0))
     value, grad = objectives.kl_term(div, lp, lp - lw, lp - lw + lc)
     w, c, lr = math.exp(log_w), math.exp(log_c), log_w - log_c

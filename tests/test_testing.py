@@ -56,7 +56,7 @@ def test_oracle_flags_a_loss_that_follows_the_wrong_kl():
     for div in rpg.DIVERGENCES:
         want = -T.objective_gradient(div, p.logits, p.ref_logits, p.rewards, 0.5)
         assert (got - want).abs().max() > 1e-3
-    # On-policy it follows the forward KL, as DESIGN §2 says.
+    # On-policy it follows the forward KL, as docs/estimators.md says.
     got = T.expected_gradient(_GRPOStyleK3(0.5), p.logits, p.logits, p.rewards, ref_logits=p.ref_logits)
     want = -T.objective_gradient("fkl", p.logits, p.ref_logits, p.rewards, 0.5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
