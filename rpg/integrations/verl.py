@@ -2,14 +2,11 @@ r"""The RPG losses inside verl, by name, through verl's own ``register_policy_lo
 
 Importing this module registers ten policy losses:
 
-==================================  ===================================================================
-``loss_mode``                       loss
-==================================  ===================================================================
-``rpg_fkl`` … ``rpg_urkl``          ``rpg.RPGLoss(D, style="differentiable")`` — Algorithm 1 (dual clip)
-``rpg_rf_fkl`` … ``rpg_rf_urkl``    ``rpg.RPGLoss(D, style="reinforce")`` — RPG-Style Clip (Algorithm 2)
-``rpg_dppo_tv``, ``rpg_dppo_kl``    ``rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(...))`` —
-                                    verl's ``dppo_tv`` / ``dppo_kl`` (DPPO trust-region masking)
-==================================  ===================================================================
+| ``loss_mode`` | loss |
+|---|---|
+| ``rpg_fkl`` … ``rpg_urkl`` | ``rpg.RPGLoss(D, style="differentiable")`` — Algorithm 1 (dual clip) |
+| ``rpg_rf_fkl`` … ``rpg_rf_urkl`` | ``rpg.RPGLoss(D, style="reinforce")`` — RPG-Style Clip (Algorithm 2) |
+| ``rpg_dppo_tv``, ``rpg_dppo_kl`` | ``rpg.DPPOLoss(δ_low, δ_high, "tv"/"kl", cap=C)`` — verl's ``dppo_*`` |
 
 **Settings.** The RPG losses read verl's ``ActorConfig``: ``clip_ratio_low`` /
 ``clip_ratio_high`` (falling back to ``clip_ratio``) and ``clip_ratio_c`` as
@@ -17,9 +14,17 @@ Importing this module registers ten policy losses:
 argument. The reference is π_old (RPG's iterative reference: no reference model
 in memory). The DPPO losses read the same fields as verl's own: ``clip_ratio_low``
 / ``clip_ratio_high`` are the divergence thresholds δ_low / δ_high and
-``clip_ratio_c`` the cap C of the detached weight, i.e.
-``rpg.TrustRegion(δ_low, δ_high, divergence, cap=C)`` without a KL term (verl adds
-its ``use_kl_loss`` term outside the policy loss, as for its own ``dppo_*``).
+``clip_ratio_c`` the cap C of the detached weight: ``rpg.DPPOLoss(δ_low, δ_high,
+divergence, cap=C)``, the REINFORCE style with ``rpg.TrustRegion`` and no KL term (verl adds
+its ``use_kl_loss`` term outside the policy loss, as for its own ``dppo_*``). verl's
+DPPO multiplies a masked token's loss by 0, while rpg's rule keeps its value (detached;
+the gradient, 0, is the same), so the adapter passes the rule's own mask, evaluated at
+the current θ, in ``weights=``: loss, gradient and metrics are then verl's ``dppo_tv`` /
+``dppo_kl`` (tested on the same inputs). The only differences left: verl clamps
+log(π_θ/π_old) to ±20 in the weight (so they differ where π_θ/π_old < e^−20, both
+weights then below 2.1e-9) and adds 1e-8 inside the binary KL's log(1 − p) (rpg:
+``log1p``, exact), which can move the ``dppo_kl`` mask only for a token within about
+1e-8 of its threshold.
 
 **Global counts.** ``global_batch_info`` (``batch_num_tokens``,
 ``global_batch_size``, ``loss_scale_factor``, ``dp_size``) gives the global
@@ -80,8 +85,9 @@ as verl's ``dppo_*`` log them.
 * ``rpg_rf_*`` (REINFORCE style) return the surrogate −sg(g)·logp, whose value is
   what verl logs as ``actor/pg_loss``: it is not comparable with the value of
   verl's vanilla PPO loss (−w·A); the gradient is what matters. ``rpg_*``
-  (differentiable) and the DPPO losses log values of the same form as verl's
-  ``vanilla`` and ``dppo_*``.
+  (differentiable) log values of the form of verl's ``vanilla`` (−m·A plus β times the
+  KL surrogate); ``rpg_dppo_*`` log the value verl's ``dppo_*`` do (itself a
+  surrogate: −A·sg(min(w, C))·logp on the tokens the trust region keeps, 0 elsewhere).
 
 **verl's RolloutCorrectionConfig and rpg's RolloutCorrection.** Both weight each
 token's loss by a function of ρ = π_old/μ (μ the rollout engine). rpg's bounds are
@@ -89,32 +95,31 @@ plain **absolute bounds on ρ** (on Π_t ρ_t at ``level="sequence"``; on the ge
 mean or the worst token for the filters). For the same tokens and log-probs (checked
 against verl 0.9.1 in ``tests/integrations/test_verl_correction.py``):
 
-==========================================  ==================================================================
-verl                                        rpg ``RolloutCorrection(...)``
-==========================================  ==================================================================
-``rollout_is=token``, threshold ``U``       ``level="token", mode="truncate", upper=U`` (TIS)
-``rollout_is=sequence``, ``U``              ``level="sequence", mode="truncate", upper=U``
-``rollout_is=token``, ``"L_U"`` (IcePop)    ``level="token", mode="mask", lower=L, upper=U`` — zero-weighted
-                                            tokens stay in the denominators: ``count_rejected=True``
-``rollout_is=sequence``, ``"L_U"``          ``level="sequence", mode="mask", lower=L, upper=U``
-``rollout_rs=seq_mean_k1``, ``"L_U"``       ``geo_lower=1/U, geo_upper=1/L`` (note the inversion), ``count_rejected=False``
-``rollout_rs=seq_max_k2``, ``U``            ``token_lower=exp(−√(2U)), token_upper=exp(√(2U))``, ``count_rejected=False``
-``rollout_rs=seq_max_k3``, ``U``            ``token_lower=exp(a), token_upper=exp(b)``, a < 0 < b the roots of
-                                            eˣ − 1 − x = U, ``count_rejected=False``
-``rollout_rs`` alone (``rollout_is=null``)  weight 1 plus the filter: ``mode="truncate", lower=1.0, upper=1.0``
-``bypass_mode=True``                        ``old_logp = behavior_logp`` (ρ = 1; the ratio anchors on μ)
-==========================================  ==================================================================
+| verl | rpg ``RolloutCorrection(...)`` |
+|---|---|
+| ``rollout_is=token``, threshold ``U`` (TIS) | ``level="token", mode="truncate", upper=U`` |
+| ``rollout_is=sequence``, ``U`` | ``level="sequence", mode="truncate", upper=U`` |
+| ``rollout_is=token``, ``"L_U"`` (IcePop) | ``level="token", mode="mask", lower=L, upper=U`` |
+| ``rollout_is=sequence``, ``"L_U"`` | ``level="sequence", mode="mask", lower=L, upper=U`` |
+| ``rollout_rs=seq_mean_k1``, ``"L_U"`` | ``geo_lower=1/U, geo_upper=1/L`` (inverted!) |
+| ``rollout_rs=seq_max_k2``, ``U`` | ``token_lower=exp(−√(2U)), token_upper=exp(√(2U))`` |
+| ``rollout_rs=seq_max_k3``, ``U`` | ``token_lower=eᵃ, token_upper=eᵇ``, a < 0 < b the roots of eˣ−1−x = U |
+| ``rollout_rs`` with ``rollout_is=null`` | weight 1 and the filter: ``mode="truncate", lower=1.0, upper=1.0`` |
+| ``bypass_mode=True`` | ``old_logp = behavior_logp`` (ρ = 1; the ratio anchors on μ) |
+
+IcePop zeroes weights in place, so its tokens stay in the denominators (``count_rejected=True``, rpg's
+default); ``rollout_rs`` removes rejected tokens from ``response_mask`` and from the token count
+(``count_rejected=False``; pass ``batch_num_tokens`` = ``keep(...).sum()``).
 
 verl's k1 criteria compare the statistic log(μ/π_old) = −log ρ with [log L, log U],
 so a k1 threshold ``"L_U"`` keeps **1/U ≤ ρ ≤ 1/L** (the geometric mean for
 ``seq_mean_k1``, Π_t ρ_t for ``seq_sum_k1``), not L ≤ ρ ≤ U as verl's documentation
 reads; a single number U (L = 1/U) is symmetric and the two agree. rpg's bounds
-mean what they say. verl rejects by shrinking ``response_mask``
-(``count_rejected=False``) but zeroes IcePop weights in place
-(``count_rejected=True``); one rpg correction has one convention. Not expressible
-by one rpg correction: token-level rejection with weight 1 (``token_k1/k2/k3``
-without IcePop weights), ``seq_sum_*`` filters combined with token-level weights,
-``seq_sum_k2/k3`` and ``seq_mean_k2/k3``, and ``rollout_is_batch_normalize``.
+mean what they say. One rpg correction has one ``count_rejected``, so IcePop together
+with ``rollout_rs`` (two conventions in verl) is not one rpg correction. Also not expressible
+by one rpg correction: token-level rejection (``token_k1/k2/k3``) other than with the
+untruncated weight (the IcePop row), ``seq_sum_k1`` other than with the untruncated
+sequence weight, ``seq_sum_k2/k3``, ``seq_mean_k2/k3`` and ``rollout_is_batch_normalize``.
 verl clamps log ρ to ±20 before exponentiating (its weight is e^−20 where
 ρ < e^−20); rpg does not.
 
@@ -134,6 +139,7 @@ from .._util import as_int, compute_dtype
 from ..clipping import Clip, TrustRegion
 from ..kl import DIVERGENCES
 from ..losses import PolicyLoss, RPGLoss
+from ..presets import DPPOLoss
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -171,16 +177,16 @@ def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") 
     """The rpg loss a verl ``ActorConfig`` (or DictConfig) asks for under ``loss_mode``.
 
     :class:`rpg.RPGLoss` for the ``rpg_*`` / ``rpg_rf_*`` modes; for ``rpg_dppo_tv`` /
-    ``rpg_dppo_kl``, ``rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(δ_low, δ_high,
-    divergence, cap=clip_ratio_c))`` (C falls back to 20.0 as in verl's ``dppo_*``)."""
+    ``rpg_dppo_kl``, ``rpg.DPPOLoss(δ_low, δ_high, divergence, cap=clip_ratio_c)`` — the REINFORCE
+    style with an :class:`rpg.TrustRegion` and no KL term (C falls back to 20.0 as in verl's ``dppo_*``)."""
     if loss_mode not in LOSS_MODES and loss_mode not in DPPO_MODES:
         raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {', '.join([*LOSS_MODES, *DPPO_MODES])}")
     info = _get(config, "global_batch_info", {}) or {}
     max_len = info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None
     low, high = _thresholds(config)
     if loss_mode in DPPO_MODES:
-        region = TrustRegion(low, high, DPPO_MODES[loss_mode], cap=_get(config, "clip_ratio_c", 20.0))
-        return PolicyLoss(style="reinforce", clip=region, agg=loss_agg_mode, max_len=max_len)
+        loss = DPPOLoss(low, high, DPPO_MODES[loss_mode], cap=_get(config, "clip_ratio_c", 20.0), agg=loss_agg_mode)
+        return loss if max_len is None else loss.replace(max_len=max_len)
     divergence, style = LOSS_MODES[loss_mode]
     clip = Clip(low=low, high=high, dual=_get(config, "clip_ratio_c", 3.0))
     return RPGLoss(divergence, style=style, beta=float(_get(config, "kl_loss_coef", 0.0)), clip=clip,

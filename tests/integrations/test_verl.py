@@ -76,7 +76,8 @@ def test_rollout_weights_nan_inf_at_padding_are_inert(loss_mode, agg):
     dirty = clean.clone()
     pad = ~mask.bool()
     assert pad.sum() >= 3
-    dirty[pad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dirty.dtype).repeat(int(pad.sum()))[: int(pad.sum())]
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dirty.dtype)
+    dirty[pad] = garbage.repeat(int(pad.sum()))[: int(pad.sum())]
     fn = get_policy_loss_fn(loss_mode)
     config = _config(global_batch_info=dict(dp_size=2, batch_num_tokens=60, global_batch_size=9))
     results = []
@@ -191,8 +192,14 @@ def test_dppo_equals_verls_own_dppo(divergence, delta, agg, weighted):
 
 
 def test_dppo_loss_from_config():
-    fn = rpg_verl.loss_from_config("rpg_dppo_kl", _config(clip_ratio_low=0.03, clip_ratio_high=0.05), "seq-mean-token-mean")
-    assert fn == rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(0.03, 0.05, "kl", cap=3.0), agg="seq-mean-token-mean")
+    config = _config(clip_ratio_low=0.03, clip_ratio_high=0.05)
+    fn = rpg_verl.loss_from_config("rpg_dppo_kl", config, "seq-mean-token-mean")
+    assert fn == rpg.DPPOLoss(0.03, 0.05, "kl", cap=3.0, agg="seq-mean-token-mean")
+    assert fn == rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(0.03, 0.05, "kl", cap=3.0),
+                                agg="seq-mean-token-mean")
+    info = dict(loss_scale_factor=17)
+    fn = rpg_verl.loss_from_config("rpg_dppo_tv", _config(global_batch_info=info), "seq-mean-token-sum-norm")
+    assert fn.max_len == 17 and fn.clip == rpg.TrustRegion(0.2, 0.28, "tv", cap=3.0)
     fn = rpg_verl.loss_from_config("rpg_dppo_tv", {"clip_ratio": 0.15})  # verl's dppo falls back to C = 20
     assert fn.clip == rpg.TrustRegion(0.15, 0.15, "tv", cap=20.0) and fn.kl is None
     with pytest.raises(ValueError, match="rpg_dppo_tv"):
