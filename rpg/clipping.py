@@ -274,7 +274,8 @@ class TrustRegion(ClipRule):
     behavior_logp`` (bypass mode). The recommended thresholds are 0.15 (tv) and 0.05 (kl).
 
     Args:
-        low, high: δ_low, δ_high ≥ 0 (``None``: that side never masks).
+        low: δ_low ≥ 0, the threshold for Â ≤ 0 (``None``: that side never masks).
+        high: δ_high ≥ 0, the threshold for Â > 0 (``None``: that side never masks).
         divergence: ``"tv"`` or ``"kl"``.
         cap: absolute cap C > 0 on the importance weight, or ``None``.
     """

@@ -83,15 +83,18 @@ class RolloutCorrection:
         mode: ``"truncate"`` — weight clip(ρ, lower, upper) (TIS); ``"mask"`` —
             weight ρ where lower ≤ ρ ≤ upper, else the token (sequence level: the
             whole sequence) is rejected with weight 0 (MIS).
-        lower, upper: **absolute** bounds on ρ (not ε offsets as in
-            :class:`~rpg.Clip`); ``None`` turns a bound off. ``upper=None,
+        lower: the **absolute** lower bound on ρ (not an ε offset as in
+            :class:`~rpg.Clip`); ``None`` turns it off.
+        upper: the absolute upper bound on ρ; ``None`` turns it off. ``upper=None,
             lower=None`` is the untruncated, exact weight. Default: token-level
             truncation at 2.0.
-        geo_lower, geo_upper: a sequence filter on the geometric mean of ρ over the
+        geo_lower: lower bound of a sequence filter on the geometric mean of ρ over the
             response, exp(mean_t log ρ_t) (length-normalised; IcePop / verl's
             ``seq_mean`` criteria): a sequence outside the band is rejected.
-        token_lower, token_upper: a sequence filter on the worst token: a sequence
+        geo_upper: its upper bound.
+        token_lower: lower bound of a sequence filter on the worst token: a sequence
             with any token whose ρ_t is outside the band is rejected.
+        token_upper: its upper bound.
         count_rejected: whether rejected tokens still count in the aggregation's
             denominators (``True``, the default: the correction is purely a weight,
             so micro-batch invariance holds with global counts; AReaL's and TRL's
@@ -170,7 +173,8 @@ def correction_weight(
     r"""The correction weight of every token, the kept tokens, and the rejected ones.
 
     Args:
-        old_logp, behavior_logp: ``[B, T]`` log π_old and log μ of the sampled tokens (detached).
+        old_logp: ``[B, T]`` log π_old of the sampled tokens (detached).
+        behavior_logp: ``[B, T]`` log μ of the same tokens (detached).
         mask: ``[B, T]`` bool, the response tokens.
         correction: the settings.
 

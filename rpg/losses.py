@@ -245,7 +245,10 @@ class RPGLoss(PolicyLoss):
         beta: β ≥ 0 (default 1e-4, the paper's).
         clip: default ``Clip(low=0.2, high=0.28, dual=3.0)`` (the paper's); ``None`` for none.
         agg: default ``"token-mean"``.
-        fold_kl, max_len, correction, entropy_coef: see :class:`PolicyLoss`.
+        fold_kl: see :class:`PolicyLoss`.
+        max_len: see :class:`PolicyLoss`.
+        correction: see :class:`PolicyLoss`.
+        entropy_coef: see :class:`PolicyLoss`.
 
     Example::
 
