@@ -210,59 +210,71 @@ def correction_weight(
 
 
 def correction_metrics(old_logp, behavior_logp, mask, correction: RolloutCorrection | None, denom) -> dict:
-    r"""Diagnostics of the mismatch and of the correction, as 0-dim tensors (names under ``rollout_corr/``).
+    r"""Diagnostics of the mismatch and of the correction, as 0-dim tensors, under verl's names.
 
-    Over the response tokens (tokens from μ), with log ρ = log π_old − log μ and ``denom`` the
-    token count the loss divides by:
+    Over the response tokens (tokens from μ), with log ρ = log π_old − log μ, ``denom`` the token
+    count the loss divides by (token means), and per-sequence means over the sequences with a token:
 
-    * ``rollout_corr/kl_k1`` = mean(−log ρ) and ``rollout_corr/kl_k3`` = mean(ρ − 1 − log ρ):
-      estimates of the mismatch KL(μ ‖ π_old) (unbiased for tokens from μ);
-    * ``rollout_corr/ppl_ratio`` = exp(mean(−log π_old)) / exp(mean(−log μ)), the training
-      perplexity over the rollout perplexity (per call);
-    * ``rollout_corr/chi2_token`` = mean(ρ²) − 1 and ``rollout_corr/chi2_seq`` = mean over
-      sequences of ρ_seq² − 1: χ²(π_old ‖ μ) estimates (the variance of the exact weights);
-    * ``rollout_corr/ess`` = (Σ ω)² / (n·Σ ω²) of the applied weights ω ∈ (0, 1];
-    * ``rollout_corr/weight_mean``, ``/weight_max``; ``rollout_corr/truncated_frac`` (tokens
-      whose weight was truncated), ``rollout_corr/rejected_frac`` (tokens rejected) and
-      ``rollout_corr/rejected_seq_frac`` (sequences with a rejected token).
+    | name (``rollout_corr/...``) | value |
+    |---|---|
+    | ``kl`` | mean(−log ρ): k1 estimate of the mismatch KL(μ ‖ π_old) (unbiased for tokens from μ) |
+    | ``k3_kl`` | mean(ρ − 1 − log ρ): k3 estimate of the same KL (≥ 0) |
+    | ``training_ppl``, ``rollout_ppl`` | mean over sequences of exp(−mean_t log π_old), of exp(−mean_t log μ) |
+    | ``ppl_ratio`` | mean over sequences of exp(mean_t log μ − mean_t log π_old) |
+    | ``chi2_token`` | mean(ρ²) − 1, a χ²(π_old ‖ μ) estimate: the variance of the exact token weights |
+    | ``chi2_seq`` | mean over sequences of ρ_seq² − 1, the same for the sequence product |
+    | ``rollout_is_mean``, ``rollout_is_max`` | mean and max of the applied weights ω (0 where rejected) |
+    | ``rollout_is_eff_sample_size`` | (Σ ω)² / (n·Σ ω²) ∈ (0, 1], the normalised effective sample size |
+    | ``rollout_is_ratio_fraction_high``, ``..._low`` | tokens whose exact weight (ρ, or ρ_seq at the sequence level) is above ``upper`` / below ``lower``: truncated or rejected |
+    | ``rollout_rs_masked_fraction`` | tokens rejected (mask mode or a filter) |
+    | ``rollout_rs_seq_masked_fraction`` | sequences with a rejected token |
     """
     zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    one = torch.ones((), dtype=old_logp.dtype, device=old_logp.device)
     log_rho, log_seq, n_b = log_ratios(old_logp, behavior_logp, mask)
     n = mask.sum().to(old_logp.dtype)
     has = n > 0
-    safe_n = torch.where(has, n, torch.ones_like(n))
+    safe_n = torch.where(has, n, one)
 
     def mean(x):
         return torch.where(mask, x, zero).sum() / denom
 
-    rho = log_rho.exp()
-    m = {
-        "rollout_corr/kl_k1": mean(-log_rho),
-        "rollout_corr/kl_k3": mean(torch.expm1(log_rho) - log_rho),
-        "rollout_corr/ppl_ratio": torch.where(
-            has,
-            torch.exp((torch.where(mask, behavior_logp - old_logp, zero)).sum() / safe_n),
-            torch.ones((), dtype=old_logp.dtype, device=old_logp.device),
-        ),
-        "rollout_corr/chi2_token": mean(rho * rho - 1),
-    }
     seqs = n_b.squeeze(-1) > 0
     n_seq = seqs.sum().to(old_logp.dtype)
-    chi2_seq = torch.where(seqs, torch.expm1(2 * log_seq.squeeze(-1)), zero).sum()
-    m["rollout_corr/chi2_seq"] = torch.where(n_seq > 0, chi2_seq / n_seq.clamp_min(1), zero)
+
+    def seq_mean(x):  # x: [B]
+        return torch.where(n_seq > 0, torch.where(seqs, x, zero).sum() / n_seq.clamp_min(1), zero)
+
+    def tok_mean(x):  # per sequence, [B]
+        return torch.where(mask, x, zero).sum(-1) / n_b.squeeze(-1).clamp_min(1)
+
+    rho = log_rho.exp()
+    m = {
+        "rollout_corr/kl": mean(-log_rho),
+        "rollout_corr/k3_kl": mean(torch.expm1(log_rho) - log_rho),
+        "rollout_corr/training_ppl": seq_mean(torch.exp(-tok_mean(old_logp))),
+        "rollout_corr/rollout_ppl": seq_mean(torch.exp(-tok_mean(behavior_logp))),
+        "rollout_corr/ppl_ratio": seq_mean(torch.exp(tok_mean(behavior_logp) - tok_mean(old_logp))),
+        "rollout_corr/chi2_token": mean(rho * rho - 1),
+        "rollout_corr/chi2_seq": seq_mean(torch.expm1(2 * log_seq.squeeze(-1))),
+    }
     if correction is None:
         weight, rejected = torch.where(mask, rho, zero), torch.zeros_like(mask)
-        truncated = torch.zeros_like(mask)
+        high = low = torch.zeros_like(mask)
     else:
         weight, _, rejected = correction_weight(old_logp, behavior_logp, mask, correction)
-        exact = torch.where(mask, rho if correction.level == "token" else log_seq.exp().expand_as(rho), zero)
-        truncated = mask & ~rejected & (weight != exact) if correction.mode == "truncate" else torch.zeros_like(mask)
+        exact = log_rho if correction.level == "token" else log_seq.expand_as(log_rho)
+        high = mask & (exact > math.log(correction.upper)) if correction.upper is not None else torch.zeros_like(mask)
+        low = (mask & (exact < (math.log(correction.lower) if correction.lower > 0 else -_INF))
+               if correction.lower is not None else torch.zeros_like(mask))
     sw, sw2 = weight.sum(), (weight * weight).sum()
-    m["rollout_corr/ess"] = torch.where(has & (sw2 > 0), sw * sw / (safe_n * sw2.clamp_min(torch.finfo(sw.dtype).tiny)), zero)
-    m["rollout_corr/weight_mean"] = mean(weight)
-    m["rollout_corr/weight_max"] = torch.where(has, torch.where(mask, weight, zero).max() if weight.numel() else zero, zero)
-    m["rollout_corr/truncated_frac"] = mean(truncated.to(old_logp.dtype))
-    m["rollout_corr/rejected_frac"] = mean(rejected.to(old_logp.dtype))
-    rej_seq = rejected.any(-1) & seqs
-    m["rollout_corr/rejected_seq_frac"] = torch.where(n_seq > 0, rej_seq.sum() / n_seq.clamp_min(1), zero)
+    m["rollout_corr/rollout_is_mean"] = mean(weight)
+    m["rollout_corr/rollout_is_max"] = torch.where(has, weight.max() if weight.numel() else zero, zero)
+    m["rollout_corr/rollout_is_eff_sample_size"] = torch.where(
+        has & (sw2 > 0), sw * sw / (safe_n * sw2.clamp_min(torch.finfo(sw.dtype).tiny)), zero
+    )
+    m["rollout_corr/rollout_is_ratio_fraction_high"] = mean(high.to(old_logp.dtype))
+    m["rollout_corr/rollout_is_ratio_fraction_low"] = mean(low.to(old_logp.dtype))
+    m["rollout_corr/rollout_rs_masked_fraction"] = mean(rejected.to(old_logp.dtype))
+    m["rollout_corr/rollout_rs_seq_masked_fraction"] = seq_mean(rejected.any(-1).to(old_logp.dtype))
     return m

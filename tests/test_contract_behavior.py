@@ -828,18 +828,18 @@ def test_rollout_corr_metrics_on_crafted_batch():
     lr = LOG_RHO[mask]
     rho = lr.exp()
     n = lr.numel()
-    assert math.isclose(met["rollout_corr/kl_k1"], float((-lr).mean()), rel_tol=0, abs_tol=1e-12)
-    assert math.isclose(met["rollout_corr/kl_k1"], float((beh - old)[mask].mean()), rel_tol=0, abs_tol=1e-12)
-    assert math.isclose(met["rollout_corr/kl_k3"], float((rho - 1 - lr).mean()), rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/kl"], float((-lr).mean()), rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/kl"], float((beh - old)[mask].mean()), rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/k3_kl"], float((rho - 1 - lr).mean()), rel_tol=0, abs_tol=1e-12)
     assert math.isclose(met["rollout_corr/chi2_token"], float((rho**2).mean() - 1), rel_tol=0, abs_tol=1e-10)
     applied = rho.clamp(max=upper)
-    assert math.isclose(met["rollout_corr/truncated_frac"], float((rho > upper).sum()) / n, rel_tol=0, abs_tol=1e-12)
-    assert math.isclose(met["rollout_corr/weight_max"], float(applied.max()), rel_tol=0, abs_tol=1e-12)
-    assert math.isclose(met["rollout_corr/weight_mean"], float(applied.mean()), rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_is_ratio_fraction_high"], float((rho > upper).sum()) / n, rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_is_max"], float(applied.max()), rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_is_mean"], float(applied.mean()), rel_tol=0, abs_tol=1e-12)
     ess = float(applied.sum() ** 2 / (n * (applied**2).sum()))
-    assert math.isclose(met["rollout_corr/ess"], ess, rel_tol=0, abs_tol=1e-12)
-    ppl = math.exp(float((-old[mask]).mean())) / math.exp(float((-beh[mask]).mean()))
-    assert math.isclose(met["rollout_corr/ppl_ratio"], ppl, rel_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_is_eff_sample_size"], ess, rel_tol=0, abs_tol=1e-12)
+    rows = [math.exp(float(beh[i][mask[i]].mean() - old[i][mask[i]].mean())) for i in range(old.shape[0]) if mask[i].any()]
+    assert math.isclose(met["rollout_corr/ppl_ratio"], sum(rows) / len(rows), rel_tol=1e-12)  # verl's definition
     rho_seq = torch.where(mask, LOG_RHO, torch.zeros_like(LOG_RHO)).sum(-1).exp()
     assert math.isclose(met["rollout_corr/chi2_seq"], float((rho_seq**2).mean() - 1), rel_tol=1e-12)
 
@@ -852,9 +852,9 @@ def test_rollout_corr_rejection_metrics():
     met = {k: float(v) for k, v in fn(logp, old, adv, mask, behavior_logp=beh).metrics.items()}
     lr = LOG_RHO[mask]
     rejected = ((lr < math.log(0.4)) | (lr > math.log(2.0)))
-    assert math.isclose(met["rollout_corr/rejected_frac"], float(rejected.double().mean()), abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_rs_masked_fraction"], float(rejected.double().mean()), abs_tol=1e-12)
     # row 0 has ρ = 0.1, 2.5, 10 rejected; row 1 has ρ = 0.3, 3.0 rejected: both sequences
-    assert math.isclose(met["rollout_corr/rejected_seq_frac"], 1.0, abs_tol=1e-12)
+    assert math.isclose(met["rollout_corr/rollout_rs_seq_masked_fraction"], 1.0, abs_tol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,13 +182,14 @@ def test_metrics_report_the_mismatch():
     m = rpg.DAPOLoss(correction=rpg.RolloutCorrection(upper=1.5))(logp, old, torch.ones(1, dtype=F64),
                                                                   behavior_logp=beh).metrics
     log_rho = old - beh
-    assert m["rollout_corr/kl_k1"] == pytest.approx((-log_rho).mean().item())
-    assert m["rollout_corr/kl_k3"] == pytest.approx((log_rho.exp() - 1 - log_rho).mean().item())
-    assert m["rollout_corr/truncated_frac"] == pytest.approx(1 / 3)  # ρ = e^0.5 > 1.5
-    assert m["rollout_corr/rejected_frac"] == 0.0
-    assert m["rollout_corr/ppl_ratio"] == pytest.approx(math.exp((beh - old).mean().item()))
+    assert m["rollout_corr/kl"] == pytest.approx((-log_rho).mean().item())
+    assert m["rollout_corr/k3_kl"] == pytest.approx((log_rho.exp() - 1 - log_rho).mean().item())
+    assert m["rollout_corr/rollout_is_ratio_fraction_high"] == pytest.approx(1 / 3)  # ρ = e^0.5 > 1.5
+    assert m["rollout_corr/rollout_rs_masked_fraction"] == 0.0
+    assert m["rollout_corr/ppl_ratio"] == pytest.approx(math.exp((beh - old).mean().item()))  # one sequence
+    assert m["rollout_corr/training_ppl"] == pytest.approx(math.exp(-old.mean().item()))
     assert m["rollout_corr/chi2_token"] == pytest.approx((log_rho.exp() ** 2 - 1).mean().item())
-    assert "rollout_corr/kl_k1" not in rpg.DAPOLoss()(logp, old, torch.ones(1, dtype=F64)).metrics
+    assert "rollout_corr/kl" not in rpg.DAPOLoss()(logp, old, torch.ones(1, dtype=F64)).metrics
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
