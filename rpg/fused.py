@@ -220,6 +220,11 @@ def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse
         _accumulate(dz, h, weight, dtype, grads, k0, k1, v0)
 
 
+def _loss_value(loss_fn, logp, old_logp, advantages, mask, kwargs):
+    """The scalar loss of one chunk's call (a pure function of tensors: what ``compile=True`` compiles)."""
+    return loss_fn(logp, old_logp, advantages, mask, **kwargs).loss
+
+
 class _SavedGradients(torch.autograd.Function):
     """Attaches gradients computed in the forward pass to ``hidden``, ``weight`` and ``bias``.
 
@@ -303,7 +308,15 @@ class FusedLinearLoss:
         out.loss.backward()
     """
 
-    def __init__(self, loss_fn, chunk_size: int | None = None, vocab_chunk_size: int | None = None, *, ignore_index: int | None = None) -> None:
+    def __init__(
+        self,
+        loss_fn,
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+        *,
+        ignore_index: int | None = None,
+        compile: bool = False,
+    ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a callable rpg loss, got {type(loss_fn).__name__}")
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
@@ -312,11 +325,17 @@ class FusedLinearLoss:
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        self.compile = compile
+        self._chunk_loss = torch.compile(_loss_value, dynamic=True) if compile else _loss_value
 
     def __repr__(self) -> str:
         extra = "" if self.ignore_index is None else f", ignore_index={self.ignore_index}"
+        extra += ", compile=True" if self.compile else ""
         return f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, vocab_chunk_size={self.vocab_chunk_size}{extra})"
 
+    @torch.compiler.disable  # a Python loop with autograd calls: under torch.compile it runs eagerly, as one unit
     def __call__(
         self,
         hidden: torch.Tensor,
@@ -534,8 +553,8 @@ class FusedLinearLoss:
             leaves.append(en)
         adv = None if advantages is None else advantages[rows]
         with torch.enable_grad():
-            out = self.loss_fn(lp, old_logp[rows], adv, None if mask is None else mask[rows], **call)
-            got = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+            loss = self._chunk_loss(self.loss_fn, lp, old_logp[rows], adv, None if mask is None else mask[rows], call)
+            got = torch.autograd.grad(loss, leaves, allow_unused=True)
 
         def pick(g):
             if g is None:
