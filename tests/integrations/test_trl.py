@@ -73,7 +73,11 @@ def test_loss_must_be_an_rpg_loss():
         RPGGRPOTrainer(loss=lambda *a: None, model=None)
 
 
-def test_trl_options_the_rpg_loss_does_not_apply_are_refused(tmp_path):
+@pytest.mark.parametrize("loss,kw,match", [
+    (None, {"loss_type": "sapo"}, "sigmoid gate"),
+    (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
+], ids=["not-expressible", "conflicts-with-the-loss"])
+def test_grpo_config_settings_the_trainer_cannot_honour_are_refused(tmp_path, loss, kw, match):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -81,17 +85,67 @@ def test_trl_options_the_rpg_loss_does_not_apply_are_refused(tmp_path):
 
     tokenizer = _tokenizer()
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                      top_entropy_quantile=0.5)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        RPGGRPOTrainer(loss=rpg.DAPOLoss(), model=_model(len(tokenizer)), reward_funcs=count_a, args=args,
+                      max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, save_strategy="no", **kw)
+    with pytest.raises(ValueError, match=match):
+        RPGGRPOTrainer(loss=loss, model=_model(len(tokenizer)), reward_funcs=count_a, args=args,
                        train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}), processing_class=tokenizer)
+
+
+def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path):
+    """No loss=: the rpg loss is built from GRPOConfig, with TRL's reference model, entropy mask, off-policy
+    mask and entropy bonus running through the real model's log-probs and entropies."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from rpg.integrations.trl import RPGGRPOTrainer
+
+    tokenizer = _tokenizer()
+    _model(len(tokenizer)).save_pretrained(tmp_path / "model")  # TRL loads the reference model (beta != 0) by path
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                      max_steps=2, num_iterations=2, learning_rate=1e-2, logging_steps=1, report_to="none",
+                      use_cpu=True, save_strategy="no", seed=0, bf16=False, loss_type="grpo", beta=0.04,
+                      epsilon_high=0.28, delta=2.0, top_entropy_quantile=0.5, off_policy_mask_threshold=0.1,
+                      entropy_coef=0.01, model_init_kwargs={"dtype": torch.float32})
+    trainer = RPGGRPOTrainer(model=str(tmp_path / "model"), reward_funcs=count_a, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4}))
+    model = trainer.model
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = trainer.rpg_loss
+    assert (loss.kl, loss.beta, loss.agg, loss.clip) == ("urkl", 0.04, "seq-mean-token-mean", rpg.Clip(0.2, 0.28, 2.0))
+    trainer.train()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    logged = [h for h in trainer.state.log_history if "rpg/entropy/mean" in h]
+    assert logged and all(math.isfinite(h["rpg/kl/ref_k3"]) and "entropy_coef" in h for h in logged)
+
+
+def test_moe_router_loss_is_added_and_logged(tmp_path):
+    from datasets import Dataset
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from trl import GRPOConfig
+
+    from rpg.integrations.trl import RPGGRPOTrainer
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, router_aux_loss_coef=0.01))  # TRL asks for router logits
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                      max_steps=1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", bf16=False)
+    trainer = RPGGRPOTrainer(loss=rpg.DAPOLoss(), model=model, reward_funcs=count_a, args=args,
+                             processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}))
+    assert trainer.aux_loss_enabled
+    trainer.train()
+    (entry,) = [h for h in trainer.state.log_history if "aux_loss" in h]
+    assert math.isfinite(entry["aux_loss"]) and entry["aux_loss"] > 0
 
 
 @pytest.mark.parametrize(
     "loss_type,loss",
     [("dapo", rpg.DAPOLoss()), ("grpo", rpg.GRPOLoss(beta=0.0, clip=rpg.Clip(0.2, 0.28, dual=None))),
-     ("dr_grpo", rpg.DrGRPOLoss(6, clip=rpg.Clip(0.2, 0.28, dual=None)))],
+     ("dr_grpo", rpg.DrGRPOLoss(6, clip=rpg.Clip(0.2, 0.28, dual=None))), ("bnpo", None), ("cispo", None)],
+    ids=["dapo", "grpo", "dr_grpo", "bnpo-from-config", "cispo-from-config"],
 )
 def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
     """The preset inside RPGGRPOTrainer gives TRL's own loss for the matching loss_type (normalisation included)."""
