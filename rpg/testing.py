@@ -144,16 +144,22 @@ def expected_gradient(
     logp = log_policy(theta, normalized)[:, None]
     old_logp = log_policy(old_logits, normalized).detach()[:, None]
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
-    mask = torch.ones_like(logp, dtype=torch.bool)
-    if behavior_logits is None:
-        out = loss_fn(logp, old_logp, rewards, mask, ref_logp=ref_logp)
-        sampler = old_logp
-    else:
-        sampler = log_policy(behavior_logits, normalized).detach()[:, None]
-        out = loss_fn(logp, old_logp, rewards, mask, ref_logp=ref_logp, behavior_logp=sampler)
-    weighted = (sampler.exp() * out.per_token).sum()
+    sampler = old_logp if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
+    s = _support(sampler)  # only the actions the sampler can draw are ever in a batch
+    kwargs = {} if behavior_logits is None else {"behavior_logp": sampler[s]}
+    ref = None if ref_logp is None else ref_logp[s]
+    out = loss_fn(logp[s], old_logp[s], rewards[s], torch.ones_like(logp[s], dtype=torch.bool), ref_logp=ref, **kwargs)
+    weighted = (sampler[s].exp() * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
+
+
+def _support(sampler_logp: torch.Tensor) -> torch.Tensor:
+    """Row indices of ``[N, T]`` log-probs whose rows the sampler can draw (every token's prob > 0).
+
+    The expectation runs over the sampler's support only: a response it never samples is never
+    in a batch, and its untruncated weight π_old/μ = ∞ must not become 0·∞ = NaN (a top-p engine)."""
+    return torch.nonzero(torch.isfinite(sampler_logp).all(-1) & (sampler_logp.sum(-1) > -float("inf"))).squeeze(-1)
 
 
 # --- two-step sequences -------------------------------------------------------------------
@@ -226,11 +232,12 @@ def sequence_expected_gradient(
     adv = rewards if advantages is None else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
     behavior = None if behavior_logits is None else sequence_token_logp(behavior_logits).detach()
     sampler = old_logp if behavior is None else behavior
-    kwargs = {} if behavior is None else {"behavior_logp": behavior}
+    s = _support(sampler)
+    kwargs = {} if behavior is None else {"behavior_logp": behavior[s]}
     if weights is not None:
-        kwargs["weights"] = weights(old_logp, sampler)
-    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp, **kwargs)
-    weighted = (sampler.sum(-1).exp()[:, None] * out.per_token).sum()
+        kwargs["weights"] = weights(old_logp, sampler)[s]
+    out = loss_fn(logp[s], old_logp[s], adv[s], mask[s], ref_logp=None if ref_logp is None else ref_logp[s], **kwargs)
+    weighted = (sampler[s].sum(-1).exp()[:, None] * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
 
@@ -259,7 +266,8 @@ def correction_bias(
         logp = sequence_token_logp(theta)
         old = sequence_token_logp(problem.logits).detach()
         mu = sequence_token_logp(behavior_logits).detach()
-        kwargs = {} if weights is None else {"weights": weights(old, mu)}
-        out = loss_fn(logp, old, problem.rewards, torch.ones_like(logp, dtype=torch.bool), **kwargs)
-        (got,) = torch.autograd.grad((mu.sum(-1).exp()[:, None] * out.per_token).sum(), theta)
+        s = _support(mu)
+        kwargs = {} if weights is None else {"weights": weights(old, mu)[s]}
+        out = loss_fn(logp[s], old[s], problem.rewards[s], torch.ones_like(logp[s], dtype=torch.bool), **kwargs)
+        (got,) = torch.autograd.grad((mu[s].sum(-1).exp()[:, None] * out.per_token).sum(), theta)
     return float((got - want).norm() / want.norm())

@@ -217,3 +217,18 @@ def test_bad_behavior_logp():
         fn(logp, old, adv, mask, behavior_logp=torch.zeros(3, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="correction"):
         rpg.RPGLoss("rkl", correction=2.0)
+
+
+def test_the_oracle_handles_a_sampler_without_full_support():
+    """A top-p engine never samples some responses: the expectation runs over its support (no 0·∞ = NaN),
+    and then even the exact sequence weight is biased — π_old's mass outside the support is lost."""
+    p = T.random_sequence_problem(k=4, seed=0)
+    mu = p.logits.clone()
+    mu[0] = -float("inf")  # the first token 0 is never sampled
+    seq = rpg.PolicyLoss(clip=None, agg="token-sum", correction=rpg.RolloutCorrection(level="sequence", upper=None))
+    bias = T.correction_bias(seq, p, mu)
+    assert math.isfinite(bias) and bias > 1e-3
+    got = T.expected_gradient(rpg.RPGLoss("rkl", beta=0.3, clip=None, correction=EXACT), p.logits[:4],
+                              p.old_logits[:4], p.rewards[:4], behavior_logits=torch.tensor(
+                                  [0.0, 0.0, 0.0, -float("inf")], dtype=F64))
+    assert torch.isfinite(got).all()
