@@ -97,7 +97,7 @@ import math
 import torch
 
 try:
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' "
                       "(from a clone of rpg: pip install -e '.[trl]')") from e
@@ -127,15 +127,10 @@ _LEVELS = ("token", "sequence")
 _IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def _default(name: str):
-    return next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == name)
-
-
 def _changed(args, name: str) -> bool:
     """Whether GRPOConfig's ``name`` differs from its default (``False`` for a field this TRL lacks)."""
-    if not any(f.name == name for f in dataclasses.fields(GRPOConfig)):
-        return False
-    return getattr(args, name) != _default(name)
+    fields = {f.name: f for f in dataclasses.fields(args)}  # args: a GRPOConfig (a dataclass)
+    return name in fields and getattr(args, name) != fields[name].default
 
 
 def _check_loss_type(args) -> str:
