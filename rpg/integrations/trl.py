@@ -295,6 +295,13 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
         behavior = True
     else:
         behavior = False
+    if behavior and not loss.correction.count_rejected:
+        raise ValueError(
+            f"the loss's correction has count_rejected=False, which needs the count of kept tokens over the whole "
+            "gradient-accumulation window; TRL's counts (num_items_in_batch, the window's rows) include every "
+            "completion token, so rejected tokens would stay in the denominators: use count_rejected=True (TRL's own "
+            "convention)"
+        )
     if bonus and loss.entropy_coef > 0:
         raise ValueError(
             f"both GRPOConfig (entropy_coef={args.entropy_coef!r}, use_adaptive_entropy={args.use_adaptive_entropy!r}) "

@@ -346,3 +346,12 @@ def test_grpo_config_settings_a_given_loss_reproduces_are_accepted():
     assert plan.loss.style == "reinforce"
     # defaults do not constrain the loss: RPG's own clip, KL and aggregation
     assert _plan(_config(), rpg.RPGLoss("fkl", style="reinforce")).loss == rpg.RPGLoss("fkl", style="reinforce")
+
+
+def test_a_given_correction_needs_behaviour_log_probs_and_trls_counts():
+    mis = rpg.DAPOLoss(correction=rpg.RolloutCorrection(mode="mask", count_rejected=False))
+    with pytest.raises(ValueError, match="count_rejected=False"):
+        _plan(_config(), mis, has_rollout_logprobs=True)
+    with pytest.raises(ValueError, match="rollout engine's log-probs"):
+        _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()))
+    assert _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()), has_rollout_logprobs=True).behavior
