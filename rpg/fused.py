@@ -22,16 +22,22 @@ gradients by the incoming gradient of the loss.
 **Why chunk losses add up to the loss.** Every rpg loss is
 L = Σ_bt c_bt·ℓ_bt(logp_bt) (+ the entropy term, alike): the per-token loss
 depends on its own ``logp`` only, and the aggregation coefficient c_bt on the
-mask and the counts only. So each chunk calls the loss on the whole rows it
-touches with the *full batch's* token count N and sequence count S (or the
-caller's ``batch_num_tokens`` / ``global_batch_size``), the chunk's own
-log-probs in place and the old log-probs as placeholders elsewhere; the
-derivative at the chunk's tokens is then exactly that of the full loss. A chunk
-may therefore cut through a sequence. The exception is a sequence-level ratio
-(GSPO, ``ratio="sequence"``), whose derivative at one token depends on every
-token of its sequence: there chunks hold whole sequences, and one sequence
-longer than ``chunk_size`` tokens makes its chunk that long (the memory then
-grows with the sequence length).
+mask, the counts and constants (weights, the behaviour-policy correction). So
+the derivative at a chunk's tokens is that of one call of the loss whose other
+tokens hold placeholders (the old log-probs): on the rows the chunk touches
+when the call has the full batch's counts (``batch_num_tokens`` and
+``global_batch_size`` — row shards then add up exactly), on the whole batch
+otherwise (so the loss counts its own N and S, whatever its settings drop from
+them). A chunk may therefore cut through a sequence. The exception is a
+sequence-level ratio (GSPO, ``ratio="sequence"``), whose derivative at one
+token depends on every token of its sequence: there chunks hold whole
+sequences, and a sequence longer than ``chunk_size`` tokens makes its chunk
+that long (the memory then grows with the sequence length).
+
+Positions outside the mask take no part in the loss, so on CPU they are
+skipped: no logits are computed for padding (``skip_masked``; on an
+accelerator finding them would be a host-device sync, so all positions are
+computed unless ``skip_masked=True``).
 
 The value, ``per_token`` and ``metrics`` come from one more call of the loss
 on the full detached ``logp`` (elementwise; the head is not recomputed), so
@@ -128,13 +134,14 @@ def _logits(out, h, weight, bias, temperature, dtype):
     return out
 
 
-def _accumulate(dz, h, weight, dtype, grads, k0, k1, v0=0):
-    """∂L/∂h[k0:k1] += dz·W, ∂L/∂W[v0:v0+V'] += dzᵀ·h, ∂L/∂b[...] += Σ dz for one block ``dz`` ``[m, V']``."""
+def _accumulate(dz, h, weight, dtype, grads, v0=0):
+    """g_h += dz·W, ∂L/∂W[v0:v0+V'] += dzᵀ·h, ∂L/∂b[...] += Σ dz for one block ``dz`` ``[m, V']``
+    (``g_h``: the chunk's ``[m, H]`` rows of the hidden-state gradient)."""
     g_h, g_w, g_b = grads
     v1 = v0 + dz.shape[1]
     for b0, b1, w in _weight_blocks(weight[v0:v1], dtype):
         if g_h is not None:
-            g_h[k0:k1].addmm_(dz[:, b0:b1], w)
+            g_h.addmm_(dz[:, b0:b1], w)
         if g_w is not None:
             g_w[v0 + b0 : v0 + b1].addmm_(dz[:, b0:b1].T, h)
     if g_b is not None:
@@ -202,7 +209,7 @@ def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, b
     return target - lse, entropy, lse
 
 
-def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse, vb, buffers, grads, k0, k1):
+def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse, vb, buffers, grads):
     """Recompute each vocabulary block and accumulate its gradient (``vocab_chunk_size`` mode)."""
     m, v = h.shape[0], weight.shape[0]
     for v0 in range(0, v, vb):
@@ -217,7 +224,7 @@ def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse
         else:
             dz = log_p.add_(entropy.unsqueeze(1)).mul_(-e.unsqueeze(1)).sub_(a.unsqueeze(1)).mul_(p)
         dz.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1), a_in.unsqueeze(1))
-        _accumulate(dz, h, weight, dtype, grads, k0, k1, v0)
+        _accumulate(dz, h, weight, dtype, grads, v0)
 
 
 def _loss_value(loss_fn, logp, old_logp, advantages, mask, kwargs):
@@ -281,6 +288,13 @@ class FusedLinearLoss:
         ignore_index: a token id marking positions outside the loss (``-100`` is the Hugging Face
             convention), or ``None`` (default). Those positions get log-prob 0, entropy 0, no
             gradient, and are removed from the mask (so they do not count in N or S).
+        skip_masked: compute no logits where ``mask`` is 0. ``None`` (default): on CPU yes; on an
+            accelerator no, since finding the positions is a host-device sync (``True`` accepts one
+            sync per call). Results are the same either way.
+        compile: compile each chunk's call of the loss with ``torch.compile(dynamic=True)`` (one graph
+            for all chunks and lengths; it pays off where kernel launches dominate, i.e. on GPUs).
+            The head's matrix products run eagerly either way. Under an outer ``torch.compile`` the
+            fused call itself runs eagerly, as one unit (a single graph break).
 
     Call::
 
@@ -315,6 +329,7 @@ class FusedLinearLoss:
         vocab_chunk_size: int | None = None,
         *,
         ignore_index: int | None = None,
+        skip_masked: bool | None = None,
         compile: bool = False,
     ) -> None:
         if not callable(loss_fn):
@@ -325,6 +340,9 @@ class FusedLinearLoss:
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
+        if skip_masked is not None and not isinstance(skip_masked, bool):
+            raise TypeError(f"skip_masked must be a bool or None, got {type(skip_masked).__name__}")
+        self.skip_masked = skip_masked
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
         self.compile = compile
@@ -425,6 +443,8 @@ class FusedLinearLoss:
             extra["weights"] = weights
 
         chunk = self.chunk_size or max(1, _BLOCK_BYTES // (4 * v))
+        compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
+        plan = self._plan(keep, chunk, compact and mask is not None)
         with torch.no_grad():
             if need_grad:
                 grads = (
@@ -437,11 +457,11 @@ class FusedLinearLoss:
                 given = batch_num_tokens is not None and global_batch_size is not None
                 counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size} if given else None
                 self._fused_chunks(
-                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, shape, grads,
+                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
                     logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
                 )
             else:
-                self._logprob_chunks(flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, logp_all, entropy_all)
+                self._logprob_chunks(flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all)
                 if invalid is not None:
                     logp_all.masked_fill_(invalid.reshape(n), float("nan"))
                 grads = None
@@ -464,82 +484,104 @@ class FusedLinearLoss:
             out.loss = _SavedGradients.apply(out.loss.detach(), hidden, weight, bias, g_h, g_w, g_b)
         return out
 
-    def _chunks(self, n: int, t: int, chunk: int):
-        """Flat token ranges ``[k0, k1)``: any cut for per-token derivatives, whole sequences for GSPO."""
-        if _sequence_coupled(self.loss_fn):
-            step = max(1, chunk // t) * t if t else 1
+    def _plan(self, keep: torch.Tensor, chunk: int, compact: bool):
+        """The chunks: ``(where, b0, b1)`` with ``where`` the chunk's flat token positions (a slice, or an
+        index tensor when masked positions are skipped) and ``[b0, b1)`` the rows it touches. Per-token
+        derivatives allow any cut; a sequence-level ratio (GSPO) gets whole sequences."""
+        b, t = keep.shape
+        coupled = _sequence_coupled(self.loss_fn)
+        if not compact:
+            step = max(1, chunk // t) * t if coupled and t else chunk
+            return [(slice(k0, min(b * t, k0 + step)), k0 // t, (min(b * t, k0 + step) - 1) // t + 1)
+                    for k0 in range(0, b * t, step)]
+        pos = keep.reshape(-1).nonzero().squeeze(1)
+        pos_cpu = pos.cpu()  # one host-device sync on an accelerator (compaction is opt-in there)
+        if coupled:  # whole rows, as many as fit in `chunk` kept tokens (at least one)
+            per_row = torch.count_nonzero(keep, dim=-1).cpu().tolist()
+            bounds, start, size = [], 0, 0
+            for n_b in per_row:
+                if size and size + n_b > chunk:
+                    bounds.append((start, start + size))
+                    start, size = start + size, 0
+                size += n_b
+            if size:
+                bounds.append((start, start + size))
         else:
-            step = chunk
-        return [(k0, min(n, k0 + step)) for k0 in range(0, n, step)]
+            bounds = [(c0, min(pos.numel(), c0 + chunk)) for c0 in range(0, pos.numel(), chunk)]
+        return [(pos[c0:c1], int(pos_cpu[c0]) // t, int(pos_cpu[c1 - 1]) // t + 1) for c0, c1 in bounds]
 
-    def _logprob_chunks(self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, logp_all, entropy_all):
-        n, v = flat_h.shape[0], weight.shape[0]
+    def _logprob_chunks(self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all):
+        v = weight.shape[0]
         vb = min(v, self.vocab_chunk_size or 4096)
-        rows = min(chunk, n)
+        rows = max((_size(w) for w, _, _ in plan), default=0)
         buffers = [torch.empty(rows * vb, dtype=dtype, device=flat_h.device) for _ in range(2)]
-        for k0 in range(0, n, chunk):
-            k1 = min(n, k0 + chunk)
-            h = flat_h[k0:k1].to(dtype)
-            logp, ent, _ = _blocked_forward(h, weight, bias, flat_y[k0:k1], temperature, dtype, want_entropy, vb, buffers)
-            logp_all[k0:k1] = logp
+        for where, _, _ in plan:
+            logp, ent, _ = _blocked_forward(flat_h[where].to(dtype), weight, bias, flat_y[where], temperature, dtype,
+                                            want_entropy, vb, buffers)
+            logp_all[where] = logp
             if want_entropy:
-                entropy_all[k0:k1] = ent
+                entropy_all[where] = ent
 
     def _fused_chunks(
-        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, chunk, shape, grads,
+        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
         logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
     ):
-        b, t = shape
-        n, v = flat_h.shape[0], weight.shape[0]
-        ranges = self._chunks(n, t, chunk)
-        rows = max(k1 - k0 for k0, k1 in ranges) if ranges else 0
+        v, hdim = weight.shape
+        rows = max((_size(w) for w, _, _ in plan), default=0)
         vb = self.vocab_chunk_size
         cols = v if vb is None else min(v, vb)
         n_buf = 2 if (want_entropy or vb is not None) else 1
         buffers = [torch.empty(rows * cols, dtype=dtype, device=flat_h.device) for _ in range(n_buf)]
-        old_flat = old_logp.detach().reshape(n).to(dtype)
-        flat_ignored = None if ignored is None else ignored.reshape(n)
+        old_flat = old_logp.detach().reshape(-1).to(dtype)
+        flat_ignored = None if ignored is None else ignored.reshape(-1)
         inv_t = 1.0 / temperature
-        for k0, k1 in ranges:
-            h = flat_h[k0:k1].to(dtype)
-            y = flat_y[k0:k1]
+        g_h, g_w, g_b = grads
+        for where, b0, b1 in plan:
+            h = flat_h[where].to(dtype)
+            y = flat_y[where]
             if vb is None:
                 logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)
             else:
                 logp, ent, lse = _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, buffers)
             if flat_ignored is not None:
-                logp = logp.masked_fill(flat_ignored[k0:k1], 0)
-                ent = None if ent is None else ent.masked_fill(flat_ignored[k0:k1], 0)
+                logp = logp.masked_fill(flat_ignored[where], 0)
+                ent = None if ent is None else ent.masked_fill(flat_ignored[where], 0)
             if invalid is not None:
-                logp = logp.masked_fill(invalid.reshape(n)[k0:k1], float("nan"))
-            logp_all[k0:k1] = logp
+                logp = logp.masked_fill(invalid.reshape(-1)[where], float("nan"))
+            logp_all[where] = logp
             if want_entropy:
-                entropy_all[k0:k1] = ent
-            a, e = self._chunk_derivative(logp, ent, k0, k1, shape, old_flat, old_logp, advantages, mask, extra, counts)
+                entropy_all[where] = ent
+            a, e = self._chunk_derivative(logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts)
             if flat_ignored is not None:
-                a = a.masked_fill(flat_ignored[k0:k1], 0)
-                e = None if e is None else e.masked_fill(flat_ignored[k0:k1], 0)
+                a = a.masked_fill(flat_ignored[where], 0)
+                e = None if e is None else e.masked_fill(flat_ignored[where], 0)
             a = a * inv_t  # ∂z/∂logits = 1/temperature; ∂L/∂z is linear in (a, e)
             e = None if e is None else e * inv_t
+            compact = isinstance(where, torch.Tensor)
+            rows_h = None if g_h is None else (torch.zeros(h.shape[0], hdim, dtype=dtype, device=h.device) if compact else g_h[where])
             if vb is None:
-                _accumulate(_head_backward(a, e, state, y), h, weight, dtype, grads, k0, k1)
+                _accumulate(_head_backward(a, e, state, y), h, weight, dtype, (rows_h, g_w, g_b))
             else:
-                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, grads, k0, k1)
+                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, (rows_h, g_w, g_b))
+            if compact and g_h is not None:
+                g_h.index_copy_(0, where, rows_h)
 
-    def _chunk_derivative(self, logp, ent, k0, k1, shape, old_flat, old_logp, advantages, mask, extra, counts):
-        """a = ∂L/∂logp and e = ∂L/∂H at the chunk's tokens [k0, k1), from one call of ``loss_fn``.
+    def _chunk_derivative(self, logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts):
+        """a = ∂L/∂logp and e = ∂L/∂H at the chunk's tokens, from one call of ``loss_fn``.
 
-        With both global counts known the call covers only the rows the chunk touches (the counts make
-        row shards add up exactly); otherwise it covers the whole batch, so the loss counts its own N
-        and S whatever its settings drop from them. Tokens outside the chunk hold placeholders
+        With both global counts known the call covers only the rows ``[b0, b1)`` the chunk touches (the
+        counts make row shards add up exactly); otherwise it covers the whole batch, so the loss counts
+        its own N and S whatever its settings drop from them. Tokens outside the chunk hold placeholders
         (``old_logp``, entropy 0) whose derivative is not used.
         """
         b, t = shape
-        b0, b1 = (k0 // t, (k1 - 1) // t + 1) if counts is not None else (0, b)
-        off, m = k0 - b0 * t, k1 - k0
+        if counts is None:
+            b0, b1 = 0, b
+        shift = b0 * t
+        local = slice(where.start - shift, where.stop - shift) if isinstance(where, slice) else where - shift
         rows = slice(b0, b1)
         lp = old_flat[b0 * t : b1 * t].clone()
-        lp[off : off + m] = logp
+        lp[local] = logp
         lp = lp.view(b1 - b0, t).requires_grad_(True)
         leaves = [lp]
         call = {k: x[rows] for k, x in extra.items()}
@@ -547,7 +589,7 @@ class FusedLinearLoss:
             call.update(counts)
         if ent is not None:
             en = torch.zeros((b1 - b0) * t, dtype=ent.dtype, device=ent.device)
-            en[off : off + m] = ent
+            en[local] = ent
             en = en.view(b1 - b0, t).requires_grad_(True)
             call["entropy"] = en
             leaves.append(en)
@@ -558,7 +600,11 @@ class FusedLinearLoss:
 
         def pick(g):
             if g is None:
-                return torch.zeros(m, dtype=logp.dtype, device=logp.device)
-            return g.reshape(-1)[off : off + m].to(logp.dtype)
+                return torch.zeros_like(logp)
+            return g.reshape(-1)[local].to(logp.dtype)
 
         return pick(got[0]), (pick(got[1]) if ent is not None else None)
+
+
+def _size(where) -> int:
+    return where.stop - where.start if isinstance(where, slice) else where.numel()

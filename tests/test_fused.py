@@ -17,10 +17,14 @@ TEMP = 0.7
 OPTIONS = "entropy_coef" in inspect.signature(rpg.PolicyLoss).parameters  # weights, entropy, behaviour policy
 needs_options = pytest.mark.skipif(not OPTIONS, reason="this rpg has no entropy_coef / weights / behavior_logp")
 
-# (chunk_size, vocab_chunk_size, pass the global counts): chunks that cut sequences (3), hold one token (1),
-# exactly one row (7), cross row boundaries (13), the whole batch (None); whole-vocabulary logits and
-# vocabulary blocks; the row-shard path (counts given) and the whole-batch path (counts not given).
-CHUNKINGS = [(None, None, False), (3, None, False), (1, 16, True), (7, None, True), (13, 16, False), (13, None, True)]
+# (chunk_size, vocab_chunk_size, pass the global counts, skip_masked): chunks that cut sequences (3), hold one
+# token (1), exactly one row (7), cross row boundaries (13), the whole batch (None); whole-vocabulary logits
+# and vocabulary blocks; the row-shard path (counts given) and the whole-batch path (counts not given);
+# masked positions skipped (the CPU default) or computed.
+CHUNKINGS = [
+    (None, None, False, None), (3, None, False, None), (1, 16, True, None), (7, None, True, False),
+    (13, 16, False, False), (13, None, True, None), (3, None, True, False), (4, None, False, True),
+]
 
 
 def make(seed=0, *, neg_inf_block=True, adv_shape="seq"):
@@ -73,13 +77,13 @@ def fused(loss_fn, d, *, chunk_size=None, vocab_chunk_size=None, counts=None, op
 
 
 def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
-    for chunk_size, vocab_chunk_size, with_counts in chunkings:
+    for chunk_size, vocab_chunk_size, with_counts, skip_masked in chunkings:
         counts = {"batch_num_tokens": 17, "global_batch_size": 6} if with_counts else None
         ref, ref_grads = reference(loss_fn, d, counts=counts, options=options, advantages=advantages)
         out = fused(loss_fn, d, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, counts=counts,
-                    options=options, advantages=advantages)
+                    options=options, advantages=advantages, skip_masked=skip_masked)
         grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
-        where = f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}"
+        where = f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}, skip={skip_masked}"
         torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12, msg=f"loss ({where})")
         torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12, msg=f"per_token ({where})")
         for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -255,11 +259,25 @@ def test_gradients_are_handed_over_once():
         torch.autograd.grad(out.loss, d["weight"], create_graph=True)
 
 
+def _plan(loss_fn, keep, chunk, compact):
+    plan = FusedLinearLoss(loss_fn)._plan(keep, chunk, compact)
+    return [((w.start, w.stop) if isinstance(w, slice) else w.tolist(), b0, b1) for w, b0, b1 in plan]
+
+
 def test_chunk_plan():
-    """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences."""
-    assert FusedLinearLoss(rpg.DAPOLoss(), 3)._chunks(14, 7, 3) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]
-    assert FusedLinearLoss(rpg.GSPOLoss(), 3)._chunks(14, 7, 3) == [(0, 7), (7, 14)]
-    assert FusedLinearLoss(rpg.GSPOLoss(), 15)._chunks(35, 7, 15) == [(0, 14), (14, 28), (28, 35)]
+    """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences; masked
+    positions are skipped when asked."""
+    full = torch.ones(2, 7, dtype=torch.bool)
+    assert _plan(rpg.DAPOLoss(), full, 3, False) == [((0, 3), 0, 1), ((3, 6), 0, 1), ((6, 9), 0, 2), ((9, 12), 1, 2),
+                                                     ((12, 14), 1, 2)]
+    assert _plan(rpg.GSPOLoss(), full, 3, False) == [((0, 7), 0, 1), ((7, 14), 1, 2)]
+    assert _plan(rpg.GSPOLoss(), torch.ones(5, 7, dtype=torch.bool), 15, False) == [
+        ((0, 14), 0, 2), ((14, 28), 2, 4), ((28, 35), 4, 5)]
+    keep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert _plan(rpg.DAPOLoss(), keep, 3, True) == [([0, 1, 8], 0, 3), ([9, 10], 2, 3)]
+    assert _plan(rpg.GSPOLoss(), keep, 3, True) == [([0, 1], 0, 1), ([8, 9, 10], 2, 3)]
+    assert _plan(rpg.GSPOLoss(), keep, 5, True) == [([0, 1, 8, 9, 10], 0, 3)]
+    assert _plan(rpg.GSPOLoss(), keep, 1, True) == [([0, 1], 0, 1), ([8, 9, 10], 2, 3)]  # a row never splits
 
 
 def _call(d, **change):
