@@ -152,7 +152,9 @@ def _clip_from_config(args):
     if args.loss_type == "cispo":
         # TRL: −sg(min(r, epsilon_high))·A·logp — epsilon_high is an absolute cap, no lower bound.
         if args.delta is not None:
-            raise ValueError("GRPOConfig.delta applies to the PPO-clip loss types; TRL's cispo does not use it: unset it")
+            raise ValueError(
+                "GRPOConfig.delta applies to the PPO-clip loss types; TRL's cispo does not use it: unset it"
+            )
         if args.epsilon_high is not None and _changed(args, "epsilon"):
             raise ValueError(
                 "GRPOConfig.epsilon (the lower PPO clip) plays no part in TRL's cispo, which caps the weight at "
@@ -261,7 +263,8 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
     bonus = args.entropy_coef != 0.0 or args.use_adaptive_entropy
     if args.importance_sampling_level not in _LEVELS:
         raise ValueError(
-            f"unknown GRPOConfig.importance_sampling_level {args.importance_sampling_level!r}; valid: 'token', 'sequence'"
+            f"unknown GRPOConfig.importance_sampling_level {args.importance_sampling_level!r}; "
+            "valid: 'token', 'sequence'"
         )
     trl_correction = correction_from_grpo_config(args)
     if loss is None:
@@ -352,7 +355,9 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     if lt == "dr_grpo":
         max_len = args.max_completion_length
         if max_len is None:
-            raise ValueError("loss_type='dr_grpo' divides by max_completion_length: set GRPOConfig.max_completion_length")
+            raise ValueError(
+                "loss_type='dr_grpo' divides by max_completion_length: set GRPOConfig.max_completion_length"
+            )
     return PolicyLoss(kl=kl, beta=beta, clip=clip, agg=_AGG[lt], max_len=max_len,
                       ratio="sequence" if sequence else "token", correction=correction, weight_kl=False)
 
@@ -461,10 +466,11 @@ class RPGGRPOTrainer(GRPOTrainer):
             if self.accelerator.sync_gradients:  # optimizer step: world mean over the window, then move the coef
                 total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
                 world = (total[0] / total[1].clamp(min=1.0)).item()
-                if world <= self.args.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+                a = self.args
+                if world <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
                 else:
-                    self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
                 self._last_world_entropy = world
                 self._entropy_window_stats = None
         if training and self.accelerator.sync_gradients:
@@ -527,6 +533,7 @@ class RPGGRPOTrainer(GRPOTrainer):
         if plan.entropy_bonus:
             loss = loss - self._rpg_entropy_bonus(entropies, kept, training)
         if self.aux_loss_enabled:  # MoE load balancing, scaled for accumulation as TRL does
-            loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps if training else 1)
+            steps = self.current_gradient_accumulation_steps if training else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss

@@ -101,10 +101,10 @@ def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path):
 
     tokenizer = _tokenizer()
     _model(len(tokenizer)).save_pretrained(tmp_path / "model")  # TRL loads the reference model (beta != 0) by path
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-                      max_steps=2, num_iterations=2, learning_rate=1e-2, logging_steps=1, report_to="none",
-                      use_cpu=True, save_strategy="no", seed=0, bf16=False, loss_type="grpo", beta=0.04,
-                      epsilon_high=0.28, delta=2.0, top_entropy_quantile=0.5, off_policy_mask_threshold=0.1,
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, max_steps=2, num_iterations=2, learning_rate=1e-2, logging_steps=1,
+                      report_to="none", use_cpu=True, save_strategy="no", seed=0, bf16=False, loss_type="grpo",
+                      beta=0.04, epsilon_high=0.28, delta=2.0, top_entropy_quantile=0.5, off_policy_mask_threshold=0.1,
                       entropy_coef=0.01, model_init_kwargs={"dtype": torch.float32})
     trainer = RPGGRPOTrainer(model=str(tmp_path / "model"), reward_funcs=count_a, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4}))
@@ -131,8 +131,9 @@ def test_moe_router_loss_is_added_and_logged(tmp_path):
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
         pad_token_id=0, eos_token_id=1, bos_token_id=1, router_aux_loss_coef=0.01))  # TRL asks for router logits
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-                      max_steps=1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", bf16=False)
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, max_steps=1, logging_steps=1, report_to="none", use_cpu=True,
+                      save_strategy="no", bf16=False)
     trainer = RPGGRPOTrainer(loss=rpg.DAPOLoss(), model=model, reward_funcs=count_a, args=args,
                              processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}))
     assert trainer.aux_loss_enabled
