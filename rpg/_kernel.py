@@ -39,20 +39,21 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """g = −∂ℓ_diff/∂logp (a fresh tensor), with the clip rule's weight w̄ in place of w where it truncates."""
-    term = REGISTRY[cfg.kl] if cfg.has_kl else None
+    """g = −∂ℓ_diff/∂logp (a fresh tensor) in the split form g = w̄·(A − β·per_w) − β·const.
+
+    w̄ is the clip rule's weight where it truncates, else w itself. The split form is as cheap as
+    accumulating the KL derivative into w·A, and never forms ∞ − ∞ where w overflows (the two terms
+    share the factor w), so the sign of g is that of A′ = g/w even then."""
     w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
     if w_bar is None:
-        g = r.w * adv
-        if term is not None:
-            term.accumulate(None, g, -cfg.beta, r)
-        return g
-    # g = w̄·(A − β·per_w) − β·const: only the importance weight changes.
-    if term is None:
-        return w_bar.mul_(adv)
-    per_w, const = term.split(r)
-    g = w_bar.mul_(adv - cfg.beta * per_w)
-    return g.sub_(cfg.beta * const) if isinstance(const, torch.Tensor) else g.sub_(cfg.beta * const)
+        w_bar = r.w
+    if not cfg.has_kl:
+        return w_bar * adv
+    per_w, const = REGISTRY[cfg.kl].split(r)
+    g = w_bar * (adv - cfg.beta * per_w) if isinstance(per_w, torch.Tensor) or per_w != 0 else w_bar * adv
+    if isinstance(const, torch.Tensor) or const != 0:
+        g = g.sub_(cfg.beta * const)
+    return g
 
 
 def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -67,19 +68,19 @@ def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.
 
 
 def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):
-    """Which ratio, which sign and which anchor the clip sees: ``(ratio, direction, anchor_logp)``.
+    """Which ratio, which sign and which token probabilities the clip sees: ``(ratio, direction, ratios)``.
 
-    REINFORCE style: (w, g, log π_old), g the REINFORCE weight, whose sign is that of A′ = g/w.
+    REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w.
     Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
-    A − β·fold with ``fold_kl``; log π_old, or ``None`` for a sequence ratio). The kernel builds
-    the loss from exactly these, and the metrics count clipped tokens from them."""
+    A − β·fold with ``fold_kl``; r, or ``None`` for a sequence ratio). The kernel builds the loss
+    from exactly these, and the metrics count clipped tokens from them."""
     if cfg.style == "reinforce":
-        return r.w, reinforce_weight(r, adv, cfg), r.old_logp
+        return r.w, reinforce_weight(r, adv, cfg), r
     if cfg.fold_kl and cfg.has_kl:
         adv = adv - cfg.beta * REGISTRY[cfg.kl].fold(r)
     if cfg.ratio == "sequence":
         return sequence_log_ratio(r.log_w, mask).exp().expand_as(r.w), adv, None
-    return r.w, adv, r.old_logp
+    return r.w, adv, r
 
 
 def ratios(logp, old_logp, ref_logp) -> Ratios:
@@ -122,10 +123,15 @@ def token_loss(
             grad.masked_fill_(clipped, 0)
             # A clipped token keeps its value −g·logp, detached; where w overflowed the dtype (g
             # not finite) it takes the value at the bound, −A′·m·logp (Algorithm 2), which is finite.
-            overflow = clipped & ~torch.isfinite(value)
-            a_eff = effective_advantage(r, advantages, cfg)
-            m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
-            value = torch.where(overflow, -(a_eff * m * logp), value)
+            # On a CPU, eagerly, one reduction tells whether any value overflowed (no sync there);
+            # elsewhere the fallback is always formed, so no host-device sync is ever needed.
+            eager_cpu = (value.device.type == "cpu" and not torch.compiler.is_compiling()
+                         and not torch._C._are_functorch_transforms_active())
+            if not eager_cpu or not torch.isfinite(value.sum()):
+                overflow = clipped & ~torch.isfinite(value)
+                a_eff = effective_advantage(r, advantages, cfg)
+                m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
+                value = torch.where(overflow, -(a_eff * m * logp), value)
         return value, grad
 
     # Differentiable style: the clip rule's effective ratio on −w·Â, the KL surrogate outside
@@ -139,9 +145,10 @@ def token_loss(
         if cut is not None:
             grad.masked_fill_(cut, 0)
         value = torch.addcmul(_zero(ratio), m, adv, value=-1)
-    if pg_scale is not None:
-        value.mul_(pg_scale)
-        grad.mul_(pg_scale)
+    if pg_scale is not None:  # a weight of 0 gives exactly 0, even where the term is not finite
+        zero_w = pg_scale == 0
+        value.mul_(pg_scale).masked_fill_(zero_w, 0)
+        grad.mul_(pg_scale).masked_fill_(zero_w, 0)
     if cfg.fold_kl and cfg.has_kl:
         grad.add_(m, alpha=cfg.beta)  # −m·∂Â/∂logp with ∂Â/∂logp = −β
     elif cfg.has_kl:
@@ -187,7 +194,9 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):  # noqa: D102
-        if grad_of_grad is not None and not ctx.linear:
+        # (Under torch.compile the traced backward may carry a zero gradient for output 1: not a second
+        # derivative, so it is not checked there.)
+        if grad_of_grad is not None and not ctx.linear and not torch.compiler.is_compiling():
             raise RuntimeError(
                 "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
                 "is not linear in logp, and a silent 0 would be wrong); the REINFORCE-style losses "

@@ -99,22 +99,22 @@ class ClipRule:
     styles: tuple[str, ...] = ("differentiable", "reinforce")
     ratios: tuple[str, ...] = ("token", "sequence")
 
-    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor, old_logp=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w.
 
-        ``old_logp`` (``[B, T]`` log π_old, or ``None`` for a sequence ratio) is there for rules that depend on
-        π_old's probability of the token, not only on the ratio."""
+        ``ratios`` (the batch's :class:`rpg.objectives.Ratios` — log π_θ, log π_old, log w —, or ``None`` for a
+        sequence ratio) is there for rules that depend on the tokens' probabilities, not only on the ratio."""
         raise ValueError(f"{type(self).__name__} does not apply to style='differentiable'")
 
     def reinforce_ratio(self, log_w: torch.Tensor) -> torch.Tensor | None:
         """REINFORCE style: the importance weight g is evaluated at (a value), or ``None`` for w itself."""
         return None
 
-    def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor, old_logp=None) -> torch.Tensor | None:
+    def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor, ratios=None) -> torch.Tensor | None:
         """REINFORCE style: bool ``[B, T]``, the tokens whose gradient −g is set to 0, or ``None``."""
         return None
 
-    def codes(self, w: torch.Tensor, direction: torch.Tensor, old_logp=None) -> torch.Tensor:
+    def codes(self, w: torch.Tensor, direction: torch.Tensor, ratios=None) -> torch.Tensor:
         """``int8`` code per token for the metrics: 0 none, 1 low, 2 high, 3 dual."""
         raise NotImplementedError
 
@@ -158,14 +158,14 @@ class Clip(ClipRule):
         hi_t = torch.where(up, _scalar(hi, like), _scalar(dual, like))
         return lo_t, hi_t
 
-    def effective_ratio(self, w, adv_hat, old_logp=None):
+    def effective_ratio(self, w, adv_hat, ratios=None):
         m = torch.clamp(w, *self.bounds(adv_hat >= 0, w))
         return m, m != w
 
-    def reinforce_clipped(self, w, g, old_logp=None):
+    def reinforce_clipped(self, w, g, ratios=None):
         return _out_of_band(w, *self.bounds(g >= 0, w))
 
-    def codes(self, w, direction, old_logp=None):
+    def codes(self, w, direction, ratios=None):
         up, down = direction > 0, direction < 0
         code = torch.zeros_like(w, dtype=torch.int8)
         if self.low is not None:
@@ -230,13 +230,13 @@ class Truncate(ClipRule):
         extra = ", absolute=True" if self.absolute else ""
         return f"Truncate(low={self.low!r}, high={self.high!r}{extra})"
 
-    def effective_ratio(self, w, adv_hat, old_logp=None):
+    def effective_ratio(self, w, adv_hat, ratios=None):
         raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
 
     def reinforce_ratio(self, log_w):
         return truncate(log_w, self).exp()
 
-    def codes(self, w, direction, old_logp=None):
+    def codes(self, w, direction, ratios=None):
         lo, hi = self.ratio_bounds()
         code = torch.zeros_like(w, dtype=torch.int8)
         if lo is not None:
@@ -294,30 +294,32 @@ class TrustRegion(ClipRule):
         if self.divergence not in ("tv", "kl"):
             raise ValueError(f"unknown TrustRegion.divergence {self.divergence!r}; valid options: 'tv', 'kl'")
 
-    def _outside(self, w: torch.Tensor, up: torch.Tensor, old_logp) -> torch.Tensor:
-        """Bool: the token left the region for its branch (``up``: Â > 0)."""
-        if old_logp is None:
-            raise ValueError("rpg.TrustRegion needs per-token π_old probabilities (token-level ratios only)")
-        log_w = w.log()
+    def _outside(self, up: torch.Tensor, ratios) -> torch.Tensor:
+        """Bool: the token left the region for its branch (``up``: Â > 0). Formed from log π_θ and
+        log π_old themselves, so a ratio that overflows (or a q that underflows) is still decided."""
+        if ratios is None:
+            raise ValueError("rpg.TrustRegion needs per-token probabilities (token-level ratios only)")
+        none = torch.zeros_like(up, dtype=torch.bool).expand(ratios.log_w.shape)
         if self.divergence == "tv":
-            diff = old_logp.exp() * torch.expm1(log_w)  # p − q = q·(w − 1)
-            hi = torch.zeros_like(w, dtype=torch.bool) if self.high is None else diff > self.high
-            lo = torch.zeros_like(w, dtype=torch.bool) if self.low is None else diff < -self.low
+            diff = ratios.logp.exp() - ratios.old_logp.exp()  # p − q
+            hi = none if self.high is None else diff > self.high
+            lo = none if self.low is None else diff < -self.low
         else:
-            kl = _bernoulli_kl(old_logp, old_logp + log_w)
-            hi = torch.zeros_like(w, dtype=torch.bool) if self.high is None else (kl > self.high) & (log_w > 0)
-            lo = torch.zeros_like(w, dtype=torch.bool) if self.low is None else (kl > self.low) & (log_w < 0)
+            kl = _bernoulli_kl(ratios.old_logp, ratios.logp)
+            hi = none if self.high is None else (kl > self.high) & (ratios.log_w > 0)
+            lo = none if self.low is None else (kl > self.low) & (ratios.log_w < 0)
         return torch.where(up, hi, lo)
 
-    def effective_ratio(self, w, adv_hat, old_logp=None):
+    def effective_ratio(self, w, adv_hat, ratios=None):
         up = adv_hat > 0
-        out = self._outside(w, up, old_logp)
+        out = self._outside(up, ratios)
         m = w
-        if self.divergence == "tv":  # a masked token's value at the region's edge, w = 1 ± δ/q (finite)
-            inv_q = torch.exp(-old_logp)
-            edge = torch.where(up, 1 + (_INF if self.high is None else self.high) * inv_q,
-                               1 - (_INF if self.low is None else self.low) * inv_q)
-            m = torch.where(out, edge, w)
+        if self.divergence == "tv":  # a masked token's value at the region's edge, w = 1 ± δ/q, as a value
+            edge_up = _INF if self.high is None else torch.clamp(1 + self.high * torch.exp(-ratios.old_logp),
+                                                                    max=torch.finfo(w.dtype).max)
+            edge_down = -_INF if self.low is None else torch.clamp(1 - self.low * torch.exp(-ratios.old_logp),
+                                                                      min=-torch.finfo(w.dtype).max)
+            m = torch.where(out, torch.where(up, edge_up, edge_down), w)
         if self.cap is None:
             return m, out
         capped = w > self.cap
@@ -326,11 +328,11 @@ class TrustRegion(ClipRule):
     def reinforce_ratio(self, log_w):
         return None if self.cap is None else log_w.clamp(max=math.log(self.cap)).exp()
 
-    def reinforce_clipped(self, w, g, old_logp=None):
-        return self._outside(w, g > 0, old_logp)
+    def reinforce_clipped(self, w, g, ratios=None):
+        return self._outside(g > 0, ratios)
 
-    def codes(self, w, direction, old_logp=None):
-        out = self._outside(w, direction > 0, old_logp)
+    def codes(self, w, direction, ratios=None):
+        out = self._outside(direction > 0, ratios)
         code = torch.zeros_like(w, dtype=torch.int8)
         code.masked_fill_(out & (direction > 0), HIGH)
         code.masked_fill_(out & (direction < 0), LOW)
@@ -394,11 +396,11 @@ def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:
     return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
 
 
-def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule, old_logp=None) -> torch.Tensor:
+def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule, ratios=None) -> torch.Tensor:
     r"""``int8`` clip code per token, for the metrics: 0 none, 1 low, 2 high, 3 dual.
 
     Under :class:`Clip` a bound counts only for the sign of ``direction`` (Â or
     A′) it acts on, and never for a zero one; under :class:`Truncate` (``direction``
     unused) wherever w lies outside [1−low, 1+high].
     """
-    return clip.codes(w, direction, old_logp)
+    return clip.codes(w, direction, ratios)

@@ -157,6 +157,8 @@ def policy_loss(
         scale = w if scale is None else scale * w
 
     per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config)
+    if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
+        per_token = torch.where(agg_mask, per_token, zero)
     if entropy is not None and config.entropy_coef > 0:
         h = torch.where(agg_mask, entropy.to(dtype), zero)
         per_token = per_token - config.entropy_coef * h
@@ -169,7 +171,7 @@ def policy_loss(
         max_len=config.max_len,
     )
     inputs = MetricInputs(
-        logp.detach(), old_logp, ref_logp, advantages, mask, config, batch_num_tokens, behavior_logp, correction,
-        None if entropy is None else entropy.detach(),
+        logp.detach(), old_logp, ref_logp, advantages, agg_mask, config, batch_num_tokens, behavior_logp, correction,
+        None if entropy is None else entropy.detach(), mask,
     )
     return LossOutput(loss, per_token, inputs)

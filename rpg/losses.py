@@ -172,8 +172,8 @@ class PolicyLoss:
     def __hash__(self) -> int:
         return hash(self._config)
 
-    def __reduce__(self):
-        return (PolicyLoss.from_config, (self._config,))
+    def __reduce__(self):  # pickle / copy keep the class and the arguments it was built with
+        return (_rebuild, (type(self), self._config, dict(self._args)))
 
     def __repr__(self) -> str:
         shown = {k: self._args[k] for k in self._arg_names if k in self._args}
@@ -219,6 +219,12 @@ class PolicyLoss:
             logp, old_logp, advantages, mask, ref_logp, behavior_logp, batch_num_tokens, global_batch_size,
             weights=weights, entropy=entropy, config=self._config,
         )
+
+
+def _rebuild(cls: type, config: LossConfig, args: dict) -> PolicyLoss:
+    loss = cls.__new__(cls)
+    loss._init(config, args)
+    return loss
 
 
 class RPGLoss(PolicyLoss):

@@ -72,6 +72,7 @@ class MetricInputs(NamedTuple):
     behavior_logp: torch.Tensor | None = None
     correction: RolloutCorrection | None = None
     entropy: torch.Tensor | None = None
+    response_mask: torch.Tensor | None = None  # the call's mask, before any rejection (``mask`` is the loss's)
 
 
 def _version(t: torch.Tensor):
@@ -136,7 +137,7 @@ class LossOutput:
 
 def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
     """The metrics dict from the detached inputs of a loss call (see the module docstring)."""
-    logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy = inputs
+    logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy, response = inputs
     r = ratios(logp, old_logp, ref_logp)
     code = None
     if cfg.clip is not None:  # the same view of the ratio and sign as the loss kernel
@@ -185,7 +186,10 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
         metrics["kl/term"] = mean(value)
     if entropy is not None:
         metrics["entropy/mean"] = mean(entropy)
-    if behavior_logp is not None:
-        metrics.update(correction_metrics(old_logp, behavior_logp, mask, correction, denom))
+    if behavior_logp is not None:  # over every response token, rejected or not
+        response = mask if response is None else response
+        same = response is mask
+        corr_denom = denom if same else denominator(None, response.sum().to(logp.dtype), logp)
+        metrics.update(correction_metrics(old_logp, behavior_logp, response, correction, corr_denom))
     values = torch.stack([torch.as_tensor(v, dtype=logp.dtype, device=logp.device) for v in metrics.values()])
     return dict(zip(metrics, values.tolist()))

@@ -291,8 +291,9 @@ class DPPOLoss(_Preset):
     q = π_old(token). Where no token is masked and C does not bind, its expected gradient is
     ∇E[A] (the plain importance-sampled policy gradient). verl's ``dppo_tv``/``dppo_kl`` anchor
     the region on the recomputed π_old (this default); the paper and prime-rl anchor it on the
-    rollout policy — pass ``old_logp = behavior_logp``. Defaults: δ = 0.15 (tv; 0.05 for kl),
-    no cap, token-mean.
+    rollout policy — pass ``old_logp = behavior_logp``. Defaults: δ = 0.15 (the paper's
+    recommendation for tv; it recommends 0.05 for kl — pass ``low=0.05, high=0.05``), no cap,
+    token-mean.
     """
 
     __slots__ = ()

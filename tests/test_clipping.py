@@ -231,8 +231,11 @@ def test_trust_region_tv_masks_by_the_probability_difference_in_the_advantage_di
             assert torch.isfinite(out.per_token).all()
             assert out.metrics["clip_frac/high" if adv > 0 else "clip_frac/low"] == pytest.approx(1 / 6)
     # p − q = −0.049 for q = 0.05 can never go below −0.1: TV's per-token ε = δ/q does not bind there
+    from rpg.objectives import Ratios
+
+    q = torch.tensor([0.05]).log()
     assert rpg.clipping.codes(torch.tensor([0.02]), torch.tensor([-1.0]), rule,
-                              torch.tensor([0.05]).log()).item() == NONE
+                              Ratios(q + math.log(0.02), q)).item() == NONE
 
 
 def test_trust_region_kl_masks_by_the_binary_kl():
