@@ -108,3 +108,145 @@ def test_minus_inf_logits_in_a_whole_block(entropy):
     g_want = torch.autograd.grad(sum(torch.nan_to_num(y).sum() for y in want), (hidden, weight))
     for x, y in zip(g_got, g_want):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-10)
+
+
+# ---- ignore_index, number types ----
+
+import numpy as np  # noqa: E402
+
+IGNORE_CHUNKS = [(1024, 8192), (3, 4), (1, 50)]
+
+
+def _with_ignored(n=13, v=50, seed=3):
+    hidden, weight, b, tokens = _problem(n=n, v=v, seed=seed)
+    tokens = tokens.clone()
+    ignored = torch.zeros(n, dtype=torch.bool)
+    ignored[[0, 5, 6, n - 1]] = True
+    tokens[ignored] = -100
+    return hidden, weight, b, tokens, ignored
+
+
+@pytest.mark.parametrize("chunks", IGNORE_CHUNKS)
+def test_ignore_index_positions_give_zero_and_no_gradient(chunks):
+    hidden, weight, b, tokens, ignored = _with_ignored()
+    hidden = hidden.detach().clone()
+    hidden[ignored] = float("nan")  # e.g. fully masked attention rows: must not reach any gradient
+    hidden.requires_grad_(True)
+    logp, ent = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=0.8, chunk_size=chunks[0],
+                                     vocab_chunk_size=chunks[1], return_entropy=True, ignore_index=-100)
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    # the other positions: exactly what the kept rows alone give
+    keep = ~ignored
+    want_lp, want_ent = _naive(hidden[keep], weight, b, tokens[keep], 0.8, True)
+    torch.testing.assert_close(logp[keep], want_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent[keep], want_ent, rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    u1, u2 = torch.randn(logp.shape, generator=g, dtype=F64), torch.randn(logp.shape, generator=g, dtype=F64)
+    got = torch.autograd.grad((u1 * logp + u2 * ent).sum(), (hidden, weight, b))
+    want = torch.autograd.grad((u1[keep] * want_lp + u2[keep] * want_ent).sum(), (hidden, weight, b))
+    assert (got[0][ignored] == 0).all()
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, torch.where(torch.isnan(y), 0, y), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_from_logits_ignore_index_positions_give_zero_and_no_gradient(dtype, temperature):
+    hidden, weight, b, tokens, ignored = _with_ignored()
+    logits = (hidden @ weight.T + b).detach().to(dtype)
+    logits[ignored] = float("nan")
+    logits[ignored.nonzero()[0]] = float("-inf")  # an all −inf row: logsumexp −inf, still no NaN
+    logits.requires_grad_(True)
+    logp, ent = logprobs.from_logits(logits, tokens, temperature=temperature, return_entropy=True, ignore_index=-100)
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    keep = ~ignored
+    want_lp, want_ent = logprobs.from_logits(logits[keep], tokens[keep], temperature=temperature, return_entropy=True)
+    torch.testing.assert_close(logp[keep], want_lp, rtol=0, atol=0)
+    torch.testing.assert_close(ent[keep], want_ent, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), logits)
+    (want,) = torch.autograd.grad(want_lp.sum() + want_ent.sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[ignored] == 0).all()
+    torch.testing.assert_close(grad, torch.where(torch.isnan(want), 0, want), rtol=0, atol=0)
+    assert torch.isnan(logits[ignored][1:]).all()  # the caller's logits are not modified (masking works on a copy)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 7, np.int64(7), torch.tensor(7)])
+def test_ignore_index_may_be_a_valid_id(ignore_index):
+    """A padding id inside the vocabulary is ignored too (the positions where tokens equals it)."""
+    hidden, weight, b, tokens = _problem(n=9, v=20, seed=4)
+    tokens = tokens.clone()
+    tokens[[1, 3]] = int(ignore_index)
+    for fn in (lambda **kw: logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=4, vocab_chunk_size=6, **kw),
+               lambda **kw: logprobs.from_logits(hidden @ weight.T + b, tokens, **kw)):
+        got = fn(ignore_index=ignore_index)
+        full = fn()
+        ignored = tokens == int(ignore_index)
+        assert (got[ignored] == 0).all() and (full[ignored] != 0).all()
+        torch.testing.assert_close(got[~ignored], full[~ignored], rtol=0, atol=0)
+
+
+def test_minus_100_without_ignore_index_is_refused_with_a_hint():
+    hidden, weight, _, tokens, _ = _with_ignored()
+    for call in (lambda: logprobs.from_hidden(hidden, weight, tokens),
+                 lambda: logprobs.from_logits(hidden @ weight.T, tokens)):
+        with pytest.raises(ValueError, match=r"\[0, 50\).*ignore_index="):
+            call()
+    bad = tokens.clone()
+    bad[2] = 50  # out of range and not the ignore index: still refused
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        logprobs.from_hidden(hidden, weight, bad, ignore_index=-100)
+
+
+def test_ignore_index_under_no_grad_and_bf16():
+    hidden, weight, b, tokens, ignored = _with_ignored()
+    with torch.no_grad():
+        logp = logprobs.from_hidden(hidden.bfloat16(), weight.bfloat16(), tokens, chunk_size=4, vocab_chunk_size=7,
+                                    ignore_index=-100)
+    assert logp.dtype == torch.float32 and (logp[ignored] == 0).all() and torch.isfinite(logp).all()
+    want = _naive(hidden.bfloat16().float(), weight.bfloat16().float(), None, tokens.clamp(min=0), 1.0, False)
+    torch.testing.assert_close(logp[~ignored], want[~ignored], rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    hidden, weight, b, tokens = _problem(seed=5)
+    want = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=0.5, chunk_size=5, vocab_chunk_size=9)
+    for t, c, vc in [(np.float32(0.5), np.int64(5), np.int32(9)), (torch.tensor(0.5), torch.tensor(5), torch.tensor([9])),
+                     (np.float64(0.5), 5, np.int16(9))]:
+        got = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=t, chunk_size=c, vocab_chunk_size=vc)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(logprobs.from_logits(hidden @ weight.T + b, tokens, temperature=t),
+                                   _naive(hidden, weight, b, tokens, 0.5, False), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(temperature=True), TypeError, "temperature must be a real number"),
+        (dict(temperature="1"), TypeError, "temperature must be a real number"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a positive finite"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite"),
+        (dict(temperature=-1.0), ValueError, "temperature must be a positive finite"),
+        (dict(chunk_size=True), TypeError, "chunk_size must be an integer"),
+        (dict(chunk_size=4.0), TypeError, "chunk_size must be an integer"),
+        (dict(vocab_chunk_size=np.float64(4)), TypeError, "vocab_chunk_size must be an integer"),
+        (dict(vocab_chunk_size=-2), ValueError, "vocab_chunk_size must be a positive integer"),
+        (dict(ignore_index=-100.0), TypeError, "ignore_index must be an integer"),
+        (dict(ignore_index=True), TypeError, "ignore_index must be an integer"),
+    ],
+)
+def test_number_arguments_type_and_value_errors(kw, exc, match):
+    hidden, weight, _, tokens = _problem(bias=False)
+    with pytest.raises(exc, match=match):
+        logprobs.from_hidden(hidden.detach(), weight.detach(), tokens, **kw)
+    if "chunk" not in next(iter(kw)):
+        with pytest.raises(exc, match=match):
+            logprobs.from_logits(hidden.detach() @ weight.detach().T, tokens, **kw)
+
+
+def test_no_grad_keeps_nothing_for_backward():
+    """Under torch.no_grad the result carries no graph (so the saved blocks and statistics are freed)."""
+    hidden, weight, b, tokens = _problem()
+    with torch.no_grad():
+        logp, ent = logprobs.from_hidden(hidden, weight, tokens, bias=b, return_entropy=True)
+    assert logp.grad_fn is None and ent.grad_fn is None and not logp.requires_grad
