@@ -376,3 +376,20 @@ def test_half_precision_rewards_are_computed_in_float32():
     got = adv.grpo(r, 2)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, adv.grpo(r.float(), 2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.data())
+def test_property_one_nonfinite_reward_is_always_refused(groups, size, data):
+    """Wherever a NaN or ±inf lands, every estimator refuses the batch instead of spreading it."""
+    r = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=groups * size, max_size=groups * size)))
+    r[data.draw(st.integers(0, r.numel() - 1))] = data.draw(st.sampled_from([NAN, INF, -INF]))
+    mask = torch.ones(r.numel(), 3)
+    calls = [lambda: adv.grpo(r, size), lambda: adv.grpo(r, size, scale="batch"), lambda: adv.grpo(r, size, eps=0),
+             lambda: adv.informative_groups(r, size), lambda: adv.reinforce_pp(r, mask),
+             lambda: adv.reinforce_pp_baseline(r, size, mask)]
+    if size > 1:
+        calls.append(lambda: adv.rloo(r, size))
+    for call in calls:
+        with pytest.raises(ValueError, match="rewards must be finite"):
+            call()
