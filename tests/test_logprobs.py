@@ -177,7 +177,8 @@ def test_ignore_index_may_be_a_valid_id(ignore_index):
     hidden, weight, b, tokens = _problem(n=9, v=20, seed=4)
     tokens = tokens.clone()
     tokens[[1, 3]] = int(ignore_index)
-    for fn in (lambda **kw: logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=4, vocab_chunk_size=6, **kw),
+    for fn in (lambda **kw: logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=4, vocab_chunk_size=6,
+                                                 **kw),
                lambda **kw: logprobs.from_logits(hidden @ weight.T + b, tokens, **kw)):
         got = fn(ignore_index=ignore_index)
         full = fn()
@@ -211,7 +212,8 @@ def test_ignore_index_under_no_grad_and_bf16():
 def test_numpy_and_tensor_scalars_are_numbers():
     hidden, weight, b, tokens = _problem(seed=5)
     want = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=0.5, chunk_size=5, vocab_chunk_size=9)
-    for t, c, vc in [(np.float32(0.5), np.int64(5), np.int32(9)), (torch.tensor(0.5), torch.tensor(5), torch.tensor([9])),
+    for t, c, vc in [(np.float32(0.5), np.int64(5), np.int32(9)),
+                     (torch.tensor(0.5), torch.tensor(5), torch.tensor([9])),
                      (np.float64(0.5), 5, np.int16(9))]:
         got = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=t, chunk_size=c, vocab_chunk_size=vc)
         torch.testing.assert_close(got, want, rtol=0, atol=0)

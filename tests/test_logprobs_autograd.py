@@ -100,9 +100,8 @@ def test_third_derivatives_are_exact(name):
 
 
 def test_gradgradcheck():
-    (hidden, weight, bias), tokens, cfg = _setup("blocks, T=0.7")
-    chunked, _ = _fns(tokens, cfg)
-    inputs = [x[:4, :3].clone().requires_grad_(True) for x in (hidden, weight)] + [bias[:4].clone().requires_grad_(True)]
+    (hidden, weight, bias), tokens, _ = _setup("blocks, T=0.7")
+    inputs = [x.clone().requires_grad_(True) for x in (hidden[:4, :3], weight[:4, :3], bias[:4])]
     tokens4 = tokens[:4] % 4
 
     def f(h, w, b):
