@@ -25,7 +25,7 @@ at ``t + 1``, so shift before calling (Hugging Face layout)::
 
     logits = model(input_ids, attention_mask=attention_mask).logits   # [B, L, V]
     logp = from_logits(logits[:, :-1], input_ids[:, 1:])             # [B, L-1]
-    logp_response = logp[:, -T:]                                     # the last T tokens
+    logp_response = logp[:, -T:]        # input_ids = [prompt | response of T tokens], verl's layout
 
 **Ignored positions.** With ``ignore_index`` (e.g. ``-100``, the Hugging Face
 label convention), positions whose token equals it get log-prob 0, entropy 0
@@ -35,13 +35,15 @@ an accelerator that check would be a host-device sync, so it is skipped there
 (:func:`from_hidden` then gives NaN at such a position; :func:`from_logits`
 fails in ``gather``).
 
-**Derivatives.** Both functions are exact to second order: :func:`from_logits`
-is plain autograd, and :func:`from_hidden`'s backward is itself differentiable
-(a Hessian-vector product through ``create_graph=True`` is exact; a third
-derivative raises). :func:`from_hidden` also works under ``torch.func``:
-``grad``, ``vmap`` (per-example gradients), ``jacrev``, and forward mode
-(``jvp``, ``jacfwd``) of the log-probs; forward mode over its gradient
-(``torch.func.hessian``) raises — use ``jacrev(jacrev(f))``.
+**Derivatives.** Derivatives of every order are exact. :func:`from_logits` is
+plain autograd. :func:`from_hidden`'s backward is itself differentiable: the
+second derivative (a Hessian-vector product through ``create_graph=True``) has
+a closed form computed block by block like the first. Higher orders, and
+forward mode over the gradient (``torch.func.hessian``), differentiate through
+closed forms with autograd, so their memory grows like the materialised
+logits'. :func:`from_hidden` works under ``torch.func`` too:
+``grad``, ``vmap`` (per-example gradients), ``jacrev``, ``jvp``, ``jacfwd`` and
+``hessian``.
 """
 
 from __future__ import annotations
@@ -686,8 +688,8 @@ def from_hidden(
         ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy``; float32 for bf16/fp16
         inputs. Gradients flow to ``hidden``, ``weight`` and ``bias`` (exact; the logits are
         recomputed block by block in backward), and are themselves differentiable (exact
-        Hessian-vector products). Works under ``torch.func`` (``grad``, ``vmap``, ``jacrev``,
-        ``jvp``, ``jacfwd``).
+        Hessian-vector products and higher orders). Works under ``torch.func`` (``grad``,
+        ``vmap``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``).
     """
     check_floating("hidden", hidden)
     check_floating("weight", weight)
