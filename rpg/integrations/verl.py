@@ -139,6 +139,7 @@ from .._util import as_int, compute_dtype
 from ..clipping import Clip, TrustRegion
 from ..kl import DIVERGENCES
 from ..losses import PolicyLoss, RPGLoss
+from ..objectives import Ratios
 from ..presets import DPPOLoss
 
 try:
@@ -258,8 +259,9 @@ def _dppo_mask(region: TrustRegion, log_prob, old_log_prob, advantages, mask, ro
         old = old_log_prob.detach().to(dtype)
         adv = advantages.detach().to(dtype)
         adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-        w = (logp - old).exp()
-        outside = region.reinforce_clipped(w, adv.expand_as(w), old)
+        r = Ratios(logp, old)
+        w = r.w
+        outside = region.reinforce_clipped(w, adv.expand_as(w), r)
         zero = torch.zeros((), dtype=dtype, device=w.device)
         if rollout_is_weights is None:
             weights = (~outside).to(dtype)
