@@ -77,7 +77,11 @@ from ._util import check_floating, compute_dtype
 
 __all__ = ["FusedLinearLoss"]
 
-_BLOCK_BYTES = 64 * 2**20  # default logits block: 64 MiB of float32 (chosen by measurement, see benchmarks/)
+# Default bytes of one float32 [chunk_size, V] block of logits. CPU: measured (benchmarks/README.md): at V = 32000,
+# H = 256 chunks of 128 tokens run as fast as 512 with a third of the memory, 64 are ~20% slower. Accelerators:
+# not measured here; large enough that the matrix products have a few hundred rows at V ≈ 152k.
+_BLOCK_BYTES = {"cpu": 16 * 2**20}
+_BLOCK_BYTES_ACCELERATOR = 512 * 2**20
 _CAST_BLOCK = 4096  # vocabulary rows upcast at a time for bf16/fp16 weights
 _LOG_ZERO = -1e4  # log-probabilities below this have p = 0 exactly (float32 and float64): clamp −inf to it
 
@@ -104,9 +108,10 @@ def _check_bt(name: str, x: object, shape: tuple[int, int], *, floating: bool = 
 def _sequence_coupled(loss_fn) -> bool:
     """Whether the loss's derivative at one token depends on other tokens of its sequence (GSPO)."""
     ratio = getattr(loss_fn, "ratio", None)
-    if ratio is None:
-        ratio = getattr(loss_fn, "config", {}).get("ratio", "token") if isinstance(getattr(loss_fn, "config", None), dict) else "token"
-    return ratio != "token"
+    config = getattr(loss_fn, "config", None)
+    if ratio is None and isinstance(config, dict):
+        ratio = config.get("ratio")
+    return ratio not in (None, "token")
 
 
 def _weight_blocks(weight: torch.Tensor, dtype: torch.dtype):
@@ -192,7 +197,8 @@ def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, b
     run_pz = torch.zeros_like(neg_inf) if want_entropy else None
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        z = _logits(buffers[0][: m * (v1 - v0)].view(m, v1 - v0), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
+        block = buffers[0][: m * (v1 - v0)].view(m, v1 - v0)
+        z = _logits(block, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
         inside = (y >= v0) & (y < v1)
         target = torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1), target)
         new_max = torch.maximum(run_max, z.max(1).values)
@@ -214,7 +220,8 @@ def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse
     m, v = h.shape[0], weight.shape[0]
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        z = _logits(buffers[0][: m * (v1 - v0)].view(m, v1 - v0), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
+        block = buffers[0][: m * (v1 - v0)].view(m, v1 - v0)
+        z = _logits(block, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
         log_p = z.sub_(lse.unsqueeze(1)).clamp_(min=_LOG_ZERO)
         p = torch.exp(log_p, out=buffers[1][: m * (v1 - v0)].view(m, v1 - v0))
         inside = (y >= v0) & (y < v1)
@@ -277,10 +284,10 @@ class FusedLinearLoss:
     Args:
         loss_fn: any rpg loss (:class:`~rpg.PolicyLoss`, :class:`~rpg.RPGLoss`, the presets), or a
             callable with the same call and a result with a settable ``loss``.
-        chunk_size: tokens per chunk (default: as many as make a 64 MiB float32 block of logits,
-            ``2**24 // V``; 524 at V = 32000, 110 at V = 151936). Memory is one ``[chunk_size, V]``
-            float32 block (two with an entropy term). For a sequence-level ratio (GSPO) a chunk holds
-            whole sequences: ``max(1, chunk_size // T)`` of them.
+        chunk_size: tokens per chunk (default: as many as make a float32 block of logits of 16 MiB on
+            CPU — 131 tokens at V = 32000 — and of 512 MiB on an accelerator — 883 tokens at
+            V = 151936). Memory is one ``[chunk_size, V]`` float32 block (two with an entropy term).
+            For a sequence-level ratio (GSPO) a chunk holds as many whole sequences as fit (at least one).
         vocab_chunk_size: ``None`` (default) keeps a chunk's logits across the whole vocabulary, so they
             are computed once (three head-sized products). An int bounds the logits to
             ``chunk_size × vocab_chunk_size`` blocks with an online log-sum-exp, at the cost of
@@ -351,7 +358,8 @@ class FusedLinearLoss:
     def __repr__(self) -> str:
         extra = "" if self.ignore_index is None else f", ignore_index={self.ignore_index}"
         extra += ", compile=True" if self.compile else ""
-        return f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, vocab_chunk_size={self.vocab_chunk_size}{extra})"
+        return (f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, "
+                f"vocab_chunk_size={self.vocab_chunk_size}{extra})")
 
     @torch.compiler.disable  # a Python loop with autograd calls: under torch.compile it runs eagerly, as one unit
     def __call__(
@@ -378,7 +386,9 @@ class FusedLinearLoss:
             raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
         b, t, hdim = hidden.shape
         if weight.dim() != 2 or weight.shape[1] != hdim:
-            raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hdim}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must have shape [V, H] with H = hidden.shape[-1] = {hdim}, got {tuple(weight.shape)}"
+            )
         v = weight.shape[0]
         if bias is not None:
             check_floating("bias", bias)
@@ -387,12 +397,16 @@ class FusedLinearLoss:
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         temperature = float(temperature)
-        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype == torch.bool or tokens.is_floating_point() \
+                or tokens.is_complex():
             raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
         shape = (b, t)
         if tuple(tokens.shape) != shape:
-            raise ValueError(f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}")
-        for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("behavior_logp", behavior_logp), ("weights", weights)):
+            raise ValueError(
+                f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}"
+            )
+        optional = {"old_logp": old_logp, "ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
+        for name, x in optional.items():
             _check_bt(name, x, shape)
         if old_logp is None:
             raise TypeError("old_logp must be a [B, T] tensor of the sampling policy's log-probs, got None")
@@ -402,7 +416,8 @@ class FusedLinearLoss:
                 raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
             if tuple(advantages.shape) not in ((b,), (b, 1), shape):
                 raise ValueError(
-                    f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, got {tuple(advantages.shape)}"
+                    f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, "
+                    f"got {tuple(advantages.shape)}"
                 )
 
         tokens = tokens.long()
@@ -419,7 +434,8 @@ class FusedLinearLoss:
             if tokens.numel():
                 lo, hi = int(tokens.min()), int(tokens.max())
                 if lo < 0 or hi >= v:
-                    hint = "" if self.ignore_index is not None else " (pass ignore_index= to skip padding ids such as -100)"
+                    hint = "" if self.ignore_index is not None else (
+                        " (pass ignore_index= to skip padding ids such as -100)")
                     raise ValueError(f"tokens must lie in [0, {v}), got values in [{lo}, {hi}]{hint}")
         else:  # checking on an accelerator would be a host-device sync: an out-of-range id gives NaN instead
             invalid = (tokens < 0) | (tokens >= v)
@@ -442,7 +458,7 @@ class FusedLinearLoss:
         if weights is not None:
             extra["weights"] = weights
 
-        chunk = self.chunk_size or max(1, _BLOCK_BYTES // (4 * v))
+        chunk = self.chunk_size or max(1, _BLOCK_BYTES.get(hidden.device.type, _BLOCK_BYTES_ACCELERATOR) // (4 * v))
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None)
         with torch.no_grad():
@@ -455,13 +471,15 @@ class FusedLinearLoss:
                 # Row shards add up to the loss only given the full batch's counts (the aggregation's
                 # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
                 given = batch_num_tokens is not None and global_batch_size is not None
-                counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size} if given else None
+                counts = dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
                 self._fused_chunks(
                     flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
                     logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
                 )
             else:
-                self._logprob_chunks(flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all)
+                self._logprob_chunks(
+                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
+                )
                 if invalid is not None:
                     logp_all.masked_fill_(invalid.reshape(n), float("nan"))
                 grads = None
@@ -510,7 +528,9 @@ class FusedLinearLoss:
             bounds = [(c0, min(pos.numel(), c0 + chunk)) for c0 in range(0, pos.numel(), chunk)]
         return [(pos[c0:c1], int(pos_cpu[c0]) // t, int(pos_cpu[c1 - 1]) // t + 1) for c0, c1 in bounds]
 
-    def _logprob_chunks(self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all):
+    def _logprob_chunks(
+        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
+    ):
         v = weight.shape[0]
         vb = min(v, self.vocab_chunk_size or 4096)
         rows = max((_size(w) for w, _, _ in plan), default=0)
@@ -551,18 +571,24 @@ class FusedLinearLoss:
             logp_all[where] = logp
             if want_entropy:
                 entropy_all[where] = ent
-            a, e = self._chunk_derivative(logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts)
+            a, e = self._chunk_derivative(
+                logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts
+            )
             if flat_ignored is not None:
                 a = a.masked_fill(flat_ignored[where], 0)
                 e = None if e is None else e.masked_fill(flat_ignored[where], 0)
             a = a * inv_t  # ∂z/∂logits = 1/temperature; ∂L/∂z is linear in (a, e)
             e = None if e is None else e * inv_t
             compact = isinstance(where, torch.Tensor)
-            rows_h = None if g_h is None else (torch.zeros(h.shape[0], hdim, dtype=dtype, device=h.device) if compact else g_h[where])
+            if g_h is None:
+                rows_h = None
+            else:  # the chunk's rows of ∂L/∂hidden: a view, or (masked positions skipped) a block copied back
+                rows_h = torch.zeros(h.shape[0], hdim, dtype=dtype, device=h.device) if compact else g_h[where]
             if vb is None:
                 _accumulate(_head_backward(a, e, state, y), h, weight, dtype, (rows_h, g_w, g_b))
             else:
-                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, (rows_h, g_w, g_b))
+                grads_here = (rows_h, g_w, g_b)
+                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, grads_here)
             if compact and g_h is not None:
                 g_h.index_copy_(0, where, rows_h)
 

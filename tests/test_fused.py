@@ -59,7 +59,8 @@ def make(seed=0, *, neg_inf_block=True, adv_shape="seq"):
 def reference(loss_fn, d, *, counts=None, options=(), advantages=...):
     """from_hidden + loss_fn with plain autograd: (output, (grad hidden, grad weight, grad bias))."""
     want_entropy = getattr(loss_fn, "entropy_coef", 0) > 0
-    lp = from_hidden(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP, return_entropy=want_entropy)
+    lp = from_hidden(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP,
+                     return_entropy=want_entropy)
     kw = dict(counts or {}, ref_logp=d["ref_logp"], **{k: d[k] for k in options})
     if want_entropy:
         lp, kw["entropy"] = lp
@@ -83,9 +84,11 @@ def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
         out = fused(loss_fn, d, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, counts=counts,
                     options=options, advantages=advantages, skip_masked=skip_masked)
         grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
-        where = f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}, skip={skip_masked}"
+        where = (f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}, "
+                 f"skip={skip_masked}")
         torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12, msg=f"loss ({where})")
-        torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12, msg=f"per_token ({where})")
+        torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12,
+                                   msg=f"per_token ({where})")
         for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
             assert torch.isfinite(g).all(), f"grad {name} not finite ({where})"
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"grad {name} ({where})")
@@ -97,7 +100,8 @@ def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
 
 LOSSES = {
     **{f"rpg-{d}-{s}": rpg.RPGLoss(d, style=s, beta=0.1) for d in rpg.DIVERGENCES for s in rpg.STYLES},
-    **{f"rpg-{d}-{s}-noclip": rpg.RPGLoss(d, style=s, beta=0.1, clip=None) for d in rpg.DIVERGENCES for s in rpg.STYLES},
+    **{f"rpg-{d}-{s}-noclip": rpg.RPGLoss(d, style=s, beta=0.1, clip=None)
+       for d in rpg.DIVERGENCES for s in rpg.STYLES},
     "rpg-urkl-reinforce-truncate": rpg.RPGLoss("urkl", style="reinforce", beta=0.1, clip=rpg.Truncate(0.2, 0.5)),
     "rpg-rkl-fold": rpg.RPGLoss("rkl", beta=0.1, fold_kl=True),
     "grpo-k3": rpg.GRPOLoss(beta=0.1),
@@ -138,9 +142,10 @@ def test_every_aggregation(agg, ratio):
     [
         pytest.param(lambda: rpg.DAPOLoss(entropy_coef=0.1), id="dapo-entropy"),
         pytest.param(lambda: rpg.GSPOLoss(clip=rpg.Clip(0.2, 0.2, None), entropy_coef=0.3), id="gspo-entropy"),
-        pytest.param(lambda: rpg.RPGLoss("urkl", style="reinforce", beta=0.1, agg="seq-mean-token-mean", entropy_coef=0.2,
-                                         correction=rpg.RolloutCorrection(level="sequence", lower=0.5, upper=2.0)),
-                     id="urkl-seq-correction-entropy"),
+        pytest.param(lambda: rpg.RPGLoss(
+            "urkl", style="reinforce", beta=0.1, agg="seq-mean-token-mean", entropy_coef=0.2,
+            correction=rpg.RolloutCorrection(level="sequence", lower=0.5, upper=2.0)),
+            id="urkl-seq-correction-entropy"),
         pytest.param(lambda: rpg.RPGLoss("fkl", beta=0.1, correction=rpg.RolloutCorrection(
             mode="mask", lower=0.8, upper=1.25, count_rejected=False)), id="fkl-mask-correction-uncounted"),
     ],
@@ -207,7 +212,8 @@ def test_empty_mask_and_empty_batch():
     assert out.loss.item() == 0 and all((g == 0).all() for g in grads)
     h = torch.zeros(0, T, H, dtype=F64, requires_grad=True)
     z = torch.zeros(0, T, dtype=F64)
-    out = FusedLinearLoss(rpg.DAPOLoss())(h, d["weight"], torch.zeros(0, T, dtype=torch.long), z, torch.zeros(0, dtype=F64))
+    empty_tokens = torch.zeros(0, T, dtype=torch.long)
+    out = FusedLinearLoss(rpg.DAPOLoss())(h, d["weight"], empty_tokens, z, torch.zeros(0, dtype=F64))
     g_h, g_w = torch.autograd.grad(out.loss, (h, d["weight"]))
     assert out.loss.item() == 0 and g_h.shape == h.shape and (g_w == 0).all()
 
@@ -318,3 +324,17 @@ def test_bad_settings(bad):
         FusedLinearLoss(rpg.DAPOLoss(), vocab_chunk_size=bad)
     with pytest.raises(TypeError, match="loss_fn"):
         FusedLinearLoss("dapo")
+
+
+def test_benchmark_script_runs():
+    """benchmarks/fused_head.py runs end to end at a toy size (its equality check included), so it cannot rot."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "fused_head.py"
+    args = ["--n", "64", "--seq-len", "16", "--h", "8", "--v", "300", "--runs", "1", "--threads", "1",
+            "--skip", "compiled=True"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| rpg FusedLinearLoss |" in out.stdout and "| rpg from_hidden + loss |" in out.stdout
