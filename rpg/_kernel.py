@@ -45,12 +45,14 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
     accumulating the KL derivative into w·A, and never forms ∞ − ∞ where w overflows (the two terms
     share the factor w), so the sign of g is that of A′ = g/w even then."""
     w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
+    fresh = w_bar is not None  # a truncated weight is a fresh tensor: multiply it in place
     if w_bar is None:
         w_bar = r.w
     if not cfg.has_kl:
-        return w_bar * adv
+        return w_bar.mul_(adv) if fresh else w_bar * adv
     per_w, const = REGISTRY[cfg.kl].split(r)
-    g = w_bar * (adv - cfg.beta * per_w) if isinstance(per_w, torch.Tensor) or per_w != 0 else w_bar * adv
+    a = adv - cfg.beta * per_w if isinstance(per_w, torch.Tensor) or per_w != 0 else adv
+    g = w_bar.mul_(a) if fresh and a.shape == w_bar.shape else w_bar * a
     if isinstance(const, torch.Tensor) or const != 0:
         g = g.sub_(cfg.beta * const)
     return g
