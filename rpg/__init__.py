@@ -35,6 +35,7 @@ from .clipping import Clip, ClipRule, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
 from .functional import policy_loss
+from .fused import FusedLinearLoss
 from .kl import k1, k2, k3
 from .losses import PolicyLoss, RPGLoss
 from .metrics import LossOutput
@@ -66,6 +67,7 @@ __all__ = [
     "DAPOLoss",
     "DPPOLoss",
     "DrGRPOLoss",
+    "FusedLinearLoss",
     "GRPOLoss",
     "GSPOLoss",
     "LossConfig",

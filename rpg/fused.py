@@ -77,9 +77,9 @@ from ._util import check_floating, compute_dtype
 
 __all__ = ["FusedLinearLoss"]
 
-# Default bytes of one float32 [chunk_size, V] block of logits. CPU: measured (benchmarks/README.md): at V = 32000,
-# H = 256 chunks of 128 tokens run as fast as 512 with a third of the memory, 64 are ~20% slower. Accelerators:
-# not measured here; large enough that the matrix products have a few hundred rows at V ≈ 152k.
+# Default bytes of one float32 [chunk_size, V] block of logits. CPU, measured at V = 32000, H = 256 (see
+# benchmarks/README.md): chunks of 128 tokens run about as fast as 524 at half the peak memory; 64 are ~20% slower.
+# Accelerators: not measured; large enough that the matrix products have several hundred rows at V ≈ 152k.
 _BLOCK_BYTES = {"cpu": 16 * 2**20}
 _BLOCK_BYTES_ACCELERATOR = 512 * 2**20
 _CAST_BLOCK = 4096  # vocabulary rows upcast at a time for bf16/fp16 weights
@@ -283,7 +283,9 @@ class FusedLinearLoss:
 
     Args:
         loss_fn: any rpg loss (:class:`~rpg.PolicyLoss`, :class:`~rpg.RPGLoss`, the presets), or a
-            callable with the same call and a result with a settable ``loss``.
+            callable with the same call and a result with a settable ``loss`` (treated as per-token
+            unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
+            ``logp`` only).
         chunk_size: tokens per chunk (default: as many as make a float32 block of logits of 16 MiB on
             CPU — 131 tokens at V = 32000 — and of 512 MiB on an accelerator — 883 tokens at
             V = 151936). Memory is one ``[chunk_size, V]`` float32 block (two with an entropy term).
@@ -460,7 +462,7 @@ class FusedLinearLoss:
 
         chunk = self.chunk_size or max(1, _BLOCK_BYTES.get(hidden.device.type, _BLOCK_BYTES_ACCELERATOR) // (4 * v))
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
-        plan = self._plan(keep, chunk, compact and mask is not None)
+        plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
         with torch.no_grad():
             if need_grad:
                 grads = (
