@@ -65,14 +65,16 @@ def _unwrapped(t: torch.Tensor) -> torch.Tensor:
 def _check_tokens(
     tokens: torch.Tensor, shape: torch.Size, vocab: int, name: str, ignore_index: int | None = None
 ) -> None:
-    """Type and shape always; the id range only on CPU (on an accelerator that check would be a
-    host-device sync — there an out-of-range id gives NaN in :func:`from_hidden`). Ids equal to
-    ``ignore_index`` are exempt."""
+    """Type and shape always; the id range only on CPU and eagerly (on an accelerator that check would
+    be a host-device sync, and under ``torch.compile`` a graph break — there an out-of-range id gives
+    NaN in :func:`from_hidden`). Ids equal to ``ignore_index`` are exempt."""
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
     if tokens.shape != shape:
         raise ValueError(f"tokens has shape {tuple(tokens.shape)} but {name} needs {tuple(shape)}")
-    plain = tokens if torch.compiler.is_compiling() else _unwrapped(tokens)
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph: skipped when compiled
+        return
+    plain = _unwrapped(tokens)
     if plain.device.type == "cpu" and plain.numel():
         if ignore_index is not None:
             plain = plain.masked_fill(plain == ignore_index, 0)

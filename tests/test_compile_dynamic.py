@@ -110,3 +110,13 @@ def test_fused_compiled_per_chunk_loss(counts, monkeypatch):
         frames.append(counter.frame_count)
     assert counter.op_count > 0
     assert frames == [frames[0]] * len(frames), f"compiled again for a new T: frames after each call {frames}"
+
+
+def test_from_logits_compiles_with_fullgraph():
+    """The CPU token-range check is a data-dependent guard: it is skipped while compiling, so a compiled
+    train step keeps one graph through the log-probs."""
+    import rpg
+
+    f = torch.compile(lambda logits, t: rpg.logprobs.from_logits(logits, t).sum(), fullgraph=True)
+    logits, tokens = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(f(logits, tokens), rpg.logprobs.from_logits(logits, tokens).sum())
