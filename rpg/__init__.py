@@ -7,13 +7,13 @@ unnormalized KL-regularized objectives in fully differentiable and
 REINFORCE-style forms, RPG-Style Clip, and batching-invariant aggregation —
 each loss with a gradient that is exactly the gradient of its objective — and
 GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
-configurations of the same :class:`PolicyLoss`.
+configurations of the same [`PolicyLoss`][rpg.losses.PolicyLoss].
 
-Functional core: :mod:`rpg.kl`, :mod:`rpg.objectives`, :mod:`rpg.clipping`,
-:mod:`rpg.aggregation`, :mod:`rpg.correction`, :mod:`rpg.advantages`, :mod:`rpg.logprobs`; the loss as
-one function, :func:`policy_loss`, of a frozen :class:`LossConfig`. Loss classes: :class:`PolicyLoss`,
-:class:`RPGLoss` and the presets of :mod:`rpg.presets`. Exact oracles for
-tests: :mod:`rpg.testing`.
+Functional core: [`rpg.kl`][rpg.kl], [`rpg.objectives`][rpg.objectives], [`rpg.clipping`][rpg.clipping],
+[`rpg.aggregation`][rpg.aggregation], [`rpg.correction`][rpg.correction], [`rpg.advantages`][rpg.advantages], [`rpg.logprobs`][rpg.logprobs]; the loss as
+one function, [`policy_loss`][rpg.functional.policy_loss], of a frozen [`LossConfig`][rpg.config.LossConfig]. Loss classes: [`PolicyLoss`][rpg.losses.PolicyLoss],
+[`RPGLoss`][rpg.losses.RPGLoss] and the presets of [`rpg.presets`][rpg.presets]. Exact oracles for
+tests: [`rpg.testing`][rpg.testing].
 """
 
 from . import (

@@ -8,21 +8,21 @@ all equal gets advantage exactly 0, never NaN or ±1/eps, whatever ``eps``
 Rewards are ``[B]`` with the G responses of one prompt **contiguous**
 (``B = num_groups · G``, the layout of verl's and TRL's rollouts).
 
-* :func:`grpo` — A_i = (r_i − mean_g) / (std + eps) (DeepSeekMath GRPO, ``scale="group"``);
+* [`grpo`][rpg.advantages.grpo] — A_i = (r_i − mean_g) / (std + eps) (DeepSeekMath GRPO, ``scale="group"``);
   ``scale="batch"`` divides by the batch std instead; ``scale="none"`` is Dr. GRPO.
-* :func:`rloo` — A_i = r_i − mean_{j≠i} r_j (Kool et al.; Ahmadian et al.).
-* :func:`reinforce_pp` — REINFORCE++ (Hu et al., 2025): per-token rewards
+* [`rloo`][rpg.advantages.rloo] — A_i = r_i − mean_{j≠i} r_j (Kool et al.; Ahmadian et al.).
+* [`reinforce_pp`][rpg.advantages.reinforce_pp] — REINFORCE++ (Hu et al., 2025): per-token rewards
   −β·k(π_old → π_ref), the scalar reward on the last response token, discounted
   returns-to-go, whitened over the masked tokens of the batch.
-* :func:`reinforce_pp_baseline` — REINFORCE++-baseline: group-mean baseline, then
+* [`reinforce_pp_baseline`][rpg.advantages.reinforce_pp_baseline] — REINFORCE++-baseline: group-mean baseline, then
   batch whitening.
-* :func:`dapo_overlong_penalty` and :func:`informative_groups` — DAPO's soft
+* [`dapo_overlong_penalty`][rpg.advantages.dapo_overlong_penalty] and [`informative_groups`][rpg.advantages.informative_groups] — DAPO's soft
   overlong punishment and the dynamic-sampling group filter (Yu et al., 2025).
 
 **Non-finite inputs are refused, not contained.** One NaN reward would otherwise
 reach every advantage of the batch through a batch statistic (the batch std, the
 whitening mean and variance), so every estimator raises ``ValueError`` naming the
-argument when a reward (or, in :func:`reinforce_pp` with β > 0, a log-probability
+argument when a reward (or, in [`reinforce_pp`][rpg.advantages.reinforce_pp] with β > 0, a log-probability
 at an unmasked token) is NaN or ±inf. Replace or drop such responses before
 computing advantages. The check is free of host-device synchronisation: on CPU it
 raises at once; on an accelerator it is an asynchronous device assertion
@@ -303,12 +303,12 @@ def reinforce_pp(
     output in a multi-turn rollout, are skipped rather than cutting the return,
     as verl 0.9.1 does too), computed in float32 (float64 for float64 rewards),
     and, with ``whiten_advantages``, whitening over all masked tokens of the batch
-    (:func:`whiten`). Masked positions are 0.
+    ([`whiten`][rpg.advantages.whiten]). Masked positions are 0.
 
     With k1, γ = 1 and no whitening, E_{π_θ}[Σ_t G_t ∇log π_θ(y_t)] is exactly
     ∇(E[R] − β·KL(π_θ(y) ‖ π_ref(y))) on-policy — the *sequence-level* reverse
     KL (Tang & Munos, 2025); whitening rescales it. ``tests/test_sequence.py``
-    checks this with the two-step oracle of :mod:`rpg.testing`.
+    checks this with the two-step oracle of [`rpg.testing`][rpg.testing].
 
     Args:
         rewards: ``[B]`` scalar reward of each response; NaN or ±inf raise ``ValueError``.
@@ -321,7 +321,7 @@ def reinforce_pp(
         gamma: the discount γ ∈ [0, 1].
         whiten_advantages: whiten over the batch's masked tokens (REINFORCE++'s default).
         unbiased: the whitening variance: ``True`` (the default when whitening) divides
-            by N − 1 as verl does, ``False`` by N as OpenRLHF does (:func:`whiten`).
+            by N − 1 as verl does, ``False`` by N as OpenRLHF does ([`whiten`][rpg.advantages.whiten]).
             Setting it with ``whiten_advantages=False`` raises ``ValueError``.
     """
     check_choice("estimator", estimator, ("k1", "k2"))
@@ -370,7 +370,7 @@ def reinforce_pp_baseline(
     r"""REINFORCE++-baseline advantages, ``[B, T]``: (r_i − mean_g) on every response token, batch-whitened.
 
     The group mean removes the prompt's difficulty; whitening over all masked
-    tokens of the batch (:func:`whiten`) sets the scale (verl's
+    tokens of the batch ([`whiten`][rpg.advantages.whiten]) sets the scale (verl's
     ``reinforce_plus_plus_baseline``; OpenRLHF's ``reinforce_baseline``). A group
     of equal rewards is 0 before whitening. ``unbiased`` chooses the whitening
     variance: N − 1 (``True``, verl) or N (``False``, OpenRLHF).

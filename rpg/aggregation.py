@@ -86,7 +86,7 @@ def aggregate_masked(
     global_batch_size=None,
     max_len: int | None = None,
 ) -> torch.Tensor:
-    """As :func:`aggregate`, for a ``per_token`` that is already 0 wherever ``mask`` is 0."""
+    """As [`aggregate`][rpg.aggregation.aggregate], for a ``per_token`` that is already 0 wherever ``mask`` is 0."""
     if agg == "token-sum":
         return per_token.sum()
     if agg == "token-mean":
@@ -120,7 +120,7 @@ def aggregate(
         mask: ``[B, T]`` bool or 0/1 float; 0 marks padding. Masked entries are
             removed with ``torch.where``, so NaN/inf there never reach the result
             or its gradient.
-        agg: one of :data:`AGG_MODES` (table above).
+        agg: one of [`AGG_MODES`][rpg.aggregation.AGG_MODES] (table above).
         batch_num_tokens: N of the full batch, replacing the local token count.
         global_batch_size: S of the full batch, replacing the local sequence count.
         max_len: L for ``seq-mean-token-sum-norm`` (default ``T``).

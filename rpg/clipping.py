@@ -2,9 +2,9 @@ r"""Clipping rules for importance ratios: PPO / dual clip, RPG-Style Clip, trunc
 
 Clip rules are small frozen objects that carry their own behaviour (paper §3.3,
 §4.1, App. G, Algorithms 1 and 2). ``w = exp(logp − old_logp)``; ε_low, ε_high
-and the dual bound c_dual come from :class:`Clip` / :class:`Truncate`.
+and the dual bound c_dual come from [`Clip`][rpg.clipping.Clip] / [`Truncate`][rpg.clipping.Truncate].
 
-**PPO / dual clip** (:func:`ppo`, Algorithm 1; GRPO, DAPO). For an advantage
+**PPO / dual clip** ([`ppo`][rpg.clipping.ppo], Algorithm 1; GRPO, DAPO). For an advantage
 analogue Â the per-token loss is
 ℓ = max(−w·Â, −clip(w, 1−ε_low, 1+ε_high)·Â), and for Â < 0 with a dual bound
 ℓ = min(ℓ, −c_dual·Â). Written as ℓ = −m·Â with the *effective ratio*
@@ -21,7 +21,7 @@ expectation for rkl and urkl while no bound binds (the extra gradient is
 fkl and ufkl it drops the KL gradient β·E_old[c·∇logp] ≠ 0 entirely, so it is
 refused there.
 
-**RPG-Style Clip** (:func:`rpg_clip`, Algorithm 2, REINFORCE style). With the
+**RPG-Style Clip** ([`rpg_clip`][rpg.clipping.rpg_clip], Algorithm 2, REINFORCE style). With the
 REINFORCE weight g and the effective advantage A′ = g/w (same sign as g):
 
 * A′ ≥ 0: the token keeps its gradient only while w < 1+ε_high;
@@ -33,13 +33,13 @@ dual clip applied to sg(A′). We branch on A′ as the paper does; the authors'
 released code branches on A alone and evaluates the KL part at the clipped w
 — a different estimator, not copied here.
 
-**Truncation** (:func:`truncate`, paper eq. 4.1, CISPO): the importance weight
+**Truncation** ([`truncate`][rpg.clipping.truncate], paper eq. 4.1, CISPO): the importance weight
 in the REINFORCE weight is replaced by w̄ = sg(clip(w, 1−ε_low, 1+ε_high)):
-g = w̄·(A − β·per_w) − β·const (the KL term's ``split``, :class:`rpg.objectives.KLTerm`), i.e.
+g = w̄·(A − β·per_w) − β·const (the KL term's ``split``, [`rpg.objectives.KLTerm`][rpg.objectives.KLTerm]), i.e.
 C(w, sg(A′)) with the effective advantage A′ at the unclipped w — log ρ and c
 are not clipped. Every token keeps a gradient, with a bounded weight.
 
-**How a rule plugs in.** Every rule subclasses :class:`ClipRule` and answers
+**How a rule plugs in.** Every rule subclasses [`ClipRule`][rpg.clipping.ClipRule] and answers
 four questions, so neither the loss kernel nor the metrics branch on its type:
 ``styles`` (which loss styles it applies to), ``effective_ratio(w, Â)`` (the
 differentiable style's ℓ = −m·Â and the tokens whose gradient through w is cut),
@@ -48,10 +48,10 @@ w itself, or a truncated w̄) and ``reinforce_clipped(w, g)`` (the REINFORCE
 tokens that lose their gradient), plus ``codes(w, direction)`` for the metrics.
 A new rule is one class here and its tests.
 
-Clip codes (:func:`codes`, ``int8`` per token, computed only when metrics are
+Clip codes ([`codes`][rpg.clipping.codes], ``int8`` per token, computed only when metrics are
 read) record which bound bound the token: 0 none, 1 low, 2 high, 3 dual.
-Under :class:`Clip`, tokens with Â = 0 (or g = 0) are never counted as
-clipped: no bound acts on a zero advantage. Under :class:`Truncate` a token
+Under [`Clip`][rpg.clipping.Clip], tokens with Â = 0 (or g = 0) are never counted as
+clipped: no bound acts on a zero advantage. Under [`Truncate`][rpg.clipping.Truncate] a token
 counts whenever its w was truncated.
 """
 
@@ -102,7 +102,7 @@ class ClipRule:
     def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w.
 
-        ``ratios`` (the batch's :class:`rpg.objectives.Ratios` — log π_θ, log π_old, log w —, or ``None`` for a
+        ``ratios`` (the batch's `rpg.objectives.Ratios` — log π_θ, log π_old, log w —, or ``None`` for a
         sequence ratio) is there for rules that depend on the tokens' probabilities, not only on the ratio."""
         raise ValueError(f"{type(self).__name__} does not apply to style='differentiable'")
 
@@ -186,7 +186,7 @@ class Truncate(ClipRule):
     bound); ``high`` ≥ 0 or ``None`` (no upper bound). With ``absolute=True`` the
     bounds are values of w itself, w̄ = sg(clip(w, low, high)) with 0 ≤ low and
     0 < high (e.g. a cap below 1, as TRL's CISPO reads its ``epsilon_high``);
-    :meth:`Truncate.at` builds that.
+    [`Truncate.at`][rpg.clipping.Truncate.at] builds that.
     """
 
     low: float | None = None
@@ -384,7 +384,7 @@ def rpg_clip(w: torch.Tensor, g: torch.Tensor, clip: Clip) -> torch.Tensor:
     r"""RPG-Style Clip (Algorithm 2), branching on A′ = g/w (the sign of g): the clipped tokens.
 
     Returns bool ``[B, T]``, True where the token loses its REINFORCE gradient −g
-    (A′ ≥ 0: w ≥ 1+ε_high; A′ < 0: w ≤ 1−ε_low or w ≥ c_dual); :func:`in_band`
+    (A′ ≥ 0: w ≥ 1+ε_high; A′ < 0: w ≤ 1−ε_low or w ≥ c_dual); `in_band`
     is its complement.
     """
     return clip.reinforce_clipped(w, g)
@@ -399,8 +399,8 @@ def truncate(log_w: torch.Tensor, trunc: Truncate) -> torch.Tensor:
 def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule, ratios=None) -> torch.Tensor:
     r"""``int8`` clip code per token, for the metrics: 0 none, 1 low, 2 high, 3 dual.
 
-    Under :class:`Clip` a bound counts only for the sign of ``direction`` (Â or
-    A′) it acts on, and never for a zero one; under :class:`Truncate` (``direction``
+    Under [`Clip`][rpg.clipping.Clip] a bound counts only for the sign of ``direction`` (Â or
+    A′) it acts on, and never for a zero one; under [`Truncate`][rpg.clipping.Truncate] (``direction``
     unused) wherever w lies outside [1−low, 1+high].
     """
     return clip.codes(w, direction, ratios)

@@ -1,6 +1,6 @@
 r"""The one configuration of a policy loss: frozen, validated once, the single source of its settings.
 
-:class:`LossConfig` holds every setting of :class:`~rpg.PolicyLoss` and checks
+[`LossConfig`][rpg.config.LossConfig] holds every setting of [`PolicyLoss`][rpg.losses.PolicyLoss] and checks
 them in ``__post_init__``. The loss kernel reads it directly (it is hashable, so
 ``torch.compile`` treats it as a constant), and a loss object's attributes,
 ``repr``, ``config``, equality and hash all derive from it — there is no second
@@ -45,14 +45,14 @@ class LossConfig:
         kl: the KL term (one of ``rpg.KL_TERMS``), or ``None``.
         beta: β ≥ 0, the KL coefficient (must be 0 without a KL term).
         style: ``"differentiable"`` or ``"reinforce"``.
-        clip: a clip rule (:class:`~rpg.Clip`, :class:`~rpg.Truncate`, …) or ``None``.
-        agg: aggregation mode (:mod:`rpg.aggregation`).
+        clip: a clip rule ([`Clip`][rpg.clipping.Clip], [`Truncate`][rpg.clipping.Truncate], …) or ``None``.
+        agg: aggregation mode ([`rpg.aggregation`][rpg.aggregation]).
         fold_kl: fold the KL into the clipped advantage (differentiable style, only
             for terms where that is exact: rkl, urkl).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"`` or ``"sequence"`` (GSPO: the PG term uses
             s = exp(mean_t log w); differentiable style).
-        correction: the :class:`~rpg.RolloutCorrection` applied when a call passes
+        correction: the [`RolloutCorrection`][rpg.correction.RolloutCorrection] applied when a call passes
             ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
         entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
             ``entropy=``).

@@ -20,7 +20,7 @@ outcome reward), the prefix is drawn from μ too, and only the product over the
 response, ρ_seq = Π_t ρ_t, is exact (``level="sequence"``); the token weight is
 biased there. Truncating (min(ρ, upper)), masking (ρ outside [lower, upper] → 0)
 and the sequence filters trade that exactness for variance; their bias is
-measured with the oracle of :mod:`rpg.testing` (docs: "Training–inference
+measured with the oracle of [`rpg.testing`][rpg.testing] (docs: "Training–inference
 mismatch").
 
 The weight multiplies the whole per-token loss — policy-gradient and KL term —
@@ -84,7 +84,7 @@ class RolloutCorrection:
             weight ρ where lower ≤ ρ ≤ upper, else the token (sequence level: the
             whole sequence) is rejected with weight 0 (MIS).
         lower: the **absolute** lower bound on ρ (not an ε offset as in
-            :class:`~rpg.Clip`); ``None`` turns it off.
+            [`Clip`][rpg.clipping.Clip]); ``None`` turns it off.
         upper: the absolute upper bound on ρ; ``None`` turns it off. ``upper=None,
             lower=None`` is the untruncated, exact weight. Default: token-level
             truncation at 2.0.
@@ -100,7 +100,7 @@ class RolloutCorrection:
             so micro-batch invariance holds with global counts; AReaL's and TRL's
             convention) or leave them (``False``: the mask shrinks; verl's and
             slime's convention — pass global counts computed after rejection, see
-            :meth:`keep`).
+            [`keep`][rpg.correction.RolloutCorrection.keep]).
 
     With ``behavior_logp`` given and no ``correction=`` on the loss, the loss uses
     ``RolloutCorrection()``. Invalid settings raise ``ValueError`` / ``TypeError``.
@@ -134,7 +134,7 @@ class RolloutCorrection:
         )
 
     def weight(self, old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The ``[B, T]`` weight of every token (0 where rejected or masked); see :func:`correction_weight`."""
+        """The ``[B, T]`` weight of every token (0 where rejected or masked); see [`correction_weight`][rpg.correction.correction_weight]."""
         return correction_weight(old_logp, behavior_logp, mask, self)[0]
 
     def keep(self, old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

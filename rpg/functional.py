@@ -1,7 +1,7 @@
-r"""The policy loss as one pure function: :func:`policy_loss` (as ``torch.nn.functional`` beside ``torch.nn``).
+r"""The policy loss as one pure function: [`policy_loss`][rpg.functional.policy_loss] (as ``torch.nn.functional`` beside ``torch.nn``).
 
-Every loss class of rpg (:class:`~rpg.PolicyLoss`, :class:`~rpg.RPGLoss`, the
-presets) is a thin holder of a :class:`~rpg.LossConfig` whose call is this
+Every loss class of rpg ([`PolicyLoss`][rpg.losses.PolicyLoss], [`RPGLoss`][rpg.losses.RPGLoss], the
+presets) is a thin holder of a [`LossConfig`][rpg.config.LossConfig] whose call is this
 function. Per token (all ``[B, T]``):
 
     per_token = ω·ρ̄·ℓ(logp) − c_H·H
@@ -70,7 +70,7 @@ def policy_loss(
             reference). Required where β > 0 and π_ref ≠ π_old.
         behavior_logp: ``[B, T]`` log μ of the sampled tokens under the rollout engine
             that sampled them; detached. ``None`` means μ = π_old. When given, every
-            token's loss is weighted by the configured :class:`~rpg.RolloutCorrection`
+            token's loss is weighted by the configured [`RolloutCorrection`][rpg.correction.RolloutCorrection]
             (``RolloutCorrection()`` if none: token-level truncation at 2).
         batch_num_tokens: token count of the full batch (``token-mean``).
         global_batch_size: sequence count of the full batch (``seq-mean-*``).
@@ -82,10 +82,10 @@ def policy_loss(
             ``rpg.logprobs.from_hidden(..., return_entropy=True)``); the loss subtracts
             ``entropy_coef``·agg(entropy) with the loss's own aggregation and counts,
             unweighted. Required when ``entropy_coef > 0``; reported as ``entropy/mean``.
-        config: a :class:`~rpg.LossConfig`; or pass its fields as keyword ``settings``.
+        config: a [`LossConfig`][rpg.config.LossConfig]; or pass its fields as keyword ``settings``.
 
     Returns:
-        :class:`~rpg.LossOutput`. bf16/fp16 inputs are computed in float32;
+        [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
         float32/float64 in their own dtype.
     """
     if config is None:

@@ -1,9 +1,9 @@
 r"""A fused LM head + policy loss: the gradients of ``hidden``, ``weight`` and ``bias`` computed in the forward pass.
 
-:func:`rpg.logprobs.from_hidden` followed by a loss runs the LM head twice: its
+[`rpg.logprobs.from_hidden`][rpg.logprobs.from_hidden] followed by a loss runs the LM head twice: its
 forward computes the log-probs block by block, its backward recomputes every
 block of logits to form their gradient — four head-sized matrix products.
-:class:`FusedLinearLoss` needs three. For a chunk of tokens it computes the
+[`FusedLinearLoss`][rpg.fused.FusedLinearLoss] needs three. For a chunk of tokens it computes the
 logits once,
 
     z = (h·Wᵀ + b) / temperature,   log p(y) = z_y − logsumexp(z),
@@ -61,8 +61,8 @@ aggregation). A vocabulary block of −inf logits (e.g. a −inf bias) gets
 probability 0, entropy contribution 0 and gradient 0.
 
 **Log-probs without a loss** (reference, teacher or old log-probs): use
-:func:`rpg.logprobs.from_hidden` under ``torch.no_grad()`` — it keeps only two
-blocks of logits and saves nothing. Calling a :class:`FusedLinearLoss` under
+[`rpg.logprobs.from_hidden`][rpg.logprobs.from_hidden] under ``torch.no_grad()`` — it keeps only two
+blocks of logits and saves nothing. Calling a [`FusedLinearLoss`][rpg.fused.FusedLinearLoss] under
 ``torch.no_grad()`` (or with no input requiring grad) evaluates the loss the
 same lean way, without any gradient work.
 """
@@ -156,7 +156,7 @@ def _accumulate(dz, h, weight, dtype, grads, v0=0):
 def _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers):
     """One chunk's logits, materialised across the vocabulary: ``(logp, entropy, state)``.
 
-    ``state`` is what :func:`_head_backward` needs: e = exp(z − max) ``[m, V]`` (in the logits'
+    ``state`` is what `_head_backward` needs: e = exp(z − max) ``[m, V]`` (in the logits'
     storage without an entropy term), its row sums s, and with one t = z − max clamped at −1e4.
     """
     m, v = h.shape[0], weight.shape[0]
@@ -282,7 +282,7 @@ class FusedLinearLoss:
     aggregation, entropy bonus, ...) apply unchanged: the fused path calls ``loss_fn`` itself.
 
     Args:
-        loss_fn: any rpg loss (:class:`~rpg.PolicyLoss`, :class:`~rpg.RPGLoss`, the presets), or a
+        loss_fn: any rpg loss ([`PolicyLoss`][rpg.losses.PolicyLoss], [`RPGLoss`][rpg.losses.RPGLoss], the presets), or a
             callable with the same call and a result with a settable ``loss`` (treated as per-token
             unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
             ``logp`` only).
@@ -305,11 +305,13 @@ class FusedLinearLoss:
             The head's matrix products run eagerly either way. Under an outer ``torch.compile`` the
             fused call itself runs eagerly, as one unit (a single graph break).
 
-    Call::
+    Call it as:
 
-        out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, *, bias=None,
-                    temperature=1.0, ref_logp=None, behavior_logp=None, weights=None,
-                    batch_num_tokens=None, global_batch_size=None)
+    ```python
+    out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, *, bias=None,
+                temperature=1.0, ref_logp=None, behavior_logp=None, weights=None,
+                batch_num_tokens=None, global_batch_size=None)
+    ```
 
     with ``hidden`` ``[B, T, H]`` (the final hidden states of the response positions), ``weight``
     ``[V, H]`` (``lm_head.weight``), ``tokens`` ``[B, T]`` (the sampled tokens, already shifted so
@@ -320,15 +322,17 @@ class FusedLinearLoss:
     entropy of each next-token distribution from the same pass (``entropy=``).
 
     Returns:
-        ``loss_fn``'s result (:class:`~rpg.LossOutput`) whose ``loss`` carries the gradient to
+        ``loss_fn``'s result ([`LossOutput`][rpg.metrics.LossOutput]) whose ``loss`` carries the gradient to
         ``hidden``, ``weight`` and ``bias``. Its backward runs once (gradients are handed over, not
         recomputed); a second backward through the same output raises.
 
-    Example::
+    For example:
 
-        fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
-        out = fused(hidden, model.lm_head.weight, tokens, old_logp, advantages, mask)
-        out.loss.backward()
+    ```python
+    fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
+    out = fused(hidden, model.lm_head.weight, tokens, old_logp, advantages, mask)
+    out.loss.backward()
+    ```
     """
 
     def __init__(

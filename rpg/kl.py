@@ -74,7 +74,7 @@ def k1(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 def k2(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     r"""k2 = ½ (log r)², r = p(x)/q(x): biased (second-order) estimate of KL(q ‖ p), x ~ q.
 
-    Shapes as :func:`k1`. As a loss in ``log_q = logp`` its gradient is
+    Shapes as [`k1`][rpg.kl.k1]. As a loss in ``log_q = logp`` its gradient is
     ∇ KL(π_θ ‖ p) on-policy; ``sg(w)·k2`` keeps that off-policy (docs/estimators.md).
     """
     d = _log_ratio(log_q, log_p)
@@ -89,7 +89,7 @@ def k3(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     no clamp far from it. GRPO's penalty is ``k3(logp, ref_logp)``; as a loss its
     gradient is ∇ **forward** KL(π_ref ‖ π_θ) on-policy and neither direction
     off-policy. Multiplied by a differentiable w it becomes the URKL surrogate
-    (paper Prop. 3.6). Shapes as :func:`k1`.
+    (paper Prop. 3.6). Shapes as [`k1`][rpg.kl.k1].
     """
     d = _log_ratio(log_q, log_p)
     return torch.expm1(d) - d
@@ -125,8 +125,8 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def ukl(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:
     r"""Exact unnormalized KL: UKL(p ‖ q) = Σ p·log(p/q) + Σ (q − p) over ``dim``.
 
-    Equals :func:`kl` when p and q have equal mass; differs for unnormalized
-    measures (paper §3, Props. 3.2 and 3.6). Shapes as :func:`kl`.
+    Equals [`kl`][rpg.kl.kl] when p and q have equal mass; differs for unnormalized
+    measures (paper §3, Props. 3.2 and 3.6). Shapes as [`kl`][rpg.kl.kl].
     """
     log_p, log_q = upcast(log_p), upcast(log_q)
     return (_xlogy_ratio(log_p, log_q) + log_q.exp() - log_p.exp()).sum(dim)
@@ -149,7 +149,7 @@ def divergence(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, dim: int =
     r"""Exact divergence D named as in the RPG losses, over the full support ``dim``.
 
     ``"fkl"`` = KL(π_ref‖π_θ), ``"rkl"`` = KL(π_θ‖π_ref), ``"ufkl"`` = UKL(π_ref‖π_θ),
-    ``"urkl"`` = UKL(π_θ‖π_ref). Used by the exact oracle (:mod:`rpg.testing`)
+    ``"urkl"`` = UKL(π_θ‖π_ref). Used by the exact oracle ([`rpg.testing`][rpg.testing])
     to define J(θ) = E_{π_θ}[A] − β·D.
     """
     check_choice("divergence", name, DIVERGENCES)

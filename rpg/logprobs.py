@@ -2,7 +2,7 @@ r"""Token log-probabilities (and entropy) from logits, or from hidden states wit
 
 In RL on language models the memory that ends long-context runs is the logits
 tensor: 8k tokens × 152k vocabulary in bf16 is 2.4 GB per sequence, twice that
-with its gradient. :func:`from_hidden` takes the hidden states ``[N, H]`` and the
+with its gradient. [`from_hidden`][rpg.logprobs.from_hidden] takes the hidden states ``[N, H]`` and the
 LM head ``[V, H]`` and computes, per token,
 
     z = (h·Wᵀ + b) / temperature,   log p(y) = z_y − logsumexp(z),
@@ -17,31 +17,33 @@ is exact:
 
 back-propagated to ``hidden``, ``weight`` and ``bias``. The arithmetic is in
 float32 for bf16/fp16 inputs and in float64 for float64 inputs; results equal
-:func:`from_logits` on the materialised logits (to 1e-9 in float64, tested).
+[`from_logits`][rpg.logprobs.from_logits] on the materialised logits (to 1e-9 in float64, tested).
 
 **Next-token shift.** Both functions score ``tokens[..., t]`` under the
 distribution at position ``t``; a causal LM's position ``t`` predicts the token
-at ``t + 1``, so shift before calling (Hugging Face layout)::
+at ``t + 1``, so shift before calling (Hugging Face layout):
 
-    logits = model(input_ids, attention_mask=attention_mask).logits   # [B, L, V]
-    logp = from_logits(logits[:, :-1], input_ids[:, 1:])             # [B, L-1]
-    logp_response = logp[:, -T:]        # input_ids = [prompt | response of T tokens], verl's layout
+```python
+logits = model(input_ids, attention_mask=attention_mask).logits   # [B, L, V]
+logp = from_logits(logits[:, :-1], input_ids[:, 1:])             # [B, L-1]
+logp_response = logp[:, -T:]        # input_ids = [prompt | response of T tokens], verl's layout
+```
 
 **Ignored positions.** With ``ignore_index`` (e.g. ``-100``, the Hugging Face
 label convention), positions whose token equals it get log-prob 0, entropy 0
 and no gradient — also when their logits or hidden states are NaN — on every
 device. Without it, token ids outside ``[0, V)`` raise ``ValueError`` on CPU; on
 an accelerator that check would be a host-device sync, so it is skipped there
-(:func:`from_hidden` then gives NaN at such a position; :func:`from_logits`
+([`from_hidden`][rpg.logprobs.from_hidden] then gives NaN at such a position; [`from_logits`][rpg.logprobs.from_logits]
 fails in ``gather``).
 
-**Derivatives.** Derivatives of every order are exact. :func:`from_logits` is
-plain autograd. :func:`from_hidden`'s backward is itself differentiable: the
+**Derivatives.** Derivatives of every order are exact. [`from_logits`][rpg.logprobs.from_logits] is
+plain autograd. [`from_hidden`][rpg.logprobs.from_hidden]'s backward is itself differentiable: the
 second derivative (a Hessian-vector product through ``create_graph=True``) has
 a closed form computed block by block like the first. Higher orders, and
 forward mode over the gradient (``torch.func.hessian``), differentiate through
 closed forms with autograd, so their memory grows like the materialised
-logits'. :func:`from_hidden` works under ``torch.func`` too:
+logits'. [`from_hidden`][rpg.logprobs.from_hidden] works under ``torch.func`` too:
 ``grad``, ``vmap`` (per-example gradients), ``jacrev``, ``jvp``, ``jacfwd`` and
 ``hessian``.
 """
@@ -67,7 +69,7 @@ def _check_tokens(
 ) -> None:
     """Type and shape always; the id range only on CPU and eagerly (on an accelerator that check would
     be a host-device sync, and under ``torch.compile`` a graph break — there an out-of-range id gives
-    NaN in :func:`from_hidden`). Ids equal to ``ignore_index`` are exempt."""
+    NaN in [`from_hidden`][rpg.logprobs.from_hidden]). Ids equal to ``ignore_index`` are exempt."""
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
     if tokens.shape != shape:
@@ -130,13 +132,15 @@ def from_logits(
 
     Returns:
         ``logp`` ``[...]``, or ``(logp, entropy)``; float32 for bf16/fp16 logits. Plain
-        autograd (any order of derivatives, ``torch.func``); see :func:`from_hidden` to avoid
+        autograd (any order of derivatives, ``torch.func``); see [`from_hidden`][rpg.logprobs.from_hidden] to avoid
         materialising the logits.
 
-    Example (Hugging Face labels, ``-100`` outside the response)::
+    Example (Hugging Face labels, ``-100`` outside the response):
 
-        logits = model(input_ids).logits
-        logp = from_logits(logits[:, :-1], labels[:, 1:], ignore_index=-100)
+    ```python
+    logits = model(input_ids).logits
+    logp = from_logits(logits[:, :-1], labels[:, 1:], ignore_index=-100)
+    ```
     """
     check_floating("logits", logits)
     temperature = _check_temperature(temperature)
@@ -318,9 +322,9 @@ def _loop_vmap(apply, info, in_dims, args):
 
 
 class _HiddenGrad(torch.autograd.Function):
-    """The first derivative of :class:`_FromHidden`: (d_hidden, d_weight, d_bias) from the upstream
+    """The first derivative of `_FromHidden`: (d_hidden, d_weight, d_bias) from the upstream
     gradients (a = ∂L/∂logp, e = ∂L/∂entropy). A Function of its own so that it is differentiable too
-    (exact second derivatives, :func:`_second_order`) and has a vmap rule."""
+    (exact second derivatives, `_second_order`) and has a vmap rule."""
 
     @staticmethod
     def forward(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu,  # noqa: D102
@@ -419,7 +423,7 @@ class _HiddenGrad(torch.autograd.Function):
 
 def _first_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, want_entropy,
                  temperature, chunk_size, vocab_chunk_size, need):
-    """:class:`_HiddenGrad`'s result, out of place and with lse and μ recomputed: a plain differentiable
+    """`_HiddenGrad`'s result, out of place and with lse and μ recomputed: a plain differentiable
     function of its tensors (for forward mode over the gradient). Memory as autograd's, not the kernel's."""
     need_h, need_w, need_b = need
     dtype = compute_dtype(hidden.dtype)
@@ -520,7 +524,7 @@ def _forward_tangents(hidden, weight, bias, tokens, ignored, lse, mu, d_hidden, 
 
 def _second_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu, u_h, u_w, u_b,
                   temperature, chunk_size, vocab_chunk_size, need, differentiable=False):
-    r"""Reverse-mode derivative of the first derivative (:class:`_HiddenGrad`), exact.
+    r"""Reverse-mode derivative of the first derivative (`_HiddenGrad`), exact.
 
     Per row, with τ = 1/temperature, G_v = a·(δ_vy − p_v) − e·p_v·(z_v − μ) (so ``d_hidden = τ·G·W``,
     ``d_weight = τ·Gᵀ·h``, ``d_bias = τ·Σ G``) and the cotangents (u_h, u_w, u_b) of those outputs,
@@ -659,11 +663,13 @@ def from_hidden(
 
     ``hidden[..., t, :]`` must be the final hidden state (after the model's last norm) at the
     position whose next-token distribution ``tokens[..., t]`` was drawn from: for a causal LM, the
-    hidden state at position t predicts the token at t + 1, so shift (Hugging Face layout)::
+    hidden state at position t predicts the token at t + 1, so shift (Hugging Face layout):
 
-        out = model.model(input_ids, attention_mask=attention_mask)   # the base model: no logits
-        hidden = out.last_hidden_state[:, :-1]                       # [B, L-1, H]
-        logp = from_hidden(hidden, model.lm_head.weight, input_ids[:, 1:])   # [B, L-1]
+    ```python
+    out = model.model(input_ids, attention_mask=attention_mask)   # the base model: no logits
+    hidden = out.last_hidden_state[:, :-1]                       # [B, L-1, H]
+    logp = from_hidden(hidden, model.lm_head.weight, input_ids[:, 1:])   # [B, L-1]
+    ```
 
     (``model.model`` is the decoder of Llama/Qwen-style models; ``last_hidden_state`` is after the
     final norm.) With Hugging Face ``labels`` (``-100`` outside the loss), pass ``labels[:, 1:]`` and

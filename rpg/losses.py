@@ -1,13 +1,15 @@
-r"""Loss classes: the generic :class:`PolicyLoss` and its first instance, :class:`RPGLoss`.
+r"""Loss classes: the generic [`PolicyLoss`][rpg.losses.PolicyLoss] and its first instance, [`RPGLoss`][rpg.losses.RPGLoss].
 
-A loss object holds one frozen :class:`~rpg.LossConfig` — no networks, no trainer
-state — and calling it is :func:`rpg.policy_loss` with that configuration::
+A loss object holds one frozen [`LossConfig`][rpg.config.LossConfig] — no networks, no trainer
+state — and calling it is [`rpg.policy_loss`][rpg.functional.policy_loss] with that configuration:
 
-    out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None, behavior_logp=None,
-                  batch_num_tokens=None, global_batch_size=None, *, weights=None, entropy=None)
-    out.loss       # scalar; backward() gives the gradient
-    out.per_token  # [B, T], 0 where mask is 0; differentiable
-    out.metrics    # dict[str, float], computed on first access
+```python
+out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None, behavior_logp=None,
+              batch_num_tokens=None, global_batch_size=None, *, weights=None, entropy=None)
+out.loss       # scalar; backward() gives the gradient
+out.per_token  # [B, T], 0 where mask is 0; differentiable
+out.metrics    # dict[str, float], computed on first access
+```
 
 ``PolicyLoss`` = policy-gradient term (clip rule) + KL term (divergence
 surrogate, in the loss or folded into the advantage) + rollout correction +
@@ -41,43 +43,43 @@ class PolicyLoss:
     Per token (all ``[B, T]``; w = π_θ/π_old):
 
     * ``style="differentiable"``: ℓ = −m·A + β·KL-surrogate, where m = w
-      without a clip and the PPO / dual effective ratio with a :class:`~rpg.Clip`
+      without a clip and the PPO / dual effective ratio with a [`Clip`][rpg.clipping.Clip]
       (the KL surrogate stays outside the clip). With ``fold_kl=True`` the KL is
       folded into the clipped advantage Â = g/w, gradient flowing through it
       (paper Algorithm 1; rkl and urkl only).
     * ``style="reinforce"``: ℓ = −sg(g)·logp with g = −∂ℓ_diff/∂logp, the same
-      expected gradient. A :class:`~rpg.Clip` applies RPG-Style Clip
-      (Algorithm 2); a :class:`~rpg.Truncate` evaluates g at sg(clip(w)).
+      expected gradient. A [`Clip`][rpg.clipping.Clip] applies RPG-Style Clip
+      (Algorithm 2); a [`Truncate`][rpg.clipping.Truncate] evaluates g at sg(clip(w)).
     * ``ratio="sequence"`` (GSPO, differentiable style): the PG term uses the
       sequence ratio s = exp(mean_t log w) in place of w.
 
     Then, per token, the loss is multiplied by the rollout correction's constant
-    weight when the call passes ``behavior_logp`` (:class:`~rpg.RolloutCorrection`)
+    weight when the call passes ``behavior_logp`` ([`RolloutCorrection`][rpg.correction.RolloutCorrection])
     and by the call's ``weights``, and ``entropy_coef``·entropy is subtracted.
 
-    The KL terms are those of :mod:`rpg.objectives`: a divergence surrogate
+    The KL terms are those of [`rpg.objectives`][rpg.objectives]: a divergence surrogate
     (fkl, rkl, ufkl, urkl — exact gradients), an unweighted estimator penalty
-    (k1, k2, k3 — GRPO-style, see :mod:`rpg.kl` for what their gradients follow),
+    (k1, k2, k3 — GRPO-style, see [`rpg.kl`][rpg.kl] for what their gradients follow),
     or ``None``. The per-token loss and its closed-form derivative come from one
     ``autograd.Function`` that saves one tensor; only ``logp`` (and ``entropy``)
-    receive gradient. The named losses (:class:`RPGLoss`, :class:`~rpg.GRPOLoss`, ...)
-    are configurations of this class; :attr:`config` shows it.
+    receive gradient. The named losses ([`RPGLoss`][rpg.losses.RPGLoss], [`GRPOLoss`][rpg.presets.GRPOLoss], ...)
+    are configurations of this class; [`config`][rpg.config] shows it.
 
     Args:
         kl: the KL term (one of ``rpg.KL_TERMS``), or ``None``.
         beta: β ≥ 0, the KL coefficient (must be 0 without a KL term).
         style: ``"differentiable"`` or ``"reinforce"``.
-        clip: a clip rule (:class:`~rpg.Clip`, :class:`~rpg.Truncate` (reinforce only)) or ``None``.
-        agg: aggregation mode (:mod:`rpg.aggregation`).
+        clip: a clip rule ([`Clip`][rpg.clipping.Clip], [`Truncate`][rpg.clipping.Truncate] (reinforce only)) or ``None``.
+        agg: aggregation mode ([`rpg.aggregation`][rpg.aggregation]).
         fold_kl: fold the KL into the clipped advantage (differentiable style,
             rkl/urkl only; it drops the KL gradient for fkl/ufkl, so refused there).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"`` (default) or ``"sequence"`` (GSPO).
-        correction: the :class:`~rpg.RolloutCorrection` for calls with ``behavior_logp``
+        correction: the [`RolloutCorrection`][rpg.correction.RolloutCorrection] for calls with ``behavior_logp``
             (default ``None``: ``RolloutCorrection()``, token-level truncation at 2).
         entropy_coef: c_H ≥ 0, the entropy bonus (the call must pass ``entropy=``).
         weight_kl: whether the correction weight and ``weights`` multiply the KL term too
-            (default ``True``); ``False`` is TRL's convention (see :class:`~rpg.LossConfig`).
+            (default ``True``); ``False`` is TRL's convention (see [`LossConfig`][rpg.config.LossConfig]).
     """
 
     __slots__ = ("_config", "_args")
@@ -111,7 +113,7 @@ class PolicyLoss:
 
     @classmethod
     def from_config(cls, config: LossConfig) -> PolicyLoss:
-        """The :class:`PolicyLoss` holding ``config`` (a :class:`~rpg.LossConfig`)."""
+        """The [`PolicyLoss`][rpg.losses.PolicyLoss] holding ``config`` (a [`LossConfig`][rpg.config.LossConfig])."""
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be rpg.LossConfig, got {type(config).__name__}")
         loss = PolicyLoss.__new__(PolicyLoss)
@@ -122,12 +124,12 @@ class PolicyLoss:
 
     @property
     def loss_config(self) -> LossConfig:
-        """The frozen :class:`~rpg.LossConfig` this loss computes with."""
+        """The frozen [`LossConfig`][rpg.config.LossConfig] this loss computes with."""
         return self._config
 
     @property
     def config(self) -> dict:
-        """The :class:`PolicyLoss` settings this loss is: ``PolicyLoss(**loss.config)`` gives the same loss."""
+        """The [`PolicyLoss`][rpg.losses.PolicyLoss] settings this loss is: ``PolicyLoss(**loss.config)`` gives the same loss."""
         return self._config.as_dict()
 
     kl = property(lambda self: self._config.kl, doc="The KL term, or None.")
@@ -158,7 +160,7 @@ class PolicyLoss:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def replace(self, **changes) -> PolicyLoss:
-        """A new loss with framework settings changed (validated); a :class:`PolicyLoss` with the new config."""
+        """A new loss with framework settings changed (validated); a [`PolicyLoss`][rpg.losses.PolicyLoss] with the new config."""
         unknown = set(changes) - set(_FIELDS)
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(_FIELDS)}")
@@ -194,7 +196,7 @@ class PolicyLoss:
         weights: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
     ) -> LossOutput:
-        r"""Compute the loss (:func:`rpg.policy_loss` with this configuration).
+        r"""Compute the loss ([`rpg.policy_loss`][rpg.functional.policy_loss] with this configuration).
 
         Args:
             logp: ``[B, T]`` log π_θ of the sampled tokens; the only input with gradient.
@@ -205,14 +207,14 @@ class PolicyLoss:
             ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's
                 iterative reference). Required where β > 0 and π_ref ≠ π_old.
             behavior_logp: ``[B, T]`` log μ of the rollout engine that sampled the tokens;
-                ``None`` means μ = π_old (see :mod:`rpg.correction`).
+                ``None`` means μ = π_old (see [`rpg.correction`][rpg.correction]).
             batch_num_tokens: token count of the full batch (``token-mean``).
             global_batch_size: sequence count of the full batch (``seq-mean-*``).
-            weights: ``[B, T]`` constant per-token multipliers (see :func:`rpg.policy_loss`).
+            weights: ``[B, T]`` constant per-token multipliers (see [`rpg.policy_loss`][rpg.functional.policy_loss]).
             entropy: ``[B, T]`` differentiable entropy for the ``entropy_coef`` bonus.
 
         Returns:
-            :class:`LossOutput`. bf16/fp16 inputs are computed in float32;
+            [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
             float32/float64 in their own dtype.
         """
         return policy_loss(
@@ -243,7 +245,7 @@ class RPGLoss(PolicyLoss):
     w = π_θ/π_old, ρ = π_θ/π_ref, c = π_ref/π_old. With ``clip``, the
     differentiable style uses the PPO / dual clip on the PG term (Algorithm 1,
     KL outside the clip unless ``fold_kl``); the REINFORCE style uses
-    RPG-Style Clip (Algorithm 2) or, with :class:`~rpg.Truncate`, truncated IS.
+    RPG-Style Clip (Algorithm 2) or, with [`Truncate`][rpg.clipping.Truncate], truncated IS.
 
     Args:
         divergence: ``"fkl"``, ``"rkl"``, ``"ufkl"`` or ``"urkl"``.
@@ -251,16 +253,18 @@ class RPGLoss(PolicyLoss):
         beta: β ≥ 0 (default 1e-4, the paper's).
         clip: default ``Clip(low=0.2, high=0.28, dual=3.0)`` (the paper's); ``None`` for none.
         agg: default ``"token-mean"``.
-        fold_kl: see :class:`PolicyLoss`.
-        max_len: see :class:`PolicyLoss`.
-        correction: see :class:`PolicyLoss`.
-        entropy_coef: see :class:`PolicyLoss`.
+        fold_kl: see [`PolicyLoss`][rpg.losses.PolicyLoss].
+        max_len: see [`PolicyLoss`][rpg.losses.PolicyLoss].
+        correction: see [`PolicyLoss`][rpg.losses.PolicyLoss].
+        entropy_coef: see [`PolicyLoss`][rpg.losses.PolicyLoss].
 
-    Example::
+    For example:
 
-        loss_fn = rpg.RPGLoss("urkl", style="reinforce")
-        out = loss_fn(logp, old_logp, advantages, mask)
-        out.loss.backward()
+    ```python
+    loss_fn = rpg.RPGLoss("urkl", style="reinforce")
+    out = loss_fn(logp, old_logp, advantages, mask)
+    out.loss.backward()
+    ```
     """
 
     __slots__ = ()

@@ -8,9 +8,9 @@ tokens where ``mask`` is 1, in float64:
   w = π_θ/π_old; ``ratio/ess`` — its normalized effective sample size
   (Σw)² / (n·Σw²) ∈ (0, 1] (1 = on-policy).
 * ``clip_frac``, ``clip_frac/low``, ``clip_frac/high``, ``clip_frac/dual`` — the
-  fraction of tokens where a bound binds: under :class:`~rpg.Clip` only for the
+  fraction of tokens where a bound binds: under [`Clip`][rpg.clipping.Clip] only for the
   advantage sign it acts on (low and dual for A′ < 0, high for A′ > 0 — the
-  count verl and TRL got wrong for months), under :class:`~rpg.Truncate`
+  count verl and TRL got wrong for months), under [`Truncate`][rpg.clipping.Truncate]
   wherever w was truncated; 0 without a clip.
 * ``kl/old_k1``, ``kl/old_k3`` and ``kl/ref_k1``, ``kl/ref_k3`` — estimates of
   KL(π_θ ‖ π_old) (the drift since sampling) and KL(π_θ ‖ π_ref), importance
@@ -25,9 +25,9 @@ tokens where ``mask`` is 1, in float64:
 * ``rollout_corr/...`` — when the call has ``behavior_logp``: the mismatch between
   the rollout engine μ and π_old and what the correction did, under verl's names
   (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
-  ``rollout_rs_masked_fraction``, …; :func:`rpg.correction.correction_metrics`).
+  ``rollout_rs_masked_fraction``, …; [`rpg.correction.correction_metrics`][rpg.correction.correction_metrics]).
 
-Clip fractions come from the same :func:`clip_view` the loss kernel uses, so
+Clip fractions come from the same `clip_view` the loss kernel uses, so
 they cannot disagree with the loss.
 
 **Stale buffers.** The metrics are computed lazily from the call's own input
@@ -110,7 +110,7 @@ class LossOutput:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The diagnostics of this call (see :mod:`rpg.metrics`), computed once on first access.
+        """The diagnostics of this call (see [`rpg.metrics`][rpg.metrics]), computed once on first access.
 
         Means are over ``batch_num_tokens`` when the call had it (they sum over micro-batches)."""
         if self._metrics is None:
@@ -121,7 +121,7 @@ class LossOutput:
 
     @property
     def local_metrics(self) -> dict[str, float]:
-        """As :attr:`metrics` with means over this call's own tokens, whatever ``batch_num_tokens`` was —
+        """As [`metrics`][rpg.metrics] with means over this call's own tokens, whatever ``batch_num_tokens`` was —
         for frameworks that average logged values over micro-batches (TRL, verl)."""
         if self._inputs.batch_num_tokens is None:
             return self.metrics

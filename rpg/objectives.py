@@ -19,7 +19,7 @@ Besides the four divergences, the KL term can be an *estimator used as a
 penalty* (``"k1"``, ``"k2"``, ``"k3"``), unweighted, with the tokens treated as
 if drawn from π_θ — GRPO's ``β·k3(logp → ref)`` is ``"k3"``. These are what
 verl calls ``kl``, ``mse`` and ``low_var_kl``. Their expected gradients are not
-those of a divergence off-policy (see :mod:`rpg.kl`); they exist to express the
+those of a divergence off-policy (see [`rpg.kl`][rpg.kl]); they exist to express the
 published algorithms, and importance-weighting k3 turns it into ``"urkl"``.
 
 | name | penalty | ∂/∂logp |
@@ -42,13 +42,13 @@ saves a single tensor. Values are exact — no clamp — and the
 unnormalized ones are evaluated with ``expm1`` near ρ = 1 and from w and c far
 from it, so ρ never overflows while w and c are finite.
 
-**The registry.** Each KL term is one :class:`KLTerm` record in
-:data:`REGISTRY`: its in-place value/derivative update, its derivative split by
+**The registry.** Each KL term is one [`KLTerm`][rpg.objectives.KLTerm] record in
+[`REGISTRY`][rpg.objectives.REGISTRY]: its in-place value/derivative update, its derivative split by
 the importance weight (what truncation needs), and the advantage shift that
 folds it into the clipped advantage where folding is exact. ``KL_TERMS``,
 ``DIVERGENCES`` and ``ESTIMATORS`` are read from it, and nothing else in the
 library branches on a term's name: adding a term is one record here (plus its
-exact divergence in :mod:`rpg.kl` if it is one) and its tests.
+exact divergence in [`rpg.kl`][rpg.kl] if it is one) and its tests.
 """
 
 from __future__ import annotations
@@ -144,11 +144,11 @@ class KLTerm:
     Attributes:
         name: the ``kl=`` name (``"rkl"``, ``"k3"``, …).
         divergence: ``True`` for an objective D whose surrogate's expected gradient is exactly ∇D
-            (an exact divergence of the same name lives in :func:`rpg.kl.divergence`); ``False``
+            (an exact divergence of the same name lives in [`rpg.kl.divergence`][rpg.kl.divergence]); ``False``
             for an unweighted estimator used as a penalty.
         surrogate: the per-token surrogate as a formula (β excluded), for docs and errors.
         accumulate: ``(value | None, grad, beta, r) -> None``: in place, ``value += β·surrogate``
-            (skipped when ``value`` is None) and ``grad += β·∂surrogate/∂logp``, ``r`` a :class:`Ratios`.
+            (skipped when ``value`` is None) and ``grad += β·∂surrogate/∂logp``, ``r`` a `Ratios`.
         split: ``r -> (per_w, const)`` with ∂surrogate/∂logp = w·per_w + const: the importance
             weight factored out, so truncation can replace w by w̄ and keep log ρ and c exact.
         fold: ``r -> shift`` such that Â = A − β·shift is the exact folded advantage g/w of
@@ -225,7 +225,7 @@ REGISTRY: dict[str, KLTerm] = {}
 
 
 def register(term: KLTerm) -> KLTerm:
-    """Add a :class:`KLTerm` to :data:`REGISTRY` (its name must be new)."""
+    """Add a [`KLTerm`][rpg.objectives.KLTerm] to [`REGISTRY`][rpg.objectives.REGISTRY] (its name must be new)."""
     if term.name in REGISTRY:
         raise ValueError(f"KL term {term.name!r} is already registered")
     REGISTRY[term.name] = term
@@ -246,7 +246,7 @@ KL_TERMS = tuple(REGISTRY)
 
 
 def get(name: str) -> KLTerm:
-    """The registered :class:`KLTerm` called ``name`` (``ValueError`` listing the valid names otherwise)."""
+    """The registered [`KLTerm`][rpg.objectives.KLTerm] called ``name`` (``ValueError`` listing the valid names otherwise)."""
     check_choice("kl", name, KL_TERMS)
     return REGISTRY[name]
 
@@ -260,7 +260,7 @@ def kl_term(
     r"""Per-token KL term of ``divergence`` (β excluded) and its ∂/∂logp.
 
     Args:
-        divergence: one of :data:`KL_TERMS` (tables above).
+        divergence: one of [`KL_TERMS`][rpg.objectives.KL_TERMS] (tables above).
         logp: ``[B, T]`` log π_θ of the sampled tokens.
         old_logp: ``[B, T]`` log π_old (the policy that sampled the tokens).
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old.

@@ -1,13 +1,13 @@
-r"""Published algorithms as configurations of one :class:`~rpg.PolicyLoss`.
+r"""Published algorithms as configurations of one [`PolicyLoss`][rpg.losses.PolicyLoss].
 
 Every class here is a ``PolicyLoss`` with fixed settings — the way optax builds
 ``adam`` from ``chain(...)`` — and the same call signature. Each class is a thin holder: its ``__init__`` maps
-the preset's arguments to one :class:`~rpg.LossConfig` (visible in the code as
+the preset's arguments to one [`LossConfig`][rpg.config.LossConfig] (visible in the code as
 the configuration it is), its ``repr`` shows the preset's arguments and
 ``.config`` the framework settings. Rules that belong to a preset — GSPO's
-fixed aggregation, CISPO reading a :class:`~rpg.Clip` as truncation bounds —
+fixed aggregation, CISPO reading a [`Clip`][rpg.clipping.Clip] as truncation bounds —
 live in that mapping. Every preset also takes ``correction=`` (the rollout
-correction, :class:`~rpg.RolloutCorrection`) and ``entropy_coef=``.
+correction, [`RolloutCorrection`][rpg.correction.RolloutCorrection]) and ``entropy_coef=``.
 
 | class | per-token loss (w = π_θ/π_old, ρ = π_θ/π_ref) | gradient follows |
 |---|---|---|
@@ -19,7 +19,7 @@ correction, :class:`~rpg.RolloutCorrection`) and ``entropy_coef=``.
 | ``GSPOLoss`` | −min(sA, clip(s)A), s = exp(mean_t log w), per sequence | E[r] on-policy, equal lengths only |
 | ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
 | ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
-| ``RPGLoss`` | the eight RPG losses (:mod:`rpg.losses`) | ∇ its divergence |
+| ``RPGLoss`` | the eight RPG losses ([`rpg.losses`][rpg.losses]) | ∇ its divergence |
 
 "Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
 (token level) and ``tests/test_sequence.py`` (two-step sequences). Per-token KL
@@ -54,7 +54,7 @@ _EXTRA_DEFAULTS = {"correction": None, "entropy_coef": 0.0}
 
 
 class _Preset(PolicyLoss):
-    """A named configuration: subclasses build their :class:`LossConfig` in ``__init__``."""
+    """A named configuration: subclasses build their [`LossConfig`][rpg.config.LossConfig] in ``__init__``."""
 
     __slots__ = ()
     _arg_defaults = _EXTRA_DEFAULTS
@@ -156,7 +156,7 @@ class DAPOLoss(_Preset):
 class REINFORCEPlusPlusLoss(_Preset):
     r"""REINFORCE++ (Hu et al., 2025): PPO clip on REINFORCE++ advantages, token-mean.
 
-    ℓ_t = −min(w·A_t, clip(w)·A_t) with A_t from :func:`rpg.advantages.reinforce_pp`:
+    ℓ_t = −min(w·A_t, clip(w)·A_t) with A_t from [`rpg.advantages.reinforce_pp`][rpg.advantages.reinforce_pp]:
     the KL to the reference is shaped into the reward (−β·k1 per token) and
     summed into returns-to-go, so it is not in the loss (β here is 0). With γ = 1
     and before whitening, the expected gradient is ∇(E[R] − β·KL(π_θ(y)‖π_ref(y)))
@@ -224,13 +224,13 @@ class CISPOLoss(_Preset):
 
     ℓ_t = −sg(clip(w, 1−ε_low, 1+ε_high))·A·logp: every token keeps its gradient,
     with a bounded weight (no PPO-style zeroing). ``clip`` is a
-    :class:`~rpg.Truncate`: ``low`` is ε_low (bound 1−ε_low; ``None`` = no lower
+    [`Truncate`][rpg.clipping.Truncate]: ``low`` is ε_low (bound 1−ε_low; ``None`` = no lower
     bound), ``high`` is ε_high (bound 1+ε_high); ``Truncate.at(lower, upper)``
     gives absolute bounds (TRL's CISPO caps w at its ``epsilon_high`` itself). The
     default ``Truncate(None, 4.0)`` caps w at 5 with no lower bound (ScaleRL's
     setting). Peers disagree on the meaning of "eps_low = 0": in SkyRL it is
     documented as "no lower bound" yet gives the bound 1 − 0 = 1; here
-    ``low=0.0`` means the bound 1 and ``None`` means none. A :class:`~rpg.Clip` is
+    ``low=0.0`` means the bound 1 and ``None`` means none. A [`Clip`][rpg.clipping.Clip] is
     read as the same two bounds; its dual bound plays no part in truncation and
     is not used.
     """
@@ -285,7 +285,7 @@ class OnPolicyDistillationLoss(_Preset):
 class DPPOLoss(_Preset):
     r"""DPPO (arXiv 2602.04879): REINFORCE with trust-region masking instead of a ratio clip.
 
-    ℓ_t = −sg(min(w, C))·A·M_t·logp with M_t the :class:`~rpg.TrustRegion` mask: a token
+    ℓ_t = −sg(min(w, C))·A·M_t·logp with M_t the [`TrustRegion`][rpg.clipping.TrustRegion] mask: a token
     loses its gradient when π_θ moved too far from π_old on it, p − q > δ_high for A > 0 or
     p − q < −δ_low for A ≤ 0 (``divergence="tv"``; the binary KL with ``"kl"``), p = π_θ(token),
     q = π_old(token). Where no token is masked and C does not bind, its expected gradient is

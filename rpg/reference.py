@@ -6,16 +6,18 @@ iterates instead of pulling back to the initial model. With
 ``ref_logp = old_logp`` (the losses' default) the reference is the behaviour
 policy of each batch — the limit of updating every step.
 
-:class:`ReferenceUpdate` is a small stateful helper for the training loop (not a
+[`ReferenceUpdate`][rpg.reference.ReferenceUpdate] is a small stateful helper for the training loop (not a
 loss: losses hold no trainer state). It says *when* to reset; copying the
-weights is yours::
+weights is yours:
 
-    schedule = rpg.ReferenceUpdate(every=100, kl_target=0.05)
-    for step in range(num_steps):
-        out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp)
-        ...
-        if schedule.step(out.metrics["kl/ref_k3"]):
-            ref_model.load_state_dict(policy.state_dict())
+```python
+schedule = rpg.ReferenceUpdate(every=100, kl_target=0.05)
+for step in range(num_steps):
+    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp)
+    ...
+    if schedule.step(out.metrics["kl/ref_k3"]):
+        ref_model.load_state_dict(policy.state_dict())
+```
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ReferenceUpdate:
         ema: smoothing of that average, in [0, 1): m ← ema·m + (1 − ema)·kl.
             The first observation after a reset initialises m.
 
-    :meth:`step` returns ``True`` when the caller should copy the policy into
+    [`step`][rpg.reference.ReferenceUpdate.step] returns ``True`` when the caller should copy the policy into
     the reference now; the counters then restart.
     """
 

@@ -6,16 +6,16 @@ unnormalized measure π_θ(a) = exp(θ_a) (``normalized=False``, where the
 normalized and unnormalized divergences differ: the mass term of UKL is 0 for
 normalized policies, so there fkl ≡ ufkl and rkl ≡ urkl in expectation).
 
-* :func:`objective` — J(θ) = Σ_a π_θ(a)·A(a) − β·D(π_θ, π_ref), exact.
-* :func:`objective_gradient` — ∇J(θ), by autograd through the exact J.
-* :func:`expected_gradient` — the expected gradient of a loss over tokens drawn
+* [`objective`][rpg.testing.objective] — J(θ) = Σ_a π_θ(a)·A(a) − β·D(π_θ, π_ref), exact.
+* [`objective_gradient`][rpg.testing.objective_gradient] — ∇J(θ), by autograd through the exact J.
+* [`expected_gradient`][rpg.testing.expected_gradient] — the expected gradient of a loss over tokens drawn
   from π_old: Σ_a π_old(a)·∇_θ ℓ(a), where ℓ(a) is the loss's ``per_token``
   entry for action a (a batch holding each action once, so the aggregation
   mode does not matter). For an unnormalized π_old the weights are the
   unnormalized masses: Σ_a π_old(a)·∇ℓ(a) = Z_old·E_{π̃_old}[∇ℓ], the paper's
   Z_old factor (Props. 3.2, 3.6).
 
-**Sequences.** :func:`sequence_objective` and :func:`sequence_expected_gradient`
+**Sequences.** [`sequence_objective`][rpg.testing.sequence_objective] and [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]
 do the same for two-token responses y = (a, b) with π(y) = π(a)·π(b | a)
 (first-token logits ``[K]`` and second-token logits ``[K, K]``, flattened into
 one ``[K + K²]`` vector), against the *sequence-level* objective
@@ -25,20 +25,22 @@ reward with returns-to-go is exact on-policy (``tests/test_sequence.py``).
 
 **A behaviour policy.** Both expected gradients take ``behavior_logits``: the
 tokens (or sequences) are then drawn from a rollout engine μ ≠ π_old, and the
-loss receives ``behavior_logp`` so that its :class:`~rpg.RolloutCorrection`
-applies. :func:`correction_bias` measures how far a correction's expected
+loss receives ``behavior_logp`` so that its [`RolloutCorrection`][rpg.correction.RolloutCorrection]
+applies. [`correction_bias`][rpg.testing.correction_bias] measures how far a correction's expected
 gradient is from −∇J on a two-step problem.
 
 A loss is exact for its objective when ``expected_gradient(...)`` equals
 ``-objective_gradient(...)``; test it off-policy (θ ≠ θ_old) and with
-π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart::
+π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart:
 
-    import rpg, rpg.testing as T
-    p = T.random_problem(k=6, seed=0)
-    loss_fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.5, clip=None)
-    got = T.expected_gradient(loss_fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
-    want = -T.objective_gradient("rkl", p.logits, p.ref_logits, p.rewards, beta=0.5)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+```python
+import rpg, rpg.testing as T
+p = T.random_problem(k=6, seed=0)
+loss_fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.5, clip=None)
+got = T.expected_gradient(loss_fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
+want = -T.objective_gradient("rkl", p.logits, p.ref_logits, p.rewards, beta=0.5)
+torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+```
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def objective(
     *,
     normalized: bool = True,
 ) -> torch.Tensor:
-    r"""Exact J(θ) = Σ_a π_θ(a)·A(a) − β·D(π_θ, π_ref), D named as in :func:`rpg.kl.divergence`."""
+    r"""Exact J(θ) = Σ_a π_θ(a)·A(a) − β·D(π_θ, π_ref), D named as in [`rpg.kl.divergence`][rpg.kl.divergence]."""
     logp, ref_logp = log_policy(logits, normalized), log_policy(ref_logits, normalized)
     return (logp.exp() * rewards).sum() - beta * _divergence(divergence, logp, ref_logp)
 
@@ -166,7 +168,7 @@ def _support(sampler_logp: torch.Tensor) -> torch.Tensor:
 
 
 def random_sequence_problem(k: int = 3, seed: int = 0, *, scale: float = 0.5, dtype=torch.float64) -> Problem:
-    """Like :func:`random_problem` for two-token sequences: logits ``[K + K²]``, rewards ``[K²]``."""
+    """Like [`random_problem`][rpg.testing.random_problem] for two-token sequences: logits ``[K + K²]``, rewards ``[K²]``."""
     p = random_problem(k + k * k, seed, scale=scale, dtype=dtype)
     return Problem(p.logits, p.old_logits, p.ref_logits, p.rewards[: k * k])
 
@@ -195,7 +197,7 @@ def sequence_objective(logits, ref_logits, rewards, beta: float) -> torch.Tensor
 
 
 def sequence_objective_gradient(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
-    """∇_θ of :func:`sequence_objective`, ``[K + K²]``."""
+    """∇_θ of [`sequence_objective`][rpg.testing.sequence_objective], ``[K + K²]``."""
     theta = logits.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(sequence_objective(theta, ref_logits, rewards, beta), theta)
     return grad
@@ -255,7 +257,7 @@ def correction_bias(
     At θ = θ_old (the trainer's recomputed policy is the current one), sequences drawn from μ
     (``behavior_logits``), β = 0: J = E_{π_θ}[R(y)]. ``behavior=False`` calls the loss without
     ``behavior_logp`` (no correction) while still sampling from μ; ``weights`` as in
-    :func:`sequence_expected_gradient`. 0 means the correction is exact for this objective.
+    [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]. 0 means the correction is exact for this objective.
     """
     want = -sequence_objective_gradient(problem.logits, problem.ref_logits, problem.rewards, 0.0)
     if behavior:

@@ -1,6 +1,6 @@
 r"""Train with any rpg loss inside TRL's ``GRPOTrainer``, or with the rpg loss TRL's ``GRPOConfig`` describes.
 
-:class:`RPGGRPOTrainer` is a ``trl.GRPOTrainer`` whose loss is an rpg loss.
+[`RPGGRPOTrainer`][rpg.integrations.trl.RPGGRPOTrainer] is a ``trl.GRPOTrainer`` whose loss is an rpg loss.
 Everything else is TRL's: generation, rewards, group advantages, the old
 log-probs (``old_per_token_logps``, present when ``num_iterations > 1``,
 ``steps_per_generation > gradient_accumulation_steps`` or with vLLM's
@@ -10,7 +10,7 @@ and rollout-engine log-probs, and the normalisation counts.
 **Two ways to choose the loss.**
 
 * ``RPGGRPOTrainer(args=GRPOConfig(loss_type="dapo", ...))`` — no ``loss=``: the
-  trainer builds the rpg loss GRPOConfig describes (:func:`loss_from_grpo_config`)
+  trainer builds the rpg loss GRPOConfig describes ([`loss_from_grpo_config`][rpg.integrations.trl.loss_from_grpo_config])
   and reproduces TRL's own loss and gradient exactly on the same inputs:
   ``loss_type``, ``epsilon``/``epsilon_high``, ``delta``, ``beta`` with
   ``use_bias_correction_kl``, ``importance_sampling_level``, the vLLM
@@ -65,7 +65,7 @@ sequence weight is the product Π_t π_old/μ over the response, TRL's and rpg's
 token mean over this micro-batch's kept tokens m′ (the high-entropy mask applied)
 whatever the ``loss_type``. rpg's own ``entropy_coef`` aggregates with the loss's
 aggregation and global counts, which differs, so the trainer adds TRL's term
-itself (:func:`rpg.aggregate` with those counts) and runs TRL's adaptive
+itself ([`rpg.aggregate`][rpg.aggregation.aggregate] with those counts) and runs TRL's adaptive
 controller (``use_adaptive_entropy``) with the same behaviour: the coefficient is
 applied only when the previous optimizer step's world-mean entropy was at most
 ``entropy_target``, and moves by ``entropy_coef_delta`` at each step. A given loss
@@ -186,7 +186,7 @@ def _clip_from_config(args):
 
 
 def correction_from_grpo_config(args) -> RolloutCorrection | None:
-    r"""The :class:`~rpg.RolloutCorrection` of GRPOConfig's vLLM importance-sampling settings, or ``None`` when off.
+    r"""The [`RolloutCorrection`][rpg.correction.RolloutCorrection] of GRPOConfig's vLLM importance-sampling settings, or ``None`` when off.
 
     ``use_vllm=True`` with ``vllm_importance_sampling_correction=True`` (TRL's default with vLLM):
     ``vllm_importance_sampling_mode`` ``"{level}_{mode}"`` with ``level`` token or sequence (the product
@@ -232,10 +232,10 @@ def loss_from_grpo_config(args) -> PolicyLoss:
     | 1 ≤ ``delta`` < 1+ε_high | ``Clip(low=ε, high=delta−1, dual=1+ε_high)`` (the same min/max algebra) |
     | ``beta``, ``use_bias_correction_kl`` | ``kl="urkl"`` (r·k3) or ``"k3"``, ``beta`` |
     | ``importance_sampling_level`` | ``ratio`` |
-    | vLLM correction | ``correction`` (:func:`correction_from_grpo_config`) |
+    | vLLM correction | ``correction`` ([`correction_from_grpo_config`][rpg.integrations.trl.correction_from_grpo_config]) |
 
     with ``weight_kl=False`` (TRL's multipliers leave the KL term). The counts and masks
-    that complete TRL's loss are passed by :class:`RPGGRPOTrainer`. Settings that rpg
+    that complete TRL's loss are passed by [`RPGGRPOTrainer`][rpg.integrations.trl.RPGGRPOTrainer]. Settings that rpg
     cannot express exactly raise ``ValueError`` with the reason (see the module docs).
     """
     return _plan(args).loss
@@ -421,7 +421,7 @@ def _check_agreement(args, loss: PolicyLoss) -> None:
 class RPGGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with an rpg policy loss: ``RPGGRPOTrainer(loss=rpg.RPGLoss(...), model=..., ...)``.
 
-    ``loss=None`` builds the loss from ``args`` (:func:`loss_from_grpo_config`), reproducing TRL's own.
+    ``loss=None`` builds the loss from ``args`` ([`loss_from_grpo_config`][rpg.integrations.trl.loss_from_grpo_config]), reproducing TRL's own.
     All other arguments are ``GRPOTrainer``'s. See the module docstring for what the loss
     receives, how it is normalised, and which GRPOConfig settings are refused.
     """

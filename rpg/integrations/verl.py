@@ -59,25 +59,27 @@ For DPPO, ``actor/pg_clipfrac`` is the fraction of masked tokens and
 ``actor/pg_clipfrac_lower`` the fraction of kept tokens whose weight reached C,
 as verl's ``dppo_*`` log them.
 
-**Recipe** (the switches that matter)::
+**Recipe** (the switches that matter):
 
-    actor_rollout_ref.actor.policy_loss.loss_mode=rpg_rf_urkl   # or rpg_urkl, rpg_rf_rkl, ...
-    actor_rollout_ref.actor.kl_loss_coef=1e-4                   # β
-    actor_rollout_ref.actor.use_kl_loss=False                   # the KL is in the rpg loss: do not count it twice
-    algorithm.use_kl_in_reward=False                            # nor in the reward
-    actor_rollout_ref.actor.clip_ratio_low=0.2
-    actor_rollout_ref.actor.clip_ratio_high=0.28
-    actor_rollout_ref.actor.clip_ratio_c=3.0
-    actor_rollout_ref.actor.loss_agg_mode=token-mean
-    # training-inference mismatch: verl computes the weights, the rpg loss applies them
-    algorithm.rollout_correction.rollout_is=token               # or sequence
-    algorithm.rollout_correction.rollout_is_threshold=2.0
+```text
+actor_rollout_ref.actor.policy_loss.loss_mode=rpg_rf_urkl   # or rpg_urkl, rpg_rf_rkl, ...
+actor_rollout_ref.actor.kl_loss_coef=1e-4                   # β
+actor_rollout_ref.actor.use_kl_loss=False                   # the KL is in the rpg loss: do not count it twice
+algorithm.use_kl_in_reward=False                            # nor in the reward
+actor_rollout_ref.actor.clip_ratio_low=0.2
+actor_rollout_ref.actor.clip_ratio_high=0.28
+actor_rollout_ref.actor.clip_ratio_c=3.0
+actor_rollout_ref.actor.loss_agg_mode=token-mean
+# training-inference mismatch: verl computes the weights, the rpg loss applies them
+algorithm.rollout_correction.rollout_is=token               # or sequence
+algorithm.rollout_correction.rollout_is_threshold=2.0
+```
 
 * Configure the mismatch correction in verl (``algorithm.rollout_correction``,
   decoupled mode, the default): verl computes ``rollout_is_weights`` and the
   rejection mask from π_old and the engine's log-probs, and the rpg loss receives
   them as ``weights=`` and ``response_mask``. Do **not** also configure an
-  :class:`rpg.RolloutCorrection` (the adapter never sees the engine's log-probs,
+  [`rpg.RolloutCorrection`][rpg.correction.RolloutCorrection] (the adapter never sees the engine's log-probs,
   and a second weight would correct twice).
 * ``bypass_mode=True`` replaces ``policy_loss.loss_mode`` with verl's own bypass
   loss (``apply_bypass_mode``), so an rpg ``loss_mode`` is not used there. rpg's
@@ -177,9 +179,9 @@ def _thresholds(config) -> tuple[float, float]:
 def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") -> PolicyLoss:
     """The rpg loss a verl ``ActorConfig`` (or DictConfig) asks for under ``loss_mode``.
 
-    :class:`rpg.RPGLoss` for the ``rpg_*`` / ``rpg_rf_*`` modes; for ``rpg_dppo_tv`` /
+    [`rpg.RPGLoss`][rpg.losses.RPGLoss] for the ``rpg_*`` / ``rpg_rf_*`` modes; for ``rpg_dppo_tv`` /
     ``rpg_dppo_kl``, ``rpg.DPPOLoss(δ_low, δ_high, divergence, cap=clip_ratio_c)`` — the REINFORCE
-    style with an :class:`rpg.TrustRegion` and no KL term (C falls back to 20.0 as in verl's ``dppo_*``)."""
+    style with an [`rpg.TrustRegion`][rpg.clipping.TrustRegion] and no KL term (C falls back to 20.0 as in verl's ``dppo_*``)."""
     if loss_mode not in LOSS_MODES and loss_mode not in DPPO_MODES:
         raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {', '.join([*LOSS_MODES, *DPPO_MODES])}")
     info = _get(config, "global_batch_info", {}) or {}
