@@ -60,3 +60,12 @@ def test_math_renders_offline(site):
         assert not remote, (page, remote)
     math = (site / "math" / "index.html").read_text()
     assert "assets/katex/katex.min.js" in math and "katex-init.js" in math
+
+
+def test_api_reference_renders_no_raw_roles(site):
+    """Docstrings use mkdocstrings cross-references: no Sphinx role or reST literal marker shows raw."""
+    import re
+
+    api_text = re.sub(r"<[^>]+>", "", (site / "api" / "index.html").read_text())
+    assert not re.search(r":(class|func|mod|meth|attr|data|obj|exc):", api_text)
+    assert "::" not in api_text
