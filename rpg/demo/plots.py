@@ -136,7 +136,7 @@ def distill_figure(groups: dict[str, list[dict]], path: str, title: str):
             _band(ax_k, [r["kls"] for r in runs], name, window=10, color=f"C{i}", log=True)
     ax_r.set(title=f"{title}: student reward (mean ± 95% CI, {n} seeds)", xlabel="step (batch of samples)",
              ylabel="mean reward")
-    ax_k.set(title="KL(student ‖ its teacher) per string (geometric mean ± 95% CI)", xlabel="step (batch of samples)",
+    ax_k.set(title="KL(student ‖ its teacher) per string, geometric mean", xlabel="step (batch of samples)",
              ylabel="KL (nats)", yscale="log")
     ax_r.legend(loc="lower right", fontsize=8)
     ax_r.grid(alpha=0.3)
