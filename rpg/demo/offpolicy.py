@@ -16,7 +16,9 @@ each position puts p*(β) = e^{1/(Lβ)} / (e^{1/(Lβ)} + 9) on the right digit
 and spreads the rest evenly, so the reward is p*(β) and the KL is
 L·[p* log(10p*) + (1 − p*) log(10(1 − p*)/9)]. The same family with the
 *forward* KL(π_ref‖π_θ) — what GRPO's k3 penalty follows on-policy — has
-p_F(β) = ½[(1 − Lβ) + √((1 − Lβ)² + 0.4·Lβ)].
+p_F(β) = ½[(1 − Lβ) + √((1 − Lβ)² + 0.4·Lβ)]. Per-token KL terms follow only
+a partial gradient of the sequence-level KL (:mod:`rpg.presets`); this maximiser
+does not depend on the prefix, so it is a fixed point of the per-token gradients too.
 
 The oracle view (:func:`oracle_errors`) computes, on one position of the same
 policy family (a softmax over 10 digits, uniform π_ref), the exact expected
