@@ -86,12 +86,11 @@ def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig)
 
 
 def ratios(logp, old_logp, ref_logp) -> Ratios:
-    """:class:`Ratios` with a −∞ ``logp`` / ``ref_logp`` moved to the dtype's most negative finite value."""
-    low = torch.finfo(logp.dtype).min
-    logp = logp.clamp_min(low)
-    if ref_logp is not None:
-        ref_logp = ref_logp.clamp_min(low)
-    return Ratios(logp, old_logp, ref_logp)
+    """:class:`Ratios` with a −∞ ``logp`` moved to the dtype's most negative finite value.
+
+    (A −∞ ``ref_logp`` needs no such care: every term then takes its limit or its true infinite
+    value as computed, except ufkl's c·(ρ − 1 − log ρ), whose record handles it.)"""
+    return Ratios(logp.clamp_min(torch.finfo(logp.dtype).min), old_logp, ref_logp)
 
 
 def token_loss(

@@ -178,7 +178,10 @@ def _rkl(value, grad, beta, r):  # w·log ρ → w·(log ρ + 1)
 
 def _ufkl(value, grad, beta, r):  # c·(ρ − 1 − log ρ) → w − c; far from ρ = 1: c·ρ = w
     if value is not None:
-        value.add_(_k3(r.log_rho, r.c, r.w), alpha=beta)
+        x = r.log_rho
+        if r.ref_logp is not None:  # π_ref = 0 (log ρ = +∞, c = 0): the limit w, not (∞ + 1)·0 = NaN
+            x = x.clamp(max=torch.finfo(x.dtype).max)
+        value.add_(_k3(x, r.c, r.w), alpha=beta)
     grad.add_(r.w, alpha=beta)
     _sub_c(grad, beta, r)
 
