@@ -10,15 +10,12 @@ claims its text makes, so the text cannot drift from the numbers.
 from __future__ import annotations
 
 import pathlib
-import re
 import sys
 
-import nbformat
-from nbclient import NotebookClient
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _make_notebooks import build  # noqa: E402
+from _make_notebooks import execute_and_write  # noqa: E402
 
 NAME = "training_inference_mismatch.ipynb"
 
@@ -204,29 +201,8 @@ assert final[(topp, "sequence weight")].max() < min(final[(topp, m)].min() for m
 print(f"checked; {len(runs) * len(SEEDS)} training runs took {seconds:.0f} s")"""),
 ]
 
-DIRTY = re.compile(r"(/(home|root|tmp|work|Users|opt|usr)/|site-packages|\b[A-Z]:\\)|warn", re.I)
-
-
-def problems(nb) -> list[str]:
-    """Outputs a reader should not see: errors, stderr, warnings, paths of this machine."""
-    found = []
-    for i, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []):
-            stream = out.get("output_type") == "stream"
-            text = out.get("text", "") if stream else str(out.get("data", {}).get("text/plain", ""))
-            if out.get("output_type") == "error" or out.get("name") == "stderr" or DIRTY.search(text):
-                found.append(f"cell {i}: {out.get('output_type')} {out.get('name', '')}: {text[:200]!r}")
-    return found
-
-
 def main() -> None:
-    nb = build(NAME, CELLS)
-    NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                   resources={"metadata": {"path": str(HERE)}}).execute()
-    if problems(nb):
-        raise SystemExit(f"{NAME}: not written, its outputs are not clean:\n" + "\n".join(problems(nb)))
-    nbformat.write(nb, HERE / NAME)
-    print("wrote", NAME)
+    execute_and_write(NAME, CELLS)
 
 
 if __name__ == "__main__":

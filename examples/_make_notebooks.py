@@ -287,17 +287,21 @@ def problems(nb) -> list[str]:
     return found
 
 
+def execute_and_write(name: str, cells, timeout: int = 600) -> None:
+    """Build ``name`` from ``cells``, execute it, and store it only if its outputs are clean."""
+    nb = build(name, cells)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(HERE)}}).execute()
+    if problems(nb):
+        raise SystemExit(f"{name}: not written, its outputs are not clean:\n" + "\n".join(problems(nb)))
+    nbformat.write(nb, HERE / name)
+    print("wrote", name)
+
+
 def main(names: list[str]) -> None:
     for name, cells in NOTEBOOKS.items():
-        if names and name.removesuffix(".ipynb") not in names:
-            continue
-        nb = build(name, cells)
-        NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": str(HERE)}}).execute()
-        if problems(nb):
-            raise SystemExit(f"{name}: not written, its outputs are not clean:\n" + "\n".join(problems(nb)))
-        nbformat.write(nb, HERE / name)
-        print("wrote", name)
+        if not names or name.removesuffix(".ipynb") in names:
+            execute_and_write(name, cells)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ import os
 import pathlib
 import sys
 
-import nbformat
-from nbclient import NotebookClient
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _make_notebooks import build
+from _make_notebooks import execute_and_write
 
 NAME = "off_policy_kl.ipynb"
 
@@ -115,18 +113,15 @@ the docs' demo page."""),
 
 
 def main() -> None:
-    nb = build(NAME, CELLS)
     env = {k: v for k, v in os.environ.items() if k not in ("RPG_QUICK", "PYTEST_CURRENT_TEST")}
     old = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
     try:
-        NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+        execute_and_write(NAME, CELLS, timeout=3600)
     finally:
         os.environ.clear()
         os.environ.update(old)
-    nbformat.write(nb, HERE / NAME)
-    print("wrote", NAME)
 
 
 if __name__ == "__main__":
