@@ -64,3 +64,14 @@ def as_int(name: str, value: object) -> int:
     if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
         return int(value)
     raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+
+
+def check_bound(name: str, value: object, ok, rule: str) -> float | None:
+    """A bound setting as a float (``None`` stays ``None``): ``TypeError`` for a non-number,
+    ``ValueError`` naming ``rule`` unless ``ok(value)`` (NaN is never ok)."""
+    if value is None:
+        return None
+    value = as_real(name, value)
+    if value != value or not ok(value):
+        raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
+    return value

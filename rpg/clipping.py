@@ -59,26 +59,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 
-from ._util import as_real
+from ._util import check_bound as _check_bound
 
 __all__ = ["ClipRule", "Clip", "Truncate", "TrustRegion", "ppo", "rpg_clip", "truncate", "codes"]
 
 NONE, LOW, HIGH, DUAL = 0, 1, 2, 3
 _INF = float("inf")
-
-
-def _check_bound(name: str, value: object, ok, rule: str):
-    """The bound as a float (``None`` stays ``None``); TypeError for a non-number, ValueError unless ``ok``."""
-    if value is None:
-        return None
-    value = as_real(name, value)
-    if math.isnan(value) or not ok(value):
-        raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
-    return value
 
 
 def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:

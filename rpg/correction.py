@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._util import as_real, check_choice
+from ._util import check_bound as _check_bound
+from ._util import check_choice
 
 __all__ = ["RolloutCorrection", "LEVELS", "MODES", "correction_weight", "correction_metrics"]
 
@@ -51,18 +52,9 @@ MODES = ("truncate", "mask")
 _INF = float("inf")
 
 
-def _bound(name: str, value, ok, rule: str):
-    if value is None:
-        return None
-    value = as_real(name, value)
-    if math.isnan(value) or not ok(value):
-        raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
-    return value
-
-
 def _pair(cls: str, lo_name: str, hi_name: str, lo, hi):
-    lo = _bound(f"{cls}.{lo_name}", lo, lambda v: 0 <= v < _INF, f"0 <= {lo_name} < inf")
-    hi = _bound(f"{cls}.{hi_name}", hi, lambda v: 0 < v < _INF, f"0 < {hi_name} < inf")
+    lo = _check_bound(f"{cls}.{lo_name}", lo, lambda v: 0 <= v < _INF, f"0 <= {lo_name} < inf")
+    hi = _check_bound(f"{cls}.{hi_name}", hi, lambda v: 0 < v < _INF, f"0 < {hi_name} < inf")
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{cls}.{lo_name} = {lo} must be <= {cls}.{hi_name} = {hi}")
     return lo, hi
