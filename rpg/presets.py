@@ -59,8 +59,11 @@ class _Preset(PolicyLoss):
     __slots__ = ()
     _arg_defaults = _EXTRA_DEFAULTS
 
-    def _set(self, args: dict, **settings) -> None:
-        self._init(LossConfig(**settings), args)
+    def _set(self, args: dict, correction, entropy_coef, **settings) -> None:
+        """Hold the preset's ``args`` (for ``repr``) and its configuration ``settings``, with the two
+        options every preset passes through unchanged."""
+        extra = dict(correction=correction, entropy_coef=entropy_coef)
+        self._init(LossConfig(**settings, **extra), {**args, **extra})
 
 
 class GRPOLoss(_Preset):
@@ -92,10 +95,8 @@ class GRPOLoss(_Preset):
     ) -> None:
         if not isinstance(importance_weighted_kl, bool):
             raise TypeError(f"importance_weighted_kl must be a bool, got {type(importance_weighted_kl).__name__}")
-        args = dict(beta=beta, clip=clip, importance_weighted_kl=importance_weighted_kl, agg=agg,
-                    correction=correction, entropy_coef=entropy_coef)
-        self._set(args, kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg,
-                  correction=correction, entropy_coef=entropy_coef)
+        args = dict(beta=beta, clip=clip, importance_weighted_kl=importance_weighted_kl, agg=agg)
+        self._set(args, correction, entropy_coef, kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg)
 
 
 class DrGRPOLoss(_Preset):
@@ -124,9 +125,8 @@ class DrGRPOLoss(_Preset):
                 "DrGRPOLoss needs max_len, the constant L of sum/(B*L) (e.g. the generation budget): "
                 "the padded width would vary with padding and reintroduce the length bias"
             )
-        args = dict(max_len=max_len, clip=clip, correction=correction, entropy_coef=entropy_coef)
-        self._set(args, clip=clip, agg="seq-mean-token-sum-norm", max_len=max_len, correction=correction,
-                  entropy_coef=entropy_coef)
+        args = dict(max_len=max_len, clip=clip)
+        self._set(args, correction, entropy_coef, clip=clip, agg="seq-mean-token-sum-norm", max_len=max_len)
         self._args["max_len"] = self._config.max_len
 
 
@@ -149,8 +149,8 @@ class DAPOLoss(_Preset):
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
-        self._set(args, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        args = dict(clip=clip, agg=agg)
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg)
 
 
 class REINFORCEPlusPlusLoss(_Preset):
@@ -175,8 +175,8 @@ class REINFORCEPlusPlusLoss(_Preset):
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
-        self._set(args, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        args = dict(clip=clip, agg=agg)
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg)
 
 
 class GSPOLoss(_Preset):
@@ -215,8 +215,8 @@ class GSPOLoss(_Preset):
                 f"GSPOLoss aggregates per sequence: agg must be 'seq-mean-token-mean', got {agg!r} "
                 f"(another of {AGG_MODES} would re-weight each sequence's loss by its length)"
             )
-        args = dict(clip=clip, correction=correction, entropy_coef=entropy_coef)
-        self._set(args, clip=clip, agg=agg, ratio="sequence", correction=correction, entropy_coef=entropy_coef)
+        args = dict(clip=clip)
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg, ratio="sequence")
 
 
 class CISPOLoss(_Preset):
@@ -246,10 +246,10 @@ class CISPOLoss(_Preset):
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        args = dict(clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        args = dict(clip=clip, agg=agg)
         if isinstance(clip, Clip):
             clip = Truncate(clip.low, clip.high)
-        self._set(args, style="reinforce", clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        self._set(args, correction, entropy_coef, style="reinforce", clip=clip, agg=agg)
 
 
 class OnPolicyDistillationLoss(_Preset):
@@ -277,9 +277,8 @@ class OnPolicyDistillationLoss(_Preset):
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        args = dict(beta=beta, clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
-        self._set(args, kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg, correction=correction,
-                  entropy_coef=entropy_coef)
+        args = dict(beta=beta, clip=clip, agg=agg)
+        self._set(args, correction, entropy_coef, kl="urkl", beta=beta, style="reinforce", clip=clip, agg=agg)
 
 
 class DPPOLoss(_Preset):
@@ -311,6 +310,5 @@ class DPPOLoss(_Preset):
         entropy_coef: float = 0.0,
     ) -> None:
         clip = TrustRegion(low, high, divergence, cap)
-        args = dict(low=clip.low, high=clip.high, divergence=divergence, cap=clip.cap, agg=agg,
-                    correction=correction, entropy_coef=entropy_coef)
-        self._set(args, style="reinforce", clip=clip, agg=agg, correction=correction, entropy_coef=entropy_coef)
+        args = dict(low=clip.low, high=clip.high, divergence=divergence, cap=clip.cap, agg=agg)
+        self._set(args, correction, entropy_coef, style="reinforce", clip=clip, agg=agg)
