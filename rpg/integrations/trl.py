@@ -300,7 +300,7 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
         behavior = False
     if behavior and not loss.correction.count_rejected:
         raise ValueError(
-            f"the loss's correction has count_rejected=False, which needs the count of kept tokens over the whole "
+            "the loss's correction has count_rejected=False, which needs the count of kept tokens over the whole "
             "gradient-accumulation window; TRL's counts (num_items_in_batch, the window's rows) include every "
             "completion token, so rejected tokens would stay in the denominators: use count_rejected=True (TRL's own "
             "convention)"
