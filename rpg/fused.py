@@ -44,15 +44,22 @@ on the full detached ``logp`` (elementwise; the head is not recomputed), so
 they equal the unfused path's. ``per_token`` is a value (no gradient): the
 gradient flows only through ``loss``.
 
-**Memory.** One float32 ``[chunk_size, V]`` block of logits (two with an
-entropy term; ``chunk_size × vocab_chunk_size`` blocks instead when
+**Memory.** One float32 ``[V, chunk_size]`` block of logits (two with an
+entropy term; ``vocab_chunk_size × chunk_size`` blocks instead when
 ``vocab_chunk_size`` is set), plus the gradients themselves, which live from
 the forward pass until ``backward``: ``hidden``'s (``[B, T, H]``) and
 ``weight``'s — accumulated in a ``[V, H]`` tensor of the compute dtype (float32
 for bf16/fp16 weights, i.e. twice the weight's bytes, cast to the weight's
 dtype at the end of the forward pass; the weight's own dtype for
 float32/float64) — and ``bias``'s (``[V]``). Gradients are computed only for
-the tensors that require them (a frozen head gets none).
+the tensors that require them (a frozen head gets none). On CPU the default
+``chunk_size`` is H / 5 tokens (H / 10 with an entropy term, at least 32), so
+the blocks together are at most a fifth of the weight-gradient accumulator
+(``4·V·chunk_size`` against ``4·V·H`` bytes) and the peak stays within about
+1.2× the gradients the head returns. Smaller chunks read the weight and update
+its gradient more often: on a CPU whose memory bandwidth bounds those products,
+a chunk of 50 tokens took ~15% longer than one of 130 (no padding,
+``benchmarks/README.md``); pass a larger ``chunk_size`` to trade memory for time.
 
 **Numerics.** bf16/fp16 inputs are computed in float32 (operands upcast block by
 block), float32 and float64 in their own dtype; float64 results equal
@@ -77,13 +84,24 @@ from ._util import check_floating, compute_dtype
 
 __all__ = ["FusedLinearLoss"]
 
-# Default bytes of one float32 [chunk_size, V] block of logits. CPU, measured at V = 32000, H = 256 (see
-# benchmarks/README.md): chunks of 128 tokens run about as fast as 524 at half the peak memory; 64 are ~20% slower.
-# Accelerators: not measured; large enough that the matrix products have several hundred rows at V ≈ 152k.
-_BLOCK_BYTES = {"cpu": 16 * 2**20}
+# Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a fifth of
+# the float32 [V, H] weight-gradient accumulator (chunk_size = H / 5 tokens, H / 10 with an entropy term,
+# at least _MIN_CHUNK), so the head's peak stays within ~1.2× the gradients it returns. Measured at
+# V = 32000, H = 256 (benchmarks/README.md): smaller chunks stream the weight and its gradient more often,
+# so they cost time (~15% at 50 tokens against 130 without padding); that is the price of the memory.
+# Accelerators: not measured; 512 MiB blocks, so each chunk's kernels have several hundred rows at V ≈ 152k.
+_GRADIENT_FRACTION = 5
+_MIN_CHUNK = 32
 _BLOCK_BYTES_ACCELERATOR = 512 * 2**20
 _CAST_BLOCK = 4096  # vocabulary rows upcast at a time for bf16/fp16 weights
 _LOG_ZERO = -1e4  # log-probabilities below this have p = 0 exactly (float32 and float64): clamp −inf to it
+
+
+def _default_chunk(device_type: str, v: int, hdim: int, blocks: int) -> int:
+    """Tokens per chunk when ``chunk_size`` is None (see ``_GRADIENT_FRACTION``)."""
+    if device_type == "cpu":
+        return max(_MIN_CHUNK, hdim // (_GRADIENT_FRACTION * blocks))
+    return max(1, _BLOCK_BYTES_ACCELERATOR // (4 * v))
 
 
 def _positive_int(name: str, value: object) -> int | None:
@@ -126,67 +144,95 @@ def _weight_blocks(weight: torch.Tensor, dtype: torch.dtype):
 
 
 def _logits(out, h, weight, bias, temperature, dtype):
-    """``out[:] = (h·Wᵀ + b) / temperature`` for a ``[m, V']`` buffer (``weight`` ``[V', H]``)."""
+    """``out[:] = (W·hᵀ + b) / temperature`` for a ``[V', m]`` buffer (``weight`` ``[V', H]``, ``h`` ``[m, H]``).
+
+    Blocks are vocabulary-major (``[V', m]``, the logits transposed): with a few dozen tokens per
+    chunk, ``W·hᵀ`` and ``∂L/∂W += ∂L/∂zᵀ·h`` then stream the weight and its gradient as contiguous
+    rows, which on CPU is 10–25% faster than the token-major products at 32–64 tokens.
+    """
     if weight.dtype == dtype:
-        torch.mm(h, weight.T, out=out)
+        torch.mm(weight, h.T, out=out)
     else:
         for v0, v1, w in _weight_blocks(weight, dtype):
-            out[:, v0:v1] = torch.mm(h, w.T)
+            torch.mm(w, h.T, out=out[v0:v1])
     if bias is not None:
-        out += bias.to(dtype)
+        out += bias.to(dtype).unsqueeze(1)
     if temperature != 1.0:
         out /= temperature
     return out
 
 
 def _accumulate(dz, h, weight, dtype, grads, v0=0):
-    """g_h += dz·W, ∂L/∂W[v0:v0+V'] += dzᵀ·h, ∂L/∂b[...] += Σ dz for one block ``dz`` ``[m, V']``
-    (``g_h``: the chunk's ``[m, H]`` rows of the hidden-state gradient)."""
+    """g_h += dzᵀ·W, ∂L/∂W[v0:v0+V'] += dz·h, ∂L/∂b[...] += Σ dz for one vocabulary-major block ``dz``
+    ``[V', m]`` of the logits' gradient (``g_h``: the chunk's ``[m, H]`` rows of the hidden-state gradient)."""
     g_h, g_w, g_b = grads
-    v1 = v0 + dz.shape[1]
+    v1 = v0 + dz.shape[0]
     for b0, b1, w in _weight_blocks(weight[v0:v1], dtype):
         if g_h is not None:
-            g_h.addmm_(dz[:, b0:b1], w)
+            g_h.addmm_(dz[b0:b1].T, w)
         if g_w is not None:
-            g_w[v0 + b0 : v0 + b1].addmm_(dz[:, b0:b1].T, h)
+            g_w[v0 + b0 : v0 + b1].addmm_(dz[b0:b1], h)
     if g_b is not None:
-        g_b[v0:v1] += dz.sum(0)
+        g_b[v0:v1] += dz.sum(1)
+
+
+def _column_max(z):
+    """max over the vocabulary (dim 0) of a ``[V', m]`` block. Folding the rows into groups of 64 first
+    lets the reduction run over contiguous memory (about 8× faster on CPU than ``amax(0)`` at m ≈ 50)."""
+    v, m = z.shape
+    body = v - v % 64
+    out = z[:body].view(body // 64, 64, m).amax(0).amax(0) if body else z.amax(0)
+    return torch.maximum(out, z[body:].amax(0)) if 0 < body < v else out
+
+
+def _column_dot(x, y):
+    """Σ_v x[v, i]·y[v, i] for ``[V', m]`` blocks, through vocabulary slices (no block-sized temporary)."""
+    out = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    for v0 in range(0, x.shape[0], _CAST_BLOCK):
+        out += (x[v0 : v0 + _CAST_BLOCK] * y[v0 : v0 + _CAST_BLOCK]).sum(0)
+    return out
+
+
+def _block(buffer, rows, cols):
+    return buffer[: rows * cols].view(rows, cols)
 
 
 def _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers):
     """One chunk's logits, materialised across the vocabulary: ``(logp, entropy, state)``.
 
-    ``state`` is what `_head_backward` needs: e = exp(z − max) ``[m, V]`` (in the logits'
-    storage without an entropy term), its row sums s, and with one t = z − max clamped at −1e4.
+    ``state`` is what `_head_backward` needs: e = exp(z − max) ``[V, m]`` (in the logits'
+    storage without an entropy term), its column sums s, and with one t = z − max clamped at −1e4.
     """
     m, v = h.shape[0], weight.shape[0]
-    z = _logits(buffers[0][: m * v].view(m, v), h, weight, bias, temperature, dtype)
-    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    z_max = z.amax(1)
+    z = _logits(_block(buffers[0], v, m), h, weight, bias, temperature, dtype)
+    cols = torch.arange(m, device=h.device)
+    z_y = z[y, cols]
+    z_max = _column_max(z)
     shift = torch.where(torch.isinf(z_max), torch.zeros_like(z_max), z_max)  # a row of −inf logits: shift by 0
-    t = z.sub_(shift.unsqueeze(1))
+    t = z.sub_(shift)
     if want_entropy:
         t.clamp_(min=_LOG_ZERO)  # −inf → a value whose exp is exactly 0, so 0·t stays 0
-        e = torch.exp(t, out=buffers[1][: m * v].view(m, v))
+        e = torch.exp(t, out=_block(buffers[1], v, m))
     else:
         e = t.exp_()
-    s = e.sum(1)
+    s = e.sum(0)
     log_s = s.log()
     logp = z_y - shift - log_s
     if not want_entropy:
-        return logp, None, (e, s, None, None)
-    entropy = log_s - torch.bmm(e.unsqueeze(1), t.unsqueeze(2)).view(-1) / s  # H = log s − Σ e·t / s
-    return logp, entropy, (e, s, t, entropy - log_s)
+        return logp, None, (e, s, None, None, cols)
+    entropy = log_s - _column_dot(e, t) / s  # H = log s − Σ e·t / s
+    return logp, entropy, (e, s, t, entropy - log_s, cols)
 
 
 def _head_backward(a, eps, state, y):
     """∂L/∂z = a·(onehot(y) − p) − ε·p·(log p + H) with p = e/s, log p = t − log s; built in place."""
-    e, s, t, c = state
+    e, s, t, c, cols = state
     if eps is None:
-        dz = e.mul_((-a / s).unsqueeze(1))
+        dz = e.mul_(-a / s)
     else:  # −(e/s)·(a + ε·(t + c)),  c = H − log s
-        dz = t.mul_((-eps / s).unsqueeze(1)).sub_(((a + eps * c) / s).unsqueeze(1)).mul_(e)
-    return dz.scatter_add_(1, y.unsqueeze(1), a.unsqueeze(1))
+        dz = t.mul_(-eps / s).sub_((a + eps * c) / s).mul_(e)
+    dz[y, cols] += a  # one target per column: no index repeats
+    return dz
 
 
 def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, buffers):
@@ -195,20 +241,21 @@ def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, b
     neg_inf = torch.full((m,), -float("inf"), dtype=dtype, device=h.device)
     run_max, run_sum, target = neg_inf, torch.zeros_like(neg_inf), torch.zeros_like(neg_inf)
     run_pz = torch.zeros_like(neg_inf) if want_entropy else None
+    cols = torch.arange(m, device=h.device)
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        block = buffers[0][: m * (v1 - v0)].view(m, v1 - v0)
-        z = _logits(block, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
+        z = _logits(_block(buffers[0], v1 - v0, m), h, weight[v0:v1],
+                    None if bias is None else bias[v0:v1], temperature, dtype)
         inside = (y >= v0) & (y < v1)
-        target = torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1), target)
-        new_max = torch.maximum(run_max, z.max(1).values)
+        target = torch.where(inside, z[(y - v0).clamp(0, v1 - v0 - 1), cols], target)
+        new_max = torch.maximum(run_max, _column_max(z))
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all −inf so far: shift by 0
         scale = torch.exp(run_max - shift)
-        ez = torch.sub(z, shift.unsqueeze(1), out=buffers[1][: m * (v1 - v0)].view(m, v1 - v0)).exp_()
-        run_sum = run_sum * scale + ez.sum(1)
+        ez = torch.sub(z, shift, out=_block(buffers[1], v1 - v0, m)).exp_()
+        run_sum = run_sum * scale + ez.sum(0)
         if want_entropy:
             z.masked_fill_(ez == 0, 0)  # p·z = 0 where p = 0, also for z = −inf
-            run_pz = run_pz * scale + torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(-1)
+            run_pz = run_pz * scale + _column_dot(ez, z)
         run_max = new_max
     lse = run_max + run_sum.log()
     entropy = lse - run_pz / run_sum if want_entropy else None
@@ -218,19 +265,20 @@ def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, b
 def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse, vb, buffers, grads):
     """Recompute each vocabulary block and accumulate its gradient (``vocab_chunk_size`` mode)."""
     m, v = h.shape[0], weight.shape[0]
+    cols = torch.arange(m, device=h.device)
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        block = buffers[0][: m * (v1 - v0)].view(m, v1 - v0)
-        z = _logits(block, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype)
-        log_p = z.sub_(lse.unsqueeze(1)).clamp_(min=_LOG_ZERO)
-        p = torch.exp(log_p, out=buffers[1][: m * (v1 - v0)].view(m, v1 - v0))
+        z = _logits(_block(buffers[0], v1 - v0, m), h, weight[v0:v1],
+                    None if bias is None else bias[v0:v1], temperature, dtype)
+        log_p = z.sub_(lse).clamp_(min=_LOG_ZERO)
+        p = torch.exp(log_p, out=_block(buffers[1], v1 - v0, m))
         inside = (y >= v0) & (y < v1)
         a_in = torch.where(inside, a, torch.zeros_like(a))
         if e is None:
-            dz = p.mul_(-a.unsqueeze(1))
+            dz = p.mul_(-a)
         else:
-            dz = log_p.add_(entropy.unsqueeze(1)).mul_(-e.unsqueeze(1)).sub_(a.unsqueeze(1)).mul_(p)
-        dz.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1), a_in.unsqueeze(1))
+            dz = log_p.add_(entropy).mul_(-e).sub_(a).mul_(p)
+        dz[(y - v0).clamp(0, v1 - v0 - 1), cols] += a_in
         _accumulate(dz, h, weight, dtype, grads, v0)
 
 
@@ -286,9 +334,10 @@ class FusedLinearLoss:
             callable with the same call and a result with a settable ``loss`` (treated as per-token
             unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
             ``logp`` only).
-        chunk_size: tokens per chunk (default: as many as make a float32 block of logits of 16 MiB on
-            CPU — 131 tokens at V = 32000 — and of 512 MiB on an accelerator — 883 tokens at
-            V = 151936). Memory is one ``[chunk_size, V]`` float32 block (two with an entropy term).
+        chunk_size: tokens per chunk. Default on CPU: H / 5 (H / 10 with an entropy term, at least
+            32) — 51 tokens at H = 256 — so the logits blocks stay within a fifth of the weight's
+            gradient; on an accelerator: as many as make a 512 MiB block — 883 tokens at
+            V = 151936. Memory is one float32 ``[V, chunk_size]`` block (two with an entropy term).
             For a sequence-level ratio (GSPO) a chunk holds as many whole sequences as fit (at least one).
         vocab_chunk_size: ``None`` (default) keeps a chunk's logits across the whole vocabulary, so they
             are computed once (three head-sized products). An int bounds the logits to
@@ -464,7 +513,7 @@ class FusedLinearLoss:
         if weights is not None:
             extra["weights"] = weights
 
-        chunk = self.chunk_size or max(1, _BLOCK_BYTES.get(hidden.device.type, _BLOCK_BYTES_ACCELERATOR) // (4 * v))
+        chunk = self.chunk_size or _default_chunk(hidden.device.type, v, hdim, 2 if want_entropy else 1)
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
         with torch.no_grad():

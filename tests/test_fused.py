@@ -254,6 +254,53 @@ def test_bf16_close_to_float32(monkeypatch):
         torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
 
 
+def test_large_odd_vocabulary_with_the_largest_logit_in_the_tail():
+    """V = 4163: more than one vocabulary slice of the entropy's column sums (4096) and not a multiple of
+    the column maximum's fold (64); the largest logit (800, beyond exp's float64 range from any other
+    shift) sits in the last, unfolded rows, so a maximum or a sum that missed them gives inf or NaN."""
+    g = torch.Generator().manual_seed(12)
+    b, t, h, v = 2, 3, 4, 4163
+    hidden = torch.randn(b, t, h, generator=g, dtype=F64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=F64)
+    bias[-1], bias[-2] = 800.0, 799.0  # all of p in the unfolded tail rows, which lie in the second slice
+    bias.requires_grad_(True)
+    tokens = torch.tensor([[v - 1, v - 2, 4100], [5, v - 1, 4100]])
+    with torch.no_grad():
+        logp = from_hidden(hidden, weight, tokens, bias=bias)
+    old_logp = logp + 0.3 * torch.randn(b, t, generator=g, dtype=F64)
+    adv = torch.tensor([1.0, -0.5], dtype=F64)
+    loss_fn = rpg.DAPOLoss(entropy_coef=0.1) if OPTIONS else rpg.DAPOLoss()
+    for chunk_size, vocab_chunk_size in ((None, None), (2, None), (4, 1000)):
+        want = getattr(loss_fn, "entropy_coef", 0) > 0
+        lp = from_hidden(hidden, weight, tokens, bias=bias, return_entropy=want)
+        kw = {}
+        if want:
+            lp, kw["entropy"] = lp
+        ref = loss_fn(lp, old_logp, adv, **kw)
+        ref_grads = torch.autograd.grad(ref.loss, (hidden, weight, bias))
+        out = FusedLinearLoss(loss_fn, chunk_size, vocab_chunk_size)(hidden, weight, tokens, old_logp, adv, bias=bias)
+        grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
+        torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+        for gr, r in zip(grads, ref_grads):
+            assert torch.isfinite(gr).all()
+            torch.testing.assert_close(gr, r, rtol=0, atol=1e-10)
+        assert grads[2][-3:].abs().sum() > 1e-3  # the tail's logits carry the gradient
+
+
+def test_default_chunk_keeps_the_logits_within_a_fifth_of_the_weight_gradient():
+    """CPU default: H / 5 tokens (H / 10 with an entropy term), at least 32; so a [V, chunk] float32 block
+    is at most a fifth of the [V, H] float32 weight-gradient accumulator once H ≥ 160."""
+    assert fused_mod._default_chunk("cpu", 32000, 256, 1) == 51
+    assert fused_mod._default_chunk("cpu", 32000, 4096, 2) == 409
+    assert fused_mod._default_chunk("cpu", 32000, 64, 1) == 32
+    for hdim in (160, 256, 1000, 3584):
+        for blocks in (1, 2):
+            chunk = fused_mod._default_chunk("cpu", 151936, hdim, blocks)
+            assert blocks * chunk * 5 <= hdim or chunk == 32
+    assert fused_mod._default_chunk("cuda", 151936, 3584, 1) == 883
+
+
 def test_gradients_are_handed_over_once():
     d = make(10)
     out = fused(rpg.DAPOLoss(), d)
