@@ -37,7 +37,8 @@ that long (the memory then grows with the sequence length).
 Positions outside the mask take no part in the loss, so on CPU they are
 skipped: no logits are computed for padding (``skip_masked``; on an
 accelerator finding them would be a host-device sync, so all positions are
-computed unless ``skip_masked=True``).
+computed unless ``skip_masked=True``; their hidden states are then replaced by
+zeros, so a NaN there reaches no gradient either way).
 
 The value, ``per_token`` and ``metrics`` come from one more call of the loss
 on the full detached ``logp`` (elementwise; the head is not recomputed), so
@@ -54,12 +55,15 @@ dtype at the end of the forward pass; the weight's own dtype for
 float32/float64) — and ``bias``'s (``[V]``). Gradients are computed only for
 the tensors that require them (a frozen head gets none). On CPU the default
 ``chunk_size`` is H / 5 tokens (H / 10 with an entropy term, at least 32), so
-the blocks together are at most a fifth of the weight-gradient accumulator
-(``4·V·chunk_size`` against ``4·V·H`` bytes) and the peak stays within about
-1.2× the gradients the head returns. Smaller chunks read the weight and update
-its gradient more often: on a CPU whose memory bandwidth bounds those products,
-a chunk of 50 tokens took ~15% longer than one of 130 (no padding,
-``benchmarks/README.md``); pass a larger ``chunk_size`` to trade memory for time.
+for H ≥ 160 (H ≥ 320 with an entropy term; below that the 32-token floor makes
+them larger) the blocks together are at most a fifth of the float32 ``[V, H]``
+weight-gradient accumulator (``4·V·chunk_size`` against ``4·V·H`` bytes): for a
+float32 head, a peak within about 1.2× the gradients it returns. Smaller chunks
+read the weight and update its gradient more often: on the CPU of
+``benchmarks/README.md`` a chunk of 51 tokens took 1.35× the time of one of 128
+without padding; pass a larger ``chunk_size`` to trade memory for time. With
+vocabulary blocks (``vocab_chunk_size`` set, or no gradient) the blocks do not
+grow with V and the default is 1024 tokens, as ``from_hidden``'s.
 
 **Numerics.** bf16/fp16 inputs are computed in float32 (operands upcast block by
 block), float32 and float64 in their own dtype; float64 results equal
@@ -93,12 +97,18 @@ __all__ = ["FusedLinearLoss"]
 _GRADIENT_FRACTION = 5
 _MIN_CHUNK = 32
 _BLOCK_BYTES_ACCELERATOR = 512 * 2**20
+_VOCAB_BLOCKED_CHUNK = 1024  # tokens per [vocab_chunk_size, chunk] block, as rpg.logprobs.from_hidden
 _CAST_BLOCK = 4096  # vocabulary rows upcast at a time for bf16/fp16 weights
+_DOT_SLICE = 1024  # vocabulary rows per step of the entropy's column sums
 _LOG_ZERO = -1e4  # log-probabilities below this have p = 0 exactly (float32 and float64): clamp −inf to it
 
 
-def _default_chunk(device_type: str, v: int, hdim: int, blocks: int) -> int:
-    """Tokens per chunk when ``chunk_size`` is None (see ``_GRADIENT_FRACTION``)."""
+def _default_chunk(device_type: str, v: int, hdim: int, blocks: int, whole_vocabulary: bool = True) -> int:
+    """Tokens per chunk when ``chunk_size`` is None (see ``_GRADIENT_FRACTION``). Blocks that span the
+    whole vocabulary (the gradient path without ``vocab_chunk_size``) scale with V; vocabulary blocks
+    (``torch.no_grad()``, or ``vocab_chunk_size`` set) do not, and take ``from_hidden``'s 1024 tokens."""
+    if not whole_vocabulary:
+        return _VOCAB_BLOCKED_CHUNK
     if device_type == "cpu":
         return max(_MIN_CHUNK, hdim // (_GRADIENT_FRACTION * blocks))
     return max(1, _BLOCK_BYTES_ACCELERATOR // (4 * v))
@@ -148,7 +158,8 @@ def _logits(out, h, weight, bias, temperature, dtype):
 
     Blocks are vocabulary-major (``[V', m]``, the logits transposed): with a few dozen tokens per
     chunk, ``W·hᵀ`` and ``∂L/∂W += ∂L/∂zᵀ·h`` then stream the weight and its gradient as contiguous
-    rows, which on CPU is 10–25% faster than the token-major products at 32–64 tokens.
+    rows (on the CPU measured, a few percent to ~10% faster than token-major blocks end to end at
+    32–64 tokens; noisy).
     """
     if weight.dtype == dtype:
         torch.mm(weight, h.T, out=out)
@@ -178,7 +189,8 @@ def _accumulate(dz, h, weight, dtype, grads, v0=0):
 
 def _column_max(z):
     """max over the vocabulary (dim 0) of a ``[V', m]`` block. Folding the rows into groups of 64 first
-    lets the reduction run over contiguous memory (about 8× faster on CPU than ``amax(0)`` at m ≈ 50)."""
+    lets the reduction run over contiguous memory (on CPU 8× faster than ``amax(0)`` at m = 51, never
+    much slower)."""
     v, m = z.shape
     body = v - v % 64
     out = z[:body].view(body // 64, 64, m).amax(0).amax(0) if body else z.amax(0)
@@ -186,10 +198,11 @@ def _column_max(z):
 
 
 def _column_dot(x, y):
-    """Σ_v x[v, i]·y[v, i] for ``[V', m]`` blocks, through vocabulary slices (no block-sized temporary)."""
+    """Σ_v x[v, i]·y[v, i] for ``[V', m]`` blocks, through vocabulary slices (a temporary of at most
+    ``_DOT_SLICE × m``, a small part of a block)."""
     out = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    for v0 in range(0, x.shape[0], _CAST_BLOCK):
-        out += (x[v0 : v0 + _CAST_BLOCK] * y[v0 : v0 + _CAST_BLOCK]).sum(0)
+    for v0 in range(0, x.shape[0], _DOT_SLICE):
+        out += (x[v0 : v0 + _DOT_SLICE] * y[v0 : v0 + _DOT_SLICE]).sum(0)
     return out
 
 
@@ -336,12 +349,13 @@ class FusedLinearLoss:
             ``logp`` only).
         chunk_size: tokens per chunk. Default on CPU: H / 5 (H / 10 with an entropy term, at least
             32) — 51 tokens at H = 256 — so the logits blocks stay within a fifth of the weight's
-            gradient; on an accelerator: as many as make a 512 MiB block — 883 tokens at
-            V = 151936. Memory is one float32 ``[V, chunk_size]`` block (two with an entropy term).
+            gradient (for H ≥ 160); on an accelerator: as many as make a 512 MiB block — 883 tokens
+            at V = 151936; with vocabulary blocks (``vocab_chunk_size``, or no gradient): 1024.
+            Memory is one float32 ``[V, chunk_size]`` block (two with an entropy term).
             For a sequence-level ratio (GSPO) a chunk holds as many whole sequences as fit (at least one).
         vocab_chunk_size: ``None`` (default) keeps a chunk's logits across the whole vocabulary, so they
             are computed once (three head-sized products). An int bounds the logits to
-            ``chunk_size × vocab_chunk_size`` blocks with an online log-sum-exp, at the cost of
+            ``[vocab_chunk_size, chunk_size]`` blocks with an online log-sum-exp, at the cost of
             recomputing each block for the gradient (four products, as ``from_hidden``).
         ignore_index: a token id marking positions outside the loss (``-100`` is the Hugging Face
             convention), or ``None`` (default). Those positions get log-prob 0, entropy 0, no
@@ -513,7 +527,9 @@ class FusedLinearLoss:
         if weights is not None:
             extra["weights"] = weights
 
-        chunk = self.chunk_size or _default_chunk(hidden.device.type, v, hdim, 2 if want_entropy else 1)
+        whole_vocabulary = need_grad and self.vocab_chunk_size is None
+        chunk = self.chunk_size or _default_chunk(hidden.device.type, v, hdim, 2 if want_entropy else 1,
+                                                  whole_vocabulary)
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
         with torch.no_grad():
@@ -530,6 +546,7 @@ class FusedLinearLoss:
                 self._fused_chunks(
                     flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
                     logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
+                    None if mask is None and ignored is None else keep.reshape(n),
                 )
             else:
                 self._logprob_chunks(
@@ -599,7 +616,7 @@ class FusedLinearLoss:
 
     def _fused_chunks(
         self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
-        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
+        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts, flat_keep,
     ):
         v, hdim = weight.shape
         rows = max((_size(w) for w, _, _ in plan), default=0)
@@ -613,6 +630,8 @@ class FusedLinearLoss:
         g_h, g_w, g_b = grads
         for where, b0, b1 in plan:
             h = flat_h[where].to(dtype)
+            if flat_keep is not None and isinstance(where, slice):  # padding inert: a NaN there reaches no gradient
+                h = torch.where(flat_keep[where].unsqueeze(1), h, torch.zeros((), dtype=dtype, device=h.device))
             y = flat_y[where]
             if vb is None:
                 logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)

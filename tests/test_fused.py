@@ -255,7 +255,7 @@ def test_bf16_close_to_float32(monkeypatch):
 
 
 def test_large_odd_vocabulary_with_the_largest_logit_in_the_tail():
-    """V = 4163: more than one vocabulary slice of the entropy's column sums (4096) and not a multiple of
+    """V = 4163: several vocabulary slices of the entropy's column sums (1024) and not a multiple of
     the column maximum's fold (64); the largest logit (800, beyond exp's float64 range from any other
     shift) sits in the last, unfolded rows, so a maximum or a sum that missed them gives inf or NaN."""
     g = torch.Generator().manual_seed(12)
@@ -299,6 +299,50 @@ def test_default_chunk_keeps_the_logits_within_a_fifth_of_the_weight_gradient():
             chunk = fused_mod._default_chunk("cpu", 151936, hdim, blocks)
             assert blocks * chunk * 5 <= hdim or chunk == 32
     assert fused_mod._default_chunk("cuda", 151936, 3584, 1) == 883
+    # vocabulary blocks (vocab_chunk_size, or no gradient) do not grow with V: from_hidden's 1024 tokens
+    assert fused_mod._default_chunk("cpu", 32000, 256, 1, whole_vocabulary=False) == 1024
+    assert fused_mod._default_chunk("cuda", 151936, 3584, 2, whole_vocabulary=False) == 1024
+
+
+@pytest.mark.parametrize("skip_masked", [True, False])
+@pytest.mark.parametrize("chunk_size,vocab_chunk_size", [(None, None), (3, 16)])
+def test_nan_hidden_states_at_padding_reach_no_gradient(skip_masked, chunk_size, vocab_chunk_size):
+    """A NaN hidden state where the mask is 0 or the token is ignore_index leaves the loss and every gradient
+    as if that position held any finite value, also when the logits of padding are computed
+    (``skip_masked=False``, the accelerator default)."""
+    d = make(13)
+    masked = ~d["mask"]
+    nan_hidden = d["hidden"].detach().masked_fill(masked.unsqueeze(-1), float("nan")).requires_grad_(True)
+    clean = dict(d, hidden=d["hidden"].detach().masked_fill(masked.unsqueeze(-1), 0.0).requires_grad_(True))
+    for loss_fn in (rpg.DAPOLoss(), rpg.DAPOLoss(entropy_coef=0.1) if OPTIONS else rpg.GRPOLoss(beta=0.1)):
+        ref, ref_grads = reference(loss_fn, clean)
+        out = fused(loss_fn, dict(d, hidden=nan_hidden), chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+                    skip_masked=skip_masked)
+        grads = torch.autograd.grad(out.loss, (nan_hidden, d["weight"], d["bias"]))
+        torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+    tokens = d["tokens"].masked_fill(masked, -100)  # the same positions marked by ignore_index instead
+    f = FusedLinearLoss(rpg.DAPOLoss(), chunk_size, vocab_chunk_size, ignore_index=-100, skip_masked=skip_masked)
+    out = f(nan_hidden, d["weight"], tokens, d["old_logp"], d["advantages"], bias=d["bias"], temperature=TEMP)
+    ref, ref_grads = reference(rpg.DAPOLoss(), clean)
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(out.loss, (nan_hidden, d["weight"], d["bias"])), ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+def test_default_chunk_follows_the_block_shape(monkeypatch):
+    """Whole-vocabulary blocks (the gradient path) get the H-proportional default; vocabulary blocks
+    (vocab_chunk_size set, or no gradient) get from_hidden's 1024 tokens."""
+    seen = []
+    real = fused_mod._default_chunk
+    monkeypatch.setattr(fused_mod, "_default_chunk", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    d = make(14)
+    fused(rpg.DAPOLoss(), d)
+    fused(rpg.DAPOLoss(), d, vocab_chunk_size=16)
+    with torch.no_grad():
+        fused(rpg.DAPOLoss(), d)
+    assert seen == [real("cpu", V, H, 1), 1024, 1024]
 
 
 def test_gradients_are_handed_over_once():
