@@ -60,7 +60,7 @@ them larger) the blocks together are at most a fifth of the float32 ``[V, H]``
 weight-gradient accumulator (``4·V·chunk_size`` against ``4·V·H`` bytes): for a
 float32 head, a peak within about 1.2× the gradients it returns. Smaller chunks
 read the weight and update its gradient more often: on the CPU of
-``benchmarks/README.md`` a chunk of 51 tokens took 1.35× the time of one of 128
+``benchmarks/README.md`` a chunk of 51 tokens took 1.37× the time of one of 128
 without padding; pass a larger ``chunk_size`` to trade memory for time. With
 vocabulary blocks (``vocab_chunk_size`` set, or no gradient) the blocks do not
 grow with V and the default is 1024 tokens, as ``from_hidden``'s.
