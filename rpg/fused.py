@@ -90,9 +90,9 @@ __all__ = ["FusedLinearLoss"]
 
 # Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a fifth of
 # the float32 [V, H] weight-gradient accumulator (chunk_size = H / 5 tokens, H / 10 with an entropy term,
-# at least _MIN_CHUNK), so the head's peak stays within ~1.2× the gradients it returns. Measured at
+# at least _MIN_CHUNK), so a float32 head's peak stays within ~1.2× the gradients it returns. Measured at
 # V = 32000, H = 256 (benchmarks/README.md): smaller chunks stream the weight and its gradient more often,
-# so they cost time (~15% at 50 tokens against 130 without padding); that is the price of the memory.
+# so they cost time (51 tokens took 1.37× the time of 128 without padding); that is the price of the memory.
 # Accelerators: not measured; 512 MiB blocks, so each chunk's kernels have several hundred rows at V ≈ 152k.
 _GRADIENT_FRACTION = 5
 _MIN_CHUNK = 32
@@ -221,7 +221,7 @@ def _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)
     cols = torch.arange(m, device=h.device)
     z_y = z[y, cols]
     z_max = _column_max(z)
-    shift = torch.where(torch.isinf(z_max), torch.zeros_like(z_max), z_max)  # a row of −inf logits: shift by 0
+    shift = torch.where(torch.isinf(z_max), torch.zeros_like(z_max), z_max)  # a token's logits all −inf: shift by 0
     t = z.sub_(shift)
     if want_entropy:
         t.clamp_(min=_LOG_ZERO)  # −inf → a value whose exp is exactly 0, so 0·t stays 0
