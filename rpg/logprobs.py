@@ -210,6 +210,19 @@ def _head_logits(h, weight, bias, v0, v1, temperature, dtype):
     return z / temperature if temperature != 1.0 else z
 
 
+def _head_direction(h, weight, d_hidden, d_weight, d_bias, v0, v1, dtype):
+    """The head's pre-temperature logits, linearised along a direction: ``dh·Wᵀ + h·dWᵀ + db`` for vocabulary
+    rows ``[v0, v1)`` (``[m, v1 − v0]``; a ``None`` part of the direction contributes nothing)."""
+    out = torch.zeros(h.shape[0], v1 - v0, dtype=dtype, device=h.device)
+    if d_hidden is not None:
+        out = out + d_hidden @ weight[v0:v1].to(dtype).T
+    if d_weight is not None:
+        out = out + h @ d_weight[v0:v1].to(dtype).T
+    if d_bias is not None:
+        out = out + d_bias[v0:v1].to(dtype)
+    return out
+
+
 class _FromHidden(torch.autograd.Function):
     """log p(y) and entropy from ``hidden`` and the LM head; outputs ``(logp, entropy, lse, mu)``
     (``lse`` = logsumexp(z) and ``mu`` = Σ p·z are non-differentiable, saved for the derivatives)."""
@@ -495,13 +508,7 @@ def _forward_tangents(hidden, weight, bias, tokens, ignored, lse, mu, d_hidden, 
             v1 = min(v, v0 + vocab_chunk_size)
             z = _head_logits(h, weight, bias, v0, v1, temperature, dtype)
             p = torch.exp(z - lse_r)
-            dz = torch.zeros_like(z)
-            if dh is not None:
-                dz = dz + dh @ weight[v0:v1].to(dtype).T
-            if d_weight is not None:
-                dz = dz + h @ d_weight[v0:v1].to(dtype).T
-            if d_bias is not None:
-                dz = dz + d_bias[v0:v1].to(dtype)
+            dz = _head_direction(h, weight, dh, d_weight, d_bias, v0, v1, dtype)
             if temperature != 1.0:
                 dz = dz / temperature
             inside = (y >= v0) & (y < v1)
@@ -580,13 +587,7 @@ def _second_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored
             z = _head_logits(h, weight, bias, v0, v1, temperature, dtype)
             p = torch.exp(z - lse_r)
             fz = torch.where(p > 0, z, torch.zeros_like(z))  # z = −inf has p = 0: no 0·inf
-            m = torch.zeros_like(z)
-            if uh is not None:
-                m = m + uh @ weight[v0:v1].to(dtype).T
-            if u_w is not None:
-                m = m + h @ u_w[v0:v1].to(dtype).T
-            if u_b is not None:
-                m = m + u_b[v0:v1].to(dtype)
+            m = _head_direction(h, weight, uh, u_w, u_b, v0, v1, dtype)
             inside = ((y >= v0) & (y < v1)).unsqueeze(1)
             onehot = (torch.arange(v0, v1, device=y.device) == y.unsqueeze(1)) & inside
             return p, fz, m, onehot
