@@ -85,6 +85,7 @@ from numbers import Integral, Real
 import torch
 
 from ._util import check_floating, compute_dtype
+from .logprobs import _block, _rows
 
 __all__ = ["FusedLinearLoss"]
 
@@ -204,10 +205,6 @@ def _column_dot(x, y):
     for v0 in range(0, x.shape[0], _DOT_SLICE):
         out += (x[v0 : v0 + _DOT_SLICE] * y[v0 : v0 + _DOT_SLICE]).sum(0)
     return out
-
-
-def _block(buffer, rows, cols):
-    return buffer[: rows * cols].view(rows, cols)
 
 
 def _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers):
@@ -546,7 +543,7 @@ class FusedLinearLoss:
                 self._fused_chunks(
                     flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
                     logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
-                    None if mask is None and ignored is None else keep.reshape(n),
+                    None if mask is None and ignored is None else ~keep.reshape(n),
                 )
             else:
                 self._logprob_chunks(
@@ -616,7 +613,7 @@ class FusedLinearLoss:
 
     def _fused_chunks(
         self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
-        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts, flat_keep,
+        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts, flat_dropped,
     ):
         v, hdim = weight.shape
         rows = max((_size(w) for w, _, _ in plan), default=0)
@@ -629,9 +626,10 @@ class FusedLinearLoss:
         inv_t = 1.0 / temperature
         g_h, g_w, g_b = grads
         for where, b0, b1 in plan:
-            h = flat_h[where].to(dtype)
-            if flat_keep is not None and isinstance(where, slice):  # padding inert: a NaN there reaches no gradient
-                h = torch.where(flat_keep[where].unsqueeze(1), h, torch.zeros((), dtype=dtype, device=h.device))
+            if isinstance(where, slice):  # padding's rows zeroed, as from_hidden's: a NaN there reaches no gradient
+                h = _rows(flat_h, flat_dropped, where.start, where.stop, dtype)
+            else:  # kept positions only
+                h = flat_h[where].to(dtype)
             y = flat_y[where]
             if vb is None:
                 logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)
