@@ -31,11 +31,11 @@ import warnings
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import fmt_ms, table  # noqa: E402
+from _common import fmt_ms, table
 
-import rpg  # noqa: E402
-from rpg.fused import FusedLinearLoss  # noqa: E402
-from rpg.logprobs import from_hidden  # noqa: E402
+import rpg
+from rpg.fused import FusedLinearLoss
+from rpg.logprobs import from_hidden
 
 IMPLS = ["rpg FusedLinearLoss", "rpg from_hidden + loss", "Liger GRPO compiled=False", "Liger GRPO compiled=True"]
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's clip-higher
@@ -72,7 +72,11 @@ def impl_fn(name, chunk_size=None):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         liger = LigerFusedLinearGRPOLoss(  # its defaults otherwise (one sequence per chunk, as TRL uses it)
-            beta=0.0, use_ref_model=False, loss_type="dapo", epsilon_low=CLIP_LOW, epsilon_high=CLIP_HIGH,
+            beta=0.0,
+            use_ref_model=False,
+            loss_type="dapo",
+            epsilon_low=CLIP_LOW,
+            epsilon_high=CLIP_HIGH,
             compiled=name.endswith("True"),
         )
         return lambda h, w, y, old, adv, mask: liger(h, w, y, mask.float(), adv, old_per_token_logps=old)[0]
@@ -178,8 +182,12 @@ def train_step_main(args) -> None:
         loss.backward()
         return loss.detach()
 
-    fns = {"logits + loss, eager": plain_step, "logits + loss, compiled": torch.compile(plain_step),
-           "fused, eager": fused_step, "fused, compiled": torch.compile(fused_step)}
+    fns = {
+        "logits + loss, eager": plain_step,
+        "logits + loss, compiled": torch.compile(plain_step),
+        "fused, eager": fused_step,
+        "fused, compiled": torch.compile(fused_step),
+    }
     grads = {}
     for name, fn in fns.items():
         model.zero_grad(set_to_none=True)
@@ -188,7 +196,7 @@ def train_step_main(args) -> None:
     ref_loss, ref_grads = grads["logits + loss, eager"]
     for name, (loss, gs) in grads.items():
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=f"{name}: loss differs")
-        for a, r in zip(gs, ref_grads):
+        for a, r in zip(gs, ref_grads, strict=False):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient differs")
 
     def timed(fn):
@@ -197,23 +205,31 @@ def train_step_main(args) -> None:
             fn()
             if args.device == "cuda":
                 torch.cuda.synchronize()
+
         return run
 
     samples = time_runs({k: timed(f) for k, f in fns.items()}, args.runs, args.device)
     base = "logits + loss, eager"
     rows = []
     for name in fns:
-        ratio = [a / r for a, r in zip(samples[name], samples[base])]
+        ratio = [a / r for a, r in zip(samples[name], samples[base], strict=False)]
         med = statistics.median(samples[name])
-        rows.append([name, fmt_ms((med, min(samples[name]), max(samples[name]))),
-                     f"{statistics.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})"])
+        rows.append(
+            [
+                name,
+                fmt_ms((med, min(samples[name]), max(samples[name]))),
+                f"{statistics.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
+            ]
+        )
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"whole train step (TinyLM forward + DAPO loss + backward): B={b}, T={t}, H={h}, V={v}, float32, {device}, "
-          f"torch {torch.__version__}; median of {args.runs} interleaved runs (min–max), after a warm-up call that "
-          f"compiles\n")
+    print(
+        f"whole train step (TinyLM forward + DAPO loss + backward): B={b}, T={t}, H={h}, V={v}, float32, {device}, "
+        f"torch {torch.__version__}; median of {args.runs} interleaved runs (min–max), after a warm-up call that "
+        f"compiles\n"
+    )
     print(table(rows, ["step", "ms", "time ÷ logits + loss, eager (per run)"]))
     for pair in (("logits + loss, compiled", "logits + loss, eager"), ("fused, compiled", "fused, eager")):
-        met = sum(a <= r for a, r in zip(samples[pair[0]], samples[pair[1]]))
+        met = sum(a <= r for a, r in zip(samples[pair[0]], samples[pair[1]], strict=False))
         print(f"\n{pair[0]} no slower than {pair[1]}: {met} of {args.runs} runs", end="")
     print()
 
@@ -235,8 +251,11 @@ def main() -> None:
     ap.add_argument("--full-mask", action="store_true", help="no padding (by default ~25%% of positions are padding)")
     ap.add_argument("--chunk-size", type=int, default=None, help="FusedLinearLoss's chunk_size (default: its own)")
     ap.add_argument("--skip", nargs="*", default=[], help="implementations to leave out (e.g. the compiled Liger)")
-    ap.add_argument("--train-step", action="store_true",
-                    help="instead: a whole train step of a tiny model, torch.compile'd against eager")
+    ap.add_argument(
+        "--train-step",
+        action="store_true",
+        help="instead: a whole train step of a tiny model, torch.compile'd against eager",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -272,7 +291,7 @@ def main() -> None:
     # decision at a token on the bound, which a max-norm comparison would call a difference.
     tol = 1e-5 if args.dtype == "float32" else 2e-2
     for name, got in results.items():
-        for what, a, r in zip(("loss", "grad hidden", "grad weight"), got, ref):
+        for what, a, r in zip(("loss", "grad hidden", "grad weight"), got, ref, strict=False):
             err = ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
             if not err <= tol:
                 raise SystemExit(f"{name}: {what} differs from from_hidden + loss (relative error {err:.2e} > {tol})")
@@ -282,38 +301,69 @@ def main() -> None:
     peaks = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for name in fns:
-        cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--seq-len", str(args.seq_len),
-               "--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype, "--threads", str(args.threads),
-               "--device", args.device] + (["--full-mask"] if args.full_mask else []) + (
-                   ["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--n",
+                str(args.n),
+                "--seq-len",
+                str(args.seq_len),
+                "--h",
+                str(args.h),
+                "--v",
+                str(args.v),
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ]
+            + (["--full-mask"] if args.full_mask else [])
+            + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
+        )
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()
         peaks[name] = json.loads(out[-1])
 
     fused = "rpg FusedLinearLoss"
     rows = []
     for name in fns:
-        ratio = [a / b for a, b in zip(samples[fused], samples[name])]
-        rows.append([name, fmt_ms(stats[name]), f"{statistics.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
-                     f"{peaks[name] / 2**20:.0f}", _ratio(peaks[fused], peaks[name])])
+        ratio = [a / b for a, b in zip(samples[fused], samples[name], strict=False)]
+        rows.append(
+            [
+                name,
+                fmt_ms(stats[name]),
+                f"{statistics.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
+                f"{peaks[name] / 2**20:.0f}",
+                _ratio(peaks[fused], peaks[name]),
+            ]
+        )
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     logits = args.n * args.v * 4
     masked = "no padding" if args.full_mask else f"{1 - inputs[5].float().mean().item():.0%} of positions padding"
     chunk = f"chunk_size={args.chunk_size}" if args.chunk_size else "default chunk_size"
-    print(f"fused LM head + DAPO loss, forward+backward: N={args.n} (B={args.n // args.seq_len} × T={args.seq_len}, "
-          f"{masked}), {chunk}, "
-          f"H={args.h}, V={args.v}, {args.dtype}, {device}, torch {torch.__version__}; time median of {args.runs} "
-          f"interleaved runs (min–max); peak memory above inputs, each in a fresh process; float32 logits would be "
-          f"{logits / 2**20:.0f} MiB\n")
+    print(
+        f"fused LM head + DAPO loss, forward+backward: N={args.n} (B={args.n // args.seq_len} × T={args.seq_len}, "
+        f"{masked}), {chunk}, "
+        f"H={args.h}, V={args.v}, {args.dtype}, {device}, torch {torch.__version__}; time median of {args.runs} "
+        f"interleaved runs (min–max); peak memory above inputs, each in a fresh process; float32 logits would be "
+        f"{logits / 2**20:.0f} MiB\n"
+    )
     print(table(rows, ["implementation", "ms", "fused time ÷ this (per run)", "peak MiB", "fused peak ÷ this"]))
     targets = [("rpg from_hidden + loss", 0.85)] + [(n, 1.0) for n in fns if n.startswith("Liger")]
     print()
     for name, limit in targets:
         if name in samples:
-            met = sum(a / b <= limit for a, b in zip(samples[fused], samples[name]))
+            met = sum(a / b <= limit for a, b in zip(samples[fused], samples[name], strict=False))
             print(f"fused time ≤ {limit:.2f}× {name}: {met} of {args.runs} runs")
     for name in (n for n in fns if n.startswith("Liger")):
-        print(f"fused peak ≤ 0.50× {name}'s: {'yes' if peaks[fused] <= 0.5 * peaks[name] else 'no'} "
-              f"({_ratio(peaks[fused], peaks[name])}×)")
+        print(
+            f"fused peak ≤ 0.50× {name}'s: {'yes' if peaks[fused] <= 0.5 * peaks[name] else 'no'} "
+            f"({_ratio(peaks[fused], peaks[name])}×)"
+        )
     for m in missing:
         print(f"\nnot measured: {m}")
 

@@ -21,9 +21,9 @@ import warnings
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import fmt_ms, table, time_interleaved  # noqa: E402
+from _common import fmt_ms, table, time_interleaved
 
-from rpg import logprobs  # noqa: E402
+from rpg import logprobs
 
 IMPLS = ["materialised", "rpg from_hidden", "verl FusedLinearForPPO", "TRL ChunkedLogProbFunction"]
 
@@ -116,26 +116,52 @@ def main() -> None:
     for name, fn in fns.items():
         lp, ent = fn(h64, w64, t64)
         grads = torch.autograd.grad(lp.sum() + 0.1 * ent.sum(), (h64, w64))
-        for a, b in zip((lp, ent, *grads), (ref_lp, ref_ent, *ref_grads)):
+        for a, b in zip((lp, ent, *grads), (ref_lp, ref_ent, *ref_grads), strict=False):
             torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-6, atol=1e-6, msg=f"{name} differs")
 
     hidden, weight, tokens = make(args.n, args.h, args.v, args.device)
-    stats = time_interleaved({k: (lambda f=f: step(f, hidden, weight, tokens, args.device)) for k, f in fns.items()},
-                             runs=args.runs, inner=1, warmup=1)
+    stats = time_interleaved(
+        {k: (lambda f=f: step(f, hidden, weight, tokens, args.device)) for k, f in fns.items()},
+        runs=args.runs,
+        inner=1,
+        warmup=1,
+    )
     peaks = {}
     for name in fns:
-        cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
-               "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--n",
+            str(args.n),
+            "--h",
+            str(args.h),
+            "--v",
+            str(args.v),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
         peaks[name] = json.loads(out[-1])
     logits_bytes = args.n * args.v * 4
     base_t = stats["materialised"][0]
-    rows = [[name, fmt_ms(stats[name]), f"{stats[name][0] / base_t:.2f}×", f"{peaks[name] / 2**20:.0f}",
-             f"{peaks[name] / logits_bytes:.2f}"] for name in fns]
+    rows = [
+        [
+            name,
+            fmt_ms(stats[name]),
+            f"{stats[name][0] / base_t:.2f}×",
+            f"{peaks[name] / 2**20:.0f}",
+            f"{peaks[name] / logits_bytes:.2f}",
+        ]
+        for name in fns
+    ]
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"log-probs + entropy from hidden states, forward+backward: N={args.n}, H={args.h}, V={args.v}, float32, "
-          f"{device}, torch {torch.__version__}; time median of {args.runs} runs (min–max); peak memory above inputs, "
-          f"each in a fresh process; materialised logits = {logits_bytes / 2**20:.0f} MiB\n")
+    print(
+        f"log-probs + entropy from hidden states, forward+backward: N={args.n}, H={args.h}, V={args.v}, float32, "
+        f"{device}, torch {torch.__version__}; time median of {args.runs} runs (min–max); peak memory above inputs, "
+        f"each in a fresh process; materialised logits = {logits_bytes / 2**20:.0f} MiB\n"
+    )
     print(table(rows, ["implementation", "ms", "time vs materialised", "peak MiB", "peak / logits"]))
     for m in missing:
         print(f"\nnot measured: {m}")

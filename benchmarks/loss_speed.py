@@ -21,8 +21,9 @@ import warnings
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import rpg  # noqa: E402
-from _common import fmt_ms, saved_bytes, table, time_interleaved  # noqa: E402
+from _common import fmt_ms, saved_bytes, table, time_interleaved
+
+import rpg
 
 BETA = 1e-3
 
@@ -44,8 +45,15 @@ def verl_step_fn(logp, old, ref, adv, mask):
     from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
     from verl.workers.config import ActorConfig
 
-    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1,
-                         clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    config = ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        ppo_mini_batch_size=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+    )
 
     def loss():
         pg_loss, _ = compute_policy_loss_vanilla(old, logp, adv, mask, "token-mean", config)
@@ -101,6 +109,7 @@ def main() -> None:
             loss().backward()
             if args.device == "cuda":
                 torch.cuda.synchronize()
+
         return run
 
     stats = time_interleaved({name: step(loss) for name, loss in losses.items()}, runs=args.runs)
@@ -112,8 +121,10 @@ def main() -> None:
         ratio = f"{base[0] / stats[name][0]:.1f}×" if base else "—"
         rows.append([name, fmt_ms(stats[name]), ratio, "—" if per_tok != per_tok else f"{per_tok:.1f}"])
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"loss forward+backward, {n_tok} tokens ({n_tok // args.seq_len} × {args.seq_len}), float32, {device}, "
-          f"torch {torch.__version__}; median of {args.runs} runs (min–max)\n")
+    print(
+        f"loss forward+backward, {n_tok} tokens ({n_tok // args.seq_len} × {args.seq_len}), float32, {device}, "
+        f"torch {torch.__version__}; median of {args.runs} runs (min–max)\n"
+    )
     print(table(rows, ["implementation", "ms", "speed-up vs verl eager", "bytes saved for backward / token"]))
 
 

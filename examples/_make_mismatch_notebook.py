@@ -12,7 +12,6 @@ from __future__ import annotations
 import pathlib
 import sys
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _make_notebooks import execute_and_write  # noqa: E402
@@ -20,7 +19,9 @@ from _make_notebooks import execute_and_write  # noqa: E402
 NAME = "training_inference_mismatch.ipynb"
 
 CELLS = [
-    ("md", r"""# Training–inference mismatch: a simulated engine
+    (
+        "md",
+        r"""# Training–inference mismatch: a simulated engine
 
 The responses are sampled by an inference engine μ; the trainer recomputes π_old with its own
 kernels, and the two differ. Here a small policy is trained from a perturbed engine three ways —
@@ -37,8 +38,11 @@ does: the second token's logits are a learned linear map of a fixed embedding of
 so it cannot fit every response separately. (With a free table of logits per prefix, the best
 policy makes the KL-penalised reward equal on every response, so every advantage is 0 there and it
 is a fixed point of the update whatever the sampler; sharing is what lets a biased gradient settle
-elsewhere.)"""),
-    ("code", r"""import math, time
+elsewhere.)""",
+    ),
+    (
+        "code",
+        r"""import math, time
 import torch, rpg
 from rpg import testing as T
 import matplotlib.pyplot as plt
@@ -74,8 +78,11 @@ for _ in range(1500):
     (grad,) = torch.autograd.grad(-T.sequence_objective(logits_of(th), ref_logits, R, BETA), th)
     theta = adam(theta, grad, state, lr=0.02)
 J_best = J(theta)
-print(f"J of the initial policy {J(theta0):.4f};  best J of the model class {J_best:.4f}")"""),
-    ("md", r"""## The engine
+print(f"J of the initial policy {J(theta0):.4f};  best J of the model class {J_best:.4f}")""",
+    ),
+    (
+        "md",
+        r"""## The engine
 
 The engine computes the same logits with an error: a fixed offset on every logit, drawn once from
 N(0, 0.6²) — like a kernel or precision difference, a deterministic function of the input. A second
@@ -84,8 +91,11 @@ engine then samples with top-p = 0.9, so it never emits some tokens π_old can e
 The per-token mismatch below is far larger than an engine's on a language model. It has to be:
 the KL between the two distributions of whole responses is the sum of the per-token KLs (chain
 rule), and with two tokens per response a sequence-level mismatch of about 0.24 nats takes about
-0.12 per token — what a response of a few hundred tokens reaches at 1e-3 per token."""),
-    ("code", r"""def top_p_rows(logits, p):
+0.12 per token — what a response of a few hundred tokens reaches at 1e-3 per token.""",
+    ),
+    (
+        "code",
+        r"""def top_p_rows(logits, p):
     probs = torch.softmax(logits, -1)
     sorted_p, order = probs.sort(-1, descending=True)
     keep = torch.zeros_like(sorted_p, dtype=torch.bool).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p < p)
@@ -110,8 +120,11 @@ def mismatch(top_p):
 ENGINES = (1.0, 0.9)
 for top_p in ENGINES:
     kl, lost = mismatch(top_p)
-    print(f"engine top-p {top_p}: KL(μ‖π_old) {kl:.3f} per token, π_old's mass never sampled {lost:.3f}")"""),
-    ("md", r"""## Training
+    print(f"engine top-p {top_p}: KL(μ‖π_old) {kl:.3f} per token, π_old's mass never sampled {lost:.3f}")""",
+    ),
+    (
+        "md",
+        r"""## Training
 
 Each step the engine samples G = 128 responses; the trainer scores them with the current policy
 (π_old = π_θ: one optimizer step per batch, so the engine is the only source of off-policy data),
@@ -125,8 +138,11 @@ three variants:
 * **sequence weight**: `RolloutCorrection(level="sequence", upper=None)`, the product of ρ_t over
   the response — the exact weight for an outcome reward.
 
-Four seeds per variant and engine; the curves are the exact J of the policy every 5 steps."""),
-    ("code", r"""G, STEPS, EVERY, SEEDS = 128, 300, 5, range(4)
+Four seeds per variant and engine; the curves are the exact J of the policy every 5 steps.""",
+    ),
+    (
+        "code",
+        r"""G, STEPS, EVERY, SEEDS = 128, 300, 5, range(4)
 RC = rpg.RolloutCorrection
 METHODS = {"uncorrected": None, "token TIS": RC(), "sequence weight": RC(level="sequence", upper=None)}
 
@@ -160,8 +176,11 @@ final = {key: curves[:, -1] for key, curves in runs.items()}
 print(f"exact J of the trained policies (best of the class {J_best:.4f}); mean [min, max] over {len(SEEDS)} seeds")
 for (top_p, name), j in final.items():
     print(f"  engine top-p {top_p}  {name:16s} {j.mean():.4f} [{j.min():.4f}, {j.max():.4f}]"
-          f"   gap to the best {J_best - j.mean():.4f}")"""),
-    ("code", r"""fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+          f"   gap to the best {J_best - j.mean():.4f}")""",
+    ),
+    (
+        "code",
+        r"""fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
 steps = torch.arange(0, STEPS + 1, EVERY)
 for ax, top_p in zip(axes, ENGINES):
     for name in METHODS:
@@ -172,8 +191,11 @@ for ax, top_p in zip(axes, ENGINES):
     ax.set_title("engine: logit error" + ("" if top_p >= 1 else f" + top-p {top_p}"))
     ax.set_xlabel("step"); ax.set_ylim(0.10, 0.235)
 axes[0].set_ylabel("exact J(θ) (axis from 0.10)"); axes[0].legend(loc="lower right")
-plt.tight_layout(); plt.show()"""),
-    ("md", r"""## What it shows
+plt.tight_layout(); plt.show()""",
+    ),
+    (
+        "md",
+        r"""## What it shows
 
 * **Full support (logit error only).** The sequence weight trains to within about 0.001 of the best
   J of the class. Uncorrected training settles about 0.006 below it, and token TIS, the default,
@@ -187,8 +209,11 @@ plt.tight_layout(); plt.show()"""),
 * The bands are min–max over seeds. With full support the sequence weight's lead over the other
   two is more than three times the widest band; under top-p its deficit is outside the bands too.
 
-The cell below checks these statements on the numbers of this run."""),
-    ("code", r"""gap = {key: J_best - j.mean().item() for key, j in final.items()}
+The cell below checks these statements on the numbers of this run.""",
+    ),
+    (
+        "code",
+        r"""gap = {key: J_best - j.mean().item() for key, j in final.items()}
 full, topp = 1.0, 0.9
 width = max((final[(full, m)].max() - final[(full, m)].min()).item() for m in METHODS)  # widest band
 assert gap[(full, "sequence weight")] < 0.002
@@ -198,8 +223,10 @@ assert gap[(full, "uncorrected")] - gap[(full, "sequence weight")] > 3 * width
 assert min(gap[(topp, m)] for m in METHODS) > 0.05                                    # nothing fixes top-p
 assert final[(topp, "sequence weight")].max() < min(final[(topp, m)].min() for m in METHODS
                                                   if m != "sequence weight")  # and the sequence weight ends lowest
-print(f"checked; {len(runs) * len(SEEDS)} training runs took {seconds:.0f} s")"""),
+print(f"checked; {len(runs) * len(SEEDS)} training runs took {seconds:.0f} s")""",
+    ),
 ]
+
 
 def main() -> None:
     execute_and_write(NAME, CELLS)

@@ -21,13 +21,18 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 NOTEBOOKS = {
     "exact_gradients.ipynb": [
-        ("md", """# Which KL does a loss's gradient follow? Exact enumeration
+        (
+            "md",
+            """# Which KL does a loss's gradient follow? Exact enumeration
 
 A one-step policy over K actions is small enough to enumerate: `rpg.testing` computes the
 *expected* gradient of a loss over tokens drawn from π_old, Σ_a π_old(a)·∇ℓ(a), and the exact
 gradient of J(θ) = E_{π_θ}[A] − β·D for each divergence D. We compare them on-policy and
-off-policy (θ ≠ θ_old), with a reference π_ref ≠ π_old."""),
-        ("code", """import torch, rpg
+off-policy (θ ≠ θ_old), with a reference π_ref ≠ π_old.""",
+        ),
+        (
+            "code",
+            """import torch, rpg
 from rpg import testing as T
 import matplotlib.pyplot as plt
 
@@ -53,12 +58,18 @@ losses = {"GRPO k3": K3Penalty(False), "w·k3 (RPG fix)": K3Penalty(True),
 rows = {(name, where): errors(fn, old) for name, fn in losses.items()
         for where, old in (("on-policy", p.logits), ("off-policy", p.old_logits))}
 for (name, where), e in rows.items():
-    print(f"{name:30s} {where:11s}  |Δ| vs ∇fkl {e['fkl']:.1e}   vs ∇rkl {e['rkl']:.1e}")"""),
-        ("md", """GRPO's unweighted k3 penalty matches the **forward** KL gradient on-policy (≈1e-17) and
+    print(f"{name:30s} {where:11s}  |Δ| vs ∇fkl {e['fkl']:.1e}   vs ∇rkl {e['rkl']:.1e}")""",
+        ),
+        (
+            "md",
+            """GRPO's unweighted k3 penalty matches the **forward** KL gradient on-policy (≈1e-17) and
 neither direction off-policy; weighting it by the differentiable w turns it into the URKL
 surrogate, which follows the **reverse** KL off-policy too. The RPG losses follow their own
-divergence in both regimes."""),
-        ("code", """labels = [f"{name} · {where}" for name, where in rows]
+divergence in both regimes.""",
+        ),
+        (
+            "code",
+            """labels = [f"{name} · {where}" for name, where in rows]
 floor = 1e-18                                      # exact zeros drawn at the floor of the log axis
 y = range(len(rows))
 fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -68,15 +79,21 @@ ax.axvline(1e-10, color="k", ls="--", lw=1, label="tolerance of the tests (1e-10
 ax.set_xscale("log"); ax.set_xlim(floor, 10); ax.set_yticks(list(y)); ax.set_yticklabels(labels); ax.invert_yaxis()
 ax.set_xlabel("max |expected gradient − exact gradient|  (float64; left of the line = exact)")
 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
-plt.tight_layout(); plt.show()"""),
+plt.tight_layout(); plt.show()""",
+        ),
     ],
     "estimators.ipynb": [
-        ("md", """# k1, k2, k3: bias and variance as estimators, and their gradients as losses
+        (
+            "md",
+            """# k1, k2, k3: bias and variance as estimators, and their gradients as losses
 
 For x ~ q and r = p(x)/q(x): k1 = −log r, k2 = ½(log r)², k3 = (r − 1) − log r all estimate
 KL(q‖p). k1 and k3 are unbiased, k3 has lower variance, k2 is biased. As *losses* their
-gradients are a different story (see `exact_gradients.ipynb`)."""),
-        ("code", """import torch, rpg
+gradients are a different story (see `exact_gradients.ipynb`).""",
+        ),
+        (
+            "code",
+            """import torch, rpg
 import matplotlib.pyplot as plt
 
 torch.manual_seed(0)
@@ -93,23 +110,32 @@ for shift in [0.1, 0.3, 0.6, 1.0, 1.5]:
         v = est(log_q[x], log_p[x])
         row[name] = (v.mean().item(), v.std().item())
     results.append(row)
-    print(f"KL={true:.3f}  " + "  ".join(f"{k}: mean {row[k][0]:.3f} sd {row[k][1]:.3f}" for k in ("k1", "k2", "k3")))"""),
-        ("code", """fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    print(f"KL={true:.3f}  " + "  ".join(f"{k}: mean {row[k][0]:.3f} sd {row[k][1]:.3f}" for k in ("k1", "k2", "k3")))""",
+        ),
+        (
+            "code",
+            """fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
 true = [r["true"] for r in results]
 for k in ("k1", "k2", "k3"):
     a.plot(true, [r[k][0] - r["true"] for r in results], "o-", label=k)
     b.plot(true, [r[k][1] for r in results], "o-", label=k)
 a.set(xlabel="true KL", ylabel="bias (mean − true)", title="bias"); b.set(xlabel="true KL", ylabel="std of one sample", title="spread")
-a.legend(); plt.tight_layout(); plt.show()"""),
+a.legend(); plt.tight_layout(); plt.show()""",
+        ),
     ],
     "custom_training_loop.ipynb": [
-        ("md", """# A training loop with rpg losses, step by step
+        (
+            "md",
+            """# A training loop with rpg losses, step by step
 
 A verifiable toy task: given a digit d, emit six digits counting up from d (mod 10); reward = the
 fraction of digits right (0.1 at random). The policy is a small autoregressive MLP trained from
 scratch. Each step samples groups from π_old, computes group advantages, runs two epochs of
-micro-batches over the batch (the second off-policy), and resets π_ref ← π_θ every 10 steps."""),
-        ("code", """import copy, torch, rpg
+micro-batches over the batch (the second off-policy), and resets π_ref ← π_θ every 10 steps.""",
+        ),
+        (
+            "code",
+            """import copy, torch, rpg
 import matplotlib.pyplot as plt
 
 DIGITS, LENGTH, GROUP, PROMPTS = 10, 6, 8, 16
@@ -140,8 +166,11 @@ class Policy(torch.nn.Module):
         return tokens
 
 def reward(prompts, tokens):
-    return (tokens == (prompts[:, None] + torch.arange(LENGTH)) % DIGITS).float().mean(1)"""),
-        ("code", """torch.manual_seed(0); gen = torch.Generator().manual_seed(0)
+    return (tokens == (prompts[:, None] + torch.arange(LENGTH)) % DIGITS).float().mean(1)""",
+        ),
+        (
+            "code",
+            """torch.manual_seed(0); gen = torch.Generator().manual_seed(0)
 policy = Policy(); reference = copy.deepcopy(policy).requires_grad_(False)
 loss_fn = rpg.RPGLoss("urkl", style="reinforce", beta=0.01)        # RPG-REINFORCE with RPG-Style Clip
 schedule = rpg.ReferenceUpdate(every=10)
@@ -167,19 +196,28 @@ for step in range(60):
     # metrics of the last micro-batch of the off-policy epoch: the clip fraction is read where clipping can act
     history.append((r.mean().item(), out.local_metrics["clip_frac"], out.local_metrics["kl/ref_k3"]))
     if step % 10 == 0 or step == 59:
-        print(f"step {step:3d}  reward {history[-1][0]:.3f}  clip {history[-1][1]:.3f}  KL(π_θ‖π_ref) {history[-1][2]:.4f}")"""),
-        ("code", """plt.figure(figsize=(5, 3)); plt.plot([h[0] for h in history])
-plt.xlabel("step"); plt.ylabel("mean reward of the batch"); plt.tight_layout(); plt.show()"""),
+        print(f"step {step:3d}  reward {history[-1][0]:.3f}  clip {history[-1][1]:.3f}  KL(π_θ‖π_ref) {history[-1][2]:.4f}")""",
+        ),
+        (
+            "code",
+            """plt.figure(figsize=(5, 3)); plt.plot([h[0] for h in history])
+plt.xlabel("step"); plt.ylabel("mean reward of the batch"); plt.tight_layout(); plt.show()""",
+        ),
     ],
     "advantage_normalisation.ipynb": [
-        ("md", """# What objective does advantage normalisation optimise?
+        (
+            "md",
+            """# What objective does advantage normalisation optimise?
 
 With 0/1 rewards and success probability p for a prompt, GRPO's std-scaled advantage
 (r − p)/√(p(1−p)) makes the expected update ∇p/√(p(1−p)) = 2·∇ arcsin(√p): GRPO maximises
 E[h(p)] with h(p) = arcsin(√p) (up to a factor 2; Davis & Recht), which up-weights prompts that
 are nearly always or nearly never solved. Dr. GRPO (no std) and RLOO follow ∇E[p]: h(p) = p.
-We check it numerically with `rpg.advantages` on a large group."""),
-        ("code", """import math, torch, rpg
+We check it numerically with `rpg.advantages` on a large group.""",
+        ),
+        (
+            "code",
+            """import math, torch, rpg
 import matplotlib.pyplot as plt
 
 torch.manual_seed(0)
@@ -193,15 +231,21 @@ for p in ps:
                       ("rloo", rpg.advantages.rloo(r, G))):
         slope = (adv * score).mean().item()
         want = 1 / math.sqrt(p * (1 - p)) if name == "grpo" else 1.0
-        print(f"p={p:.2f} {name:8s} E[A·score] = {slope:.3f}   h'(p) predicted {want:.3f}")"""),
-        ("code", """x = torch.linspace(0.001, 0.999, 200)
+        print(f"p={p:.2f} {name:8s} E[A·score] = {slope:.3f}   h'(p) predicted {want:.3f}")""",
+        ),
+        (
+            "code",
+            """x = torch.linspace(0.001, 0.999, 200)
 plt.figure(figsize=(5, 3.5))
 plt.plot(x, 2 * torch.asin(x.sqrt()), label="GRPO: 2·arcsin(√p)")
 plt.plot(x, math.pi * x, label="Dr. GRPO / RLOO: π·p (same range)")
-plt.xlabel("success probability p"); plt.ylabel("h(p)"); plt.legend(); plt.tight_layout(); plt.show()"""),
+plt.xlabel("success probability p"); plt.ylabel("h(p)"); plt.legend(); plt.tight_layout(); plt.show()""",
+        ),
     ],
     "trl_grpo.ipynb": [
-        ("md", """# rpg losses inside TRL's GRPOTrainer
+        (
+            "md",
+            """# rpg losses inside TRL's GRPOTrainer
 
 `rpg.integrations.trl.RPGGRPOTrainer` is a `GRPOTrainer` that takes any rpg loss. A tiny random
 Llama and a character tokenizer keep this on CPU and offline (it needs the `trl` extra). The
@@ -210,8 +254,11 @@ few dozen steps.
 
 With `num_iterations=2` TRL trains twice on every generated batch. The first pass is
 **on-policy** (π_θ = π_old: every ratio is exactly 1, so nothing can clip); the second is
-**off-policy** (one optimizer step later), and that is where the clip fraction says something."""),
-        ("code", """import tempfile, torch, rpg
+**off-policy** (one optimizer step later), and that is where the clip fraction says something.""",
+        ),
+        (
+            "code",
+            """import tempfile, torch, rpg
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, PrinterCallback
@@ -238,8 +285,11 @@ trainer = RPGGRPOTrainer(loss=rpg.RPGLoss("urkl", style="reinforce", beta=1e-3),
                          reward_funcs=count_a, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 16}))
 trainer.remove_callback(PrinterCallback)          # the log is read below, from trainer.state.log_history
-result = trainer.train()"""),
-        ("code", """log = [h for h in trainer.state.log_history if "rpg/clip_frac" in h]
+result = trainer.train()""",
+        ),
+        (
+            "code",
+            """log = [h for h in trainer.state.log_history if "rpg/clip_frac" in h]
 on = [h for h in log if "reward" in h]            # TRL logs the reward on the step that generated the batch
 off = [h for h in log if "reward" not in h]       # the second pass over that batch
 print("step  pass         reward  clip_frac  ratio max")
@@ -253,14 +303,18 @@ print(f"\\nreward: {first:.3f} (first 3 batches) -> {last:.3f} (last 3)")
 print(f"clip fraction on the off-policy passes: mean {sum(h['rpg/clip_frac'] for h in off) / len(off):.3f}, "
       f"max {max(h['rpg/clip_frac'] for h in off):.3f}")
 assert all(h["rpg/clip_frac"] == 0 and h["rpg/ratio/max"] == 1 for h in on)   # on-policy: w = 1 exactly
-assert last > first + 0.2                                                       # it learns"""),
-        ("code", """import matplotlib.pyplot as plt
+assert last > first + 0.2                                                       # it learns""",
+        ),
+        (
+            "code",
+            """import matplotlib.pyplot as plt
 fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
 a.plot([h["step"] for h in on], [h["reward"] for h in on], "o-"); a.set(xlabel="step", ylabel="mean reward",
                                                                         title="reward of each generated batch")
 b.plot([h["step"] for h in off], [h["rpg/clip_frac"] for h in off], "o-", color="C1")
 b.set(xlabel="step", ylabel="fraction of tokens", title="clip fraction, off-policy passes")
-plt.tight_layout(); plt.show()"""),
+plt.tight_layout(); plt.show()""",
+        ),
     ],
 }
 
@@ -268,8 +322,9 @@ plt.tight_layout(); plt.show()"""),
 def build(name: str, cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in cells]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in cells
+    ]
     return nb
 
 
@@ -281,7 +336,11 @@ def problems(nb) -> list[str]:
     found = []
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
-            text = out.get("text", "") if out.get("output_type") == "stream" else str(out.get("data", {}).get("text/plain", ""))
+            text = (
+                out.get("text", "")
+                if out.get("output_type") == "stream"
+                else str(out.get("data", {}).get("text/plain", ""))
+            )
             if out.get("output_type") == "error" or out.get("name") == "stderr" or DIRTY.search(text):
                 found.append(f"cell {i}: {out.get('output_type')} {out.get('name', '')}: {text[:200]!r}")
     return found
@@ -290,8 +349,9 @@ def problems(nb) -> list[str]:
 def execute_and_write(name: str, cells, timeout: int = 600) -> None:
     """Build ``name`` from ``cells``, execute it, and store it only if its outputs are clean."""
     nb = build(name, cells)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                   resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(HERE)}}
+    ).execute()
     if problems(nb):
         raise SystemExit(f"{name}: not written, its outputs are not clean:\n" + "\n".join(problems(nb)))
     nbformat.write(nb, HERE / name)

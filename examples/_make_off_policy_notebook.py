@@ -12,15 +12,16 @@ import os
 import pathlib
 import sys
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _make_notebooks import execute_and_write
+from _make_notebooks import execute_and_write  # noqa: E402 (the sibling module is importable once HERE is on sys.path)
 
 NAME = "off_policy_kl.ipynb"
 
 CELLS = [
-    ("md", r"""# Does the KL penalty keep its promise when samples are reused?
+    (
+        "md",
+        r"""# Does the KL penalty keep its promise when samples are reused?
 
 A KL-regularised policy-gradient loss promises to maximise
 
@@ -39,8 +40,11 @@ over π_old's tokens is still ∇KL(π_θ‖π_ref). This notebook compares, at 
 | RPG urkl REINFORCE | `rpg.RPGLoss("urkl", style="reinforce", beta=...)` | ∇ reverse KL, on- and off-policy |
 
 first with the exact oracle of `rpg.testing`, then by training the demo's counting policy
-(`python -m rpg.demo offpolicy` runs the same experiment from the command line)."""),
-    ("code", """%matplotlib inline
+(`python -m rpg.demo offpolicy` runs the same experiment from the command line).""",
+    ),
+    (
+        "code",
+        """%matplotlib inline
 import os
 import rpg
 from rpg.demo import offpolicy, plots
@@ -56,22 +60,31 @@ if QUICK:
 seeds = [0, 1] if QUICK else [0, 1, 2]
 print("quick" if QUICK else "full", "settings:", settings, "seeds", seeds)
 for name, make in offpolicy.PENALTIES.items():
-    print(f"{name:20s} {make(0.05)!r}")"""),
-    ("md", r"""## 1. The exact view: expected gradient of each penalty as the batch goes off-policy
+    print(f"{name:20s} {make(0.05)!r}")""",
+    ),
+    (
+        "md",
+        r"""## 1. The exact view: expected gradient of each penalty as the batch goes off-policy
 
 One position of the demo's policy is a softmax over 10 digits; π_ref is uniform (the initial
 policy). For a partly trained π_θ and π_old = softmax(θ + d·u) with a random unit direction u,
 `rpg.testing.expected_gradient` computes Σ_a π_old(a)·∇ℓ(a) exactly, and we compare it with
 ∇KL(π_θ‖π_ref). The x axis is KL(π_θ‖π_old) per token: how far the reuse has moved the policy
-from the sampler."""),
-    ("code", """distances = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+from the sampler.""",
+    ),
+    (
+        "code",
+        """distances = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 oracle = offpolicy.oracle_errors(distances, seeds=3 if QUICK else 20)
 kl_old = [sum(c) / len(c) for c in zip(*oracle["kl_old"])]
 print("KL(θ‖θ_old) per token:", " ".join(f"{k:8.4f}" for k in kl_old))
 for name in offpolicy.PENALTIES:
     errs = [sum(c) / len(c) for c in zip(*oracle[name]["reverse"])]
-    print(f"{name:20s}", " ".join(f"{e:8.1e}" for e in errs))"""),
-    ("md", r"""The importance-weighted penalties (w·k3, RPG's rkl and urkl in either style) follow
+    print(f"{name:20s}", " ".join(f"{e:8.1e}" for e in errs))""",
+    ),
+    (
+        "md",
+        r"""The importance-weighted penalties (w·k3, RPG's rkl and urkl in either style) follow
 ∇KL(π_θ‖π_ref) to rounding error at every distance. k2 does on-policy and drifts off it as the
 batch ages; GRPO's k3 is off even on-policy (it follows the forward KL there) and further off
 as the batch ages.
@@ -86,12 +99,21 @@ p*(β) = e^{1/(Lβ)} / (e^{1/(Lβ)} + 9) on the right digit — so the KL a loss
 known exactly. The same calculation with the forward KL gives where GRPO's k3 leads on-policy.
 Each batch of 128 strings is used for 16 AdamW steps (8 epochs × 2 mini-batches). Controls:
 GRPO's k3 and w·k3 on-policy (1 step per batch, 1200 batches), and w·k3 under reuse without the
-clip."""),
-    ("code", """result = run_offpolicy(seeds, None, betas=settings["betas"], arms=settings["arms"],
-                       steps=settings["steps"], lr=settings["lr"], oracle_seeds=3 if QUICK else 20, quiet=True)"""),
-    ("code", """plots.offpolicy_figure(result["summary"], list(settings["betas"]), offpolicy.optimum_reverse,
-                       offpolicy.optimum_forward, result["oracle"], None)"""),
-    ("md", r"""## What the stored run shows
+clip.""",
+    ),
+    (
+        "code",
+        """result = run_offpolicy(seeds, None, betas=settings["betas"], arms=settings["arms"],
+                       steps=settings["steps"], lr=settings["lr"], oracle_seeds=3 if QUICK else 20, quiet=True)""",
+    ),
+    (
+        "code",
+        """plots.offpolicy_figure(result["summary"], list(settings["betas"]), offpolicy.optimum_reverse,
+                       offpolicy.optimum_forward, result["oracle"], None)""",
+    ),
+    (
+        "md",
+        r"""## What the stored run shows
 
 (a) plots the attained KL divided by the promised one: 1 is a promise kept.
 
@@ -108,7 +130,8 @@ clip."""),
   11.65 ± 0.24 against w·k3's 12.16 ± 0.41 at β = 0.02, 1.31 ± 0.21 against 1.24 ± 0.02 at β = 0.1.
 
 `python -m rpg.demo offpolicy` runs β = 0.05 and 0.2 as well; the results and their discussion are on
-the docs' demo page."""),
+the docs' demo page.""",
+    ),
 ]
 
 

@@ -6,7 +6,6 @@ on-policy (π_old = π_θ) and off-policy, with a reference π_ref ≠ π_old. A
 the largest absolute error; ≈ 0 means "this loss follows that objective".
 """
 
-
 import rpg
 from rpg import testing as T
 
@@ -38,8 +37,10 @@ def main() -> None:
     for name, loss_fn in losses.items():
         for label, old in (("on", p.logits), ("off", p.old_logits)):
             got = T.expected_gradient(loss_fn, p.logits, old, p.rewards, ref_logits=p.ref_logits)
-            errs = [(got + T.objective_gradient(d, p.logits, p.ref_logits, p.rewards, BETA)).abs().max().item()
-                    for d in ("fkl", "rkl")]
+            errs = [
+                (got + T.objective_gradient(d, p.logits, p.ref_logits, p.rewards, BETA)).abs().max().item()
+                for d in ("fkl", "rkl")
+            ]
             print(f"{name:32s} {label + '-policy':10s} " + " ".join(f"{e:9.2e}" for e in errs))
 
 

@@ -28,7 +28,8 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -119,11 +120,15 @@ CORRECTIONS = [
     Correction("sequence, truncate ≤ 2", RC(level="sequence")),
     Correction("sequence, mask outside [0.5, 2]", RC(level="sequence", mode="mask", lower=0.5, upper=2.0)),
     Correction("geometric-mean filter [0.5, 2] + token truncate ≤ 2", RC(geo_lower=0.5, geo_upper=2.0)),
-    Correction("geometric-mean filter [0.5, 2] + sequence exact",
-               RC(level="sequence", upper=None, geo_lower=0.5, geo_upper=2.0)),
+    Correction(
+        "geometric-mean filter [0.5, 2] + sequence exact",
+        RC(level="sequence", upper=None, geo_lower=0.5, geo_upper=2.0),
+    ),
     Correction("worst-token filter [0.5, 2] + token truncate ≤ 2", RC(token_lower=0.5, token_upper=2.0)),
-    Correction("worst-token filter [0.5, 2] + sequence exact",
-               RC(level="sequence", upper=None, token_lower=0.5, token_upper=2.0)),
+    Correction(
+        "worst-token filter [0.5, 2] + sequence exact",
+        RC(level="sequence", upper=None, token_lower=0.5, token_upper=2.0),
+    ),
 ]
 
 
@@ -135,8 +140,9 @@ def policy_gradient(correction: RC | None = None):
 # --- the oracle on μ's support ----------------------------------------------------------------
 
 
-def support_bias(loss_fn, problem: T.Problem, behavior_logits: torch.Tensor, *, weights=None,
-                 behavior: bool = True) -> float:
+def support_bias(
+    loss_fn, problem: T.Problem, behavior_logits: torch.Tensor, *, weights=None, behavior: bool = True
+) -> float:
     """:func:`rpg.testing.correction_bias` summed over the responses μ can sample only.
 
     A response with μ(y) = 0 is never in a batch; including it in the oracle's sum would form
@@ -223,14 +229,22 @@ def exactness_table() -> dict:
                     for label, corr, weights in WEIGHTS:
                         fn = rpg.RPGLoss(div, style=style, beta=BETA, clip=None, correction=corr)
                         fn = fn if corr is not None else _Weighted(fn, weights)
-                        got = T.expected_gradient(fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits,
-                                                  behavior_logits=mu, normalized=normalized)
+                        got = T.expected_gradient(
+                            fn,
+                            p.logits,
+                            p.old_logits,
+                            p.rewards,
+                            ref_logits=p.ref_logits,
+                            behavior_logits=mu,
+                            normalized=normalized,
+                        )
                         out[label][TOKEN_COL].append(float((got - want).norm() / want.norm()))
         sp = T.random_sequence_problem(k=k, seed=seed)
         smu = _noise(sp.logits, 0.5, i)
         for label, corr, weights in WEIGHTS:
             out[label][SEQ_COL].append(
-                T.correction_bias(policy_gradient(corr), sp, smu, weights=weights, behavior=corr is not None))
+                T.correction_bias(policy_gradient(corr), sp, smu, weights=weights, behavior=corr is not None)
+            )
     return out
 
 
@@ -250,17 +264,23 @@ def exactness_markdown(table: dict) -> str:
 
 
 COMPACT_ENGINES = ["noise σ = 0.2", "noise σ = 0.5", "top-p 0.8"]
-COMPACT_ROWS = ["none (μ taken for π_old)", "token ρ_t, exact", "token, truncate ≤ 2 (default)",
-                "prefix product Π_{s≤t} ρ_s", "sequence Π_t ρ_t, exact", "sequence, truncate ≤ 2"]
+COMPACT_ROWS = [
+    "none (μ taken for π_old)",
+    "token ρ_t, exact",
+    "token, truncate ≤ 2 (default)",
+    "prefix product Π_{s≤t} ρ_s",
+    "sequence Π_t ρ_t, exact",
+    "sequence, truncate ≤ 2",
+]
 
 
 def bias_markdown(table: dict, engines=None, rows=None) -> str:
     engines = list(ENGINES) if engines is None else engines
     rows = list(table["bias"]) if rows is None else rows
-    lines = [_row(["correction"] + engines), _row(["---"] * (1 + len(engines)))]
+    lines = [_row(["correction", *engines]), _row(["---"] * (1 + len(engines)))]
     lines.append(_row(["*mismatch KL(μ ‖ π_old) per token*"] + [_fmt(table["mismatch"][e][0]) for e in engines]))
     missing = [_fmt(table["mismatch"][e][1]) for e in engines]
-    lines.append(_row(["*π_old's mass on responses μ never samples*"] + missing))
+    lines.append(_row(["*π_old's mass on responses μ never samples*", *missing]))
     for label in rows:
         lines.append(_row([label] + [_fmt(table["bias"][label][e]) for e in engines]))
     return "\n".join(lines) + "\n"

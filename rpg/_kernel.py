@@ -126,8 +126,11 @@ def token_loss(
             # not finite) it takes the value at the bound, −A′·m·logp (Algorithm 2), which is finite.
             # On a CPU, eagerly, one reduction tells whether any value overflowed (no sync there);
             # elsewhere the fallback is always formed, so no host-device sync is ever needed.
-            eager_cpu = (value.device.type == "cpu" and not torch.compiler.is_compiling()
-                         and not torch._C._are_functorch_transforms_active())
+            eager_cpu = (
+                value.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()
+            )
             if not eager_cpu or not torch.isfinite(value.sum()):
                 overflow = clipped & ~torch.isfinite(value)
                 a_eff = effective_advantage(r, advantages, cfg)
@@ -174,7 +177,7 @@ class TokenLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):  # noqa: D102
+    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):
         pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
         value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None)
         padding = ~mask
@@ -185,7 +188,7 @@ class TokenLoss(torch.autograd.Function):
         return value.masked_fill_(padding, 0), grad.masked_fill_(padding, 0)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: D102
+    def setup_context(ctx, inputs, output):
         # The derivative (output 1) is saved as an output: under create_graph it is unpacked as a
         # function of logp through this node, so differentiating the backward again lands in
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
@@ -194,7 +197,7 @@ class TokenLoss(torch.autograd.Function):
         ctx.linear = inputs[-1].style == "reinforce"
 
     @staticmethod
-    def backward(ctx, grad_value, grad_of_grad):  # noqa: D102
+    def backward(ctx, grad_value, grad_of_grad):
         # (Under torch.compile the traced backward may carry a zero gradient for output 1: not a second
         # derivative, so it is not checked there.)
         if grad_of_grad is not None and not ctx.linear and not torch.compiler.is_compiling():

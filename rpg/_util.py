@@ -40,7 +40,9 @@ def as_real(name: str, value: object) -> float:
     this on settings, never in a hot path."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+            raise TypeError(
+                f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, Real):
         if type(value).__module__ == "numpy" and hasattr(value, "item") and not isinstance(value.item(), bool):
@@ -55,7 +57,9 @@ def as_int(name: str, value: object) -> int:
     """A Python int from an integer, a numpy integer or a one-element integer tensor; ``TypeError`` otherwise."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+            raise TypeError(
+                f"{name} must be an integer, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
         return int(value.item())
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got bool")

@@ -88,7 +88,9 @@ class ClipRule:
     styles: tuple[str, ...] = ("differentiable", "reinforce")
     ratios: tuple[str, ...] = ("token", "sequence")
 
-    def effective_ratio(self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def effective_ratio(
+        self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w.
 
         ``ratios`` (the batch's `rpg.objectives.Ratios` — log π_θ, log π_old, log w —, or ``None`` for a
@@ -132,7 +134,9 @@ class Clip(ClipRule):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "low", _check_bound("Clip.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1"))
-        object.__setattr__(self, "high", _check_bound("Clip.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf"))
+        object.__setattr__(
+            self, "high", _check_bound("Clip.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf")
+        )
         object.__setattr__(self, "dual", _check_bound("Clip.dual", self.dual, lambda v: 1 < v < _INF, "1 < dual < inf"))
 
     def bounds(self, up: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,9 +281,15 @@ class TrustRegion(ClipRule):
     ratios = ("token",)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "low", _check_bound("TrustRegion.low", self.low, lambda v: 0 <= v < _INF, "0 <= low < inf"))
-        object.__setattr__(self, "high", _check_bound("TrustRegion.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf"))
-        object.__setattr__(self, "cap", _check_bound("TrustRegion.cap", self.cap, lambda v: 0 < v < _INF, "0 < cap < inf"))
+        object.__setattr__(
+            self, "low", _check_bound("TrustRegion.low", self.low, lambda v: 0 <= v < _INF, "0 <= low < inf")
+        )
+        object.__setattr__(
+            self, "high", _check_bound("TrustRegion.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf")
+        )
+        object.__setattr__(
+            self, "cap", _check_bound("TrustRegion.cap", self.cap, lambda v: 0 < v < _INF, "0 < cap < inf")
+        )
         if self.divergence not in ("tv", "kl"):
             raise ValueError(f"unknown TrustRegion.divergence {self.divergence!r}; valid options: 'tv', 'kl'")
 
@@ -304,10 +314,16 @@ class TrustRegion(ClipRule):
         out = self._outside(up, ratios)
         m = w
         if self.divergence == "tv":  # a masked token's value at the region's edge, w = 1 ± δ/q, as a value
-            edge_up = _INF if self.high is None else torch.clamp(1 + self.high * torch.exp(-ratios.old_logp),
-                                                                    max=torch.finfo(w.dtype).max)
-            edge_down = -_INF if self.low is None else torch.clamp(1 - self.low * torch.exp(-ratios.old_logp),
-                                                                      min=-torch.finfo(w.dtype).max)
+            edge_up = (
+                _INF
+                if self.high is None
+                else torch.clamp(1 + self.high * torch.exp(-ratios.old_logp), max=torch.finfo(w.dtype).max)
+            )
+            edge_down = (
+                -_INF
+                if self.low is None
+                else torch.clamp(1 - self.low * torch.exp(-ratios.old_logp), min=-torch.finfo(w.dtype).max)
+            )
             m = torch.where(out, torch.where(up, edge_up, edge_down), w)
         if self.cap is None:
             return m, out

@@ -123,7 +123,9 @@ class LossConfig:
                 "without fold_kl (in the REINFORCE style and with fold_kl one weight g carries both)"
             )
         if self.clip is not None and self.ratio not in self.clip.ratios:
-            raise ValueError(f"clip={self.clip!r} applies to ratio={' or '.join(map(repr, self.clip.ratios))}, not {self.ratio!r}")
+            raise ValueError(
+                f"clip={self.clip!r} applies to ratio={' or '.join(map(repr, self.clip.ratios))}, not {self.ratio!r}"
+            )
         entropy_coef = as_real("entropy_coef", self.entropy_coef)
         if not 0 <= entropy_coef < math.inf:
             raise ValueError(f"entropy_coef must be >= 0 and finite, got {self.entropy_coef!r}")

@@ -112,7 +112,9 @@ class RolloutCorrection:
         check_choice("RolloutCorrection.level", self.level, LEVELS)
         check_choice("RolloutCorrection.mode", self.mode, MODES)
         if not isinstance(self.count_rejected, bool):
-            raise TypeError(f"RolloutCorrection.count_rejected must be a bool, got {type(self.count_rejected).__name__}")
+            raise TypeError(
+                f"RolloutCorrection.count_rejected must be a bool, got {type(self.count_rejected).__name__}"
+            )
         for lo, hi in (("lower", "upper"), ("geo_lower", "geo_upper"), ("token_lower", "token_upper")):
             a, b = _pair("RolloutCorrection", lo, hi, getattr(self, lo), getattr(self, hi))
             object.__setattr__(self, lo, a)
@@ -257,8 +259,11 @@ def correction_metrics(old_logp, behavior_logp, mask, correction: RolloutCorrect
         weight, _, rejected = correction_weight(old_logp, behavior_logp, mask, correction)
         exact = log_rho if correction.level == "token" else log_seq.expand_as(log_rho)
         high = mask & (exact > math.log(correction.upper)) if correction.upper is not None else torch.zeros_like(mask)
-        low = (mask & (exact < (math.log(correction.lower) if correction.lower > 0 else -_INF))
-               if correction.lower is not None else torch.zeros_like(mask))
+        low = (
+            mask & (exact < (math.log(correction.lower) if correction.lower > 0 else -_INF))
+            if correction.lower is not None
+            else torch.zeros_like(mask)
+        )
     sw, sw2 = weight.sum(), (weight * weight).sum()
     m["rollout_corr/rollout_is_mean"] = mean(weight)
     m["rollout_corr/rollout_is_max"] = torch.where(has, weight.max() if weight.numel() else zero, zero)

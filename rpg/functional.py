@@ -123,7 +123,9 @@ def policy_loss(
         mask = mask.bool()
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or weights.is_complex() or weights.dtype == torch.bool:
-            raise TypeError(f"weights must be a real torch.Tensor, got {getattr(weights, 'dtype', type(weights).__name__)}")
+            raise TypeError(
+                f"weights must be a real torch.Tensor, got {getattr(weights, 'dtype', type(weights).__name__)}"
+            )
         _check_shape("weights", weights, shape)
     if entropy is not None:
         check_floating("entropy", entropy)
@@ -171,7 +173,16 @@ def policy_loss(
         max_len=config.max_len,
     )
     inputs = MetricInputs(
-        logp.detach(), old_logp, ref_logp, advantages, agg_mask, config, batch_num_tokens, behavior_logp, correction,
-        None if entropy is None else entropy.detach(), mask,
+        logp.detach(),
+        old_logp,
+        ref_logp,
+        advantages,
+        agg_mask,
+        config,
+        batch_num_tokens,
+        behavior_logp,
+        correction,
+        None if entropy is None else entropy.detach(),
+        mask,
     )
     return LossOutput(loss, per_token, inputs)

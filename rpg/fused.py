@@ -254,8 +254,9 @@ def _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, b
     cols = torch.arange(m, device=h.device)
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        z = _logits(_block(buffers[0], v1 - v0, m), h, weight[v0:v1],
-                    None if bias is None else bias[v0:v1], temperature, dtype)
+        z = _logits(
+            _block(buffers[0], v1 - v0, m), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype
+        )
         inside = (y >= v0) & (y < v1)
         target = torch.where(inside, z[(y - v0).clamp(0, v1 - v0 - 1), cols], target)
         new_max = torch.maximum(run_max, _column_max(z))
@@ -278,8 +279,9 @@ def _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, entropy, lse
     cols = torch.arange(m, device=h.device)
     for v0 in range(0, v, vb):
         v1 = min(v, v0 + vb)
-        z = _logits(_block(buffers[0], v1 - v0, m), h, weight[v0:v1],
-                    None if bias is None else bias[v0:v1], temperature, dtype)
+        z = _logits(
+            _block(buffers[0], v1 - v0, m), h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, dtype
+        )
         log_p = z.sub_(lse).clamp_(min=_LOG_ZERO)
         p = torch.exp(log_p, out=_block(buffers[1], v1 - v0, m))
         inside = (y >= v0) & (y < v1)
@@ -306,13 +308,13 @@ class _SavedGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, hidden, weight, bias, g_hidden, g_weight, g_bias):  # noqa: D102
+    def forward(ctx, value, hidden, weight, bias, g_hidden, g_weight, g_bias):
         ctx.save_for_backward(g_hidden, g_weight, g_bias)
         ctx.spent = False
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad_value):  # noqa: D102
+    def backward(ctx, grad_value):
         if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph of their own
             raise RuntimeError(
                 "FusedLinearLoss gives first derivatives only (its gradients are computed in the forward pass); "
@@ -424,8 +426,10 @@ class FusedLinearLoss:
     def __repr__(self) -> str:
         extra = "" if self.ignore_index is None else f", ignore_index={self.ignore_index}"
         extra += ", compile=True" if self.compile else ""
-        return (f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, "
-                f"vocab_chunk_size={self.vocab_chunk_size}{extra})")
+        return (
+            f"FusedLinearLoss({self.loss_fn!r}, chunk_size={self.chunk_size}, "
+            f"vocab_chunk_size={self.vocab_chunk_size}{extra})"
+        )
 
     @torch.compiler.disable  # a Python loop with autograd calls: under torch.compile it runs eagerly, as one unit
     def __call__(
@@ -463,8 +467,12 @@ class FusedLinearLoss:
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         temperature = float(temperature)
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype == torch.bool or tokens.is_floating_point() \
-                or tokens.is_complex():
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.dtype == torch.bool
+            or tokens.is_floating_point()
+            or tokens.is_complex()
+        ):
             raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
         shape = (b, t)
         if tuple(tokens.shape) != shape:
@@ -500,8 +508,11 @@ class FusedLinearLoss:
             if tokens.numel():
                 lo, hi = int(tokens.min()), int(tokens.max())
                 if lo < 0 or hi >= v:
-                    hint = "" if self.ignore_index is not None else (
-                        " (pass ignore_index= to skip padding ids such as -100)")
+                    hint = (
+                        ""
+                        if self.ignore_index is not None
+                        else (" (pass ignore_index= to skip padding ids such as -100)")
+                    )
                     raise ValueError(f"tokens must lie in [0, {v}), got values in [{lo}, {hi}]{hint}")
         else:  # checking on an accelerator would be a host-device sync: an out-of-range id gives NaN instead
             invalid = (tokens < 0) | (tokens >= v)
@@ -525,8 +536,9 @@ class FusedLinearLoss:
             extra["weights"] = weights
 
         whole_vocabulary = need_grad and self.vocab_chunk_size is None
-        chunk = self.chunk_size or _default_chunk(hidden.device.type, v, hdim, 2 if want_entropy else 1,
-                                                  whole_vocabulary)
+        chunk = self.chunk_size or _default_chunk(
+            hidden.device.type, v, hdim, 2 if want_entropy else 1, whole_vocabulary
+        )
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
         with torch.no_grad():
@@ -541,8 +553,25 @@ class FusedLinearLoss:
                 given = batch_num_tokens is not None and global_batch_size is not None
                 counts = dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
                 self._fused_chunks(
-                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
-                    logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts,
+                    flat_h,
+                    weight,
+                    bias,
+                    flat_y,
+                    temperature,
+                    dtype,
+                    want_entropy,
+                    plan,
+                    shape,
+                    grads,
+                    logp_all,
+                    entropy_all,
+                    ignored,
+                    invalid,
+                    old_logp,
+                    advantages,
+                    mask,
+                    extra,
+                    counts,
                     None if mask is None and ignored is None else ~keep.reshape(n),
                 )
             else:
@@ -579,8 +608,10 @@ class FusedLinearLoss:
         coupled = _sequence_coupled(self.loss_fn)
         if not compact:
             step = max(1, chunk // t) * t if coupled and t else chunk
-            return [(slice(k0, min(b * t, k0 + step)), k0 // t, (min(b * t, k0 + step) - 1) // t + 1)
-                    for k0 in range(0, b * t, step)]
+            return [
+                (slice(k0, min(b * t, k0 + step)), k0 // t, (min(b * t, k0 + step) - 1) // t + 1)
+                for k0 in range(0, b * t, step)
+            ]
         pos = keep.reshape(-1).nonzero().squeeze(1)
         pos_cpu = pos.cpu()  # one host-device sync on an accelerator (compaction is opt-in there)
         if coupled:  # whole rows, as many as fit in `chunk` kept tokens (at least one)
@@ -605,15 +636,35 @@ class FusedLinearLoss:
         rows = max((_size(w) for w, _, _ in plan), default=0)
         buffers = [torch.empty(rows * vb, dtype=dtype, device=flat_h.device) for _ in range(2)]
         for where, _, _ in plan:
-            logp, ent, _ = _blocked_forward(flat_h[where].to(dtype), weight, bias, flat_y[where], temperature, dtype,
-                                            want_entropy, vb, buffers)
+            logp, ent, _ = _blocked_forward(
+                flat_h[where].to(dtype), weight, bias, flat_y[where], temperature, dtype, want_entropy, vb, buffers
+            )
             logp_all[where] = logp
             if want_entropy:
                 entropy_all[where] = ent
 
     def _fused_chunks(
-        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, shape, grads,
-        logp_all, entropy_all, ignored, invalid, old_logp, advantages, mask, extra, counts, flat_dropped,
+        self,
+        flat_h,
+        weight,
+        bias,
+        flat_y,
+        temperature,
+        dtype,
+        want_entropy,
+        plan,
+        shape,
+        grads,
+        logp_all,
+        entropy_all,
+        ignored,
+        invalid,
+        old_logp,
+        advantages,
+        mask,
+        extra,
+        counts,
+        flat_dropped,
     ):
         v, hdim = weight.shape
         rows = max((_size(w) for w, _, _ in plan), default=0)

@@ -132,7 +132,9 @@ def ukl(log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor
     return (_xlogy_ratio(log_p, log_q) + log_q.exp() - log_p.exp()).sum(dim)
 
 
-def forward_kl(logp: torch.Tensor, ref_logp: torch.Tensor, dim: int = -1, *, unnormalized: bool = False) -> torch.Tensor:
+def forward_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, dim: int = -1, *, unnormalized: bool = False
+) -> torch.Tensor:
     r"""Exact forward KL(π_ref ‖ π_θ) (or UKL with ``unnormalized=True``) over ``dim``.
 
     ``logp`` are log π_θ over the whole support, ``ref_logp`` log π_ref.
@@ -140,7 +142,9 @@ def forward_kl(logp: torch.Tensor, ref_logp: torch.Tensor, dim: int = -1, *, unn
     return (ukl if unnormalized else kl)(ref_logp, logp, dim)
 
 
-def reverse_kl(logp: torch.Tensor, ref_logp: torch.Tensor, dim: int = -1, *, unnormalized: bool = False) -> torch.Tensor:
+def reverse_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, dim: int = -1, *, unnormalized: bool = False
+) -> torch.Tensor:
     r"""Exact reverse KL(π_θ ‖ π_ref) (or UKL with ``unnormalized=True``) over ``dim``."""
     return (ukl if unnormalized else kl)(logp, ref_logp, dim)
 

@@ -228,8 +228,17 @@ class _FromHidden(torch.autograd.Function):
     (``lse`` = logsumexp(z) and ``mu`` = Σ p·z are non-differentiable, saved for the derivatives)."""
 
     @staticmethod
-    def forward(hidden, weight, bias, tokens, ignored,  # noqa: D102
-                temperature, chunk_size, vocab_chunk_size, want_entropy):
+    def forward(
+        hidden,
+        weight,
+        bias,
+        tokens,
+        ignored,
+        temperature,
+        chunk_size,
+        vocab_chunk_size,
+        want_entropy,
+    ):
         dtype = compute_dtype(hidden.dtype)
         n, v = hidden.shape[0], weight.shape[0]
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
@@ -275,7 +284,7 @@ class _FromHidden(torch.autograd.Function):
         return logp, entropy, lse, mu
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: D102
+    def setup_context(ctx, inputs, output):
         hidden, weight, bias, tokens, ignored, temperature, chunk_size, vocab_chunk_size, _ = inputs
         _, _, lse, mu = output
         ctx.mark_non_differentiable(*(t for t in (lse, mu) if t is not None))
@@ -285,33 +294,48 @@ class _FromHidden(torch.autograd.Function):
         ctx.params = (temperature, chunk_size, vocab_chunk_size)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mu):  # noqa: D102
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mu):
         hidden, weight, bias, tokens, ignored, lse, mu = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if mu is None:
             grad_entropy = None
         if (grad_logp is None and grad_entropy is None) or not any(need):
             return (None,) * 9
-        grads = _HiddenGrad.apply(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu,
-                                  *ctx.params, *need)
+        grads = _HiddenGrad.apply(
+            grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu, *ctx.params, *need
+        )
         return (*grads, None, None, None, None, None, None)
 
     @staticmethod
-    def jvp(ctx, d_hidden, d_weight, d_bias, *_):  # noqa: D102
+    def jvp(ctx, d_hidden, d_weight, d_bias, *_):
         hidden, weight, bias, tokens, ignored, lse, mu = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk_size = ctx.params
-        d_logp, d_entropy = _forward_tangents(hidden, weight, bias, tokens, ignored, lse, mu, d_hidden, d_weight,
-                                              d_bias, temperature, chunk_size, vocab_chunk_size)
+        d_logp, d_entropy = _forward_tangents(
+            hidden,
+            weight,
+            bias,
+            tokens,
+            ignored,
+            lse,
+            mu,
+            d_hidden,
+            d_weight,
+            d_bias,
+            temperature,
+            chunk_size,
+            vocab_chunk_size,
+        )
         return d_logp, d_entropy, None, None
 
     @staticmethod
-    def vmap(info, in_dims, hidden, weight, bias, tokens, ignored, *params):  # noqa: D102
+    def vmap(info, in_dims, hidden, weight, bias, tokens, ignored, *params):
         if in_dims[1] is None and in_dims[2] is None:  # a shared head: the batch is just more rows
             b = info.batch_size
             h, t, ig = (_leading(x, in_dims[i], b) for x, i in ((hidden, 0), (tokens, 3), (ignored, 4)))
             n = h.shape[1]
-            out = _FromHidden.apply(h.reshape(b * n, -1), weight, bias, t.reshape(-1),
-                                    None if ig is None else ig.reshape(-1), *params)
+            out = _FromHidden.apply(
+                h.reshape(b * n, -1), weight, bias, t.reshape(-1), None if ig is None else ig.reshape(-1), *params
+            )
             return tuple(None if o is None else o.view(b, n) for o in out), tuple(None if o is None else 0 for o in out)
         return _loop_vmap(_FromHidden.apply, info, in_dims, (hidden, weight, bias, tokens, ignored, *params))
 
@@ -327,7 +351,7 @@ def _loop_vmap(apply, info, in_dims, args):
     """The general vmap rule: one call per batch element, outputs stacked on dimension 0."""
     outs = []
     for i in range(info.batch_size):
-        one = [a.select(d, i) if d is not None and a is not None else a for a, d in zip(args, in_dims)]
+        one = [a.select(d, i) if d is not None and a is not None else a for a, d in zip(args, in_dims, strict=False)]
         outs.append(apply(*one))
     first = outs[0]
     stacked = tuple(None if first[k] is None else torch.stack([o[k] for o in outs]) for k in range(len(first)))
@@ -340,8 +364,23 @@ class _HiddenGrad(torch.autograd.Function):
     (exact second derivatives, `_second_order`) and has a vmap rule."""
 
     @staticmethod
-    def forward(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu,  # noqa: D102
-                temperature, chunk_size, vocab_chunk_size, need_h, need_w, need_b):
+    def forward(
+        grad_logp,
+        grad_entropy,
+        hidden,
+        weight,
+        bias,
+        tokens,
+        ignored,
+        lse,
+        mu,
+        temperature,
+        chunk_size,
+        vocab_chunk_size,
+        need_h,
+        need_w,
+        need_b,
+    ):
         dtype = compute_dtype(hidden.dtype)
         n, v = hidden.shape[0], weight.shape[0]
         d_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
@@ -390,7 +429,7 @@ class _HiddenGrad(torch.autograd.Function):
         return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: D102
+    def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs[:9])
         ctx.save_for_forward(*inputs[:9])
@@ -398,29 +437,39 @@ class _HiddenGrad(torch.autograd.Function):
         ctx.outputs_needed = inputs[12:15]
 
     @staticmethod
-    def backward(ctx, u_hidden, u_weight, u_bias):  # noqa: D102
+    def backward(ctx, u_hidden, u_weight, u_bias):
         # Under create_graph=True (or torch.func) the closed form below is recorded by autograd like any
         # other code, so third and higher derivatives are exact too; it then recomputes lse and μ
         # instead of reusing the saved (non-differentiable) ones.
-        out = _second_order(*ctx.saved_tensors, u_hidden, u_weight, u_bias, *ctx.params,
-                            need=ctx.needs_input_grad[:5], differentiable=torch.is_grad_enabled())
+        out = _second_order(
+            *ctx.saved_tensors,
+            u_hidden,
+            u_weight,
+            u_bias,
+            *ctx.params,
+            need=ctx.needs_input_grad[:5],
+            differentiable=torch.is_grad_enabled(),
+        )
         return tuple(out) + (None,) * 10
 
     @staticmethod
-    def jvp(ctx, *tangents):  # noqa: D102
+    def jvp(ctx, *tangents):
         # forward mode over the gradient (torch.func.hessian = jacfwd(jacrev)): differentiate the
         # out-of-place form of this kernel with torch.func.jvp; exact, at the memory of autograd
         grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, _, mu = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk_size = ctx.params
         primals = (grad_logp, grad_entropy, hidden, weight, bias)
-        live = [i for i, (x, t) in enumerate(zip(primals, tangents[:5])) if x is not None and t is not None]
+        live = [
+            i for i, (x, t) in enumerate(zip(primals, tangents[:5], strict=False)) if x is not None and t is not None
+        ]
 
         def first(*xs):
             args = list(primals)
-            for i, x in zip(live, xs):
+            for i, x in zip(live, xs, strict=False):
                 args[i] = x
-            out = _first_order(*args, tokens, ignored, mu is not None, temperature, chunk_size, vocab_chunk_size,
-                               ctx.outputs_needed)
+            out = _first_order(
+                *args, tokens, ignored, mu is not None, temperature, chunk_size, vocab_chunk_size, ctx.outputs_needed
+            )
             return tuple(o for o in out if o is not None)
 
         if not live or not any(ctx.outputs_needed):
@@ -430,12 +479,24 @@ class _HiddenGrad(torch.autograd.Function):
         return tuple(next(d_out) if need else None for need in ctx.outputs_needed)
 
     @staticmethod
-    def vmap(info, in_dims, *args):  # noqa: D102
+    def vmap(info, in_dims, *args):
         return _loop_vmap(_HiddenGrad.apply, info, in_dims, args)
 
 
-def _first_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, want_entropy,
-                 temperature, chunk_size, vocab_chunk_size, need):
+def _first_order(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    tokens,
+    ignored,
+    want_entropy,
+    temperature,
+    chunk_size,
+    vocab_chunk_size,
+    need,
+):
     """`_HiddenGrad`'s result, out of place and with lse and μ recomputed: a plain differentiable
     function of its tensors (for forward mode over the gradient). Memory as autograd's, not the kernel's."""
     need_h, need_w, need_b = need
@@ -458,11 +519,11 @@ def _first_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored,
         zs = [_head_logits(h, weight, bias, v0, v1, temperature, dtype) for v0, v1 in blocks]
         lse = torch.logsumexp(torch.stack([torch.logsumexp(z, -1) for z in zs]), 0).unsqueeze(1)
         ps = [torch.exp(z - lse) for z in zs]
-        fzs = [torch.where(p > 0, z, torch.zeros_like(z)) for z, p in zip(zs, ps)]
-        mu = sum((p * fz).sum(-1, keepdim=True) for p, fz in zip(ps, fzs)) if e is not None else None
+        fzs = [torch.where(p > 0, z, torch.zeros_like(z)) for z, p in zip(zs, ps, strict=False)]
+        mu = sum((p * fz).sum(-1, keepdim=True) for p, fz in zip(ps, fzs, strict=False)) if e is not None else None
         dh = 0
-        for j, ((v0, v1), p, fz) in enumerate(zip(blocks, ps, fzs)):
-            onehot = ((torch.arange(v0, v1, device=y.device) == y.unsqueeze(1)) & ((y >= v0) & (y < v1)).unsqueeze(1))
+        for j, ((v0, v1), p, fz) in enumerate(zip(blocks, ps, fzs, strict=False)):
+            onehot = (torch.arange(v0, v1, device=y.device) == y.unsqueeze(1)) & ((y >= v0) & (y < v1)).unsqueeze(1)
             dz = a * (onehot.to(dtype) - p)
             if e is not None:
                 dz = dz - e * p * (fz - mu)
@@ -483,12 +544,29 @@ def _first_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored,
 
 def _cat_vocab(parts, blocks, tail, dtype, device):
     """Per-vocabulary-block accumulators (the int 0 where a block got nothing) as one ``[V, *tail]`` tensor."""
-    return torch.cat([p if isinstance(p, torch.Tensor) else torch.zeros(v1 - v0, *tail, dtype=dtype, device=device)
-                      for p, (v0, v1) in zip(parts, blocks)])
+    return torch.cat(
+        [
+            p if isinstance(p, torch.Tensor) else torch.zeros(v1 - v0, *tail, dtype=dtype, device=device)
+            for p, (v0, v1) in zip(parts, blocks, strict=False)
+        ]
+    )
 
 
-def _forward_tangents(hidden, weight, bias, tokens, ignored, lse, mu, d_hidden, d_weight, d_bias,
-                      temperature, chunk_size, vocab_chunk_size):
+def _forward_tangents(
+    hidden,
+    weight,
+    bias,
+    tokens,
+    ignored,
+    lse,
+    mu,
+    d_hidden,
+    d_weight,
+    d_bias,
+    temperature,
+    chunk_size,
+    vocab_chunk_size,
+):
     """Forward-mode derivative of (logp, entropy) along (d_hidden, d_weight, d_bias):
 
         dz = (dh·Wᵀ + h·dWᵀ + db) / temperature,  d logp = dz_y − Σ p·dz,  dH = −Σ p·(z − μ)·dz,
@@ -529,8 +607,25 @@ def _forward_tangents(hidden, weight, bias, tokens, ignored, lse, mu, d_hidden, 
     return d_logp, d_entropy
 
 
-def _second_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored, lse, mu, u_h, u_w, u_b,
-                  temperature, chunk_size, vocab_chunk_size, need, differentiable=False):
+def _second_order(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    tokens,
+    ignored,
+    lse,
+    mu,
+    u_h,
+    u_w,
+    u_b,
+    temperature,
+    chunk_size,
+    vocab_chunk_size,
+    need,
+    differentiable=False,
+):
     r"""Reverse-mode derivative of the first derivative (`_HiddenGrad`), exact.
 
     Per row, with τ = 1/temperature, G_v = a·(δ_vy − p_v) − e·p_v·(z_v − μ) (so ``d_hidden = τ·G·W``,
@@ -569,9 +664,15 @@ def _second_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored
         e = None if e_all is None else e_all[r0:r1].unsqueeze(1)
         uh = None if u_h is None else _rows(u_h, ignored, r0, r1, dtype)
         if differentiable:  # lse and μ as functions of hidden, weight and bias
-            lse_r = torch.logsumexp(torch.stack([
-                torch.logsumexp(_head_logits(h, weight, bias, v0, v1, temperature, dtype), -1) for v0, v1 in blocks
-            ]), 0).unsqueeze(1)
+            lse_r = torch.logsumexp(
+                torch.stack(
+                    [
+                        torch.logsumexp(_head_logits(h, weight, bias, v0, v1, temperature, dtype), -1)
+                        for v0, v1 in blocks
+                    ]
+                ),
+                0,
+            ).unsqueeze(1)
             mu_r = None
             if e is not None:
                 mu_r = 0
@@ -583,7 +684,7 @@ def _second_order(grad_logp, grad_entropy, hidden, weight, bias, tokens, ignored
             lse_r = lse[r0:r1].unsqueeze(1)
             mu_r = None if e is None else mu[r0:r1].unsqueeze(1)
 
-        def block(v0, v1):
+        def block(v0, v1, h=h, lse_r=lse_r, uh=uh, y=y):
             z = _head_logits(h, weight, bias, v0, v1, temperature, dtype)
             p = torch.exp(z - lse_r)
             fz = torch.where(p > 0, z, torch.zeros_like(z))  # z = −inf has p = 0: no 0·inf
@@ -723,8 +824,15 @@ def from_hidden(
         ignored = flat_t == ignore_index
         flat_t = flat_t.masked_fill(ignored, 0)
     logp, entropy, _, _ = _FromHidden.apply(
-        flat_h, weight, bias, flat_t, ignored, temperature,
-        chunk_size or 1024, vocab_chunk_size or 4096, bool(return_entropy),
+        flat_h,
+        weight,
+        bias,
+        flat_t,
+        ignored,
+        temperature,
+        chunk_size or 1024,
+        vocab_chunk_size or 4096,
+        bool(return_entropy),
     )
     if return_entropy:
         return logp.reshape(lead), entropy.reshape(lead)

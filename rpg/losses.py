@@ -22,6 +22,8 @@ are equal, and hash accordingly; ``loss.replace(beta=0.1)`` gives a new one.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ._util import check_choice
@@ -34,7 +36,19 @@ from .objectives import DIVERGENCES
 
 __all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
-_FIELDS = ("kl", "beta", "style", "clip", "agg", "fold_kl", "max_len", "ratio", "correction", "entropy_coef", "weight_kl")
+_FIELDS = (
+    "kl",
+    "beta",
+    "style",
+    "clip",
+    "agg",
+    "fold_kl",
+    "max_len",
+    "ratio",
+    "correction",
+    "entropy_coef",
+    "weight_kl",
+)
 
 
 class PolicyLoss:
@@ -82,10 +96,14 @@ class PolicyLoss:
             (default ``True``); ``False`` is TRL's convention (see [`LossConfig`][rpg.config.LossConfig]).
     """
 
-    __slots__ = ("_config", "_args")
+    __slots__ = ("_args", "_config")
     _arg_names: tuple[str, ...] = _FIELDS
-    _arg_defaults: dict = {
-        "fold_kl": False, "max_len": None, "ratio": "token", "correction": None, "entropy_coef": 0.0,
+    _arg_defaults: ClassVar[dict] = {
+        "fold_kl": False,
+        "max_len": None,
+        "ratio": "token",
+        "correction": None,
+        "entropy_coef": 0.0,
         "weight_kl": True,
     }
 
@@ -218,8 +236,17 @@ class PolicyLoss:
             float32/float64 in their own dtype.
         """
         return policy_loss(
-            logp, old_logp, advantages, mask, ref_logp, behavior_logp, batch_num_tokens, global_batch_size,
-            weights=weights, entropy=entropy, config=self._config,
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            ref_logp,
+            behavior_logp,
+            batch_num_tokens,
+            global_batch_size,
+            weights=weights,
+            entropy=entropy,
+            config=self._config,
         )
 
 

@@ -85,7 +85,7 @@ def _version(t: torch.Tensor):
 class LossOutput:
     """``loss`` (scalar tensor), ``per_token`` (``[B, T]``, differentiable, 0 at padding), ``metrics`` (lazy dict)."""
 
-    __slots__ = ("loss", "per_token", "_inputs", "_versions", "_metrics", "_local")
+    __slots__ = ("_inputs", "_local", "_metrics", "_versions", "loss", "per_token")
 
     def __init__(self, loss: torch.Tensor, per_token: torch.Tensor, inputs: MetricInputs) -> None:
         self.loss = loss
@@ -137,7 +137,9 @@ class LossOutput:
 
 def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
     """The metrics dict from the detached inputs of a loss call (see the module docstring)."""
-    logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy, response = inputs
+    logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy, response = (
+        inputs
+    )
     r = ratios(logp, old_logp, ref_logp)
     code = None
     if cfg.clip is not None:  # the same view of the ratio and sign as the loss kernel
@@ -192,4 +194,4 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
         corr_denom = denom if same else denominator(None, response.sum().to(logp.dtype), logp)
         metrics.update(correction_metrics(old_logp, behavior_logp, response, correction, corr_denom))
     values = torch.stack([torch.as_tensor(v, dtype=logp.dtype, device=logp.device) for v in metrics.values()])
-    return dict(zip(metrics, values.tolist()))
+    return dict(zip(metrics, values.tolist(), strict=False))

@@ -53,8 +53,8 @@ exact divergence in [`rpg.kl`][rpg.kl] if it is one) and its tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -81,7 +81,7 @@ class GRPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("beta", "clip", "importance_weighted_kl", "agg") + _EXTRA
+    _arg_names = ("beta", "clip", "importance_weighted_kl", "agg", *_EXTRA)
 
     def __init__(
         self,
@@ -96,7 +96,9 @@ class GRPOLoss(_Preset):
         if not isinstance(importance_weighted_kl, bool):
             raise TypeError(f"importance_weighted_kl must be a bool, got {type(importance_weighted_kl).__name__}")
         args = dict(beta=beta, clip=clip, importance_weighted_kl=importance_weighted_kl, agg=agg)
-        self._set(args, correction, entropy_coef, kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg)
+        self._set(
+            args, correction, entropy_coef, kl="urkl" if importance_weighted_kl else "k3", beta=beta, clip=clip, agg=agg
+        )
 
 
 class DrGRPOLoss(_Preset):
@@ -110,7 +112,7 @@ class DrGRPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("max_len", "clip") + _EXTRA
+    _arg_names = ("max_len", "clip", *_EXTRA)
 
     def __init__(
         self,
@@ -139,7 +141,7 @@ class DAPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("clip", "agg") + _EXTRA
+    _arg_names = ("clip", "agg", *_EXTRA)
 
     def __init__(
         self,
@@ -165,7 +167,7 @@ class REINFORCEPlusPlusLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("clip", "agg") + _EXTRA
+    _arg_names = ("clip", "agg", *_EXTRA)
 
     def __init__(
         self,
@@ -200,7 +202,7 @@ class GSPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("clip",) + _EXTRA
+    _arg_names = ("clip", *_EXTRA)
 
     def __init__(
         self,
@@ -236,7 +238,7 @@ class CISPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("clip", "agg") + _EXTRA
+    _arg_names = ("clip", "agg", *_EXTRA)
 
     def __init__(
         self,
@@ -266,7 +268,7 @@ class OnPolicyDistillationLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("beta", "clip", "agg") + _EXTRA
+    _arg_names = ("beta", "clip", "agg", *_EXTRA)
 
     def __init__(
         self,
@@ -296,7 +298,7 @@ class DPPOLoss(_Preset):
     """
 
     __slots__ = ()
-    _arg_names = ("low", "high", "divergence", "cap", "agg") + _EXTRA
+    _arg_names = ("low", "high", "divergence", "cap", "agg", *_EXTRA)
 
     def __init__(
         self,

@@ -45,7 +45,8 @@ torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -174,7 +175,7 @@ def random_sequence_problem(k: int = 3, seed: int = 0, *, scale: float = 0.5, dt
 
 
 def _k_of(logits: torch.Tensor) -> int:
-    k = int(round((-1 + (1 + 4 * logits.numel()) ** 0.5) / 2))
+    k = round((-1 + (1 + 4 * logits.numel()) ** 0.5) / 2)
     if k + k * k != logits.numel():
         raise ValueError(f"sequence logits must have K + K^2 entries, got {logits.numel()}")
     return k
@@ -231,7 +232,11 @@ def sequence_expected_gradient(
     old_logp = sequence_token_logp(old_logits).detach()
     ref_logp = None if ref_logits is None else sequence_token_logp(ref_logits).detach()
     mask = torch.ones_like(logp, dtype=torch.bool)
-    adv = rewards if advantages is None else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
+    adv = (
+        rewards
+        if advantages is None
+        else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
+    )
     behavior = None if behavior_logits is None else sequence_token_logp(behavior_logits).detach()
     sampler = old_logp if behavior is None else behavior
     s = _support(sampler)
@@ -261,8 +266,9 @@ def correction_bias(
     """
     want = -sequence_objective_gradient(problem.logits, problem.ref_logits, problem.rewards, 0.0)
     if behavior:
-        got = sequence_expected_gradient(loss_fn, problem.logits, problem.logits, problem.rewards,
-                                         behavior_logits=behavior_logits, weights=weights)
+        got = sequence_expected_gradient(
+            loss_fn, problem.logits, problem.logits, problem.rewards, behavior_logits=behavior_logits, weights=weights
+        )
     else:
         theta = problem.logits.detach().clone().requires_grad_(True)
         logp = sequence_token_logp(theta)

@@ -15,10 +15,18 @@ def test_grpo_by_hand():
     got = adv.grpo(r, 3)
     m1, s1 = 1 / 3, math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
     m2, s2 = 5 / 3, math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
-    want = [(1 - m1) / (s1 + 1e-6), -m1 / (s1 + 1e-6), -m1 / (s1 + 1e-6),
-            (1 - m2) / (s2 + 1e-6), (2 - m2) / (s2 + 1e-6), (2 - m2) / (s2 + 1e-6)]
+    want = [
+        (1 - m1) / (s1 + 1e-6),
+        -m1 / (s1 + 1e-6),
+        -m1 / (s1 + 1e-6),
+        (1 - m2) / (s2 + 1e-6),
+        (2 - m2) / (s2 + 1e-6),
+        (2 - m2) / (s2 + 1e-6),
+    ]
     torch.testing.assert_close(got, torch.tensor(want, dtype=F64), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(adv.grpo(r, 3, scale="none"), torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3], dtype=F64))
+    torch.testing.assert_close(
+        adv.grpo(r, 3, scale="none"), torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3], dtype=F64)
+    )
     batch_std = r.std()
     torch.testing.assert_close(adv.grpo(r, 3, scale="batch"), adv.grpo(r, 3, scale="none") / (batch_std + 1e-6))
 
@@ -120,7 +128,10 @@ def test_informative_groups():
         (lambda: adv.reinforce_pp(torch.zeros(2), torch.ones(2, 3), beta=0.1), "old_logp and ref_logp"),
         (lambda: adv.reinforce_pp(torch.zeros(3), torch.ones(2, 3)), r"shape \[B\]"),
         (lambda: adv.reinforce_pp(torch.zeros(2), torch.ones(2, 3), estimator="k3"), "valid options"),
-        (lambda: adv.reinforce_pp(torch.zeros(2), torch.ones(2, 3), torch.zeros(2, 2), torch.zeros(2, 3)), "old_logp has shape"),
+        (
+            lambda: adv.reinforce_pp(torch.zeros(2), torch.ones(2, 3), torch.zeros(2, 2), torch.zeros(2, 3)),
+            "old_logp has shape",
+        ),
         (lambda: adv.reinforce_pp(torch.zeros(2), torch.ones(2, 3), gamma=1.5), "gamma"),
         (lambda: adv.dapo_overlong_penalty(torch.tensor([1]), max_len=4, cache_len=5), "cache_len"),
     ],
@@ -135,8 +146,9 @@ def test_reinforce_pp_upcasts_half_precision():
     T = 2000
     mask = torch.ones(1, T, dtype=torch.bool)
     old, ref = torch.zeros(1, T), torch.full((1, T), -0.013)
-    got = adv.reinforce_pp(torch.tensor([1.0], dtype=torch.bfloat16), mask, old, ref, beta=0.01,
-                           whiten_advantages=False)
+    got = adv.reinforce_pp(
+        torch.tensor([1.0], dtype=torch.bfloat16), mask, old, ref, beta=0.01, whiten_advantages=False
+    )
     assert got.dtype == torch.float32
     assert got[0, 0].item() == pytest.approx(1.0 - 0.01 * 0.013 * T, rel=1e-4)
 
@@ -197,14 +209,20 @@ def test_grpo_reward_scale_neither_underflows_nor_overflows(scale, factor):
     want = _grpo_plain(r.double(), 4, scale, 0.0).float()
     torch.testing.assert_close(adv.grpo(r * factor, 4, scale=scale, eps=0), want)
     x = r.view(2, 4) * factor
-    torch.testing.assert_close(adv.whiten(x, torch.ones(2, 4), eps=0),
-                               _whiten_ref(r.view(2, 4).double(), torch.ones(2, 4, dtype=torch.bool)).float(),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        adv.whiten(x, torch.ones(2, 4), eps=0),
+        _whiten_ref(r.view(2, 4).double(), torch.ones(2, 4, dtype=torch.bool)).float(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(-3, 3), min_size=2, max_size=12), st.integers(-60, 60),
-       st.sampled_from(["group", "batch", "none"]))
+@given(
+    st.lists(st.integers(-3, 3), min_size=2, max_size=12),
+    st.integers(-60, 60),
+    st.sampled_from(["group", "batch", "none"]),
+)
 def test_grpo_property_finite_zero_for_equal_groups_scale_free(ints, shift, scale):
     g = 2
     r = torch.tensor(ints[: len(ints) // g * g], dtype=F64) / 3
@@ -294,8 +312,10 @@ def test_numpy_and_tensor_scalars_are_numbers(kind):
         assert torch.equal(adv.rloo(r, two), adv.rloo(r, 2))
         assert torch.equal(adv.informative_groups(r, two), adv.informative_groups(r, 2))
         assert torch.equal(adv.reinforce_pp_baseline(r, two, mask), adv.reinforce_pp_baseline(r, 2, mask))
-        assert torch.equal(adv.reinforce_pp(r, mask, old, ref, beta=as_real, gamma=as_real),
-                           adv.reinforce_pp(r, mask, old, ref, beta=0.5, gamma=0.5))
+        assert torch.equal(
+            adv.reinforce_pp(r, mask, old, ref, beta=as_real, gamma=as_real),
+            adv.reinforce_pp(r, mask, old, ref, beta=0.5, gamma=0.5),
+        )
         assert torch.equal(adv.whiten(old, mask, eps=as_real), adv.whiten(old, mask, eps=0.5))
         lengths = torch.tensor([1, 5, 7, 9])
         assert torch.equal(adv.dapo_overlong_penalty(lengths, two * 4, two), adv.dapo_overlong_penalty(lengths, 8, 2))
@@ -345,8 +365,9 @@ def test_whiten_variance_conventions():
     torch.testing.assert_close(adv.whiten(x, m), _whiten_ref(x, m), rtol=0, atol=1e-12)
     torch.testing.assert_close(adv.whiten(x, m, unbiased=False), _whiten_population(x, m), rtol=0, atol=1e-12)
     n = m.sum().item()
-    torch.testing.assert_close(adv.whiten(x, m, eps=0, unbiased=False) * ((n - 1) / n) ** 0.5,
-                               adv.whiten(x, m, eps=0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        adv.whiten(x, m, eps=0, unbiased=False) * ((n - 1) / n) ** 0.5, adv.whiten(x, m, eps=0), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reinforce_pp_exposes_the_whitening_convention():
@@ -355,11 +376,19 @@ def test_reinforce_pp_exposes_the_whitening_convention():
     mask = torch.rand(6, 5, generator=g) > 0.3
     raw = adv.reinforce_pp(r, mask, gamma=0.9, whiten_advantages=False)
     for unbiased in (True, False):
-        torch.testing.assert_close(adv.reinforce_pp(r, mask, gamma=0.9, unbiased=unbiased),
-                                   adv.whiten(raw, mask, unbiased=unbiased), rtol=0, atol=0)
+        torch.testing.assert_close(
+            adv.reinforce_pp(r, mask, gamma=0.9, unbiased=unbiased),
+            adv.whiten(raw, mask, unbiased=unbiased),
+            rtol=0,
+            atol=0,
+        )
         base = adv.grpo(r, 3, scale="none")[:, None] * mask
-        torch.testing.assert_close(adv.reinforce_pp_baseline(r, 3, mask, unbiased=unbiased),
-                                   adv.whiten(base, mask, unbiased=unbiased), rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            adv.reinforce_pp_baseline(r, 3, mask, unbiased=unbiased),
+            adv.whiten(base, mask, unbiased=unbiased),
+            rtol=0,
+            atol=1e-15,
+        )
     assert not torch.allclose(adv.reinforce_pp(r, mask, unbiased=False), adv.reinforce_pp(r, mask))
     with pytest.raises(ValueError, match="no effect with whiten_advantages=False"):
         adv.reinforce_pp(r, mask, whiten_advantages=False, unbiased=False)
@@ -385,9 +414,14 @@ def test_property_one_nonfinite_reward_is_always_refused(groups, size, data):
     r = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=groups * size, max_size=groups * size)))
     r[data.draw(st.integers(0, r.numel() - 1))] = data.draw(st.sampled_from([NAN, INF, -INF]))
     mask = torch.ones(r.numel(), 3)
-    calls = [lambda: adv.grpo(r, size), lambda: adv.grpo(r, size, scale="batch"), lambda: adv.grpo(r, size, eps=0),
-             lambda: adv.informative_groups(r, size), lambda: adv.reinforce_pp(r, mask),
-             lambda: adv.reinforce_pp_baseline(r, size, mask)]
+    calls = [
+        lambda: adv.grpo(r, size),
+        lambda: adv.grpo(r, size, scale="batch"),
+        lambda: adv.grpo(r, size, eps=0),
+        lambda: adv.informative_groups(r, size),
+        lambda: adv.reinforce_pp(r, mask),
+        lambda: adv.reinforce_pp_baseline(r, size, mask),
+    ]
     if size > 1:
         calls.append(lambda: adv.rloo(r, size))
     for call in calls:

@@ -30,7 +30,8 @@ def test_global_counts_replace_local_ones():
     assert aggregate(PER_TOKEN, MASK, "token-mean", batch_num_tokens=20).item() == pytest.approx(0.5)
     assert aggregate(PER_TOKEN, MASK, "seq-mean-token-sum", global_batch_size=5).item() == pytest.approx(2.0)
     assert aggregate(PER_TOKEN, MASK, "seq-mean-token-sum-norm", global_batch_size=5, max_len=10).item() == (
-        pytest.approx(0.2))
+        pytest.approx(0.2)
+    )
     assert aggregate(PER_TOKEN, MASK, "token-mean", batch_num_tokens=torch.tensor(20)).item() == pytest.approx(0.5)
     # token-sum ignores counts
     assert aggregate(PER_TOKEN, MASK, "token-sum", batch_num_tokens=20, global_batch_size=5).item() == 10.0
@@ -68,7 +69,7 @@ def test_shards_sum_to_the_full_batch(agg, style, sizes):
     (g_full,) = torch.autograd.grad(full, logp)
     n_tok, n_seq = mask.sum(), (mask.sum(-1) > 0).sum()
     total = 0
-    for parts in zip(*(_split(x, list(sizes)) for x in (logp, old, adv, mask, ref))):
+    for parts in zip(*(_split(x, list(sizes)) for x in (logp, old, adv, mask, ref)), strict=False):
         total = total + fn(*parts[:4], ref_logp=parts[4], batch_num_tokens=n_tok, global_batch_size=n_seq).loss
     (g_shards,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, full, rtol=0, atol=1e-12)
@@ -80,7 +81,10 @@ def test_local_counts_are_not_invariant():
     logp, old, adv, mask, ref = make_batch(6, 5, seed=2)
     fn = rpg.RPGLoss("urkl", beta=0.2, agg="token-mean")
     full = fn(logp, old, adv, mask, ref_logp=ref).loss
-    halves = sum(fn(*p[:4], ref_logp=p[4]).loss for p in zip(*(_split(x, [2, 4]) for x in (logp, old, adv, mask, ref))))
+    halves = sum(
+        fn(*p[:4], ref_logp=p[4]).loss
+        for p in zip(*(_split(x, [2, 4]) for x in (logp, old, adv, mask, ref)), strict=False)
+    )
     assert abs((halves / 2 - full).item()) > 1e-6
 
 

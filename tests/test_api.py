@@ -6,8 +6,17 @@ import pytest
 
 import rpg
 
-MODULES = [rpg.kl, rpg.objectives, rpg.clipping, rpg.aggregation, rpg.advantages, rpg.logprobs,
-           rpg.presets, rpg.metrics, rpg.testing]
+MODULES = [
+    rpg.kl,
+    rpg.objectives,
+    rpg.clipping,
+    rpg.aggregation,
+    rpg.advantages,
+    rpg.logprobs,
+    rpg.presets,
+    rpg.metrics,
+    rpg.testing,
+]
 
 
 def test_all_names_exist():
@@ -44,14 +53,33 @@ def test_kernel_plumbing_is_private_and_no_design_citations_remain():
     import rpg.clipping
     import rpg.objectives
 
-    plumbing = {"kl_accumulate", "kl_grad_split", "branch_bounds", "out_of_band", "in_band", "NONE", "LOW",
-                "HIGH", "DUAL", "Spec", "TokenLoss", "token_loss", "clip_codes"}
+    plumbing = {
+        "kl_accumulate",
+        "kl_grad_split",
+        "branch_bounds",
+        "out_of_band",
+        "in_band",
+        "NONE",
+        "LOW",
+        "HIGH",
+        "DUAL",
+        "Spec",
+        "TokenLoss",
+        "token_loss",
+        "clip_codes",
+    }
     for module in (rpg, rpg.objectives, rpg.clipping, rpg.losses, rpg.metrics, rpg.functional):
         assert not plumbing & set(module.__all__), module.__name__
     assert {"KL_TERMS", "LossConfig", "RolloutCorrection", "policy_loss", "TrustRegion"} <= set(rpg.__all__)
     root = pathlib.Path(__file__).resolve().parent.parent
     outside = "DESIGN" + " §"  # a contract document outside the repository: the project cites docs/design.md
-    cited = [str(p) for d in ("rpg", "tests", "docs", "examples") for p in (root / d).rglob("*")
-             if p.suffix in (".py", ".md", ".ipynb") and p.name != "test_api.py" and p.name != "test_readme.py"
-             and outside in p.read_text(errors="ignore")]
+    cited = [
+        str(p)
+        for d in ("rpg", "tests", "docs", "examples")
+        for p in (root / d).rglob("*")
+        if p.suffix in (".py", ".md", ".ipynb")
+        and p.name != "test_api.py"
+        and p.name != "test_readme.py"
+        and outside in p.read_text(errors="ignore")
+    ]
     assert not cited, cited

@@ -76,8 +76,10 @@ def test_zero_advantage_is_never_counted_as_clipped():
 def test_differentiable_ppo_value_and_gradient_per_branch():
     """ℓ = max(−wA, −clip(w)A), dual for A<0; gradient −wA where unclipped, else 0 (β = 0)."""
     fn = rpg.RPGLoss("rkl", beta=0.0, clip=CLIP, agg="token-sum")
-    hand = {1.0: ([0.5, 0.9, 1.1, 1.28, 1.28], [True, True, True, False, False]),
-            -1.0: ([0.8, 0.9, 1.1, 1.5, 3.0], [False, True, True, True, False])}
+    hand = {
+        1.0: ([0.5, 0.9, 1.1, 1.28, 1.28], [True, True, True, False, False]),
+        -1.0: ([0.8, 0.9, 1.1, 1.5, 3.0], [False, True, True, True, False]),
+    }
     for sign, (m, unclipped) in hand.items():
         value, grad = _grad(fn, [math.log(w) for w in W], [sign] * 5)
         m, unclipped = torch.tensor(m, dtype=F64), torch.tensor(unclipped)
@@ -234,8 +236,10 @@ def test_trust_region_tv_masks_by_the_probability_difference_in_the_advantage_di
     from rpg.objectives import Ratios
 
     q = torch.tensor([0.05]).log()
-    assert rpg.clipping.codes(torch.tensor([0.02]), torch.tensor([-1.0]), rule,
-                              Ratios(q + math.log(0.02), q)).item() == NONE
+    assert (
+        rpg.clipping.codes(torch.tensor([0.02]), torch.tensor([-1.0]), rule, Ratios(q + math.log(0.02), q)).item()
+        == NONE
+    )
 
 
 def test_trust_region_kl_masks_by_the_binary_kl():

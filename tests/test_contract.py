@@ -3,13 +3,13 @@
 Only the public call contract (docs/design.md, “The call”) is used.  Every expected value is
 computed here from hand-written formulas or an exact tabular oracle.
 """
+
 import math
 
 import pytest
 import torch
 
 import rpg
-
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +20,10 @@ def _float64_default():
     yield
     torch.set_default_dtype(previous)
 
+
 DIVS = ["fkl", "rkl", "ufkl", "urkl"]
 STYLES = ["differentiable", "reinforce"]
-AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-        "seq-mean-token-sum-norm"]
+AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 BETA = 0.5
 
 
@@ -40,20 +40,24 @@ def parts(logp, old, ref):
 
 def g_formula(div, logp, old, ref, A, beta):
     """g = -dl/dlogp of the §3 table."""
-    w, logrho, rho, c = parts(logp, old, ref)
-    return {"fkl": w * A + beta * c,
-            "rkl": w * (A - beta * (logrho + 1)),
-            "ufkl": w * A - beta * (w - c),
-            "urkl": w * (A - beta * logrho)}[div]
+    w, logrho, _rho, c = parts(logp, old, ref)
+    return {
+        "fkl": w * A + beta * c,
+        "rkl": w * (A - beta * (logrho + 1)),
+        "ufkl": w * A - beta * (w - c),
+        "urkl": w * (A - beta * logrho),
+    }[div]
 
 
 def diff_value(div, logp, old, ref, A, beta):
     """Per-token loss of the differentiable style (§3 table)."""
     w, logrho, rho, c = parts(logp, old, ref)
-    return {"fkl": -w * A - beta * c * logp,
-            "rkl": -w * A + beta * w * logrho,
-            "ufkl": -w * A + beta * c * (rho - 1 - logrho),
-            "urkl": -w * A + beta * w * (1 / rho - 1 + logrho)}[div]
+    return {
+        "fkl": -w * A - beta * c * logp,
+        "rkl": -w * A + beta * w * logrho,
+        "ufkl": -w * A + beta * c * (rho - 1 - logrho),
+        "urkl": -w * A + beta * w * (1 / rho - 1 + logrho),
+    }[div]
 
 
 def kl_adv(div, logp, old, ref, beta):
@@ -77,8 +81,7 @@ def oracle_grads(div, style, clip, normalized, ref_differs, beta=BETA, seed=0):
     theta = theta0.clone().requires_grad_(True)
     lp = logpi(theta)
     fn = rpg.RPGLoss(div, style=style, beta=beta, clip=clip, agg="token-sum")
-    out = fn(lp[:, None], lold[:, None], R.clone(), torch.ones(K, 1),
-             ref_logp=lref[:, None] if ref_differs else None)
+    out = fn(lp[:, None], lold[:, None], R.clone(), torch.ones(K, 1), ref_logp=lref[:, None] if ref_differs else None)
     w = (lp - lold).exp().detach()
     surrogate = (lold.exp()[:, None] * out.per_token).sum()
     (g_sur,) = torch.autograd.grad(surrogate, theta)
@@ -113,8 +116,7 @@ def test_tabular_oracle_exact_gradient(div, style, clipped, ref_differs, normali
 
 def test_oracle_setup_discriminates_divergences():
     """Sanity of the oracle itself: the 4 true gradients differ (else test 1 could not fail)."""
-    for normalized, pairs in [(True, [("fkl", "rkl")]),
-                              (False, [("fkl", "ufkl"), ("rkl", "urkl"), ("fkl", "rkl")])]:
+    for normalized, pairs in [(True, [("fkl", "rkl")]), (False, [("fkl", "ufkl"), ("rkl", "urkl"), ("fkl", "rkl")])]:
         for a, b in pairs:
             ga = oracle_grads(a, "differentiable", None, normalized, True)[1]
             gb = oracle_grads(b, "differentiable", None, normalized, True)[1]
@@ -137,8 +139,7 @@ def test_per_token_values_and_grads(div, style):
     logp0, old, ref, A = random_batch()
     logp = logp0.clone().requires_grad_(True)
     mask = torch.ones_like(old)
-    out = rpg.RPGLoss(div, style=style, beta=BETA, clip=None, agg="token-sum")(
-        logp, old, A, mask, ref_logp=ref)
+    out = rpg.RPGLoss(div, style=style, beta=BETA, clip=None, agg="token-sum")(logp, old, A, mask, ref_logp=ref)
     g = g_formula(div, logp0, old, ref, A, BETA)
     expected = diff_value(div, logp0, old, ref, A, BETA) if style == "differentiable" else -g * logp0
     close(out.per_token.detach(), expected)
@@ -172,7 +173,7 @@ def clip_tokens(div, mismatch):
     rows = [(w, s) for w in W_GRID for s in (+0.7, -0.7)]
     T = len(rows) + (2 if mismatch else 0)
     old = -0.3 - 0.1 * torch.arange(T, dtype=torch.float64)
-    logw = torch.tensor([math.log(w) for w, _ in rows] + [math.log(0.6), math.log(1.6)][:T - len(rows)])
+    logw = torch.tensor([math.log(w) for w, _ in rows] + [math.log(0.6), math.log(1.6)][: T - len(rows)])
     logp = old + logw
     ref = old + logc
     ka = kl_adv(div, logp, old, ref, BETA)
@@ -189,15 +190,21 @@ def test_rpg_style_clip_reinforce_gradient(div):
     logp0, old, ref, A, Ap = clip_tokens(div, mismatch=True)
     logp = logp0.clone().requires_grad_(True)
     out = rpg.RPGLoss(div, style="reinforce", beta=BETA, clip=rpg.Clip(**CLIP), agg="token-sum")(
-        logp, old, A, torch.ones_like(old), ref_logp=ref)
+        logp, old, A, torch.ones_like(old), ref_logp=ref
+    )
     (grad,) = torch.autograd.grad(out.per_token.sum(), logp, retain_graph=True)
     w = (logp0 - old).exp()
     g = g_formula(div, logp0, old, ref, A, BETA)
     close(g / w, Ap)
     keep = torch.where(Ap >= 0, w < 1 + CLIP["high"], (w > 1 - CLIP["low"]) & (w < CLIP["dual"]))
     # every branch is exercised
-    for branch in [(Ap >= 0) & keep, (Ap >= 0) & ~keep, (Ap < 0) & keep,
-                   (Ap < 0) & (w < 1 - CLIP["low"]), (Ap < 0) & (w > CLIP["dual"])]:
+    for branch in [
+        (Ap >= 0) & keep,
+        (Ap >= 0) & ~keep,
+        (Ap < 0) & keep,
+        (Ap < 0) & (w < 1 - CLIP["low"]),
+        (Ap < 0) & (w > CLIP["dual"]),
+    ]:
         assert branch.any()
     close(grad, torch.where(keep, -g, torch.zeros_like(g)))
     (grad2,) = torch.autograd.grad(out.loss, logp)
@@ -209,7 +216,8 @@ def test_rpg_style_clip_reinforce_value_kept(div):
     """'Otherwise its gradient is 0 (value kept, detached)': value stays -g*logp everywhere."""
     logp, old, ref, A, _ = clip_tokens(div, mismatch=True)
     out = rpg.RPGLoss(div, style="reinforce", beta=BETA, clip=rpg.Clip(**CLIP), agg="token-sum")(
-        logp, old, A, torch.ones_like(old), ref_logp=ref)
+        logp, old, A, torch.ones_like(old), ref_logp=ref
+    )
     close(out.per_token.detach(), -g_formula(div, logp, old, ref, A, BETA) * logp)
 
 
@@ -222,7 +230,8 @@ def test_ppo_dual_clip_differentiable(div, dual):
     logp = logp0.clone().requires_grad_(True)
     clip = rpg.Clip(low=CLIP["low"], high=CLIP["high"], dual=dual)
     out = rpg.RPGLoss(div, style="differentiable", beta=BETA, clip=clip, agg="token-sum")(
-        logp, old, A, torch.ones_like(old), ref_logp=ref)
+        logp, old, A, torch.ones_like(old), ref_logp=ref
+    )
     (grad,) = torch.autograd.grad(out.per_token.sum(), logp)
     w = (logp0 - old).exp()
     dmax = dual if dual is not None else math.inf
@@ -245,8 +254,11 @@ def masked_batch(seed=7, B=6, T=7):
     return logp, old, ref, A, mask
 
 
-CONFIGS = [("urkl", "reinforce", rpg.Clip(**CLIP)), ("fkl", "differentiable", None),
-           ("rkl", "differentiable", rpg.Clip(**CLIP))]
+CONFIGS = [
+    ("urkl", "reinforce", rpg.Clip(**CLIP)),
+    ("fkl", "differentiable", None),
+    ("rkl", "differentiable", rpg.Clip(**CLIP)),
+]
 
 
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
@@ -264,8 +276,12 @@ def test_microbatch_invariance(agg, cfg):
     logp = logp0.clone().requires_grad_(True)
     total = 0.0
     for sl in (slice(0, 2), slice(2, 6)):
-        total = total + fn(logp[sl], old[sl], A[sl], mask[sl], ref_logp=ref[sl],
-                           batch_num_tokens=ntok, global_batch_size=nseq).loss
+        total = (
+            total
+            + fn(
+                logp[sl], old[sl], A[sl], mask[sl], ref_logp=ref[sl], batch_num_tokens=ntok, global_batch_size=nseq
+            ).loss
+        )
     (g_shard,) = torch.autograd.grad(total, logp)
     close(total, full, 1e-12)
     close(g_shard, g_full, 1e-12)
@@ -274,14 +290,16 @@ def test_microbatch_invariance(agg, cfg):
 @pytest.mark.parametrize("agg", AGGS[:4])
 def test_aggregation_values(agg):
     logp, old, ref, A, mask = masked_batch(seed=11)
-    out = rpg.RPGLoss("rkl", style="differentiable", beta=BETA, clip=None, agg=agg)(
-        logp, old, A, mask, ref_logp=ref)
+    out = rpg.RPGLoss("rkl", style="differentiable", beta=BETA, clip=None, agg=agg)(logp, old, A, mask, ref_logp=ref)
     pt = out.per_token.detach()
     assert (pt[mask == 0] == 0).all()
     close(pt[mask == 1], diff_value("rkl", logp, old, ref, A, BETA)[mask == 1])
-    expected = {"token-mean": pt.sum() / mask.sum(), "token-sum": pt.sum(),
-                "seq-mean-token-mean": (pt.sum(1) / mask.sum(1)).mean(),
-                "seq-mean-token-sum": pt.sum(1).mean()}[agg]
+    expected = {
+        "token-mean": pt.sum() / mask.sum(),
+        "token-sum": pt.sum(),
+        "seq-mean-token-mean": (pt.sum(1) / mask.sum(1)).mean(),
+        "seq-mean-token-sum": pt.sum(1).mean(),
+    }[agg]
     close(out.loss.detach(), expected)
 
 
@@ -320,8 +338,7 @@ def test_all_masked_batch(style, agg):
     logp0, old, ref, A = random_batch(seed=17)
     logp = logp0.clone().requires_grad_(True)
     mask = torch.zeros_like(old)
-    out = rpg.RPGLoss("urkl", style=style, beta=BETA, clip=rpg.Clip(**CLIP), agg=agg)(
-        logp, old, A, mask, ref_logp=ref)
+    out = rpg.RPGLoss("urkl", style=style, beta=BETA, clip=rpg.Clip(**CLIP), agg=agg)(logp, old, A, mask, ref_logp=ref)
     assert out.loss.item() == 0.0
     (grad,) = torch.autograd.grad(out.loss, logp, allow_unused=True)
     assert grad is None or (grad == 0).all()
@@ -331,8 +348,7 @@ def test_all_masked_batch(style, agg):
 ERR = (ValueError, TypeError)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(divergence="kl"), dict(style="ppo"), dict(agg="mean"), dict(beta=-0.1)])
+@pytest.mark.parametrize("kwargs", [dict(divergence="kl"), dict(style="ppo"), dict(agg="mean"), dict(beta=-0.1)])
 def test_bad_constructor_args(kwargs):
     args = dict(divergence="rkl", style="reinforce", beta=0.1, clip=None, agg="token-mean")
     args.update(kwargs)
@@ -341,9 +357,15 @@ def test_bad_constructor_args(kwargs):
         rpg.RPGLoss(div, **args)
 
 
-@pytest.mark.parametrize("clip_kwargs", [
-    dict(low=1.0, high=0.28, dual=3.0), dict(low=-0.1, high=0.28, dual=3.0),
-    dict(low=0.2, high=-0.1, dual=3.0), dict(low=0.2, high=0.28, dual=1.0)])
+@pytest.mark.parametrize(
+    "clip_kwargs",
+    [
+        dict(low=1.0, high=0.28, dual=3.0),
+        dict(low=-0.1, high=0.28, dual=3.0),
+        dict(low=0.2, high=-0.1, dual=3.0),
+        dict(low=0.2, high=0.28, dual=1.0),
+    ],
+)
 def test_bad_clip(clip_kwargs):
     with pytest.raises(ERR):
         clip = rpg.Clip(**clip_kwargs)

@@ -60,10 +60,7 @@ def leaf(x):
 
 def all_loss_classes(t):
     """Every loss class with β > 0 where it has one, so the KL term is exercised too."""
-    out = [
-        (f"RPGLoss-{d}-{s}", rpg.RPGLoss(d, style=s, beta=0.3))
-        for d, s in RPG_VARIANTS
-    ]
+    out = [(f"RPGLoss-{d}-{s}", rpg.RPGLoss(d, style=s, beta=0.3)) for d, s in RPG_VARIANTS]
     out += [
         ("GRPOLoss-unweighted", rpg.GRPOLoss(beta=0.2, importance_weighted_kl=False)),
         ("GRPOLoss-weighted", rpg.GRPOLoss(beta=0.2, importance_weighted_kl=True)),
@@ -241,8 +238,7 @@ def test_truncation_that_binds_is_biased_by_the_oracle():
     rho = (torch.log_softmax(p.theta_old, -1) - torch.log_softmax(p.theta_mu, -1)).exp()
     upper = float(rho.max()) * 0.6
     assert upper > float(rho.min())
-    fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.4, clip=None,
-                     correction=rpg.RolloutCorrection(upper=upper))
+    fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.4, clip=None, correction=rpg.RolloutCorrection(upper=upper))
     assert (p.expected_grad(fn) + p.objective_grad("rkl", 0.4)).abs().max() > 1e-4
 
 
@@ -314,8 +310,10 @@ class TwoStep:
 
 SEQ_LOSSES = [
     ("rpg-fkl-diff", lambda c: rpg.RPGLoss("fkl", beta=0.0, clip=None, agg="token-sum", correction=c)),
-    ("rpg-urkl-rf",
-     lambda c: rpg.RPGLoss("urkl", style="reinforce", beta=0.0, clip=None, agg="token-sum", correction=c)),
+    (
+        "rpg-urkl-rf",
+        lambda c: rpg.RPGLoss("urkl", style="reinforce", beta=0.0, clip=None, agg="token-sum", correction=c),
+    ),
     ("dapo", lambda c: rpg.DAPOLoss(agg="token-sum", correction=c)),
     ("cispo", lambda c: rpg.CISPOLoss(agg="token-sum", correction=c)),
 ]
@@ -350,8 +348,14 @@ def test_sequence_weight_turns_mu_expectation_into_old_expectation(d, s):
     """Off-policy (θ ≠ θ_old), β > 0, π_ref ≠ π_old: with the weight Π_t ρ_t on every token (PG and
     KL term), E_{y~μ}[Σ_t ∇ℓ′_t] = E_{y~π_old}[Σ_t ∇ℓ_t] exactly — i.e. the weight is π_old(y)/μ(y)."""
     p = TwoStep(seed=5)
-    seq = rpg.RPGLoss(d, style=s, beta=0.5, clip=None, agg="token-sum",
-                      correction=rpg.RolloutCorrection(level="sequence", **UNTRUNCATED))
+    seq = rpg.RPGLoss(
+        d,
+        style=s,
+        beta=0.5,
+        clip=None,
+        agg="token-sum",
+        correction=rpg.RolloutCorrection(level="sequence", **UNTRUNCATED),
+    )
     plain = rpg.RPGLoss(d, style=s, beta=0.5, clip=None, agg="token-sum")
     got = p.expected_grad(seq, on_policy=False)
     want = p.expected_grad(plain, on_policy=False, sample="old", pass_behavior=False)
@@ -377,8 +381,10 @@ def observed_weight(correction, old, beh, mask):
 
 
 LOG_RHO = torch.tensor(
-    [[math.log(0.1), math.log(0.5), 0.0, math.log(1.5), math.log(2.5), math.log(10.0)],
-     [math.log(0.3), math.log(0.8), math.log(1.2), math.log(3.0), 0.0, 0.0]],
+    [
+        [math.log(0.1), math.log(0.5), 0.0, math.log(1.5), math.log(2.5), math.log(10.0)],
+        [math.log(0.3), math.log(0.8), math.log(1.2), math.log(3.0), 0.0, 0.0],
+    ],
     dtype=F64,
 )
 CRAFT_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -432,10 +438,12 @@ def test_bounds_are_absolute_not_epsilon_offsets():
 
 
 SEQ_LOG_RHO = torch.tensor(
-    [[0.2, -0.1, 0.3, 0.0],     # 4 tokens: Π = e^{0.4}
-     [0.5, 0.6, 9.0, -7.0],     # 2 tokens (padding holds huge values): Π = e^{1.1}
-     [-0.9, -0.4, 0.1, 0.0],    # 3 tokens: Π = e^{-1.2}
-     [0.05, 0.0, 0.0, 0.0]],    # 1 token:  Π = e^{0.05}
+    [
+        [0.2, -0.1, 0.3, 0.0],  # 4 tokens: Π = e^{0.4}
+        [0.5, 0.6, 9.0, -7.0],  # 2 tokens (padding holds huge values): Π = e^{1.1}
+        [-0.9, -0.4, 0.1, 0.0],  # 3 tokens: Π = e^{-1.2}
+        [0.05, 0.0, 0.0, 0.0],
+    ],  # 1 token:  Π = e^{0.05}
     dtype=F64,
 )
 SEQ_MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
@@ -471,8 +479,9 @@ def test_sequence_mask_rejects_whole_sequences(lower, upper):
     if upper is not None:
         inside &= r <= upper
     want = torch.where(mask & inside[:, None], r[:, None].expand_as(old), torch.zeros_like(old))
-    w, _ = observed_weight(rpg.RolloutCorrection(level="sequence", mode="mask", lower=lower, upper=upper),
-                           old, beh, mask)
+    w, _ = observed_weight(
+        rpg.RolloutCorrection(level="sequence", mode="mask", lower=lower, upper=upper), old, beh, mask
+    )
     torch.testing.assert_close(w, want, **EXACT)
     assert (inside == False).any() and inside.any()  # noqa: E712 — the crafted band really splits
 
@@ -501,8 +510,7 @@ def test_padding_in_behavior_logp_is_inert(level, poison):
 def test_weight_never_receives_gradient(level):
     logp, old, ref, beh, adv, mask = make_batch(seed=12)
     old_l, beh_l = leaf(old), leaf(beh)
-    fn = rpg.RPGLoss("urkl", beta=0.3, clip=None,
-                     correction=rpg.RolloutCorrection(level=level, lower=0.5, upper=1.5))
+    fn = rpg.RPGLoss("urkl", beta=0.3, clip=None, correction=rpg.RolloutCorrection(level=level, lower=0.5, upper=1.5))
     out = fn(logp, old_l, adv, mask, ref_logp=ref, behavior_logp=beh_l)
     (out.loss + out.per_token.sum()).backward()
     for t in (old_l, beh_l):
@@ -535,11 +543,15 @@ def test_weight_multiplies_whole_per_token_loss(name, make):
     base = fn(logp, old, adv, mask, ref_logp=ref)
     out = fn(logp, old, adv, mask, ref_logp=ref, behavior_logp=beh)
     torch.testing.assert_close(out.per_token, wt * base.per_token, **EXACT)
-    torch.testing.assert_close(grad_of(out.per_token.sum(), logp),
-                               grad_of((wt * base.per_token).sum(), logp), **EXACT)
+    torch.testing.assert_close(grad_of(out.per_token.sum(), logp), grad_of((wt * base.per_token).sum(), logp), **EXACT)
     # loss keeps its own aggregation over the same counts
-    torch.testing.assert_close(out.loss, token_mean(wt * base.per_token, mask) if fn.agg == "token-mean"
-                               else seq_mean_token_mean(wt * base.per_token, mask), **EXACT)
+    torch.testing.assert_close(
+        out.loss,
+        token_mean(wt * base.per_token, mask)
+        if fn.agg == "token-mean"
+        else seq_mean_token_mean(wt * base.per_token, mask),
+        **EXACT,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,8 +566,9 @@ def test_default_correction_is_token_truncation_at_two(d, s):
     assert ((wt == 2.0) & mask).any() and ((wt < 1.0) & mask).any()
     default = rpg.RPGLoss(d, style=s, beta=0.3)
     explicit = rpg.RPGLoss(d, style=s, beta=0.3, correction=rpg.RolloutCorrection())
-    pinned = rpg.RPGLoss(d, style=s, beta=0.3,
-                         correction=rpg.RolloutCorrection(level="token", mode="truncate", lower=None, upper=2.0))
+    pinned = rpg.RPGLoss(
+        d, style=s, beta=0.3, correction=rpg.RolloutCorrection(level="token", mode="truncate", lower=None, upper=2.0)
+    )
     base = default(logp, old, adv, mask, ref_logp=ref)
     a = default(logp, old, adv, mask, ref_logp=ref, behavior_logp=beh)
     b = explicit(logp, old, adv, mask, ref_logp=ref, behavior_logp=beh)
@@ -635,7 +648,7 @@ def test_non_float_behavior_logp():
 
 
 def test_wrong_shape_weights_and_entropy():
-    logp, old, ref, beh, adv, mask = make_batch(seed=16)
+    logp, old, ref, _beh, adv, mask = make_batch(seed=16)
     fn = rpg.RPGLoss("rkl", beta=0.1)
     with pytest.raises(ValueError, match="weights"):
         fn(logp, old, adv, mask, ref_logp=ref, weights=torch.ones(3, dtype=F64))
@@ -650,7 +663,7 @@ def test_negative_entropy_coef():
 
 
 def test_entropy_coef_without_entropy_raises():
-    logp, old, ref, beh, adv, mask = make_batch(seed=16)
+    logp, old, _ref, _beh, adv, mask = make_batch(seed=16)
     fn = rpg.DAPOLoss(entropy_coef=0.01)
     with pytest.raises((ValueError, TypeError), match="entropy"):
         fn(logp, old, adv, mask)
@@ -681,7 +694,7 @@ def rand_weights(shape, seed=0, pad=None):
     ],
 )
 def test_weights_multiply_per_token_before_aggregation(agg, name, make):
-    logp, old, ref, beh, adv, mask = make_batch(seed=20)
+    logp, old, ref, _beh, adv, mask = make_batch(seed=20)
     fn = make(agg)
     w = rand_weights(old.shape, seed=1, pad=mask)  # NaN at padding
     w_leaf = w.clone().requires_grad_(True)
@@ -754,7 +767,7 @@ def make_entropy(shape, mask, seed=0, pad=float("nan")):
     ],
 )
 def test_entropy_bonus_value_and_gradient(agg, name, make):
-    logp, old, ref, beh, adv, mask = make_batch(b=5, t=6, seed=30)
+    logp, old, ref, _beh, adv, mask = make_batch(b=5, t=6, seed=30)
     coef = 0.07
     H = make_entropy(old.shape, mask, seed=1)  # NaN at padding must be inert
     base = make(agg, 0.0)(logp, old, adv, mask, ref_logp=ref)
@@ -787,8 +800,18 @@ def test_entropy_uses_global_counts_and_is_unweighted(agg):
     n_tok, n_seq = int(mask.sum()), mask.shape[0]
     total = 0
     for sl in (slice(0, 4), slice(4, 6)):
-        part = fn(logp[sl], old[sl], adv[sl], mask[sl], ref_logp=ref[sl], behavior_logp=beh[sl], weights=w[sl],
-                  entropy=H[sl], batch_num_tokens=n_tok, global_batch_size=n_seq)
+        part = fn(
+            logp[sl],
+            old[sl],
+            adv[sl],
+            mask[sl],
+            ref_logp=ref[sl],
+            behavior_logp=beh[sl],
+            weights=w[sl],
+            entropy=H[sl],
+            batch_num_tokens=n_tok,
+            global_batch_size=n_seq,
+        )
         total = total + part.loss
     torch.testing.assert_close(total, full.loss, **EXACT)
     gH_full = grad_of(full.loss, H)
@@ -801,7 +824,7 @@ def test_entropy_uses_global_counts_and_is_unweighted(agg):
 def test_per_token_aggregates_to_loss_with_entropy():
     """The call contract pins: aggregating per_token yourself gives the matching gradient. With an entropy
     bonus the token-mean of per_token must therefore carry the entropy's gradient too."""
-    logp, old, ref, beh, adv, mask = make_batch(b=5, t=6, seed=32)
+    logp, old, ref, _beh, adv, mask = make_batch(b=5, t=6, seed=32)
     H = make_entropy(old.shape, mask, seed=3)
     fn = rpg.RPGLoss("rkl", beta=0.2, entropy_coef=0.1, agg="token-mean")
     out = fn(logp, old, adv, mask, ref_logp=ref, entropy=H)
@@ -833,12 +856,16 @@ def test_rollout_corr_metrics_on_crafted_batch():
     assert math.isclose(met["rollout_corr/k3_kl"], float((rho - 1 - lr).mean()), rel_tol=0, abs_tol=1e-12)
     assert math.isclose(met["rollout_corr/chi2_token"], float((rho**2).mean() - 1), rel_tol=0, abs_tol=1e-10)
     applied = rho.clamp(max=upper)
-    assert math.isclose(met["rollout_corr/rollout_is_ratio_fraction_high"], float((rho > upper).sum()) / n, rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(
+        met["rollout_corr/rollout_is_ratio_fraction_high"], float((rho > upper).sum()) / n, rel_tol=0, abs_tol=1e-12
+    )
     assert math.isclose(met["rollout_corr/rollout_is_max"], float(applied.max()), rel_tol=0, abs_tol=1e-12)
     assert math.isclose(met["rollout_corr/rollout_is_mean"], float(applied.mean()), rel_tol=0, abs_tol=1e-12)
     ess = float(applied.sum() ** 2 / (n * (applied**2).sum()))
     assert math.isclose(met["rollout_corr/rollout_is_eff_sample_size"], ess, rel_tol=0, abs_tol=1e-12)
-    rows = [math.exp(float(beh[i][mask[i]].mean() - old[i][mask[i]].mean())) for i in range(old.shape[0]) if mask[i].any()]
+    rows = [
+        math.exp(float(beh[i][mask[i]].mean() - old[i][mask[i]].mean())) for i in range(old.shape[0]) if mask[i].any()
+    ]
     assert math.isclose(met["rollout_corr/ppl_ratio"], sum(rows) / len(rows), rel_tol=1e-12)  # verl's definition
     rho_seq = torch.where(mask, LOG_RHO, torch.zeros_like(LOG_RHO)).sum(-1).exp()
     assert math.isclose(met["rollout_corr/chi2_seq"], float((rho_seq**2).mean() - 1), rel_tol=1e-12)
@@ -851,7 +878,7 @@ def test_rollout_corr_rejection_metrics():
     fn = rpg.RPGLoss("rkl", beta=0.1, correction=rpg.RolloutCorrection(mode="mask", lower=0.4, upper=2.0))
     met = {k: float(v) for k, v in fn(logp, old, adv, mask, behavior_logp=beh).metrics.items()}
     lr = LOG_RHO[mask]
-    rejected = ((lr < math.log(0.4)) | (lr > math.log(2.0)))
+    rejected = (lr < math.log(0.4)) | (lr > math.log(2.0))
     assert math.isclose(met["rollout_corr/rollout_rs_masked_fraction"], float(rejected.double().mean()), abs_tol=1e-12)
     # row 0 has ρ = 0.1, 2.5, 10 rejected; row 1 has ρ = 0.3, 3.0 rejected: both sequences
     assert math.isclose(met["rollout_corr/rollout_rs_seq_masked_fraction"], 1.0, abs_tol=1e-12)

@@ -27,8 +27,9 @@ def test_token_weight_is_exact_under_a_behaviour_policy(div, style, normalized):
     p = T.random_problem(k=7, seed=3)
     mu = _mu(p.old_logits)
     fn = rpg.RPGLoss(div, style=style, beta=0.4, clip=None, correction=EXACT)
-    got = T.expected_gradient(fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits,
-                              behavior_logits=mu, normalized=normalized)
+    got = T.expected_gradient(
+        fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits, behavior_logits=mu, normalized=normalized
+    )
     want = -T.objective_gradient(div, p.logits, p.ref_logits, p.rewards, 0.4, normalized=normalized)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     # Without the correction the same samples give a wrong gradient: the test can fail.
@@ -53,14 +54,17 @@ def test_sequence_weight_is_exact_for_an_outcome_reward_and_the_token_weight_is_
     assert T.correction_bias(rpg.PolicyLoss(**base), p, mu, behavior=False) > 1e-2
 
 
-@pytest.mark.parametrize("name,fn", [
-    ("rpg", rpg.RPGLoss("urkl", style="reinforce", beta=0.2)),
-    ("grpo", rpg.GRPOLoss()),
-    ("gspo", rpg.GSPOLoss()),
-    ("cispo", rpg.CISPOLoss()),
-    ("dppo", rpg.DPPOLoss()),
-    ("seq-mask", rpg.DAPOLoss(correction=rpg.RolloutCorrection("sequence", "mask", 0.5, 2.0))),
-])
+@pytest.mark.parametrize(
+    "name,fn",
+    [
+        ("rpg", rpg.RPGLoss("urkl", style="reinforce", beta=0.2)),
+        ("grpo", rpg.GRPOLoss()),
+        ("gspo", rpg.GSPOLoss()),
+        ("cispo", rpg.CISPOLoss()),
+        ("dppo", rpg.DPPOLoss()),
+        ("seq-mask", rpg.DAPOLoss(correction=rpg.RolloutCorrection("sequence", "mask", 0.5, 2.0))),
+    ],
+)
 def test_behavior_equal_to_old_changes_nothing(name, fn):
     logp, old, adv, mask, ref = make_batch(4, 6, seed=7, ref=True)
     a = fn(logp, old, adv, mask, ref_logp=ref)
@@ -151,8 +155,9 @@ def test_default_correction_is_token_truncation_at_two():
     beh = old + torch.randn_like(old)
     fn = rpg.RPGLoss("urkl", style="reinforce")
     a = fn(logp, old, adv, mask, behavior_logp=beh)
-    b = fn.replace(correction=rpg.RolloutCorrection("token", "truncate", None, 2.0))(logp, old, adv, mask,
-                                                                                   behavior_logp=beh)
+    b = fn.replace(correction=rpg.RolloutCorrection("token", "truncate", None, 2.0))(
+        logp, old, adv, mask, behavior_logp=beh
+    )
     torch.testing.assert_close(a.per_token, b.per_token, rtol=0, atol=0)
     assert rpg.RolloutCorrection() == rpg.RolloutCorrection("token", "truncate", None, 2.0)
 
@@ -170,8 +175,17 @@ def test_rejected_tokens_in_or_out_of_the_denominator():
     assert keep.sum() == 7 and not keep[0, 0]
     # With count_rejected=False, global counts computed from keep() give shards that sum to the full batch.
     n = int(keep.sum())
-    shards = sum(drop(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], behavior_logp=beh[i:i + 1],
-                      batch_num_tokens=n).loss for i in range(2))
+    shards = sum(
+        drop(
+            logp[i : i + 1],
+            old[i : i + 1],
+            adv[i : i + 1],
+            mask[i : i + 1],
+            behavior_logp=beh[i : i + 1],
+            batch_num_tokens=n,
+        ).loss
+        for i in range(2)
+    )
     torch.testing.assert_close(shards, b.loss, rtol=0, atol=1e-14)
 
 
@@ -179,8 +193,9 @@ def test_metrics_report_the_mismatch():
     old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=F64)
     beh = torch.tensor([[-1.5, -1.0, -0.5]], dtype=F64)
     logp = old.clone().requires_grad_(True)
-    m = rpg.DAPOLoss(correction=rpg.RolloutCorrection(upper=1.5))(logp, old, torch.ones(1, dtype=F64),
-                                                                  behavior_logp=beh).metrics
+    m = rpg.DAPOLoss(correction=rpg.RolloutCorrection(upper=1.5))(
+        logp, old, torch.ones(1, dtype=F64), behavior_logp=beh
+    ).metrics
     log_rho = old - beh
     assert m["rollout_corr/kl"] == pytest.approx((-log_rho).mean().item())
     assert m["rollout_corr/k3_kl"] == pytest.approx((log_rho.exp() - 1 - log_rho).mean().item())
@@ -192,17 +207,20 @@ def test_metrics_report_the_mismatch():
     assert "rollout_corr/kl" not in rpg.DAPOLoss()(logp, old, torch.ones(1, dtype=F64)).metrics
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(level="seq"), ValueError, "level"),
-    (dict(mode="clip"), ValueError, "mode"),
-    (dict(lower=-0.1), ValueError, "lower"),
-    (dict(upper=0.0), ValueError, "upper"),
-    (dict(lower=3.0, upper=2.0), ValueError, "lower"),
-    (dict(upper=float("nan")), ValueError, "upper"),
-    (dict(upper="2"), TypeError, "upper"),
-    (dict(geo_lower=1.2, geo_upper=1.1), ValueError, "geo_lower"),
-    (dict(count_rejected=1), TypeError, "count_rejected"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(level="seq"), ValueError, "level"),
+        (dict(mode="clip"), ValueError, "mode"),
+        (dict(lower=-0.1), ValueError, "lower"),
+        (dict(upper=0.0), ValueError, "upper"),
+        (dict(lower=3.0, upper=2.0), ValueError, "lower"),
+        (dict(upper=float("nan")), ValueError, "upper"),
+        (dict(upper="2"), TypeError, "upper"),
+        (dict(geo_lower=1.2, geo_upper=1.1), ValueError, "geo_lower"),
+        (dict(count_rejected=1), TypeError, "count_rejected"),
+    ],
+)
 def test_bad_settings(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         rpg.RolloutCorrection(**kwargs)
@@ -228,7 +246,11 @@ def test_the_oracle_handles_a_sampler_without_full_support():
     seq = rpg.PolicyLoss(clip=None, agg="token-sum", correction=rpg.RolloutCorrection(level="sequence", upper=None))
     bias = T.correction_bias(seq, p, mu)
     assert math.isfinite(bias) and bias > 1e-3
-    got = T.expected_gradient(rpg.RPGLoss("rkl", beta=0.3, clip=None, correction=EXACT), p.logits[:4],
-                              p.old_logits[:4], p.rewards[:4], behavior_logits=torch.tensor(
-                                  [0.0, 0.0, 0.0, -float("inf")], dtype=F64))
+    got = T.expected_gradient(
+        rpg.RPGLoss("rkl", beta=0.3, clip=None, correction=EXACT),
+        p.logits[:4],
+        p.old_logits[:4],
+        p.rewards[:4],
+        behavior_logits=torch.tensor([0.0, 0.0, 0.0, -float("inf")], dtype=F64),
+    )
     assert torch.isfinite(got).all()

@@ -19,8 +19,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_quick_demo_runs_seeds_in_parallel_and_matches_a_serial_run(tmp_path):
     """The default path (two worker processes, one thread each) gives the numbers of the same runs in-process."""
-    out = subprocess.run([sys.executable, "-m", "rpg.demo", "--quick", "--workers", "2", "--out", str(tmp_path)],
-                         check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "rpg.demo", "--quick", "--workers", "2", "--out", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "demo.md").read_text()
     assert text.startswith("| loss | final reward |")

@@ -49,8 +49,15 @@ def _worker(rank, port, out_path):
             mine = theta[rows]
             # two micro-batches per rank: gradient accumulation is a plain sum too
             loss = sum(
-                fn(mine[i : i + 2], old[rows][i : i + 2], adv[rows][i : i + 2], mask[rows][i : i + 2],
-                   ref_logp=ref[rows][i : i + 2], batch_num_tokens=n_tok, global_batch_size=n_seq).loss
+                fn(
+                    mine[i : i + 2],
+                    old[rows][i : i + 2],
+                    adv[rows][i : i + 2],
+                    mask[rows][i : i + 2],
+                    ref_logp=ref[rows][i : i + 2],
+                    batch_num_tokens=n_tok,
+                    global_batch_size=n_seq,
+                ).loss
                 for i in (0, 2)
             )
             if mean_allreduce:  # DDP/FSDP average gradients: scale the loss by the world size first
@@ -74,8 +81,9 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out_path)
 
 
-@pytest.mark.parametrize("agg,style,mean_allreduce", CONFIGS,
-                         ids=[f"{a}-{s}-{'mean' if m else 'sum'}-allreduce" for a, s, m in CONFIGS])
+@pytest.mark.parametrize(
+    "agg,style,mean_allreduce", CONFIGS, ids=[f"{a}-{s}-{'mean' if m else 'sum'}-allreduce" for a, s, m in CONFIGS]
+)
 def test_two_ranks_equal_the_full_batch(two_rank_results, agg, style, mean_allreduce):
     grad, loss = two_rank_results[(agg, style, mean_allreduce)]
     logp, old, adv, mask, ref = _full_batch()

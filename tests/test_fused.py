@@ -22,8 +22,14 @@ needs_options = pytest.mark.skipif(not OPTIONS, reason="this rpg has no entropy_
 # and vocabulary blocks; the row-shard path (counts given) and the whole-batch path (counts not given);
 # masked positions skipped (the CPU default) or computed.
 CHUNKINGS = [
-    (None, None, False, None), (3, None, False, None), (1, 16, True, None), (7, None, True, False),
-    (13, 16, False, False), (13, None, True, None), (3, None, True, False), (4, None, False, True),
+    (None, None, False, None),
+    (3, None, False, None),
+    (1, 16, True, None),
+    (7, None, True, False),
+    (13, 16, False, False),
+    (13, None, True, None),
+    (3, None, True, False),
+    (4, None, False, True),
 ]
 
 
@@ -59,8 +65,9 @@ def make(seed=0, *, neg_inf_block=True, adv_shape="seq"):
 def reference(loss_fn, d, *, counts=None, options=(), advantages=...):
     """from_hidden + loss_fn with plain autograd: (output, (grad hidden, grad weight, grad bias))."""
     want_entropy = getattr(loss_fn, "entropy_coef", 0) > 0
-    lp = from_hidden(d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP,
-                     return_entropy=want_entropy)
+    lp = from_hidden(
+        d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP, return_entropy=want_entropy
+    )
     kw = dict(counts or {}, ref_logp=d["ref_logp"], **{k: d[k] for k in options})
     if want_entropy:
         lp, kw["entropy"] = lp
@@ -73,23 +80,43 @@ def fused(loss_fn, d, *, chunk_size=None, vocab_chunk_size=None, counts=None, op
     f = FusedLinearLoss(loss_fn, chunk_size, vocab_chunk_size, **extra)
     adv = d["advantages"] if advantages is ... else advantages
     kw = dict(counts or {}, **{k: d[k] for k in options})
-    return f(d["hidden"], d["weight"], d["tokens"], d["old_logp"], adv, d["mask"], bias=d["bias"], temperature=TEMP,
-             ref_logp=d["ref_logp"], **kw)
+    return f(
+        d["hidden"],
+        d["weight"],
+        d["tokens"],
+        d["old_logp"],
+        adv,
+        d["mask"],
+        bias=d["bias"],
+        temperature=TEMP,
+        ref_logp=d["ref_logp"],
+        **kw,
+    )
 
 
 def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
     for chunk_size, vocab_chunk_size, with_counts, skip_masked in chunkings:
         counts = {"batch_num_tokens": 17, "global_batch_size": 6} if with_counts else None
         ref, ref_grads = reference(loss_fn, d, counts=counts, options=options, advantages=advantages)
-        out = fused(loss_fn, d, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, counts=counts,
-                    options=options, advantages=advantages, skip_masked=skip_masked)
+        out = fused(
+            loss_fn,
+            d,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            counts=counts,
+            options=options,
+            advantages=advantages,
+            skip_masked=skip_masked,
+        )
         grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
-        where = (f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}, "
-                 f"skip={skip_masked}")
+        where = (
+            f"chunk_size={chunk_size}, vocab_chunk_size={vocab_chunk_size}, counts={with_counts}, skip={skip_masked}"
+        )
         torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12, msg=f"loss ({where})")
-        torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12,
-                                   msg=f"per_token ({where})")
-        for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(
+            out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12, msg=f"per_token ({where})"
+        )
+        for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=False):
             assert torch.isfinite(g).all(), f"grad {name} not finite ({where})"
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"grad {name} ({where})")
         assert out.metrics.keys() == ref.metrics.keys()
@@ -100,8 +127,9 @@ def assert_same(loss_fn, d, *, options=(), advantages=..., chunkings=CHUNKINGS):
 
 LOSSES = {
     **{f"rpg-{d}-{s}": rpg.RPGLoss(d, style=s, beta=0.1) for d in rpg.DIVERGENCES for s in rpg.STYLES},
-    **{f"rpg-{d}-{s}-noclip": rpg.RPGLoss(d, style=s, beta=0.1, clip=None)
-       for d in rpg.DIVERGENCES for s in rpg.STYLES},
+    **{
+        f"rpg-{d}-{s}-noclip": rpg.RPGLoss(d, style=s, beta=0.1, clip=None) for d in rpg.DIVERGENCES for s in rpg.STYLES
+    },
     "rpg-urkl-reinforce-truncate": rpg.RPGLoss("urkl", style="reinforce", beta=0.1, clip=rpg.Truncate(0.2, 0.5)),
     "rpg-rkl-fold": rpg.RPGLoss("rkl", beta=0.1, fold_kl=True),
     "grpo-k3": rpg.GRPOLoss(beta=0.1),
@@ -131,8 +159,14 @@ def test_on_policy_distillation_no_advantages():
 @pytest.mark.parametrize("ratio", rpg.RATIOS)
 def test_every_aggregation(agg, ratio):
     kl = "k3" if ratio == "token" else None  # GSPO's sequence ratio without a KL term
-    loss_fn = rpg.PolicyLoss(kl=kl, beta=0.1 if kl else 0.0, clip=rpg.Clip(0.2, 0.28, 3.0 if kl else None), agg=agg,
-                             ratio=ratio, max_len=9 if agg == "seq-mean-token-sum-norm" else None)
+    loss_fn = rpg.PolicyLoss(
+        kl=kl,
+        beta=0.1 if kl else 0.0,
+        clip=rpg.Clip(0.2, 0.28, 3.0 if kl else None),
+        agg=agg,
+        ratio=ratio,
+        max_len=9 if agg == "seq-mean-token-sum-norm" else None,
+    )
     assert_same(loss_fn, make(1))
 
 
@@ -142,12 +176,25 @@ def test_every_aggregation(agg, ratio):
     [
         pytest.param(lambda: rpg.DAPOLoss(entropy_coef=0.1), id="dapo-entropy"),
         pytest.param(lambda: rpg.GSPOLoss(clip=rpg.Clip(0.2, 0.2, None), entropy_coef=0.3), id="gspo-entropy"),
-        pytest.param(lambda: rpg.RPGLoss(
-            "urkl", style="reinforce", beta=0.1, agg="seq-mean-token-mean", entropy_coef=0.2,
-            correction=rpg.RolloutCorrection(level="sequence", lower=0.5, upper=2.0)),
-            id="urkl-seq-correction-entropy"),
-        pytest.param(lambda: rpg.RPGLoss("fkl", beta=0.1, correction=rpg.RolloutCorrection(
-            mode="mask", lower=0.8, upper=1.25, count_rejected=False)), id="fkl-mask-correction-uncounted"),
+        pytest.param(
+            lambda: rpg.RPGLoss(
+                "urkl",
+                style="reinforce",
+                beta=0.1,
+                agg="seq-mean-token-mean",
+                entropy_coef=0.2,
+                correction=rpg.RolloutCorrection(level="sequence", lower=0.5, upper=2.0),
+            ),
+            id="urkl-seq-correction-entropy",
+        ),
+        pytest.param(
+            lambda: rpg.RPGLoss(
+                "fkl",
+                beta=0.1,
+                correction=rpg.RolloutCorrection(mode="mask", lower=0.8, upper=1.25, count_rejected=False),
+            ),
+            id="fkl-mask-correction-uncounted",
+        ),
     ],
 )
 def test_weights_behaviour_policy_entropy(loss_fn):
@@ -170,7 +217,7 @@ def test_backward_scales_by_the_incoming_gradient():
     _, ref_grads = reference(loss_fn, d)
     out = fused(loss_fn, d, chunk_size=4)
     (-2.5 * out.loss).backward()
-    for name, r in zip(("hidden", "weight", "bias"), ref_grads):
+    for name, r in zip(("hidden", "weight", "bias"), ref_grads, strict=False):
         torch.testing.assert_close(d[name].grad, -2.5 * r, rtol=0, atol=1e-10)
 
 
@@ -182,8 +229,9 @@ def test_frozen_head_and_no_bias():
     lp = from_hidden(d["hidden"], d["weight"], d["tokens"], temperature=TEMP)
     ref = loss_fn(lp, d["old_logp"], d["advantages"], d["mask"])
     (g_ref,) = torch.autograd.grad(ref.loss, d["hidden"])
-    out = FusedLinearLoss(loss_fn, chunk_size=3)(d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"],
-                                                 d["mask"], temperature=TEMP)
+    out = FusedLinearLoss(loss_fn, chunk_size=3)(
+        d["hidden"], d["weight"], d["tokens"], d["old_logp"], d["advantages"], d["mask"], temperature=TEMP
+    )
     out.loss.backward()
     torch.testing.assert_close(d["hidden"].grad, g_ref, rtol=0, atol=1e-10)
     assert d["weight"].grad is None
@@ -230,7 +278,7 @@ def test_ignore_index():
     out = fused(loss_fn, d, chunk_size=3, ignore_index=-100)
     grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
     assert (grads[0][ignored] == 0).all() and (out.per_token[ignored] == 0).all()
     with pytest.raises(ValueError, match="ignore_index"):  # without ignore_index, -100 is an out-of-range id
@@ -249,7 +297,7 @@ def test_bf16_close_to_float32(monkeypatch):
     grads = torch.autograd.grad(out.loss, tuple(half.values()))
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss.double(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
-    for g, r, x in zip(grads, ref_grads, half.values()):
+    for g, r, _x in zip(grads, ref_grads, half.values(), strict=False):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
 
@@ -282,7 +330,7 @@ def test_large_odd_vocabulary_with_the_largest_logit_in_the_tail():
         out = FusedLinearLoss(loss_fn, chunk_size, vocab_chunk_size)(hidden, weight, tokens, old_logp, adv, bias=bias)
         grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
         torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
-        for gr, r in zip(grads, ref_grads):
+        for gr, r in zip(grads, ref_grads, strict=False):
             assert torch.isfinite(gr).all()
             torch.testing.assert_close(gr, r, rtol=0, atol=1e-10)
         assert grads[2][-3:].abs().sum() > 1e-3  # the tail's logits carry the gradient
@@ -316,18 +364,23 @@ def test_nan_hidden_states_at_padding_reach_no_gradient(skip_masked, chunk_size,
     clean = dict(d, hidden=d["hidden"].detach().masked_fill(masked.unsqueeze(-1), 0.0).requires_grad_(True))
     for loss_fn in (rpg.DAPOLoss(), rpg.DAPOLoss(entropy_coef=0.1) if OPTIONS else rpg.GRPOLoss(beta=0.1)):
         ref, ref_grads = reference(loss_fn, clean)
-        out = fused(loss_fn, dict(d, hidden=nan_hidden), chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-                    skip_masked=skip_masked)
+        out = fused(
+            loss_fn,
+            dict(d, hidden=nan_hidden),
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            skip_masked=skip_masked,
+        )
         grads = torch.autograd.grad(out.loss, (nan_hidden, d["weight"], d["bias"]))
         torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=False):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
     tokens = d["tokens"].masked_fill(masked, -100)  # the same positions marked by ignore_index instead
     f = FusedLinearLoss(rpg.DAPOLoss(), chunk_size, vocab_chunk_size, ignore_index=-100, skip_masked=skip_masked)
     out = f(nan_hidden, d["weight"], tokens, d["old_logp"], d["advantages"], bias=d["bias"], temperature=TEMP)
     ref, ref_grads = reference(rpg.DAPOLoss(), clean)
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
-    for g, r in zip(torch.autograd.grad(out.loss, (nan_hidden, d["weight"], d["bias"])), ref_grads):
+    for g, r in zip(torch.autograd.grad(out.loss, (nan_hidden, d["weight"], d["bias"])), ref_grads, strict=False):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
 
 
@@ -365,11 +418,19 @@ def test_chunk_plan():
     """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences; masked
     positions are skipped when asked."""
     full = torch.ones(2, 7, dtype=torch.bool)
-    assert _plan(rpg.DAPOLoss(), full, 3, False) == [((0, 3), 0, 1), ((3, 6), 0, 1), ((6, 9), 0, 2), ((9, 12), 1, 2),
-                                                     ((12, 14), 1, 2)]
+    assert _plan(rpg.DAPOLoss(), full, 3, False) == [
+        ((0, 3), 0, 1),
+        ((3, 6), 0, 1),
+        ((6, 9), 0, 2),
+        ((9, 12), 1, 2),
+        ((12, 14), 1, 2),
+    ]
     assert _plan(rpg.GSPOLoss(), full, 3, False) == [((0, 7), 0, 1), ((7, 14), 1, 2)]
     assert _plan(rpg.GSPOLoss(), torch.ones(5, 7, dtype=torch.bool), 15, False) == [
-        ((0, 14), 0, 2), ((14, 28), 2, 4), ((28, 35), 4, 5)]
+        ((0, 14), 0, 2),
+        ((14, 28), 2, 4),
+        ((28, 35), 4, 5),
+    ]
     keep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     assert _plan(rpg.DAPOLoss(), keep, 3, True) == [([0, 1, 8], 0, 3), ([9, 10], 2, 3)]
     assert _plan(rpg.GSPOLoss(), keep, 3, True) == [([0, 1], 0, 1), ([8, 9, 10], 2, 3)]
@@ -424,8 +485,22 @@ def test_benchmark_script_runs():
     import sys
 
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "fused_head.py"
-    args = ["--n", "64", "--seq-len", "16", "--h", "8", "--v", "300", "--runs", "1", "--threads", "1",
-            "--skip", "compiled=True"]
+    args = [
+        "--n",
+        "64",
+        "--seq-len",
+        "16",
+        "--h",
+        "8",
+        "--v",
+        "300",
+        "--runs",
+        "1",
+        "--threads",
+        "1",
+        "--skip",
+        "compiled=True",
+    ]
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| rpg FusedLinearLoss |" in out.stdout and "| rpg from_hidden + loss |" in out.stdout

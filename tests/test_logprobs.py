@@ -32,20 +32,22 @@ def test_chunked_equals_materialised_float64(chunks, temperature, entropy, bias)
     got = logprobs.from_hidden(hidden, weight, tokens, bias=b, **kw)
     want = _naive(hidden, weight, b, tokens, temperature, entropy)
     got, want = (got, want) if entropy else ((got,), (want,))
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
     g = torch.Generator().manual_seed(1)
     upstream = [torch.randn(x.shape, generator=g, dtype=F64) for x in got]
     params = [hidden, weight] + ([b] if bias else [])
-    g_got = torch.autograd.grad(sum((u * x).sum() for u, x in zip(upstream, got)), params)
-    g_want = torch.autograd.grad(sum((u * x).sum() for u, x in zip(upstream, want)), params)
-    for x, y in zip(g_got, g_want):
+    g_got = torch.autograd.grad(sum((u * x).sum() for u, x in zip(upstream, got, strict=False)), params)
+    g_want = torch.autograd.grad(sum((u * x).sum() for u, x in zip(upstream, want, strict=False)), params)
+    for x, y in zip(g_got, g_want, strict=False):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-10)
 
 
 def test_entropy_only_gradient():
     hidden, weight, b, tokens = _problem()
-    _, ent = logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=8, vocab_chunk_size=16, return_entropy=True)
+    _, ent = logprobs.from_hidden(
+        hidden, weight, tokens, bias=b, chunk_size=8, vocab_chunk_size=16, return_entropy=True
+    )
     _, ent_ref = _naive(hidden, weight, b, tokens, 1.0, True)
     (g1,) = torch.autograd.grad(ent.sum(), hidden)
     (g2,) = torch.autograd.grad(ent_ref.sum(), hidden)
@@ -66,7 +68,9 @@ def test_from_logits_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=F64))
     logp, ent = logprobs.from_logits(logits, torch.tensor([1]), return_entropy=True)
     assert logp.item() == pytest.approx(torch.log(torch.tensor(0.25)).item())
-    assert ent.item() == pytest.approx(-(0.5 * torch.log(torch.tensor(0.5)) + 0.5 * torch.log(torch.tensor(0.25))).item())
+    assert ent.item() == pytest.approx(
+        -(0.5 * torch.log(torch.tensor(0.5)) + 0.5 * torch.log(torch.tensor(0.25))).item()
+    )
 
 
 @pytest.mark.parametrize(
@@ -101,12 +105,12 @@ def test_minus_inf_logits_in_a_whole_block(entropy):
     got = logprobs.from_hidden(hidden, weight, tokens, bias=b, **kw)
     want = _naive(hidden, weight, b, tokens, 1.0, entropy)
     got, want = (got, want) if entropy else ((got,), (want,))
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
     g_got = torch.autograd.grad(sum(x.sum() for x in got), (hidden, weight))
     g_want = torch.autograd.grad(sum(torch.nan_to_num(y).sum() for y in want), (hidden, weight))
-    for x, y in zip(g_got, g_want):
+    for x, y in zip(g_got, g_want, strict=False):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-10)
 
 
@@ -132,8 +136,17 @@ def test_ignore_index_positions_give_zero_and_no_gradient(chunks):
     hidden = hidden.detach().clone()
     hidden[ignored] = float("nan")  # e.g. fully masked attention rows: must not reach any gradient
     hidden.requires_grad_(True)
-    logp, ent = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=0.8, chunk_size=chunks[0],
-                                     vocab_chunk_size=chunks[1], return_entropy=True, ignore_index=-100)
+    logp, ent = logprobs.from_hidden(
+        hidden,
+        weight,
+        tokens,
+        bias=b,
+        temperature=0.8,
+        chunk_size=chunks[0],
+        vocab_chunk_size=chunks[1],
+        return_entropy=True,
+        ignore_index=-100,
+    )
     assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
     # the other positions: exactly what the kept rows alone give
     keep = ~ignored
@@ -145,7 +158,7 @@ def test_ignore_index_positions_give_zero_and_no_gradient(chunks):
     got = torch.autograd.grad((u1 * logp + u2 * ent).sum(), (hidden, weight, b))
     want = torch.autograd.grad((u1[keep] * want_lp + u2[keep] * want_ent).sum(), (hidden, weight, b))
     assert (got[0][ignored] == 0).all()
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, torch.where(torch.isnan(y), 0, y), rtol=0, atol=1e-10)
 
@@ -177,9 +190,10 @@ def test_ignore_index_may_be_a_valid_id(ignore_index):
     hidden, weight, b, tokens = _problem(n=9, v=20, seed=4)
     tokens = tokens.clone()
     tokens[[1, 3]] = int(ignore_index)
-    for fn in (lambda **kw: logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=4, vocab_chunk_size=6,
-                                                 **kw),
-               lambda **kw: logprobs.from_logits(hidden @ weight.T + b, tokens, **kw)):
+    for fn in (
+        lambda **kw: logprobs.from_hidden(hidden, weight, tokens, bias=b, chunk_size=4, vocab_chunk_size=6, **kw),
+        lambda **kw: logprobs.from_logits(hidden @ weight.T + b, tokens, **kw),
+    ):
         got = fn(ignore_index=ignore_index)
         full = fn()
         ignored = tokens == int(ignore_index)
@@ -189,8 +203,10 @@ def test_ignore_index_may_be_a_valid_id(ignore_index):
 
 def test_minus_100_without_ignore_index_is_refused_with_a_hint():
     hidden, weight, _, tokens, _ = _with_ignored()
-    for call in (lambda: logprobs.from_hidden(hidden, weight, tokens),
-                 lambda: logprobs.from_logits(hidden @ weight.T, tokens)):
+    for call in (
+        lambda: logprobs.from_hidden(hidden, weight, tokens),
+        lambda: logprobs.from_logits(hidden @ weight.T, tokens),
+    ):
         with pytest.raises(ValueError, match=r"\[0, 50\).*ignore_index="):
             call()
     bad = tokens.clone()
@@ -200,10 +216,11 @@ def test_minus_100_without_ignore_index_is_refused_with_a_hint():
 
 
 def test_ignore_index_under_no_grad_and_bf16():
-    hidden, weight, b, tokens, ignored = _with_ignored()
+    hidden, weight, _b, tokens, ignored = _with_ignored()
     with torch.no_grad():
-        logp = logprobs.from_hidden(hidden.bfloat16(), weight.bfloat16(), tokens, chunk_size=4, vocab_chunk_size=7,
-                                    ignore_index=-100)
+        logp = logprobs.from_hidden(
+            hidden.bfloat16(), weight.bfloat16(), tokens, chunk_size=4, vocab_chunk_size=7, ignore_index=-100
+        )
     assert logp.dtype == torch.float32 and (logp[ignored] == 0).all() and torch.isfinite(logp).all()
     want = _naive(hidden.bfloat16().float(), weight.bfloat16().float(), None, tokens.clamp(min=0), 1.0, False)
     torch.testing.assert_close(logp[~ignored], want[~ignored], rtol=1e-5, atol=1e-5)
@@ -212,13 +229,19 @@ def test_ignore_index_under_no_grad_and_bf16():
 def test_numpy_and_tensor_scalars_are_numbers():
     hidden, weight, b, tokens = _problem(seed=5)
     want = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=0.5, chunk_size=5, vocab_chunk_size=9)
-    for t, c, vc in [(np.float32(0.5), np.int64(5), np.int32(9)),
-                     (torch.tensor(0.5), torch.tensor(5), torch.tensor([9])),
-                     (np.float64(0.5), 5, np.int16(9))]:
+    for t, c, vc in [
+        (np.float32(0.5), np.int64(5), np.int32(9)),
+        (torch.tensor(0.5), torch.tensor(5), torch.tensor([9])),
+        (np.float64(0.5), 5, np.int16(9)),
+    ]:
         got = logprobs.from_hidden(hidden, weight, tokens, bias=b, temperature=t, chunk_size=c, vocab_chunk_size=vc)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        torch.testing.assert_close(logprobs.from_logits(hidden @ weight.T + b, tokens, temperature=t),
-                                   _naive(hidden, weight, b, tokens, 0.5, False), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            logprobs.from_logits(hidden @ weight.T + b, tokens, temperature=t),
+            _naive(hidden, weight, b, tokens, 0.5, False),
+            rtol=0,
+            atol=1e-12,
+        )
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,14 @@ def _fns(tokens, cfg):
     temperature, ignore = cfg.pop("temperature", 1.0), cfg.pop("ignore_index", None)
 
     def chunked(h, w, b):
-        return logprobs.from_hidden(h, w, tokens, bias=b, temperature=temperature, return_entropy=True,
-                                    ignore_index=ignore, **cfg)
+        return logprobs.from_hidden(
+            h, w, tokens, bias=b, temperature=temperature, return_entropy=True, ignore_index=ignore, **cfg
+        )
 
     def materialised(h, w, b):
-        return logprobs.from_logits(h @ w.T + b, tokens, temperature=temperature, return_entropy=True,
-                                    ignore_index=ignore)
+        return logprobs.from_logits(
+            h @ w.T + b, tokens, temperature=temperature, return_entropy=True, ignore_index=ignore
+        )
 
     return chunked, materialised
 
@@ -77,9 +79,9 @@ def test_hessian_vector_product_is_exact(name):
     for fn in _fns(tokens, cfg):
         ps = [p.clone().requires_grad_(True) for p in params]
         grads = torch.autograd.grad(_loss(fn, *ps), ps, create_graph=True)
-        hvp = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vecs)), ps)
+        hvp = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vecs, strict=False)), ps)
         results.append(hvp)
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=False):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, **TOL)
         assert want.abs().max() > 1e-3  # not trivially zero
@@ -94,7 +96,7 @@ def test_third_derivatives_are_exact(name):
         (g1,) = torch.autograd.grad(_loss(fn, h, w, b), (h,), create_graph=True)
         (g2,) = torch.autograd.grad(g1.sin().sum(), (w,), create_graph=True)
         results.append(torch.autograd.grad((g2**2).sum(), (h, w, b)))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
         assert want.abs().max() > 1e-3
 
@@ -105,8 +107,9 @@ def test_gradgradcheck():
     tokens4 = tokens[:4] % 4
 
     def f(h, w, b):
-        return logprobs.from_hidden(h, w, tokens4, bias=b, temperature=0.7, chunk_size=3, vocab_chunk_size=3,
-                                    return_entropy=True)
+        return logprobs.from_hidden(
+            h, w, tokens4, bias=b, temperature=0.7, chunk_size=3, vocab_chunk_size=3, return_entropy=True
+        )
 
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
@@ -119,11 +122,11 @@ def test_torch_func_grad_and_jacrev(name):
     for argnums in (0, 1, 2, (0, 1, 2)):
         got = torch.func.grad(lambda *p: _loss(chunked, *p), argnums=argnums)(*params)
         want = torch.func.grad(lambda *p: _loss(materialised, *p), argnums=argnums)(*params)
-        for x, y in zip(tree_leaves(got), tree_leaves(want)):
+        for x, y in zip(tree_leaves(got), tree_leaves(want), strict=False):
             torch.testing.assert_close(x, y, **TOL)
         got = torch.func.jacrev(lambda *p: chunked(*p), argnums=argnums)(*params)
         want = torch.func.jacrev(lambda *p: materialised(*p), argnums=argnums)(*params)
-        for x, y in zip(tree_leaves(got), tree_leaves(want)):
+        for x, y in zip(tree_leaves(got), tree_leaves(want), strict=False):
             torch.testing.assert_close(torch.nan_to_num(x), torch.nan_to_num(y), **TOL)
 
 
@@ -135,18 +138,18 @@ def test_forward_mode_jvp_and_jacfwd(name):
     tangents = tuple(torch.randn(p.shape, generator=g, dtype=F64) for p in params)
     _, got = torch.func.jvp(chunked, params, tangents)
     _, want_jvp = torch.func.jvp(materialised, params, tangents)
-    for x, y in zip(got, want_jvp):
+    for x, y in zip(got, want_jvp, strict=False):
         torch.testing.assert_close(x, y, **TOL)
     for argnums in (0, 1, 2):
         got = torch.func.jacfwd(lambda *p: chunked(*p), argnums=argnums)(*params)
         want = torch.func.jacfwd(lambda *p: materialised(*p), argnums=argnums)(*params)
-        for x, y in zip(got, want):
+        for x, y in zip(got, want, strict=False):
             torch.testing.assert_close(x, y, **TOL)
     # torch.autograd.forward_ad (dual tensors) goes through the same rule
     with fwAD.dual_level():
-        duals = [fwAD.make_dual(p, t) for p, t in zip(params, tangents)]
+        duals = [fwAD.make_dual(p, t) for p, t in zip(params, tangents, strict=False)]
         got = [fwAD.unpack_dual(x).tangent for x in chunked(*duals)]
-    for x, y in zip(got, want_jvp):
+    for x, y in zip(got, want_jvp, strict=False):
         torch.testing.assert_close(x, y, **TOL)
 
 
@@ -158,7 +161,7 @@ def test_torch_func_hessian(name):
     for argnums in (0, 1, 2, (0, 1)):
         got = torch.func.hessian(lambda *p: _loss(chunked, *p), argnums=argnums)(*params)
         want = torch.func.hessian(lambda *p: _loss(materialised, *p), argnums=argnums)(*params)
-        for x, y in zip(tree_leaves(got), tree_leaves(want)):
+        for x, y in zip(tree_leaves(got), tree_leaves(want), strict=False):
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
     got = torch.func.jacrev(torch.func.jacrev(lambda h: _loss(chunked, h, *params[1:])))(params[0])
     want = torch.func.hessian(lambda h: _loss(materialised, h, *params[1:]))(params[0])
@@ -178,20 +181,21 @@ def test_vmap(batched):
     ts[:, 2] = -100
     args = [hidden, weight, bias, tokens]
     dims = [None, None, None, None]
-    for i, (name, x) in enumerate(zip(("hidden", "weight", "bias", "tokens"), (hs, ws, bs, ts))):
+    for i, (name, x) in enumerate(zip(("hidden", "weight", "bias", "tokens"), (hs, ws, bs, ts), strict=False)):
         if name in batched or batched == "all":
             args[i], dims[i] = x, 0
 
     def chunked(h, w, b, t):
-        return logprobs.from_hidden(h, w, t, bias=b, chunk_size=3, vocab_chunk_size=4, return_entropy=True,
-                                    ignore_index=-100)
+        return logprobs.from_hidden(
+            h, w, t, bias=b, chunk_size=3, vocab_chunk_size=4, return_entropy=True, ignore_index=-100
+        )
 
     def materialised(h, w, b, t):
         return logprobs.from_logits(h @ w.T + b, t, return_entropy=True, ignore_index=-100)
 
     got = torch.func.vmap(chunked, in_dims=tuple(dims))(*args)
     want = torch.func.vmap(materialised, in_dims=tuple(dims))(*args)
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         assert x.shape == (k, *tokens.shape)
         torch.testing.assert_close(x, y, **TOL)
 
@@ -206,13 +210,16 @@ def test_per_example_gradients():
     def loss(fn):
         return lambda w, b, h, t: (fn(h, w, b, t)[0] ** 2).sum()
 
-    chunked = lambda h, w, b, t: logprobs.from_hidden(h, w, t, bias=b, chunk_size=2, vocab_chunk_size=4,  # noqa: E731
-                                                      return_entropy=True)
-    materialised = lambda h, w, b, t: logprobs.from_logits(h @ w.T + b, t, return_entropy=True)  # noqa: E731
+    def chunked(h, w, b, t):
+        return logprobs.from_hidden(h, w, t, bias=b, chunk_size=2, vocab_chunk_size=4, return_entropy=True)
+
+    def materialised(h, w, b, t):
+        return logprobs.from_logits(h @ w.T + b, t, return_entropy=True)
+
     per_example = torch.func.vmap(torch.func.grad(loss(chunked), argnums=(0, 1)), in_dims=(None, None, 0, 0))
     want_fn = torch.func.vmap(torch.func.grad(loss(materialised), argnums=(0, 1)), in_dims=(None, None, 0, 0))
     got, want = per_example(weight, bias, hs, ts), want_fn(weight, bias, hs, ts)
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=False):
         assert x.shape[0] == 4
         torch.testing.assert_close(x, y, **TOL)
 

@@ -228,7 +228,11 @@ def test_numpy_scalars_are_accepted():
         (dict(logp=torch.zeros(4, 6, dtype=torch.long)), TypeError, "logp must be a floating-point"),
         (dict(logp=[[0.0]]), TypeError, "logp must be a torch.Tensor"),
         (dict(logp=torch.zeros(4, 6, 1, dtype=F64)), ValueError, r"logp must have shape \[B, T\]"),
-        (dict(old_logp=torch.zeros(4, 5, dtype=F64)), ValueError, r"old_logp has shape \(4, 5\) but logp has shape \(4, 6\)"),
+        (
+            dict(old_logp=torch.zeros(4, 5, dtype=F64)),
+            ValueError,
+            r"old_logp has shape \(4, 5\) but logp has shape \(4, 6\)",
+        ),
         (dict(ref_logp=torch.zeros(3, 6, dtype=F64)), ValueError, r"ref_logp has shape \(3, 6\)"),
         (dict(mask=torch.ones(4, 7, dtype=torch.bool)), ValueError, r"mask has shape \(4, 7\)"),
         (dict(advantages=torch.zeros(4, 6, 1, dtype=F64)), ValueError, r"advantages must have shape \[B\] = \(4,\)"),

@@ -50,7 +50,9 @@ def _same(stored: str, new: str) -> bool:
     a, b = [[float(x) for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", s)] for s in (stored, new)]
     if len(a) != len(b) or not a:
         return False
-    return all((x < EXACT and y < EXACT) or abs(x - y) <= 0.006 * max(abs(x), abs(y)) for x, y in zip(a, b))
+    return all(
+        (x < EXACT and y < EXACT) or abs(x - y) <= 0.006 * max(abs(x), abs(y)) for x, y in zip(a, b, strict=False)
+    )
 
 
 def test_stored_tables_equal_a_fresh_run(fresh):
@@ -64,7 +66,7 @@ def test_stored_tables_equal_a_fresh_run(fresh):
         stored = _cells((gen.OUT / name).read_text())
         new = _cells(text)
         assert len(stored) == len(new), f"{name}: run `python examples/rollout_correction_bias.py --write`"
-        for s_row, n_row in zip(stored, new):
+        for s_row, n_row in zip(stored, new, strict=False):
             assert len(s_row) == len(n_row) and all(map(_same, s_row, n_row)), (name, s_row, n_row)
 
 
@@ -103,12 +105,17 @@ def test_bias_claims(fresh):
     for e in FULL_SUPPORT:
         assert table["mismatch"][e][1] == 0
         assert hi["sequence Π_t ρ_t, exact"][e] < EXACT
-        for label in ("none (μ taken for π_old)", "token ρ_t, exact", "token, truncate ≤ 2 (default)",
-                      "prefix product Π_{s≤t} ρ_s"):
+        for label in (
+            "none (μ taken for π_old)",
+            "token ρ_t, exact",
+            "token, truncate ≤ 2 (default)",
+            "prefix product Π_{s≤t} ρ_s",
+        ):
             assert lo[label][e] > 1e-5, (label, e)  # biased on every problem
         # the prefix product beats the token weight, and the token weight no weight at all
-        prefix, token, none = (mean[k][e] for k in ("prefix product Π_{s≤t} ρ_s", "token ρ_t, exact",
-                                                     "none (μ taken for π_old)"))
+        prefix, token, none = (
+            mean[k][e] for k in ("prefix product Π_{s≤t} ρ_s", "token ρ_t, exact", "none (μ taken for π_old)")
+        )
         assert prefix < token < none
     for e in SUPPORT_MISMATCH:  # no weight corrects responses μ never samples
         assert table["mismatch"][e][1] > 0

@@ -24,8 +24,9 @@ def test_notebook_executes(path):
         pytest.importorskip("trl", reason="the trl extra is not installed")
     nb = nbformat.read(path, as_version=4)
     assert any(o for c in nb.cells for o in c.get("outputs", [])), "stored without outputs"
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    ).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
 
@@ -40,8 +41,11 @@ def test_stored_outputs_are_clean(path):
     nb = json.loads(path.read_text())
     for i, cell in enumerate(nb["cells"]):
         for out in cell.get("outputs", []):
-            text = "".join(out.get("text", "")) if out["output_type"] == "stream" else \
-                "".join(out.get("data", {}).get("text/plain", ""))
+            text = (
+                "".join(out.get("text", ""))
+                if out["output_type"] == "stream"
+                else "".join(out.get("data", {}).get("text/plain", ""))
+            )
             assert out["output_type"] != "error" and out.get("name") != "stderr", (i, out)
             assert not DIRTY.search(text), (i, text[:300])
 
@@ -49,9 +53,22 @@ def test_stored_outputs_are_clean(path):
 def test_a_notebook_executes_with_nbconvert(tmp_path):
     """The `notebooks` extra runs them the usual way: `jupyter nbconvert --to notebook --execute`."""
     pytest.importorskip("nbconvert", reason="the notebooks extra is not installed")
-    out = subprocess.run([sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute",
-                          "--output-dir", str(tmp_path), str(EXAMPLES / "advantage_normalisation.ipynb")],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--output-dir",
+            str(tmp_path),
+            str(EXAMPLES / "advantage_normalisation.ipynb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     executed = json.loads((tmp_path / "advantage_normalisation.ipynb").read_text())
     assert any(o.get("output_type") == "stream" for c in executed["cells"] for o in c.get("outputs", []))

@@ -48,8 +48,10 @@ def test_expected_gradient_is_exact(div, style, clip, separate_ref, normalized, 
 def test_the_oracle_separates_the_divergences(normalized):
     """Each loss is *not* exact for the other directions: the test above can fail."""
     p = _problem(3, normalized)
-    grads = {d: -T.objective_gradient(d, p.logits, p.ref_logits, p.rewards, BETA, normalized=normalized)
-             for d in rpg.DIVERGENCES}
+    grads = {
+        d: -T.objective_gradient(d, p.logits, p.ref_logits, p.rewards, BETA, normalized=normalized)
+        for d in rpg.DIVERGENCES
+    }
     assert (grads["fkl"] - grads["rkl"]).abs().max() > 1e-2
     if normalized:  # mass terms vanish: the normalized and unnormalized objectives coincide
         torch.testing.assert_close(grads["fkl"], grads["ufkl"], rtol=0, atol=1e-12)
@@ -57,11 +59,17 @@ def test_the_oracle_separates_the_divergences(normalized):
         assert (grads["fkl"] - grads["ufkl"]).abs().max() > 1e-2
         assert (grads["rkl"] - grads["urkl"]).abs().max() > 1e-2
     for div in rpg.DIVERGENCES:
-        got = T.expected_gradient(rpg.RPGLoss(div, beta=BETA, clip=None), p.logits, p.old_logits, p.rewards,
-                                  ref_logits=p.ref_logits, normalized=normalized)
+        got = T.expected_gradient(
+            rpg.RPGLoss(div, beta=BETA, clip=None),
+            p.logits,
+            p.old_logits,
+            p.rewards,
+            ref_logits=p.ref_logits,
+            normalized=normalized,
+        )
         for other in rpg.DIVERGENCES:
             if (got - grads[other]).abs().max() < 1e-10:
-                assert normalized and other[-3:] == div[-3:] or other == div
+                assert (normalized and other[-3:] == div[-3:]) or other == div
 
 
 @pytest.mark.parametrize("div", rpg.DIVERGENCES)

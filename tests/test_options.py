@@ -46,7 +46,7 @@ def test_weights_and_entropy_against_plain_autograd(agg, style):
     torch.testing.assert_close(out.loss, want, rtol=0, atol=1e-12)
     got = torch.autograd.grad(out.loss, [logp, entropy])
     exp = torch.autograd.grad(want, [logp, entropy])
-    for a, b in zip(got, exp):
+    for a, b in zip(got, exp, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert out.metrics["entropy/mean"] == pytest.approx(entropy[mask].mean().item())
 
@@ -88,7 +88,7 @@ def test_shards_with_global_counts_sum_to_the_full_batch(agg):
     torch.testing.assert_close(total, full.loss, rtol=0, atol=1e-13)
     ga = torch.autograd.grad(full.loss, [logp, entropy])
     gb = torch.autograd.grad(total, [logp, entropy])
-    for a, b in zip(ga, gb):
+    for a, b in zip(ga, gb, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
@@ -113,5 +113,6 @@ def test_entropy_errors():
 def test_advantages_of_shape_b_by_one_equal_b():
     logp, old, adv, mask, _ = make_batch(3, 4, seed=25)
     fn = rpg.RPGLoss("rkl", beta=0.1)
-    torch.testing.assert_close(fn(logp, old, adv[:, None], mask).per_token, fn(logp, old, adv, mask).per_token,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        fn(logp, old, adv[:, None], mask).per_token, fn(logp, old, adv, mask).per_token, rtol=0, atol=0
+    )

@@ -1,6 +1,5 @@
 """rpg.presets: each preset's value against its paper's formula, and the gradient it follows (exact oracle)."""
 
-
 import pytest
 import torch
 
@@ -159,9 +158,16 @@ def test_distillation_accepts_no_advantages():
     torch.testing.assert_close(out.loss, zero.loss, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fn", [rpg.DAPOLoss(clip=None), rpg.REINFORCEPlusPlusLoss(clip=None),
-                                rpg.CISPOLoss(clip=None), rpg.DrGRPOLoss(max_len=4, clip=None)],
-                         ids=lambda f: type(f).__name__)
+@pytest.mark.parametrize(
+    "fn",
+    [
+        rpg.DAPOLoss(clip=None),
+        rpg.REINFORCEPlusPlusLoss(clip=None),
+        rpg.CISPOLoss(clip=None),
+        rpg.DrGRPOLoss(max_len=4, clip=None),
+    ],
+    ids=lambda f: type(f).__name__,
+)
 def test_kl_free_presets_follow_the_reward_gradient_off_policy(fn):
     p = T.random_problem(k=6, seed=9, scale=0.6)
     got = T.expected_gradient(fn, p.logits, p.old_logits, p.rewards)
@@ -190,8 +196,10 @@ def test_metric_global_means_sum_over_micro_batches():
     fn = rpg.GRPOLoss(beta=0.1)
     n = mask.sum()
     full = fn(logp, old, adv, mask, ref_logp=ref).metrics
-    parts = [fn(*(x[i : i + 3] for x in (logp, old, adv, mask)), ref_logp=ref[i : i + 3], batch_num_tokens=n).metrics
-             for i in (0, 3)]
+    parts = [
+        fn(*(x[i : i + 3] for x in (logp, old, adv, mask)), ref_logp=ref[i : i + 3], batch_num_tokens=n).metrics
+        for i in (0, 3)
+    ]
     for key in ("ratio/mean", "clip_frac", "kl/ref_k3", "kl/term"):
         assert parts[0][key] + parts[1][key] == pytest.approx(full[key], rel=1e-12)
 
@@ -217,7 +225,7 @@ def test_preset_errors(make, exc, match):
 
 
 def test_local_metrics_ignore_global_counts():
-    logp, old, adv, mask, ref = make_batch(seed=12)
+    logp, old, adv, mask, _ref = make_batch(seed=12)
     fn = rpg.DAPOLoss()
     local = fn(logp, old, adv, mask).metrics
     out = fn(logp, old, adv, mask, batch_num_tokens=1000)
@@ -234,8 +242,12 @@ def test_kl_metrics_are_unbiased_off_policy():
     out = rpg.DAPOLoss()(logp, old, torch.zeros(7, dtype=F64), ref_logp=ref)
     lw, lr = logp - old, logp - ref
     w = lw.exp()
-    terms = {"kl/old_k1": w * lw, "kl/old_k3": w * (torch.expm1(-lw) + lw), "kl/ref_k1": w * lr,
-             "kl/ref_k3": w * (torch.expm1(-lr) + lr)}
+    terms = {
+        "kl/old_k1": w * lw,
+        "kl/old_k3": w * (torch.expm1(-lw) + lw),
+        "kl/ref_k1": w * lr,
+        "kl/ref_k3": w * (torch.expm1(-lr) + lr),
+    }
     drift, to_ref = kl(logp[:, 0], old[:, 0]), kl(logp[:, 0], ref[:, 0])
     truth = {"kl/old_k1": drift, "kl/old_k3": drift, "kl/ref_k1": to_ref, "kl/ref_k3": to_ref}
     for key, term in terms.items():

@@ -111,10 +111,12 @@ def edge_cases(draw):
 
 
 @SETTINGS
-@given(edge_cases(), st.sampled_from(rpg.DIVERGENCES), st.sampled_from([rpg.Clip(), rpg.TrustRegion(0.2, 0.2, cap=10.0)]))
+@given(
+    edge_cases(), st.sampled_from(rpg.DIVERGENCES), st.sampled_from([rpg.Clip(), rpg.TrustRegion(0.2, 0.2, cap=10.0)])
+)
 def test_reinforce_with_a_clip_is_finite_for_minus_inf_and_overflowing_ratios(case, div, clip):
     """RPG-Style Clip / trust region, float32 log-ratios to ±100 and −∞ log-probs: loss and gradient finite."""
-    logp, old, ref, adv, mask, dtype = case
+    logp, old, _ref, adv, mask, dtype = case
     leaf = logp.to(dtype).requires_grad_(True)
     out = rpg.RPGLoss(div, style="reinforce", beta=0.1, clip=clip)(leaf, old.to(dtype), adv.to(dtype), mask)
     (grad,) = torch.autograd.grad(out.loss, leaf)
@@ -135,8 +137,10 @@ def test_minus_inf_log_probs_never_give_nan(case, div, style):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(["beta", "clip", "agg", "style", "kl", "correction", "entropy_coef", "importance_weighted_kl"]),
-       st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans()))
+@given(
+    st.sampled_from(["beta", "clip", "agg", "style", "kl", "correction", "entropy_coef", "importance_weighted_kl"]),
+    st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans()),
+)
 def test_no_setting_can_be_mutated_after_construction(attr, value):
     fn = rpg.GRPOLoss(importance_weighted_kl=True)
     before = fn.loss_config

@@ -74,20 +74,34 @@ def test_trl_excerpt_runs_with_a_tiny_model(page, tmp_path, monkeypatch):
 
     (block,) = _excerpts(page.read_text(), "RPGGRPOTrainer")
     real = trl.GRPOConfig
-    cpu = dict(use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=4, num_generations=4,
-               max_completion_length=6, report_to="none", save_strategy="no", disable_tqdm=True)
+    cpu = dict(
+        use_cpu=True,
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     monkeypatch.setattr(trl, "GRPOConfig", lambda **kwargs: real(**{**kwargs, **cpu}))
     monkeypatch.chdir(tmp_path)
     tokenizer = _tokenizer()
-    namespace = {"model": _model(len(tokenizer)), "tokenizer": tokenizer, "reward_fn": count_a,
-                 "dataset": Dataset.from_dict({"prompt": ["abc", "hgf"] * 4})}
+    namespace = {
+        "model": _model(len(tokenizer)),
+        "tokenizer": tokenizer,
+        "reward_fn": count_a,
+        "dataset": Dataset.from_dict({"prompt": ["abc", "hgf"] * 4}),
+    }
     exec(compile(block, str(page), "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
 
 
 USER_PAGES = [README, README.parent / "benchmarks" / "README.md", *DOCS]
-TRACKING = re.compile(r"\bissue\b|being built|\bTargets?\s*\(|no GPU run|DESIGN\s*§|\bTODO\b|\bFIXME\b|\bnot yet\b",
-                      re.I)
+TRACKING = re.compile(
+    r"\bissue\b|being built|\bTargets?\s*\(|no GPU run|DESIGN\s*§|\bTODO\b|\bFIXME\b|\bnot yet\b", re.I
+)
 
 
 @pytest.mark.parametrize("page", USER_PAGES, ids=[str(p.relative_to(README.parent)) for p in USER_PAGES])
@@ -113,7 +127,9 @@ def test_missing_extra_names_the_distribution(extra):
     import subprocess
     import sys
 
-    code = (f"import sys; sys.modules[{extra!r}] = None\n"
-            f"try:\n    import rpg.integrations.{extra}\nexcept ImportError as e:\n    print(e)")
+    code = (
+        f"import sys; sys.modules[{extra!r}] = None\n"
+        f"try:\n    import rpg.integrations.{extra}\nexcept ImportError as e:\n    print(e)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=README.parent, timeout=120)
     assert f"pip install 'rpg-losses[{extra}]'" in out.stdout, out.stdout + out.stderr

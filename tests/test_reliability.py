@@ -46,8 +46,11 @@ def test_reinforce_style_second_derivative_is_exactly_zero(div):
     v = torch.randn_like(logp)
     # As for any function linear in its input, the gradient is a constant of logp (no graph back to it).
     assert not g.requires_grad or torch.autograd.grad((g * v).sum(), logp, allow_unused=True)[0] is None
-    hv = torch.autograd.functional.hvp(lambda lp: rpg.RPGLoss(div, style="reinforce", beta=0.3, clip=None)(
-        lp, old, adv, mask, ref_logp=ref).loss, logp.detach(), v)[1]
+    hv = torch.autograd.functional.hvp(
+        lambda lp: rpg.RPGLoss(div, style="reinforce", beta=0.3, clip=None)(lp, old, adv, mask, ref_logp=ref).loss,
+        logp.detach(),
+        v,
+    )[1]
     assert torch.equal(hv, torch.zeros_like(hv))
     # ... and the same through the plain-autograd reference (the claim is about the math).
     want = reference.per_token(logp, old, adv, mask, kl=div, beta=0.3, style="reinforce", clip=None, ref_logp=ref)
@@ -171,7 +174,7 @@ def test_metrics_of_a_reused_buffer_raise_instead_of_lying():
     out = rpg.RPGLoss("rkl", beta=0.1)(logp, old, adv, mask)
     old.add_(1.0)  # the caller reuses the buffer for the next batch
     with pytest.raises(RuntimeError, match="modified in place"):
-        out.metrics
+        _ = out.metrics
 
 
 def test_metrics_read_before_reuse_stay_correct():
@@ -230,8 +233,18 @@ def test_equality_and_hash_follow_the_configuration():
 # --- counts ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [-5, float("nan"), float("inf"), torch.tensor(-5.0), torch.tensor(float("nan")),
-                                 torch.tensor(float("inf")), np.float64(-1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        -5,
+        float("nan"),
+        float("inf"),
+        torch.tensor(-5.0),
+        torch.tensor(float("nan")),
+        torch.tensor(float("inf")),
+        np.float64(-1.0),
+    ],
+)
 @pytest.mark.parametrize("arg", ["batch_num_tokens", "global_batch_size"])
 def test_bad_counts_raise(arg, bad):
     logp, old, adv, mask, _ = make_batch(3, 4, seed=6)
@@ -262,8 +275,13 @@ def test_dr_grpo_refuses_a_missing_max_len():
 
 
 def test_numpy_and_tensor_scalars_are_accepted_as_settings():
-    fn = rpg.RPGLoss("rkl", beta=np.float32(0.5), max_len=np.int64(8), agg="seq-mean-token-sum-norm",
-                     clip=rpg.Clip(np.float64(0.2), torch.tensor(0.28), np.float32(3.0)))
+    fn = rpg.RPGLoss(
+        "rkl",
+        beta=np.float32(0.5),
+        max_len=np.int64(8),
+        agg="seq-mean-token-sum-norm",
+        clip=rpg.Clip(np.float64(0.2), torch.tensor(0.28), np.float32(3.0)),
+    )
     assert fn.beta == 0.5 and type(fn.beta) is float and fn.max_len == 8 and type(fn.max_len) is int
     assert type(fn.clip.high) is float and abs(fn.clip.high - 0.28) < 1e-7
     assert rpg.PolicyLoss(entropy_coef=torch.tensor(0.01)).entropy_coef == pytest.approx(0.01)

@@ -44,8 +44,9 @@ def _partial_kl_objective(logits, ref_logits, rewards, beta):
 def test_reinforce_pp_k1_returns_follow_the_sequence_reverse_kl_on_policy(seed):
     p = _problem(seed)
     fn = rpg.REINFORCEPlusPlusLoss(clip=None)
-    got = T.sequence_expected_gradient(fn, p.logits, p.logits, p.rewards, ref_logits=p.ref_logits,
-                                       advantages=_rpp(BETA))
+    got = T.sequence_expected_gradient(
+        fn, p.logits, p.logits, p.rewards, ref_logits=p.ref_logits, advantages=_rpp(BETA)
+    )
     want = -T.sequence_objective_gradient(p.logits, p.ref_logits, p.rewards, BETA)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
@@ -53,8 +54,9 @@ def test_reinforce_pp_k1_returns_follow_the_sequence_reverse_kl_on_policy(seed):
 def test_reinforce_pp_off_policy_needs_sequence_importance_weights():
     p = _problem(3)
     fn = rpg.REINFORCEPlusPlusLoss(clip=None)
-    got = T.sequence_expected_gradient(fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits,
-                                       advantages=_rpp(BETA))
+    got = T.sequence_expected_gradient(
+        fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits, advantages=_rpp(BETA)
+    )
     want = -T.sequence_objective_gradient(p.logits, p.ref_logits, p.rewards, BETA)
     assert (got - want).abs().max() > 1e-3
 
@@ -62,8 +64,9 @@ def test_reinforce_pp_off_policy_needs_sequence_importance_weights():
 def test_reinforce_pp_k2_in_reward_is_not_the_sequence_kl():
     p = _problem(4)
     fn = rpg.REINFORCEPlusPlusLoss(clip=None)
-    got = T.sequence_expected_gradient(fn, p.logits, p.logits, p.rewards, ref_logits=p.ref_logits,
-                                       advantages=_rpp(BETA, "k2"))
+    got = T.sequence_expected_gradient(
+        fn, p.logits, p.logits, p.rewards, ref_logits=p.ref_logits, advantages=_rpp(BETA, "k2")
+    )
     want = -T.sequence_objective_gradient(p.logits, p.ref_logits, p.rewards, BETA)
     assert (got - want).abs().max() > 1e-3
 
@@ -85,8 +88,9 @@ def test_per_token_reverse_kl_is_a_partial_gradient_of_the_sequence_kl(div, styl
 
 def test_grpo_k3_follows_neither_at_the_sequence_level():
     p = _problem(6)
-    got = T.sequence_expected_gradient(rpg.GRPOLoss(beta=BETA, clip=None), p.logits, p.logits, p.rewards,
-                                       ref_logits=p.ref_logits)
+    got = T.sequence_expected_gradient(
+        rpg.GRPOLoss(beta=BETA, clip=None), p.logits, p.logits, p.rewards, ref_logits=p.ref_logits
+    )
     full = -T.sequence_objective_gradient(p.logits, p.ref_logits, p.rewards, BETA)
     theta = p.logits.clone().requires_grad_(True)
     (partial,) = torch.autograd.grad(_partial_kl_objective(theta, p.ref_logits, p.rewards, BETA), theta)
@@ -101,8 +105,10 @@ def test_sequence_oracle_is_right():
     for i in range(p.logits.numel()):
         e = torch.zeros_like(p.logits)
         e[i] = eps
-        fd = (T.sequence_objective(p.logits + e, p.ref_logits, p.rewards, BETA)
-              - T.sequence_objective(p.logits - e, p.ref_logits, p.rewards, BETA)) / (2 * eps)
+        fd = (
+            T.sequence_objective(p.logits + e, p.ref_logits, p.rewards, BETA)
+            - T.sequence_objective(p.logits - e, p.ref_logits, p.rewards, BETA)
+        ) / (2 * eps)
         assert g[i].item() == pytest.approx(fd.item(), abs=1e-8)
     assert torch.allclose(T.sequence_token_logp(p.logits).sum(-1).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="K \\+ K\\^2"):

@@ -13,8 +13,23 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PKG = ROOT / "rpg"
-ORDER = ["losses", "presets", "functional", "config", "kl", "objectives", "clipping", "aggregation",
-         "advantages", "correction", "metrics", "reference", "logprobs", "fused", "testing"]
+ORDER = [
+    "losses",
+    "presets",
+    "functional",
+    "config",
+    "kl",
+    "objectives",
+    "clipping",
+    "aggregation",
+    "advantages",
+    "correction",
+    "metrics",
+    "reference",
+    "logprobs",
+    "fused",
+    "testing",
+]
 INTEGRATIONS = ["integrations.verl", "integrations.trl"]
 NOT_API = {"demo", "integrations"}  # a program, and a package documented module by module
 
@@ -43,8 +58,9 @@ def _members(module: str) -> list[str] | None:
     exported = _exports(tree)
     if exported is None:
         return None
-    imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
-                for alias in node.names}
+    imported = {
+        alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
     return [name for name in exported if name not in imported]
 
 
@@ -52,8 +68,9 @@ def api_modules() -> list[str]:
     names = {p.stem for p in PKG.glob("*.py")} | {p.parent.name for p in PKG.glob("*/__init__.py")}
     modules = [n for n in names if not n.startswith("_") and n not in NOT_API]
     ordered = [m for m in ORDER if m in modules] + sorted(m for m in modules if m not in ORDER)
-    integrations = sorted(f"integrations.{p.stem}" for p in (PKG / "integrations").glob("*.py")
-                          if not p.stem.startswith("_"))
+    integrations = sorted(
+        f"integrations.{p.stem}" for p in (PKG / "integrations").glob("*.py") if not p.stem.startswith("_")
+    )
     return ordered + [m for m in INTEGRATIONS if m in integrations] + [m for m in integrations if m not in INTEGRATIONS]
 
 

@@ -23,5 +23,16 @@ from .stats import mean_ci, t_quantile
 from .tasks import TASKS, Policy, Task, get_task
 from .training import DEFAULT_LOSSES, LOSSES, Recipe, train
 
-__all__ = ["DEFAULT_LOSSES", "LOSSES", "TASKS", "Policy", "Recipe", "Task", "get_task", "main", "mean_ci",
-           "t_quantile", "train"]
+__all__ = [
+    "DEFAULT_LOSSES",
+    "LOSSES",
+    "TASKS",
+    "Policy",
+    "Recipe",
+    "Task",
+    "get_task",
+    "main",
+    "mean_ci",
+    "t_quantile",
+    "train",
+]

@@ -49,8 +49,13 @@ def teacher_job(kind: str, recipe: Recipe, seed: int, quick: bool = False, warmu
     """Train a teacher of ``kind`` (see :data:`TEACHERS`); returns its curves and weights."""
     if kind == "soft":
         s = SOFT_TEACHER
-        soft = Recipe(steps=2 if warmup else (recipe.steps if quick else s["steps"]), lr=s["lr"],
-                      epochs=s["epochs"], minibatches=s["minibatches"], ref_every=None)
+        soft = Recipe(
+            steps=2 if warmup else (recipe.steps if quick else s["steps"]),
+            lr=s["lr"],
+            epochs=s["epochs"],
+            minibatches=s["minibatches"],
+            ref_every=None,
+        )
         result = train(TASK, PENALTIES["GRPO w·k3 (= URKL)"](s["beta"]), soft, seed, advantages="rloo")
     elif kind == "peaked":
         result = train(TASK, "RPG-REINFORCE", recipe.with_(steps=2) if warmup else recipe, seed)
@@ -60,8 +65,7 @@ def teacher_job(kind: str, recipe: Recipe, seed: int, quick: bool = False, warmu
     return result
 
 
-def student_job(arm: str, recipe: Recipe, seed: int, teacher_state: dict | None = None,
-                warmup: bool = False) -> dict:
+def student_job(arm: str, recipe: Recipe, seed: int, teacher_state: dict | None = None, warmup: bool = False) -> dict:
     """Train a fresh student by ``arm`` (a key of :data:`ARMS`); no weights are returned."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {tuple(ARMS)}, got {arm!r}")
@@ -73,8 +77,14 @@ def student_job(arm: str, recipe: Recipe, seed: int, teacher_state: dict | None 
         teacher = Policy(get_task(TASK).length, recipe.width)
         teacher.load_state_dict(teacher_state)
         # no exploration bonus: the teacher's log-probs are a dense signal, and the bonus would change the target
-        result = train(TASK, rpg.OnPolicyDistillationLoss(beta=1.0), recipe.with_(entropy_coef=0.0), seed,
-                       teacher=teacher, advantages=advantages)
+        result = train(
+            TASK,
+            rpg.OnPolicyDistillationLoss(beta=1.0),
+            recipe.with_(entropy_coef=0.0),
+            seed,
+            teacher=teacher,
+            advantages=advantages,
+        )
     result.pop("policy")
     result["name"] = arm
     return result

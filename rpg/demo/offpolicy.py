@@ -43,8 +43,9 @@ CLIP = rpg.Clip(0.2, 0.2, dual=None)
 PENALTIES = {
     "GRPO k3": lambda beta, clip=CLIP: rpg.GRPOLoss(beta=beta, clip=clip, agg="token-mean"),
     "k2": lambda beta, clip=CLIP: rpg.PolicyLoss(kl="k2", beta=beta, clip=clip),
-    "GRPO w·k3 (= URKL)": lambda beta, clip=CLIP: rpg.GRPOLoss(beta=beta, clip=clip, agg="token-mean",
-                                                               importance_weighted_kl=True),
+    "GRPO w·k3 (= URKL)": lambda beta, clip=CLIP: rpg.GRPOLoss(
+        beta=beta, clip=clip, agg="token-mean", importance_weighted_kl=True
+    ),
     "RPG rkl": lambda beta, clip=CLIP: rpg.RPGLoss("rkl", beta=beta, clip=clip),
     "RPG rkl REINFORCE": lambda beta, clip=CLIP: rpg.RPGLoss("rkl", style="reinforce", beta=beta, clip=clip),
     "RPG urkl REINFORCE": lambda beta, clip=CLIP: rpg.RPGLoss("urkl", style="reinforce", beta=beta, clip=clip),

@@ -33,12 +33,12 @@ def _band(ax, curves, label, window=1, color=None, x=None, floor=None, log=False
     mean, half = curve_ci(curves)
     x = list(range(1, len(mean) + 1)) if x is None else x
     if log:
-        lo = [math.exp(m - h) for m, h in zip(mean, half)]
-        hi = [math.exp(m + h) for m, h in zip(mean, half)]
+        lo = [math.exp(m - h) for m, h in zip(mean, half, strict=False)]
+        hi = [math.exp(m + h) for m, h in zip(mean, half, strict=False)]
         mean = [math.exp(m) for m in mean]
     else:
-        lo = [m - h if floor is None else max(floor, m - h) for m, h in zip(mean, half)]
-        hi = [m + h for m, h in zip(mean, half)]
+        lo = [m - h if floor is None else max(floor, m - h) for m, h in zip(mean, half, strict=False)]
+        hi = [m + h for m, h in zip(mean, half, strict=False)]
     (line,) = ax.plot(x, mean, label=label, color=color, lw=1.4)
     if len(curves) > 1:
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
@@ -76,8 +76,13 @@ def offpolicy_figure(summary: dict, betas, promise, forward, oracle: dict, path:
     ax_kl, ax_tr, ax_or = fig.subplots(1, 3)
     fine = [betas[0] * (betas[-1] / betas[0]) ** (i / 60) for i in range(61)]
     ax_kl.axhline(1.0, color="k", lw=1.2, label="promise kept: argmax E[r] − β·KL(π‖π_ref)")
-    ax_kl.plot(fine, [forward(b)[1] / promise(b)[1] for b in fine], "k:", lw=1.2,
-               label="argmax E[r] − β·KL(π_ref‖π) (forward KL)")
+    ax_kl.plot(
+        fine,
+        [forward(b)[1] / promise(b)[1] for b in fine],
+        "k:",
+        lw=1.2,
+        label="argmax E[r] − β·KL(π_ref‖π) (forward KL)",
+    )
     arms = list(dict.fromkeys((name, reuse) for name, _, reuse in summary))
     labels = list(dict.fromkeys(name for name, _ in arms))
     colors = {name: f"C{i}" for i, name in enumerate(labels)}
@@ -89,13 +94,28 @@ def offpolicy_figure(summary: dict, betas, promise, forward, oracle: dict, path:
         promised = [promise(b)[1] for b, _ in pts]
         style = {"color": colors[name], "ms": 5, "capsize": 2, "lw": 1, "mfc": "white" if reuse == 1 else colors[name]}
         marker = "s" if reuse == 1 else "^" if name.endswith(", no clip") else "o"
-        ax_kl.errorbar(dodge, [m / p for (m, _), p in zip(kl, promised)],
-                       yerr=[_zero(h) / p for (_, h), p in zip(kl, promised)], fmt=marker, **style,
-                       label=f"{name}, {'on-policy' if reuse == 1 else f'{reuse} steps/batch'}")
-        ax_tr.errorbar([m for m, _ in kl], [m for m, _ in reward], xerr=[_zero(h) for _, h in kl],
-                       yerr=[_zero(h) for _, h in reward], fmt=marker, **style)
-    ax_kl.set(xscale="log", xlabel="β", ylabel="attained KL / promised KL (end of training)",
-              title="(a) the KL each penalty attains at equal β")
+        ax_kl.errorbar(
+            dodge,
+            [m / p for (m, _), p in zip(kl, promised, strict=False)],
+            yerr=[_zero(h) / p for (_, h), p in zip(kl, promised, strict=False)],
+            fmt=marker,
+            **style,
+            label=f"{name}, {'on-policy' if reuse == 1 else f'{reuse} steps/batch'}",
+        )
+        ax_tr.errorbar(
+            [m for m, _ in kl],
+            [m for m, _ in reward],
+            xerr=[_zero(h) for _, h in kl],
+            yerr=[_zero(h) for _, h in reward],
+            fmt=marker,
+            **style,
+        )
+    ax_kl.set(
+        xscale="log",
+        xlabel="β",
+        ylabel="attained KL / promised KL (end of training)",
+        title="(a) the KL each penalty attains at equal β",
+    )
     ax_kl.set_xticks(list(betas), [str(b) for b in betas])
     ax_kl.minorticks_off()
     ax_kl.legend(fontsize=6.5, loc="upper left")
@@ -104,16 +124,23 @@ def offpolicy_figure(summary: dict, betas, promise, forward, oracle: dict, path:
     for b in betas:
         r, k = promise(b)
         ax_tr.annotate(f"β={b}", (k, r), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax_tr.set(xlabel="KL(π_θ‖π_ref) per string", ylabel="reward, end of training",
-              title="(b) reward–KL trade-off (points: β values)")
+    ax_tr.set(
+        xlabel="KL(π_θ‖π_ref) per string",
+        ylabel="reward, end of training",
+        title="(b) reward–KL trade-off (points: β values)",
+    )
     ax_tr.legend(fontsize=7, loc="lower right")
-    kl_old = [sum(c) / len(c) for c in zip(*oracle["kl_old"])]
+    kl_old = [sum(c) / len(c) for c in zip(*oracle["kl_old"], strict=False)]
     for i, name in enumerate(n for n in oracle if n not in ("distance", "kl_old")):
         curves = [[max(e, 1e-17) for e in row] for row in oracle[name]["reverse"]]
         _band(ax_or, curves, name, color=colors.get(name, f"C{i}"), x=kl_old, log=True)
     ax_or.set_xscale("symlog", linthresh=1e-3)
-    ax_or.set(yscale="log", xlabel="KL(π_θ‖π_old) per token (how stale the batch is)",
-              ylabel="‖E_old[∇ℓ] − ∇KL(π_θ‖π_ref)‖ / ‖∇KL‖", title="(c) exact expected gradient of each penalty")
+    ax_or.set(
+        yscale="log",
+        xlabel="KL(π_θ‖π_old) per token (how stale the batch is)",
+        ylabel="‖E_old[∇ℓ] − ∇KL(π_θ‖π_ref)‖ / ‖∇KL‖",
+        title="(c) exact expected gradient of each penalty",
+    )
     ax_or.legend(fontsize=7)
     for ax in (ax_kl, ax_tr, ax_or):
         ax.grid(alpha=0.3)
@@ -134,10 +161,17 @@ def distill_figure(groups: dict[str, list[dict]], path: str, title: str):
         _band(ax_r, [r["rewards"] for r in runs], name, window=10, color=f"C{i}")
         if name != "reward":
             _band(ax_k, [r["kls"] for r in runs], name, window=10, color=f"C{i}", log=True)
-    ax_r.set(title=f"{title}: student reward (mean ± 95% CI, {n} seeds)", xlabel="step (batch of samples)",
-             ylabel="mean reward")
-    ax_k.set(title="KL(student ‖ its teacher) per string, geometric mean", xlabel="step (batch of samples)",
-             ylabel="KL (nats)", yscale="log")
+    ax_r.set(
+        title=f"{title}: student reward (mean ± 95% CI, {n} seeds)",
+        xlabel="step (batch of samples)",
+        ylabel="mean reward",
+    )
+    ax_k.set(
+        title="KL(student ‖ its teacher) per string, geometric mean",
+        xlabel="step (batch of samples)",
+        ylabel="KL (nats)",
+        yscale="log",
+    )
     ax_r.legend(loc="lower right", fontsize=8)
     ax_r.grid(alpha=0.3)
     ax_k.grid(alpha=0.3)

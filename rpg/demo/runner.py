@@ -45,8 +45,13 @@ def _call(job: tuple) -> dict:
     return fn(**kwargs)
 
 
-def run_jobs(jobs: list[tuple[Callable, dict, object]], workers: int | None = None, threads: int | None = None,
-             describe: Callable[[dict], str] | None = None, quiet: bool = False) -> list[dict]:
+def run_jobs(
+    jobs: list[tuple[Callable, dict, object]],
+    workers: int | None = None,
+    threads: int | None = None,
+    describe: Callable[[dict], str] | None = None,
+    quiet: bool = False,
+) -> list[dict]:
     """Run ``jobs`` — ``(function, kwargs, warm-up key or None)`` — and return their results in order.
 
     The function is called as ``function(**kwargs)``; when the warm-up key is
@@ -68,8 +73,7 @@ def run_jobs(jobs: list[tuple[Callable, dict, object]], workers: int | None = No
             torch.set_num_threads(previous)
     else:
         ctx = get_context("spawn")  # fork after torch has started threads can hang; spawn is safe everywhere
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads or 1,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads or 1,)) as pool:
             futures = {pool.submit(_call, job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]

@@ -60,7 +60,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
 
 def curve_ci(curves, level: float = 0.95) -> tuple[list[float], list[float]]:
     """Pointwise (mean, half-width) of equally long curves, one per seed."""
-    pairs = [mean_ci(column, level) for column in zip(*curves)]
+    pairs = [mean_ci(column, level) for column in zip(*curves, strict=False)]
     return [m for m, _ in pairs], [h for _, h in pairs]
 
 

@@ -71,7 +71,11 @@ def _distill(r, mask, old, ref, group):
 
 
 ADVANTAGES: dict[str, Callable] = {
-    "grpo": _grpo, "mean": _mean_only, "rloo": _rloo, "reinforce_pp": _reinforce_pp, "none": _distill,
+    "grpo": _grpo,
+    "mean": _mean_only,
+    "rloo": _rloo,
+    "reinforce_pp": _reinforce_pp,
+    "none": _distill,
 }
 
 # name -> (loss factory taking the task's length, name of its advantage estimator in ADVANTAGES)
@@ -165,8 +169,9 @@ def train(
             for part in torch.randperm(n, generator=gen).chunk(recipe.minibatches):
                 logits = policy.logits(contexts[part], tokens[part])
                 logp = rpg.logprobs.from_logits(logits, tokens[part])
-                out = loss_fn(logp, old_logp[part], None if adv is None else adv[part], mask[part],
-                              ref_logp=ref_logp[part])
+                out = loss_fn(
+                    logp, old_logp[part], None if adv is None else adv[part], mask[part], ref_logp=ref_logp[part]
+                )
                 total = out.loss
                 if recipe.entropy_coef:
                     total = total - recipe.entropy_coef * _entropy(logits).mean()
@@ -185,8 +190,15 @@ def train(
         if progress is not None:
             progress(log["rewards"][-1])
     wall = time.perf_counter() - start
-    return {"name": name, "task": task.name, "seed": seed, **log, **summarize(log), "wall": wall,
-            "policy": policy.state_dict()}
+    return {
+        "name": name,
+        "task": task.name,
+        "seed": seed,
+        **log,
+        **summarize(log),
+        "wall": wall,
+        "policy": policy.state_dict(),
+    }
 
 
 def supervised(policy: Policy, task: Task, steps: int, lr: float, batch: int, seed: int) -> float:
@@ -210,8 +222,12 @@ def supervised(policy: Policy, task: Task, steps: int, lr: float, batch: int, se
 def summarize(log: dict) -> dict:
     """Final reward (mean of the last tenth of steps), reward AUC (mean over all steps), mean KL and clip fraction."""
     rewards = log["rewards"]
-    tail = rewards[-max(1, len(rewards) // 10):]
-    return {"final": sum(tail) / len(tail), "area": sum(rewards) / len(rewards),
-            "kl": sum(log["kls"]) / len(log["kls"]), "clip": sum(log["clips"]) / len(log["clips"]),
-            "final_kl": sum(log["kls"][-len(tail):]) / len(tail),
-            "final_entropy": sum(log["entropy"][-len(tail):]) / len(tail)}
+    tail = rewards[-max(1, len(rewards) // 10) :]
+    return {
+        "final": sum(tail) / len(tail),
+        "area": sum(rewards) / len(rewards),
+        "kl": sum(log["kls"]) / len(log["kls"]),
+        "clip": sum(log["clips"]) / len(log["clips"]),
+        "final_kl": sum(log["kls"][-len(tail) :]) / len(tail),
+        "final_entropy": sum(log["entropy"][-len(tail) :]) / len(tail),
+    }

@@ -99,8 +99,9 @@ import torch
 try:
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' "
-                      "(from a clone of rpg: pip install -e '.[trl]')") from e
+    raise ImportError(
+        "rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' (from a clone of rpg: pip install -e '.[trl]')"
+    ) from e
 
 from ..aggregation import aggregate
 from ..clipping import Clip, Truncate
@@ -269,8 +270,15 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
     trl_correction = correction_from_grpo_config(args)
     if loss is None:
         built = _build(args, trl_correction, quantile)
-        return _Plan(built, args.loss_type == "bnpo", trl_correction is not None, quantile, opsm, bonus,
-                     args.importance_sampling_level == "sequence")
+        return _Plan(
+            built,
+            args.loss_type == "bnpo",
+            trl_correction is not None,
+            quantile,
+            opsm,
+            bonus,
+            args.importance_sampling_level == "sequence",
+        )
     if not isinstance(loss, PolicyLoss):
         raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
     _check_agreement(args, loss)
@@ -327,11 +335,17 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
                 "token's KL by the sequence ratio exp(mean_t log r), whose gradient reaches every token of the "
                 "response; rpg's KL terms are per token. Set use_bias_correction_kl=False (k3, exact) or beta=0"
             )
-        token_weights = [name for name, on in (
-            ("top_entropy_quantile < 1", quantile is not None),
-            (f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode!r}",
-             correction is not None and correction.level == "token"),
-        ) if on]
+        token_weights = [
+            name
+            for name, on in (
+                ("top_entropy_quantile < 1", quantile is not None),
+                (
+                    f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode!r}",
+                    correction is not None and correction.level == "token",
+                ),
+            )
+            if on
+        ]
         if token_weights:
             raise ValueError(
                 f"importance_sampling_level='sequence' with {' and '.join(token_weights)}: a weight that varies over "
@@ -358,8 +372,16 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
             raise ValueError(
                 "loss_type='dr_grpo' divides by max_completion_length: set GRPOConfig.max_completion_length"
             )
-    return PolicyLoss(kl=kl, beta=beta, clip=clip, agg=_AGG[lt], max_len=max_len,
-                      ratio="sequence" if sequence else "token", correction=correction, weight_kl=False)
+    return PolicyLoss(
+        kl=kl,
+        beta=beta,
+        clip=clip,
+        agg=_AGG[lt],
+        max_len=max_len,
+        ratio="sequence" if sequence else "token",
+        correction=correction,
+        weight_kl=False,
+    )
 
 
 def _close(a, b) -> bool:
@@ -372,7 +394,8 @@ def _same_clip(a, b, fields) -> bool:
     if type(a) is not type(b):
         return False
     return all(_close(getattr(a, f), getattr(b, f)) for f in fields) and getattr(a, "absolute", False) == getattr(
-        b, "absolute", False)
+        b, "absolute", False
+    )
 
 
 def _check_agreement(args, loss: PolicyLoss) -> None:
@@ -387,8 +410,10 @@ def _check_agreement(args, loss: PolicyLoss) -> None:
         elif loss.agg != _AGG[lt]:
             bad.append(f"loss_type={lt!r} (aggregation {_AGG[lt]!r}; the loss has {loss.agg!r})")
         elif lt == "dr_grpo" and loss.max_len != args.max_completion_length:
-            bad.append(f"loss_type='dr_grpo' with max_completion_length={args.max_completion_length!r} "
-                       f"(the loss has max_len={loss.max_len!r})")
+            bad.append(
+                f"loss_type='dr_grpo' with max_completion_length={args.max_completion_length!r} "
+                f"(the loss has max_len={loss.max_len!r})"
+            )
         elif lt == "cispo" and loss.style != "reinforce":
             bad.append("loss_type='cispo' (a REINFORCE-style loss; the loss is differentiable-style)")
     clip_fields = [f for f in ("epsilon", "epsilon_high", "delta") if _changed(args, f)]
@@ -484,11 +509,26 @@ class RPGGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         need_entropy = plan.entropy_bonus or plan.entropy_quantile is not None or plan.loss.entropy_coef > 0
-        extra = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+        extra = (
+            "pixel_values",
+            "image_grid_thw",
+            "num_images",
+            "pixel_attention_mask",
+            "spatial_shapes",
+            "num_tiles",
+            "image_sizes",
+            "token_type_ids",
+            "mm_token_type_ids",
+            "image_position_ids",
+        )
         logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=need_entropy,
-            compute_aux_loss=self.aux_loss_enabled, **{k: inputs[k] for k in extra if inputs.get(k) is not None},
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=need_entropy,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs[k] for k in extra if inputs.get(k) is not None},
         )
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         advantages = inputs["advantages"]
@@ -522,9 +562,16 @@ class RPGGRPOTrainer(GRPOTrainer):
         training = self.model.training
         tokens, sequences = self._rpg_counts(inputs, mask, training)
         out = self.rpg_loss(
-            logp, old, advantages, mask,
-            ref_logp=inputs.get("ref_per_token_logps"), behavior_logp=behavior,
-            batch_num_tokens=tokens, global_batch_size=sequences, weights=weights, entropy=entropies,
+            logp,
+            old,
+            advantages,
+            mask,
+            ref_logp=inputs.get("ref_per_token_logps"),
+            behavior_logp=behavior,
+            batch_num_tokens=tokens,
+            global_batch_size=sequences,
+            weights=weights,
+            entropy=entropies,
         )
         mode = "train" if training else "eval"
         for name, value in out.local_metrics.items():  # TRL averages logged values over micro-batches

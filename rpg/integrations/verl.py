@@ -147,8 +147,10 @@ from ..presets import DPPOLoss
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("rpg.integrations.verl needs verl: pip install 'rpg-losses[verl]' "
-                      "(from a clone of rpg: pip install -e '.[verl]')") from e
+    raise ImportError(
+        "rpg.integrations.verl needs verl: pip install 'rpg-losses[verl]' "
+        "(from a clone of rpg: pip install -e '.[verl]')"
+    ) from e
 
 __all__ = ["LOSS_MODES", "DPPO_MODES", "DROPPED_METRICS", "loss_from_config"]
 
@@ -192,8 +194,14 @@ def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") 
         return loss if max_len is None else loss.replace(max_len=max_len)
     divergence, style = LOSS_MODES[loss_mode]
     clip = Clip(low=low, high=high, dual=_get(config, "clip_ratio_c", 3.0))
-    return RPGLoss(divergence, style=style, beta=float(_get(config, "kl_loss_coef", 0.0)), clip=clip,
-                   agg=loss_agg_mode, max_len=max_len)
+    return RPGLoss(
+        divergence,
+        style=style,
+        beta=float(_get(config, "kl_loss_coef", 0.0)),
+        clip=clip,
+        agg=loss_agg_mode,
+        max_len=max_len,
+    )
 
 
 def _global_counts(info: dict, loss_agg_mode: str, loss_mode: str) -> tuple[int, dict]:

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-import rpg  # noqa: E402
+import rpg
 
 ALPHABET = "abcdefgh "
 
@@ -26,9 +26,18 @@ def _model(vocab_size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -37,8 +46,11 @@ def count_a(completions, **kwargs):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
-@pytest.mark.parametrize("loss", [rpg.RPGLoss("urkl", style="reinforce", beta=1e-3), rpg.GRPOLoss(beta=0.0)],
-                         ids=["rpg-urkl-reinforce", "grpo"])
+@pytest.mark.parametrize(
+    "loss",
+    [rpg.RPGLoss("urkl", style="reinforce", beta=1e-3), rpg.GRPOLoss(beta=0.0)],
+    ids=["rpg-urkl-reinforce", "grpo"],
+)
 def test_grpo_trainer_trains_with_an_rpg_loss(tmp_path, loss):
     from datasets import Dataset
     from trl import GRPOConfig
@@ -50,14 +62,27 @@ def test_grpo_trainer_trains_with_an_rpg_loss(tmp_path, loss):
     before = [p.detach().clone() for p in model.parameters()]
     dataset = Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4})
     args = GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        max_steps=2, num_iterations=2, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
-        save_strategy="no", seed=0, beta=0.0, bf16=False, fp16=False,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        num_iterations=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+        bf16=False,
+        fp16=False,
     )
-    trainer = RPGGRPOTrainer(loss=loss, model=model, reward_funcs=count_a, args=args, train_dataset=dataset,
-                             processing_class=tokenizer)
+    trainer = RPGGRPOTrainer(
+        loss=loss, model=model, reward_funcs=count_a, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
-    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
     assert changed, "the optimizer steps did not change the parameters"
     logged = [h for h in trainer.state.log_history if any(k.startswith("rpg/") for k in h)]
     assert logged, trainer.state.log_history
@@ -73,10 +98,14 @@ def test_loss_must_be_an_rpg_loss():
         RPGGRPOTrainer(loss=lambda *a: None, model=None)
 
 
-@pytest.mark.parametrize("loss,kw,match", [
-    (None, {"loss_type": "sapo"}, "sigmoid gate"),
-    (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
-], ids=["not-expressible", "conflicts-with-the-loss"])
+@pytest.mark.parametrize(
+    "loss,kw,match",
+    [
+        (None, {"loss_type": "sapo"}, "sigmoid gate"),
+        (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
+    ],
+    ids=["not-expressible", "conflicts-with-the-loss"],
+)
 def test_grpo_config_settings_the_trainer_cannot_honour_are_refused(tmp_path, loss, kw, match):
     from datasets import Dataset
     from trl import GRPOConfig
@@ -84,11 +113,26 @@ def test_grpo_config_settings_the_trainer_cannot_honour_are_refused(tmp_path, lo
     from rpg.integrations.trl import RPGGRPOTrainer
 
     tokenizer = _tokenizer()
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, save_strategy="no", **kw)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        **kw,
+    )
     with pytest.raises(ValueError, match=match):
-        RPGGRPOTrainer(loss=loss, model=_model(len(tokenizer)), reward_funcs=count_a, args=args,
-                       train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}), processing_class=tokenizer)
+        RPGGRPOTrainer(
+            loss=loss,
+            model=_model(len(tokenizer)),
+            reward_funcs=count_a,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}),
+            processing_class=tokenizer,
+        )
 
 
 def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path):
@@ -101,19 +145,42 @@ def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path):
 
     tokenizer = _tokenizer()
     _model(len(tokenizer)).save_pretrained(tmp_path / "model")  # TRL loads the reference model (beta != 0) by path
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=2, num_iterations=2, learning_rate=1e-2, logging_steps=1,
-                      report_to="none", use_cpu=True, save_strategy="no", seed=0, bf16=False, loss_type="grpo",
-                      beta=0.04, epsilon_high=0.28, delta=2.0, top_entropy_quantile=0.5, off_policy_mask_threshold=0.1,
-                      entropy_coef=0.01, model_init_kwargs={"dtype": torch.float32})
-    trainer = RPGGRPOTrainer(model=str(tmp_path / "model"), reward_funcs=count_a, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4}))
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        num_iterations=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        loss_type="grpo",
+        beta=0.04,
+        epsilon_high=0.28,
+        delta=2.0,
+        top_entropy_quantile=0.5,
+        off_policy_mask_threshold=0.1,
+        entropy_coef=0.01,
+        model_init_kwargs={"dtype": torch.float32},
+    )
+    trainer = RPGGRPOTrainer(
+        model=str(tmp_path / "model"),
+        reward_funcs=count_a,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4}),
+    )
     model = trainer.model
     before = [p.detach().clone() for p in model.parameters()]
     loss = trainer.rpg_loss
     assert (loss.kl, loss.beta, loss.agg, loss.clip) == ("urkl", 0.04, "seq-mean-token-mean", rpg.Clip(0.2, 0.28, 2.0))
     trainer.train()
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
     logged = [h for h in trainer.state.log_history if "rpg/entropy/mean" in h]
     assert logged and all(math.isfinite(h["rpg/kl/ref_k3"]) and "entropy_coef" in h for h in logged)
 
@@ -127,15 +194,43 @@ def test_moe_router_loss_is_added_and_logged(tmp_path):
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, router_aux_loss_coef=0.01))  # TRL asks for router logits
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, max_steps=1, logging_steps=1, report_to="none", use_cpu=True,
-                      save_strategy="no", bf16=False)
-    trainer = RPGGRPOTrainer(loss=rpg.DAPOLoss(), model=model, reward_funcs=count_a, args=args,
-                             processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}))
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            router_aux_loss_coef=0.01,
+        )
+    )  # TRL asks for router logits
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+    )
+    trainer = RPGGRPOTrainer(
+        loss=rpg.DAPOLoss(),
+        model=model,
+        reward_funcs=count_a,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}),
+    )
     assert trainer.aux_loss_enabled
     trainer.train()
     (entry,) = [h for h in trainer.state.log_history if "aux_loss" in h]
@@ -144,8 +239,13 @@ def test_moe_router_loss_is_added_and_logged(tmp_path):
 
 @pytest.mark.parametrize(
     "loss_type,loss",
-    [("dapo", rpg.DAPOLoss()), ("grpo", rpg.GRPOLoss(beta=0.0, clip=rpg.Clip(0.2, 0.28, dual=None))),
-     ("dr_grpo", rpg.DrGRPOLoss(6, clip=rpg.Clip(0.2, 0.28, dual=None))), ("bnpo", None), ("cispo", None)],
+    [
+        ("dapo", rpg.DAPOLoss()),
+        ("grpo", rpg.GRPOLoss(beta=0.0, clip=rpg.Clip(0.2, 0.28, dual=None))),
+        ("dr_grpo", rpg.DrGRPOLoss(6, clip=rpg.Clip(0.2, 0.28, dual=None))),
+        ("bnpo", None),
+        ("cispo", None),
+    ],
     ids=["dapo", "grpo", "dr_grpo", "bnpo-from-config", "cispo-from-config"],
 )
 def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
@@ -161,12 +261,30 @@ def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
     dataset = Dataset.from_dict({"prompt": ["abc", "hgf"] * 8})
 
     def make(cls, **kw):
-        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=6, max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                          seed=0, beta=0.0, loss_type=loss_type, epsilon=0.2, epsilon_high=0.28,
-                          gradient_accumulation_steps=2)
-        trainer = cls(model=_model(len(tokenizer)), reward_funcs=count_a, args=args, processing_class=tokenizer,
-                      train_dataset=dataset, **kw)
+        args = GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=6,
+            max_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            beta=0.0,
+            loss_type=loss_type,
+            epsilon=0.2,
+            epsilon_high=0.28,
+            gradient_accumulation_steps=2,
+        )
+        trainer = cls(
+            model=_model(len(tokenizer)),
+            reward_funcs=count_a,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=dataset,
+            **kw,
+        )
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 2
         trainer._metrics = {"train": collections.defaultdict(list)}
@@ -176,14 +294,21 @@ def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
     ours.model.load_state_dict(theirs.model.state_dict())
     g = torch.Generator().manual_seed(0)
     b, p, c = 4, 3, 6
-    inputs = dict(prompt_ids=torch.randint(2, 11, (b, p), generator=g), prompt_mask=torch.ones(b, p, dtype=torch.long),
-                  completion_ids=torch.randint(2, 11, (b, c), generator=g),
-                  completion_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] * 6]),
-                  advantages=torch.randn(b, generator=g), num_items_in_batch=torch.tensor(40.0))
+    inputs = dict(
+        prompt_ids=torch.randint(2, 11, (b, p), generator=g),
+        prompt_mask=torch.ones(b, p, dtype=torch.long),
+        completion_ids=torch.randint(2, 11, (b, c), generator=g),
+        completion_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] * 6]),
+        advantages=torch.randn(b, generator=g),
+        num_items_in_batch=torch.tensor(40.0),
+    )
     with torch.no_grad():
         logp = theirs._get_per_token_logps_and_entropies(
-            theirs.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), c)[0]
+            theirs.model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            c,
+        )[0]
     inputs["old_per_token_logps"] = logp + 0.1 * torch.randn(b, c, generator=g)  # off-policy: clips bind
     want, got = theirs._compute_loss(theirs.model, inputs), ours._compute_loss(ours.model, inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

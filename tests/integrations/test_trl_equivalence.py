@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer
 
-import rpg  # noqa: E402
-from rpg.integrations.trl import RPGGRPOTrainer, _plan, loss_from_grpo_config  # noqa: E402
+import rpg
+from rpg.integrations.trl import RPGGRPOTrainer, _plan, loss_from_grpo_config
 
 DT = torch.float64
 B, T, V = 6, 7, 5
@@ -48,8 +48,14 @@ class _Accelerator:
 
 
 def _config(**kw):
-    kw = {"output_dir": "unused", "report_to": "none", "use_cpu": True, "gradient_accumulation_steps": 2,
-          "max_completion_length": T, **kw}
+    kw = {
+        "output_dir": "unused",
+        "report_to": "none",
+        "use_cpu": True,
+        "gradient_accumulation_steps": 2,
+        "max_completion_length": T,
+        **kw,
+    }
     return GRPOConfig(**kw)
 
 
@@ -75,8 +81,9 @@ def _stub(args, logits, ids, training=True):
     s.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
     s.get_gamma_weights = GRPOTrainer.get_gamma_weights
 
-    def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False,
-                            compute_aux_loss=False, **kw):
+    def logps_and_entropies(
+        model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, compute_aux_loss=False, **kw
+    ):
         lsm = torch.log_softmax(logits, -1)
         entropy = -(lsm.exp() * lsm).sum(-1) if compute_entropy else None
         return lsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1), entropy, None
@@ -113,8 +120,10 @@ def _inputs(args, seed=0, old=True, tool=False, nan_token=False):
     ids = torch.randint(0, V, (B, T), generator=g)
     cm = (torch.arange(T)[None] < torch.tensor(LENGTHS)[:, None]).long()
     inputs = {
-        "prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-        "completion_ids": ids, "completion_mask": cm,
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": ids,
+        "completion_mask": cm,
         "advantages": torch.tensor([1.0, -0.5, 0.3, -1.2, 0.7, -0.1], dtype=DT),
         "num_items_in_batch": (cm.sum() + 9).to(DT),  # the generation batch had 9 more tokens elsewhere
     }
@@ -173,10 +182,18 @@ MAPPED = {
     "delta-below-1+eps_high-grpo": {"loss_type": "grpo", "delta": 1.05, "epsilon_high": 0.5},
     "sequence-grpo": {"loss_type": "grpo", "importance_sampling_level": "sequence", **EPS},
     "sequence-dapo": {"importance_sampling_level": "sequence", **EPS},
-    "sequence-kl-k3": {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04,
-                       "use_bias_correction_kl": False},
-    "sequence-delta-opsm": {"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.4,
-                            "off_policy_mask_threshold": 0.05},
+    "sequence-kl-k3": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+    },
+    "sequence-delta-opsm": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "delta": 1.4,
+        "off_policy_mask_threshold": 0.05,
+    },
     "entropy-quantile": {"top_entropy_quantile": 0.3, **EPS},
     "entropy-quantile-grpo-kl": {"loss_type": "grpo", "top_entropy_quantile": 0.5, "beta": 0.04},
     "opsm": {"off_policy_mask_threshold": 0.05, **EPS},
@@ -184,8 +201,13 @@ MAPPED = {
     "entropy-bonus-dapo": {"entropy_coef": 0.01, **EPS},
     "entropy-bonus-grpo": {"loss_type": "grpo", "entropy_coef": 0.01},
     "entropy-bonus-quantile": {"loss_type": "bnpo", "entropy_coef": 0.01, "top_entropy_quantile": 0.4},
-    "entropy-bonus-dr_grpo-sequence-k3": {"loss_type": "dr_grpo", "entropy_coef": 0.02, "beta": 0.1,
-                                        "importance_sampling_level": "sequence", "use_bias_correction_kl": False},
+    "entropy-bonus-dr_grpo-sequence-k3": {
+        "loss_type": "dr_grpo",
+        "entropy_coef": 0.02,
+        "beta": 0.1,
+        "importance_sampling_level": "sequence",
+        "use_bias_correction_kl": False,
+    },
     "steps_per_generation": {"steps_per_generation": 4, **EPS},
 }
 
@@ -195,8 +217,11 @@ def test_loss_built_from_grpo_config_is_trls(kw):
     _compare(_config(**kw))
 
 
-@pytest.mark.parametrize("kw", [MAPPED["grpo-kl-bias-corrected"], MAPPED["dapo"], MAPPED["entropy-bonus-quantile"],
-                                MAPPED["luspo-sequence"]], ids=["grpo-kl", "dapo", "entropy", "luspo-sequence"])
+@pytest.mark.parametrize(
+    "kw",
+    [MAPPED["grpo-kl-bias-corrected"], MAPPED["dapo"], MAPPED["entropy-bonus-quantile"], MAPPED["luspo-sequence"]],
+    ids=["grpo-kl", "dapo", "entropy", "luspo-sequence"],
+)
 def test_eval_mode_is_trls(kw):
     _compare(_config(**kw), training=False)
 
@@ -212,23 +237,39 @@ VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mas
 
 
 @pytest.mark.parametrize("mode", VLLM_MODES)
-@pytest.mark.parametrize("kw", [{"loss_type": "dapo", **EPS}, {"loss_type": "grpo", "beta": 0.04},
-                                {"loss_type": "cispo", "epsilon_high": 5.0},
-                                {"loss_type": "bnpo", "off_policy_mask_threshold": 0.02, "entropy_coef": 0.01}],
-                         ids=["dapo", "grpo-kl", "cispo", "bnpo-opsm-entropy"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"loss_type": "dapo", **EPS},
+        {"loss_type": "grpo", "beta": 0.04},
+        {"loss_type": "cispo", "epsilon_high": 5.0},
+        {"loss_type": "bnpo", "off_policy_mask_threshold": 0.02, "entropy_coef": 0.01},
+    ],
+    ids=["dapo", "grpo-kl", "cispo", "bnpo-opsm-entropy"],
+)
 def test_vllm_importance_sampling_correction_is_trls(mode, kw):
     # clip_max 1.5: truncation and rejection both happen on these inputs; clip_min in half the cases
     lower = 0.6 if mode.startswith("token") else None
-    args = _config(use_vllm=True, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=1.5,
-                   vllm_importance_sampling_clip_min=lower, **kw)
+    args = _config(
+        use_vllm=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_max=1.5,
+        vllm_importance_sampling_clip_min=lower,
+        **kw,
+    )
     _compare(args, nan_token=True)
     if not kw.get("off_policy_mask_threshold"):
         _compare(args, seed=1)
 
 
 def test_vllm_sequence_level_with_sequence_ratio_is_trls():
-    args = _config(use_vllm=True, vllm_importance_sampling_mode="sequence_truncate", loss_type="grpo",
-                   importance_sampling_level="sequence", vllm_importance_sampling_clip_max=2.0)
+    args = _config(
+        use_vllm=True,
+        vllm_importance_sampling_mode="sequence_truncate",
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        vllm_importance_sampling_clip_max=2.0,
+    )
     _compare(args)
 
 
@@ -242,12 +283,21 @@ def test_vllm_correction_inputs_bind():
 
 def test_given_loss_with_trls_convention_is_trls():
     """A user's preset, made to follow TRL's multiplier convention, with TRL's correction filled in."""
-    kw = dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, use_vllm=True,
-              vllm_importance_sampling_mode="token_mask", top_entropy_quantile=0.5, off_policy_mask_threshold=0.05)
+    kw = dict(
+        loss_type="grpo",
+        beta=0.04,
+        epsilon_high=0.28,
+        use_vllm=True,
+        vllm_importance_sampling_mode="token_mask",
+        top_entropy_quantile=0.5,
+        off_policy_mask_threshold=0.05,
+    )
     loss = rpg.GRPOLoss(beta=0.04, clip=rpg.Clip(0.2, 0.28, dual=None), importance_weighted_kl=True)
     _compare(_config(**kw), loss=loss.replace(weight_kl=False))
-    _compare(_config(loss_type="dapo", use_vllm=True, vllm_importance_sampling_mode="sequence_truncate"),
-             loss=rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.2, dual=None)))
+    _compare(
+        _config(loss_type="dapo", use_vllm=True, vllm_importance_sampling_mode="sequence_truncate"),
+        loss=rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.2, dual=None)),
+    )
 
 
 def test_given_loss_weighting_the_kl_term_differs_from_trls_only_there():
@@ -265,8 +315,14 @@ def test_given_loss_weighting_the_kl_term_differs_from_trls_only_there():
 def test_adaptive_entropy_controller_is_trls():
     """Two optimizer steps of two micro-batches: the gate (closed in the first window), the coefficient update
     at each step and the loss of every micro-batch equal TRL's."""
-    args = _config(use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=5.0, entropy_coef_delta=0.01,
-                   top_entropy_quantile=0.5, **EPS)
+    args = _config(
+        use_adaptive_entropy=True,
+        entropy_coef=0.02,
+        entropy_target=5.0,
+        entropy_coef_delta=0.01,
+        top_entropy_quantile=0.5,
+        **EPS,
+    )
     logits, ids, _ = _inputs(args)
     theirs, ours = _stub(args, logits, ids), _ours(args, logits, ids)
     coefs = []
@@ -277,8 +333,9 @@ def test_adaptive_entropy_controller_is_trls():
         want = GRPOTrainer._compute_loss(theirs, None, dict(inputs))
         got = RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0],
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0], rtol=0, atol=1e-12
+        )
         assert ours.entropy_coef == theirs.entropy_coef and ours._last_world_entropy == theirs._last_world_entropy
         coefs.append(ours.entropy_coef)
     assert coefs == pytest.approx([0.02, 0.03, 0.03, 0.04])
@@ -293,10 +350,14 @@ REFUSED = {
     "cispo-sequence": ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "REINFORCE-style"),
     "cispo-delta": ({"loss_type": "cispo", "delta": 2.0}, "delta"),
     "sequence-bias-corrected-kl": ({"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
-    "sequence-entropy-quantile": ({"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
-                                  "top_entropy_quantile"),
-    "sequence-token-correction": ({"importance_sampling_level": "sequence", "use_vllm": True,
-                                   "vllm_importance_sampling_mode": "token_mask"}, "token_mask"),
+    "sequence-entropy-quantile": (
+        {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
+        "top_entropy_quantile",
+    ),
+    "sequence-token-correction": (
+        {"importance_sampling_level": "sequence", "use_vllm": True, "vllm_importance_sampling_mode": "token_mask"},
+        "token_mask",
+    ),
 }
 
 
@@ -321,13 +382,19 @@ CONFLICTS = {
     "sapo": ({"loss_type": "sapo"}, rpg.DAPOLoss(), "sigmoid"),
     "delta": ({"delta": 2.0}, rpg.DAPOLoss(), "delta=2.0"),
     "beta": ({"beta": 0.04}, rpg.RPGLoss("urkl", beta=1e-3), "beta=0.04"),
-    "k3": ({"beta": 0.04, "use_bias_correction_kl": False}, rpg.GRPOLoss(beta=0.04, importance_weighted_kl=True),
-           "use_bias_correction_kl"),
+    "k3": (
+        {"beta": 0.04, "use_bias_correction_kl": False},
+        rpg.GRPOLoss(beta=0.04, importance_weighted_kl=True),
+        "use_bias_correction_kl",
+    ),
     "level": ({"importance_sampling_level": "sequence"}, rpg.DAPOLoss(), "importance_sampling_level"),
     "dr_grpo": ({"loss_type": "dr_grpo"}, rpg.DrGRPOLoss(6), "max_completion_length"),
     "correction": ({"use_vllm": True}, rpg.DAPOLoss(correction=rpg.RolloutCorrection()), "disagrees"),
-    "correction-off": ({"use_vllm": True, "vllm_importance_sampling_correction": False},
-                       rpg.DAPOLoss(correction=rpg.RolloutCorrection()), "vllm_importance_sampling_correction=False"),
+    "correction-off": (
+        {"use_vllm": True, "vllm_importance_sampling_correction": False},
+        rpg.DAPOLoss(correction=rpg.RolloutCorrection()),
+        "vllm_importance_sampling_correction=False",
+    ),
     "two-bonuses": ({"entropy_coef": 0.01}, rpg.DAPOLoss(entropy_coef=0.01), "entropy bonus"),
 }
 
@@ -339,8 +406,10 @@ def test_grpo_config_settings_a_given_loss_does_not_reproduce_are_refused(kw, lo
 
 
 def test_grpo_config_settings_a_given_loss_reproduces_are_accepted():
-    plan = _plan(_config(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=3.0),
-                 rpg.GRPOLoss(beta=0.04, clip=rpg.Clip(0.2, 0.28, dual=3.0), importance_weighted_kl=True))
+    plan = _plan(
+        _config(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=3.0),
+        rpg.GRPOLoss(beta=0.04, clip=rpg.Clip(0.2, 0.28, dual=3.0), importance_weighted_kl=True),
+    )
     assert plan.loss.kl == "urkl"
     plan = _plan(_config(loss_type="cispo", epsilon_high=5.0), rpg.CISPOLoss(clip=rpg.Truncate.at(None, 5.0)))
     assert plan.loss.style == "reinforce"

@@ -9,20 +9,29 @@ import torch
 
 pytest.importorskip("verl", reason="the verl extra is not installed")
 
-import rpg  # noqa: E402
-from rpg.integrations import verl as rpg_verl  # noqa: E402
-from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, get_policy_loss_fn  # noqa: E402
-from verl.workers.config import ActorConfig  # noqa: E402
+from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, get_policy_loss_fn
+from verl.workers.config import ActorConfig
 
-from ..conftest import make_batch  # noqa: E402
+import rpg
+from rpg.integrations import verl as rpg_verl
+
+from ..conftest import make_batch
 
 BETA = 0.05
 AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 def _config(**overrides):
-    kw = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1,
-              clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, kl_loss_coef=BETA)
+    kw = dict(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        ppo_mini_batch_size=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+        kl_loss_coef=BETA,
+    )
     kw.update(overrides)
     return ActorConfig(**kw)
 
@@ -37,8 +46,9 @@ def _batch():
 def test_registered_loss_equals_rpg_loss(loss_mode, agg):
     divergence, style = rpg_verl.LOSS_MODES[loss_mode]
     logp, old, adv, mask = _batch()
-    loss, metrics = get_policy_loss_fn(loss_mode)(old_log_prob=old, log_prob=logp, advantages=adv,
-                                                  response_mask=mask, loss_agg_mode=agg, config=_config())
+    loss, metrics = get_policy_loss_fn(loss_mode)(
+        old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg, config=_config()
+    )
     (g_verl,) = torch.autograd.grad(loss, logp)
     want = rpg.RPGLoss(divergence, style=style, beta=BETA, clip=rpg.Clip(0.2, 0.28, 3.0), agg=agg)(logp, old, adv, mask)
     (g_want,) = torch.autograd.grad(want.loss, logp)
@@ -55,8 +65,15 @@ def test_global_batch_info_and_rollout_weights():
     info = dict(dp_size=2, batch_num_tokens=100, global_batch_size=9, loss_scale_factor=None)
     config = _config(global_batch_info=info)
     weights = torch.rand(logp.shape, dtype=logp.dtype, generator=torch.Generator().manual_seed(3))
-    loss, _ = get_policy_loss_fn("rpg_rf_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                                               loss_agg_mode="token-mean", config=config, rollout_is_weights=weights)
+    loss, _ = get_policy_loss_fn("rpg_rf_urkl")(
+        old_log_prob=old,
+        log_prob=logp,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode="token-mean",
+        config=config,
+        rollout_is_weights=weights,
+    )
     fn = rpg.RPGLoss("urkl", style="reinforce", beta=BETA, clip=rpg.Clip(0.2, 0.28, 3.0))
     per_token = fn(logp, old, adv, mask).per_token
     want = 2 * (per_token * weights * mask).sum() / 100
@@ -82,16 +99,24 @@ def test_rollout_weights_nan_inf_at_padding_are_inert(loss_mode, agg):
     config = _config(global_batch_info=dict(dp_size=2, batch_num_tokens=60, global_batch_size=9))
     results = []
     for w in (clean, dirty):
-        loss, _ = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                     config=config, rollout_is_weights=w)
+        loss, _ = fn(
+            old_log_prob=old,
+            log_prob=logp,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=agg,
+            config=config,
+            rollout_is_weights=w,
+        )
         (grad,) = torch.autograd.grad(loss, logp)
         results.append((loss, grad))
     (l_clean, g_clean), (l_dirty, g_dirty) = results
     assert torch.isfinite(l_dirty) and torch.isfinite(g_dirty).all()
     torch.testing.assert_close(l_dirty, l_clean, rtol=0, atol=0)
     torch.testing.assert_close(g_dirty, g_clean, rtol=0, atol=0)
-    unweighted, _ = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                       config=config)
+    unweighted, _ = fn(
+        old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg, config=config
+    )
     assert not torch.allclose(unweighted, l_clean)  # the weights do act on the response tokens
 
 
@@ -103,8 +128,15 @@ def test_rollout_weights_equal_verls_own_vanilla_loss(agg):
     weights = weights * mask  # verl's weights are 0 at padding
     info = dict(dp_size=3, batch_num_tokens=50, global_batch_size=11, loss_scale_factor=9)
     config = _config(kl_loss_coef=0.0, global_batch_info=info)
-    ours, _ = get_policy_loss_fn("rpg_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                                            loss_agg_mode=agg, config=config, rollout_is_weights=weights)
+    ours, _ = get_policy_loss_fn("rpg_urkl")(
+        old_log_prob=old,
+        log_prob=logp,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=agg,
+        config=config,
+        rollout_is_weights=weights,
+    )
     theirs, _ = compute_policy_loss_vanilla(old, logp, adv, mask, agg, config, rollout_is_weights=weights)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     g1, g2 = (torch.autograd.grad(x, logp)[0] for x in (ours, theirs))
@@ -126,8 +158,9 @@ def test_dp_size_without_global_count_raises_as_verls_agg_loss(agg, missing):
     except ValueError as e:
         theirs = e
     for loss_mode in ("rpg_urkl", "rpg_rf_fkl", "rpg_dppo_tv"):
-        call = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                    config=config)
+        call = dict(
+            old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg, config=config
+        )
         if isinstance(theirs, ValueError):
             with pytest.raises(ValueError, match=re.escape(str(theirs))):
                 get_policy_loss_fn(loss_mode)(**call)
@@ -145,16 +178,18 @@ def test_dp_size_must_be_a_positive_int():
     for dp, err in ((0, ValueError), (-2, ValueError), (2.5, TypeError)):
         config = _config(global_batch_info=dict(dp_size=dp, batch_num_tokens=50))
         with pytest.raises(err, match="dp_size"):
-            get_policy_loss_fn("rpg_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                                          config=config)
+            get_policy_loss_fn("rpg_urkl")(
+                old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=config
+            )
 
 
 def test_metrics_hold_no_extremes_verl_would_average():
     """verl averages policy-loss metrics over micro-batches: no min/max may be logged through it."""
     logp, old, adv, mask = _batch()
     for loss_mode in ALL_MODES:
-        _, metrics = get_policy_loss_fn(loss_mode)(old_log_prob=old, log_prob=logp, advantages=adv,
-                                                   response_mask=mask, config=_config())
+        _, metrics = get_policy_loss_fn(loss_mode)(
+            old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=_config()
+        )
         assert not [k for k in metrics if "min" in k or "max" in k], loss_mode
         assert {"actor/rpg/ratio/mean", "actor/rpg/ratio/ess"} <= set(metrics)
 
@@ -179,8 +214,15 @@ def test_dppo_equals_verls_own_dppo(divergence, delta, agg, weighted):
     weights = None
     if weighted:
         weights = (torch.rand(logp.shape, dtype=logp.dtype, generator=torch.Generator().manual_seed(6)) + 0.5) * mask
-    call = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                config=config, rollout_is_weights=weights)
+    call = dict(
+        old_log_prob=old,
+        log_prob=logp,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=agg,
+        config=config,
+        rollout_is_weights=weights,
+    )
     ours, m_ours = get_policy_loss_fn(f"rpg_dppo_{divergence}")(**call)
     theirs, m_theirs = get_policy_loss_fn(f"dppo_{divergence}")(**call)
     assert 0.1 < m_theirs["actor/pg_clipfrac"] < 0.9 and m_theirs["actor/pg_clipfrac_lower"] > 0  # mask and cap bind
@@ -195,8 +237,9 @@ def test_dppo_loss_from_config():
     config = _config(clip_ratio_low=0.03, clip_ratio_high=0.05)
     fn = rpg_verl.loss_from_config("rpg_dppo_kl", config, "seq-mean-token-mean")
     assert fn == rpg.DPPOLoss(0.03, 0.05, "kl", cap=3.0, agg="seq-mean-token-mean")
-    assert fn == rpg.PolicyLoss(style="reinforce", clip=rpg.TrustRegion(0.03, 0.05, "kl", cap=3.0),
-                                agg="seq-mean-token-mean")
+    assert fn == rpg.PolicyLoss(
+        style="reinforce", clip=rpg.TrustRegion(0.03, 0.05, "kl", cap=3.0), agg="seq-mean-token-mean"
+    )
     info = dict(loss_scale_factor=17)
     fn = rpg_verl.loss_from_config("rpg_dppo_tv", _config(global_batch_info=info), "seq-mean-token-sum-norm")
     assert fn.max_len == 17 and fn.clip == rpg.TrustRegion(0.2, 0.28, "tv", cap=3.0)
@@ -210,8 +253,9 @@ def test_beta_zero_differentiable_equals_verls_own_ppo_loss():
     """Algorithm 1's dual clip is verl's vanilla PPO loss when β = 0 (ratios well inside verl's ±20 clamp)."""
     logp, old, adv, mask = _batch()
     config = _config(kl_loss_coef=0.0)
-    ours, _ = get_policy_loss_fn("rpg_urkl")(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                                            loss_agg_mode="token-mean", config=config)
+    ours, _ = get_policy_loss_fn("rpg_urkl")(
+        old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode="token-mean", config=config
+    )
     theirs, _ = compute_policy_loss_vanilla(old, logp, adv, mask, "token-mean", config)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     g1, g2 = (torch.autograd.grad(x, logp)[0] for x in (ours, theirs))
@@ -225,8 +269,10 @@ def test_loss_from_config_reads_the_clip_fallback():
 
 def test_import_verl_loads_the_plugin():
     """The verl.plugins entry point registers the losses in any process that imports verl."""
-    code = ("from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; "
-            "print(sorted(k for k in R if k.startswith('rpg_')))")
+    code = (
+        "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; "
+        "print(sorted(k for k in R if k.startswith('rpg_')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(ALL_MODES)
 

@@ -13,15 +13,16 @@ import torch
 
 pytest.importorskip("verl", reason="the verl extra is not installed")
 
-import rpg  # noqa: E402
-from rpg.integrations import verl as rpg_verl  # noqa: E402  (importing registers the losses)
-from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
-from verl.trainer.ppo.rollout_corr_helper import (  # noqa: E402
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.trainer.ppo.rollout_corr_helper import (
     compute_rollout_correction_and_rejection_mask,
     compute_rollout_correction_weights,
     compute_rollout_rejection_mask,
 )
-from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.config import ActorConfig
+
+import rpg
+from rpg.integrations import verl as rpg_verl
 
 B, T = 16, 8
 
@@ -78,8 +79,9 @@ def test_seq_mean_k1_keeps_the_inverted_band():
     old, beh, mask = _logps(2, spread=0.8)
     low, high = 0.9, 1.25
     want = _verl_keep(old, beh, mask, "seq_mean_k1", f"{low}_{high}")
-    c = rpg.RolloutCorrection(mode="truncate", lower=1.0, upper=1.0, geo_lower=1 / high, geo_upper=1 / low,
-                              count_rejected=False)
+    c = rpg.RolloutCorrection(
+        mode="truncate", lower=1.0, upper=1.0, geo_lower=1 / high, geo_upper=1 / low, count_rejected=False
+    )
     assert (mask & ~want).any() and want.any()
     assert torch.equal(c.keep(old, beh, mask), want)
     torch.testing.assert_close(c.weight(old, beh, mask), want.double())  # weight 1 where kept (RS alone)
@@ -110,9 +112,17 @@ def test_seq_max_k2_and_k3_are_worst_token_filters():
 
 
 def _config(info):
-    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1,
-                       clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, kl_loss_coef=0.05,
-                       global_batch_info=info)
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        ppo_mini_batch_size=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+        kl_loss_coef=0.05,
+        global_batch_info=info,
+    )
 
 
 VERL_SETTINGS = {  # verl's (rollout_is, threshold, rollout_rs, rs threshold) and the rpg correction it is
@@ -138,14 +148,25 @@ def test_verl_correction_through_the_adapter_is_the_rpg_correction(name, loss_mo
     logp = (old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=-1e-3).requires_grad_(True)
     adv = torch.randn(B, T, generator=g, dtype=torch.float64)
     proto, verl_mask, _ = compute_rollout_correction_and_rejection_mask(
-        old, beh, mask.float(), rollout_is=is_level, rollout_is_threshold=is_thr, rollout_rs=rs,
+        old,
+        beh,
+        mask.float(),
+        rollout_is=is_level,
+        rollout_is_threshold=is_thr,
+        rollout_rs=rs,
         rollout_rs_threshold=rs_thr,
     )
     weights = proto.batch["rollout_is_weights"]
     info = dict(dp_size=1, batch_num_tokens=int(verl_mask.sum()), global_batch_size=B)
-    ours, _ = get_policy_loss_fn(loss_mode)(old_log_prob=old, log_prob=logp, advantages=adv,
-                                            response_mask=verl_mask, loss_agg_mode="token-mean",
-                                            config=_config(info), rollout_is_weights=weights)
+    ours, _ = get_policy_loss_fn(loss_mode)(
+        old_log_prob=old,
+        log_prob=logp,
+        advantages=adv,
+        response_mask=verl_mask,
+        loss_agg_mode="token-mean",
+        config=_config(info),
+        rollout_is_weights=weights,
+    )
     divergence, style = rpg_verl.LOSS_MODES[loss_mode]
     fn = rpg.RPGLoss(divergence, style=style, beta=0.05, clip=rpg.Clip(0.2, 0.28, 3.0), correction=correction)
     counted = mask if correction.count_rejected else correction.keep(old, beh, mask)
