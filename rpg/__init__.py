@@ -52,7 +52,7 @@ from .presets import (
 )
 from .reference import ReferenceUpdate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AGG_MODES",

@@ -339,19 +339,20 @@ def reinforce_pp(
     unbiased = _check_unbiased(unbiased, bool(whiten_advantages))
     _check_token_tensor("old_logp", old_logp, mask)
     _check_token_tensor("ref_logp", ref_logp, mask)
-    if beta > 0 and (old_logp is None or ref_logp is None):
+    shaped = beta > 0
+    if shaped and (old_logp is None or ref_logp is None):
         raise ValueError("beta > 0 shapes the reward with the KL to the reference: pass old_logp and ref_logp")
     r = _rewards(rewards)
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     keep = mask.bool()
-    if beta > 0:
+    if old_logp is not None and ref_logp is not None and shaped:
         _check_finite("old_logp", old_logp.detach(), keep, " at unmasked tokens when beta > 0")
         _check_finite("ref_logp", ref_logp.detach(), keep, " at unmasked tokens when beta > 0")
     if mask.shape[-1] == 0:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     token_r = torch.where(_last_token(mask), r.to(dtype)[:, None], zero)
-    if beta > 0:
+    if old_logp is not None and ref_logp is not None and shaped:
         d = old_logp.detach().to(dtype) - ref_logp.detach().to(dtype)
         k = d if estimator == "k1" else 0.5 * d * d
         token_r = token_r - beta * torch.where(keep, k, zero)
@@ -390,16 +391,16 @@ def dapo_overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -
     ((L − C) − |y|)/C if L − C < |y| ≤ L (linear from 0 to −1); −1 if |y| > L.
     NaN or ±inf lengths raise ``ValueError``.
     """
-    max_len, cache_len = as_real("max_len", max_len), as_real("cache_len", cache_len)
-    if not 0 < cache_len <= max_len < math.inf:
+    max_len_f, cache_len_f = as_real("max_len", max_len), as_real("cache_len", cache_len)
+    if not 0 < cache_len_f <= max_len_f < math.inf:
         raise ValueError(f"need 0 < cache_len <= max_len < inf, got cache_len={cache_len!r}, max_len={max_len!r}")
     lengths = torch.as_tensor(lengths)
     if lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be real, got dtype {lengths.dtype}")
     lengths = lengths.to(torch.float32) if not lengths.is_floating_point() else lengths.to(compute_dtype(lengths.dtype))
     _check_finite("lengths", lengths)
-    soft = ((max_len - cache_len) - lengths) / cache_len
-    return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), soft.clamp(max=0.0))
+    soft = ((max_len_f - cache_len_f) - lengths) / cache_len_f
+    return torch.where(lengths > max_len_f, torch.full_like(lengths, -1.0), soft.clamp(max=0.0))
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

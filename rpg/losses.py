@@ -250,7 +250,7 @@ class PolicyLoss:
         )
 
 
-def _rebuild(cls: type, config: LossConfig, args: dict) -> PolicyLoss:
+def _rebuild(cls: type[PolicyLoss], config: LossConfig, args: dict) -> PolicyLoss:
     loss = cls.__new__(cls)
     loss._init(config, args)
     return loss

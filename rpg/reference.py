@@ -63,7 +63,7 @@ class ReferenceUpdate:
             a = self.kl_average
             self.kl_average = kl if a is None else self.ema * a + (1 - self.ema) * kl
         due = self.every is not None and self.steps_since_update >= self.every
-        drifted = self.kl_target is not None and self.kl_average > self.kl_target
+        drifted = self.kl_target is not None and self.kl_average is not None and self.kl_average > self.kl_target
         if due or drifted:
             self.steps_since_update, self.kl_average = 0, None
             return True

@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 
+import rpg
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -114,7 +116,8 @@ def test_install_hints_name_the_distribution():
     """`rpg` on PyPI is another project: every install hint names `rpg-losses` or installs the clone (`.[extra]`)."""
     root = README.parent
     assert re.search(r'^name = "rpg-losses"', (root / "pyproject.toml").read_text(), flags=re.M)
-    for page in [README, *DOCS, root / "rpg" / "integrations" / "trl.py", root / "rpg" / "integrations" / "verl.py"]:
+    integrations = pathlib.Path(rpg.__file__).parent / "integrations"  # the checkout's, or the installed wheel's
+    for page in [README, *DOCS, integrations / "trl.py", integrations / "verl.py"]:
         text = page.read_text()
         assert not re.search(r"""['"\s]rpg\[""", text), page  # `pip install "rpg[verl]"` installs the other project
         for hint in re.findall(r"pip install[^\n`]*", text):

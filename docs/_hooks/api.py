@@ -9,10 +9,12 @@ module that defines it. The package is read with `ast`, never imported.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PKG = ROOT / "rpg"
+# The package's source directory, found without importing it: the checkout's rpg/, or an installed one.
+PKG = pathlib.Path(importlib.util.find_spec("rpg").origin).parent
 ORDER = [
     "losses",
     "presets",
