@@ -6,6 +6,8 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 from . import distill as _distill
 from . import offpolicy as _offpolicy
@@ -95,7 +97,7 @@ def run_compare(
 _LABELS = tuple(_offpolicy.PENALTIES)
 # every penalty with 16 AdamW steps per batch, w·k3 also without the clip; on-policy controls (1 step per
 # batch, run longer to converge)
-OFFPOLICY = {
+OFFPOLICY: dict[str, Any] = {
     "betas": (0.02, 0.05, 0.1, 0.2),
     "arms": (
         *tuple((n, 16) for n in _LABELS),
@@ -106,7 +108,7 @@ OFFPOLICY = {
     "steps": {16: 250, 1: 1200},
     "lr": 3e-3,
 }
-OFFPOLICY_QUICK = {
+OFFPOLICY_QUICK: dict[str, Any] = {
     "betas": (0.05, 0.2),
     "arms": (*tuple((n, 4) for n in _LABELS), ("GRPO k3", 1)),
     "steps": {4: 4, 1: 4},
@@ -237,7 +239,7 @@ def run_distill(
     quiet=False,
 ) -> dict:
     """Train both teachers per seed, then a fresh student by each arm of :data:`rpg.demo.distill.ARMS`."""
-    jobs = [
+    jobs: list[tuple[Callable[..., Any], dict[str, Any], object]] = [
         (_distill.teacher_job, {"kind": kind, "recipe": recipe, "seed": 1000 + s, "quick": quick}, ("t", kind))
         for kind in _distill.TEACHERS
         for s in seeds

@@ -27,6 +27,8 @@ measure sample efficiency.
 
 from __future__ import annotations
 
+from typing import Any
+
 import rpg
 
 from .offpolicy import PENALTIES
@@ -42,7 +44,7 @@ ARMS = {
     "distill + reward": ("soft", "rloo"),
     "distill, peaked teacher": ("peaked", "none"),
 }
-SOFT_TEACHER = {"beta": 0.02, "steps": 250, "lr": 3e-3, "epochs": 8, "minibatches": 2}
+SOFT_TEACHER: dict[str, Any] = {"beta": 0.02, "steps": 250, "lr": 3e-3, "epochs": 8, "minibatches": 2}
 
 
 def teacher_job(kind: str, recipe: Recipe, seed: int, quick: bool = False, warmup: bool = False) -> dict:
@@ -74,6 +76,8 @@ def student_job(arm: str, recipe: Recipe, seed: int, teacher_state: dict | None 
     if kind is None:
         result = train(TASK, "RPG-REINFORCE", recipe, seed)
     else:
+        if teacher_state is None:
+            raise ValueError(f"arm {arm!r} distils from a teacher: pass teacher_state (the teacher's weights)")
         teacher = Policy(get_task(TASK).length, recipe.width)
         teacher.load_state_dict(teacher_state)
         # no exploration bonus: the teacher's log-probs are a dense signal, and the bonus would change the target

@@ -29,6 +29,7 @@ gradient of each KL term over tokens drawn from π_old, and compares it with
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -101,7 +102,11 @@ def oracle_errors(distances, seeds: int = 20, k: int = DIGITS, sharpness: float 
     Returns ``{"distance": [...], "kl_old": [[...] per seed], label: {"reverse": [[...] per seed],
     "forward": [...]}}`` with KL(π_θ‖π_old) per token as the measure of "how off-policy".
     """
-    out = {"distance": list(distances), "kl_old": [], **{name: {"reverse": [], "forward": []} for name in PENALTIES}}
+    out: dict[str, Any] = {
+        "distance": list(distances),
+        "kl_old": [],
+        **{name: {"reverse": [], "forward": []} for name in PENALTIES},
+    }
     zero = torch.zeros(k, dtype=torch.float64)
     ref = torch.zeros(k, dtype=torch.float64)
     for seed in range(seeds):
@@ -112,7 +117,7 @@ def oracle_errors(distances, seeds: int = 20, k: int = DIGITS, sharpness: float 
         u = u / u.norm()
         want = {d: -T.objective_gradient(d, theta, ref, zero, beta=1.0) for d in ("rkl", "fkl")}
         kl_old = []
-        rows = {name: {"reverse": [], "forward": []} for name in PENALTIES}
+        rows: dict[str, dict[str, list[float]]] = {name: {"reverse": [], "forward": []} for name in PENALTIES}
         for dist in distances:
             old = theta + dist * u
             kl_old.append(rpg.kl.kl(torch.log_softmax(theta, -1), torch.log_softmax(old, -1)).item())

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def _call(job: tuple) -> dict:
 
 
 def run_jobs(
-    jobs: list[tuple[Callable, dict, object]],
+    jobs: Sequence[tuple[Callable[..., Any], Mapping[str, Any], object]],
     workers: int | None = None,
     threads: int | None = None,
     describe: Callable[[dict], str] | None = None,

@@ -148,7 +148,7 @@ def train(
     reference = (teacher if teacher is not None else copy.deepcopy(policy)).requires_grad_(False)
     schedule = rpg.ReferenceUpdate(every=recipe.ref_every) if teacher is None and recipe.ref_every else None
     opt = torch.optim.AdamW(policy.parameters(), lr=recipe.lr)
-    log = {k: [] for k in ("rewards", "kls", "entropy", "clips", "old_kl")}
+    log: dict[str, list] = {k: [] for k in ("rewards", "kls", "entropy", "clips", "old_kl")}
     n = recipe.prompts * recipe.group
     start = time.perf_counter()
     for _ in range(recipe.steps):
