@@ -45,11 +45,14 @@ torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from ._util import check_choice
+from .kl import DIVERGENCES
 from .kl import divergence as _divergence
 
 __all__ = [
@@ -131,12 +134,15 @@ def expected_gradient(
     ref_logits: torch.Tensor | None = None,
     normalized: bool = True,
     behavior_logits: torch.Tensor | None = None,
+    advantages: Callable | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Σ_a π_old(a)·∇_θ ℓ(a), ``[K]``: the exact expected gradient of ``loss_fn`` over π_old.
 
-    ``loss_fn`` follows the ``rpg`` call contract and is called once on a batch
-    of K sequences of one token each (``[K, 1]``), action a in row a, with
-    ``advantages = rewards``. ``ref_logits=None`` means π_ref = π_old.
+    ``loss_fn`` follows the calling convention of the module docs ("A custom loss") and is
+    called on a batch of K sequences of one token each (``[K, 1]``), action a in row a,
+    with ``advantages = rewards`` (or ``advantages(rewards, mask, old_logp, ref_logp)``,
+    ``[K, 1]``, when that callable is given). ``ref_logits=None`` means π_ref = π_old.
 
     With ``behavior_logits`` (a rollout engine μ ≠ π_old) the tokens are drawn from
     μ instead: the result is Σ_a μ(a)·∇ℓ(a), and the loss is called with
@@ -147,14 +153,83 @@ def expected_gradient(
     logp = log_policy(theta, normalized)[:, None]
     old_logp = log_policy(old_logits, normalized).detach()[:, None]
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
-    sampler = old_logp if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
-    s = _support(sampler)  # only the actions the sampler can draw are ever in a batch
-    kwargs = {} if behavior_logits is None else {"behavior_logp": sampler[s]}
-    ref = None if ref_logp is None else ref_logp[s]
-    out = loss_fn(logp[s], old_logp[s], rewards[s], torch.ones_like(logp[s], dtype=torch.bool), ref_logp=ref, **kwargs)
-    weighted = (sampler[s].exp() * out.per_token).sum()
-    (grad,) = torch.autograd.grad(weighted, theta)
-    return grad
+    behavior = None if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
+    adv = _advantages(advantages, rewards, logp, old_logp, ref_logp)
+    return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, reduction=reduction)
+
+
+def _advantages(advantages, rewards, logp, old_logp, ref_logp):
+    """The call's advantages: the rewards (``[N]``), or ``advantages(rewards, mask, old_logp, ref_logp)``."""
+    if advantages is None:
+        return rewards
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    return advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
+
+
+def _accepts(loss_fn: Callable, name: str) -> bool:
+    """Whether ``loss_fn`` takes the keyword ``name`` (or ``**kwargs``); unknown signatures are assumed to."""
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _expected(
+    loss_fn: Callable,
+    theta: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    behavior_logp: torch.Tensor | None,
+    *,
+    weights: torch.Tensor | None = None,
+    pass_behavior: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Σ_rows P(row)·∇_θ Σ_t ℓ_t(row): rows are responses (``[N, T]`` log-probs), drawn from the
+    sampler (μ = ``behavior_logp`` when given, else π_old) over its support.
+
+    A [`LossOutput`][rpg.metrics.LossOutput] (anything with ``per_token``) is read from one call
+    on the whole batch; a bare scalar is the loss of the batch it was given, so the loss is then
+    called once per response on a one-row batch, and its scalar times the row's token count
+    (``reduction="mean"``) or as is (``"sum"``) is that response's Σ_t ℓ_t."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (how a scalar loss reduces tokens), got {reduction!r}")
+    sampler = old_logp if behavior_logp is None else behavior_logp
+    s = _support(sampler)  # only the responses the sampler can draw are ever in a batch
+    prob = sampler[s].sum(-1).exp()
+    rows = (logp[s], old_logp[s], adv[s], torch.ones_like(logp[s], dtype=torch.bool))
+    kwargs = {"ref_logp": None if ref_logp is None else ref_logp[s]}
+    if behavior_logp is not None and pass_behavior and _accepts(loss_fn, "behavior_logp"):
+        kwargs["behavior_logp"] = behavior_logp[s]
+    if weights is not None:
+        kwargs["weights"] = weights[s]
+    out = loss_fn(*rows, **kwargs)
+    per_token = getattr(out, "per_token", None)
+    if isinstance(per_token, torch.Tensor):
+        if per_token.shape != rows[0].shape:
+            raise ValueError(f"loss_fn's per_token has shape {tuple(per_token.shape)}, expected {tuple(rows[0].shape)}")
+        total = (prob[:, None] * per_token).sum()
+    elif isinstance(out, torch.Tensor) and out.dim() == 0:
+        total = torch.zeros((), dtype=logp.dtype)
+        for i in range(len(prob)):
+            one = {k: None if v is None else v[i : i + 1] for k, v in kwargs.items()}
+            value = loss_fn(*(x[i : i + 1] for x in rows), **one)
+            if not (isinstance(value, torch.Tensor) and value.dim() == 0):
+                raise TypeError(f"loss_fn returned a scalar for the batch but {type(value).__name__} for one row")
+            total = total + prob[i] * value * (rows[0].shape[-1] if reduction == "mean" else 1)
+    else:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(
+            "loss_fn must return an rpg.LossOutput (or any object with a per_token [B, T] tensor) or a scalar "
+            f"tensor (the loss of the batch it was given), got {got}"
+        )
+    if not total.requires_grad:
+        return torch.zeros_like(theta)
+    (grad,) = torch.autograd.grad(total, theta, allow_unused=True)
+    return torch.zeros_like(theta) if grad is None else grad
 
 
 def _support(sampler_logp: torch.Tensor) -> torch.Tensor:
@@ -189,18 +264,57 @@ def sequence_token_logp(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([first[:, None].expand(k, k).reshape(-1), second.reshape(-1)], -1)
 
 
-def sequence_objective(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
-    r"""Exact J(θ) = Σ_y π_θ(y)·R(y) − β·KL(π_θ(y) ‖ π_ref(y)) over all K² two-token sequences."""
-    logp = sequence_token_logp(logits).sum(-1)
-    ref = sequence_token_logp(ref_logits).sum(-1)
-    p = logp.exp()
-    return (p * rewards).sum() - beta * (p * (logp - ref)).sum()
+def sequence_objective(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    divergence: str = "rkl",
+    level: str = "sequence",
+) -> torch.Tensor:
+    r"""Exact J(θ) = Σ_y π_θ(y)·R(y) − β·D over all K² two-token sequences y = (a, b).
+
+    ``level="sequence"``: D is the KL of whole responses, reverse KL(π_θ(y) ‖ π_ref(y)) or forward
+    KL(π_ref(y) ‖ π_θ(y)) — by the chain rule KL_1 + Σ_a π(a)·KL_2(a), so its gradient also moves
+    the prefix law (the autoregressive term). ``level="token"``: D = KL_1 + Σ_a sg(π_θ(a))·KL_2(a),
+    each step's KL with the prefix law held fixed — what a per-token KL loss differentiates
+    on-policy. KL_1 is the first step's KL, KL_2(a) the second step's after prefix a, in the
+    direction ``divergence`` names (``"u"`` names are the same here: every step is normalized).
+    """
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("level", level, ("sequence", "token"))
+    lp, ref = sequence_token_logp(logits), sequence_token_logp(ref_logits)
+    seq, ref_seq = lp.sum(-1), ref.sum(-1)
+    reward = (seq.exp() * rewards).sum()
+    direction = "fkl" if divergence in ("fkl", "ufkl") else "rkl"
+    if beta == 0:
+        return reward
+    if level == "sequence":
+        return reward - beta * _divergence(direction, seq, ref_seq)
+    k = _k_of(logits)
+    first, ref_first = lp[::k, 0], ref[::k, 0]
+    second, ref_second = lp[:, 1].view(k, k), ref[:, 1].view(k, k)
+    kl = (
+        _divergence(direction, first, ref_first)
+        + (first.exp().detach() * _divergence(direction, second, ref_second)).sum()
+    )
+    return reward - beta * kl
 
 
-def sequence_objective_gradient(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
+def sequence_objective_gradient(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    divergence: str = "rkl",
+    level: str = "sequence",
+) -> torch.Tensor:
     """∇_θ of [`sequence_objective`][rpg.testing.sequence_objective], ``[K + K²]``."""
     theta = logits.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(sequence_objective(theta, ref_logits, rewards, beta), theta)
+    j = sequence_objective(theta, ref_logits, rewards, beta, divergence=divergence, level=level)
+    (grad,) = torch.autograd.grad(j, theta)
     return grad
 
 
@@ -214,12 +328,17 @@ def sequence_expected_gradient(
     advantages: Callable | None = None,
     behavior_logits: torch.Tensor | None = None,
     weights: Callable | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Σ_y π_old(y)·∇_θ Σ_t ℓ_t(y): the exact expected gradient of a per-token loss over sequences.
 
     The batch holds every sequence once (``[K², 2]``). ``advantages`` is ``None``
     (the sequence reward as a ``[B]`` advantage) or a callable
     ``(rewards, mask, old_logp, ref_logp) -> [B, T]`` — e.g. REINFORCE++ returns.
+    ``loss_fn`` follows the calling convention of the module docs; a loss returning a bare
+    scalar is called once per sequence, and ``reduction`` says whether that scalar is the
+    mean (``"mean"``, rpg's ``token-mean``) or the sum (``"sum"``) of the sequence's two
+    per-token losses.
 
     With ``behavior_logits`` the sequences are drawn from μ: the result is
     Σ_y μ(y)·∇Σ_t ℓ_t(y), the loss called with ``behavior_logp`` (log μ per token)
@@ -231,22 +350,10 @@ def sequence_expected_gradient(
     logp = sequence_token_logp(theta)
     old_logp = sequence_token_logp(old_logits).detach()
     ref_logp = None if ref_logits is None else sequence_token_logp(ref_logits).detach()
-    mask = torch.ones_like(logp, dtype=torch.bool)
-    adv = (
-        rewards
-        if advantages is None
-        else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
-    )
+    adv = _advantages(advantages, rewards, logp, old_logp, ref_logp)
     behavior = None if behavior_logits is None else sequence_token_logp(behavior_logits).detach()
-    sampler = old_logp if behavior is None else behavior
-    s = _support(sampler)
-    kwargs = {} if behavior is None else {"behavior_logp": behavior[s]}
-    if weights is not None:
-        kwargs["weights"] = weights(old_logp, sampler)[s]
-    out = loss_fn(logp[s], old_logp[s], adv[s], mask[s], ref_logp=None if ref_logp is None else ref_logp[s], **kwargs)
-    weighted = (sampler[s].sum(-1).exp()[:, None] * out.per_token).sum()
-    (grad,) = torch.autograd.grad(weighted, theta)
-    return grad
+    w = None if weights is None else weights(old_logp, old_logp if behavior is None else behavior)
+    return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, weights=w, reduction=reduction)
 
 
 def correction_bias(
@@ -256,6 +363,7 @@ def correction_bias(
     *,
     weights: Callable | None = None,
     behavior: bool = True,
+    reduction: str = "mean",
 ) -> float:
     r"""Relative bias ‖E_μ[∇ℓ′] + ∇J‖ / ‖∇J‖ of ``loss_fn`` on a two-step problem with an outcome reward.
 
@@ -265,17 +373,12 @@ def correction_bias(
     [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]. 0 means the correction is exact for this objective.
     """
     want = -sequence_objective_gradient(problem.logits, problem.ref_logits, problem.rewards, 0.0)
-    if behavior:
-        got = sequence_expected_gradient(
-            loss_fn, problem.logits, problem.logits, problem.rewards, behavior_logits=behavior_logits, weights=weights
-        )
-    else:
-        theta = problem.logits.detach().clone().requires_grad_(True)
-        logp = sequence_token_logp(theta)
-        old = sequence_token_logp(problem.logits).detach()
-        mu = sequence_token_logp(behavior_logits).detach()
-        s = _support(mu)
-        kwargs = {} if weights is None else {"weights": weights(old, mu)[s]}
-        out = loss_fn(logp[s], old[s], problem.rewards[s], torch.ones_like(logp[s], dtype=torch.bool), **kwargs)
-        (got,) = torch.autograd.grad((mu[s].sum(-1).exp()[:, None] * out.per_token).sum(), theta)
+    theta = problem.logits.detach().clone().requires_grad_(True)
+    logp = sequence_token_logp(theta)
+    old = sequence_token_logp(problem.logits).detach()
+    mu = sequence_token_logp(behavior_logits).detach()
+    w = None if weights is None else weights(old, mu)
+    got = _expected(
+        loss_fn, theta, logp, old, problem.rewards, None, mu, weights=w, pass_behavior=behavior, reduction=reduction
+    )
     return float((got - want).norm() / want.norm())
