@@ -45,8 +45,11 @@ torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -68,6 +71,13 @@ __all__ = [
     "sequence_objective_gradient",
     "sequence_expected_gradient",
     "correction_bias",
+    "audit",
+    "Audit",
+    "Record",
+    "Scenario",
+    "SCENARIOS",
+    "GROUPS",
+    "OBJECTIVES",
 ]
 
 
@@ -382,3 +392,295 @@ def correction_bias(
         loss_fn, theta, logp, old, problem.rewards, None, mu, weights=w, pass_behavior=behavior, reduction=reduction
     )
     return float((got - want).norm() / want.norm())
+
+
+# --- the audit: which objective a loss's gradient follows --------------------------------
+
+OBJECTIVES: dict[str, str] = {
+    "E[r]": "E[r], the expected reward alone",
+    "fkl": "E[r] − β·KL(π_ref‖π_θ), per token",
+    "rkl": "E[r] − β·KL(π_θ‖π_ref), per token",
+    "ufkl": "E[r] − β·UKL(π_ref‖π_θ), per token",
+    "urkl": "E[r] − β·UKL(π_θ‖π_ref), per token",
+    "seq-fkl": "E[r] − β·KL(π_ref(y)‖π_θ(y)), whole responses",
+    "seq-rkl": "E[r] − β·KL(π_θ(y)‖π_ref(y)), whole responses",
+    "seq-ufkl": "E[r] − β·UKL(π_ref(y)‖π_θ(y)), whole responses",
+    "seq-urkl": "E[r] − β·UKL(π_θ(y)‖π_ref(y)), whole responses",
+}
+
+
+class Scenario(NamedTuple):
+    """One family of exact problems the audit enumerates: response length (1 or 2 tokens), whether
+    π_old ≠ π_θ, whether the policies are normalized, and whether a behaviour policy μ ≠ π_old samples."""
+
+    name: str
+    tokens: int
+    off_policy: bool
+    normalized: bool
+    behavior: bool
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("1 token, on-policy", 1, False, True, False),
+    Scenario("1 token, on-policy, unnormalized", 1, False, False, False),
+    Scenario("2 tokens, on-policy", 2, False, True, False),
+    Scenario("1 token, off-policy", 1, True, True, False),
+    Scenario("1 token, off-policy, unnormalized", 1, True, False, False),
+    Scenario("2 tokens, off-policy", 2, True, True, False),
+    Scenario("1 token, off-policy, μ ≠ π_old", 1, True, True, True),
+    Scenario("2 tokens, μ ≠ π_old", 2, False, True, True),
+)
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "on-policy": tuple(s.name for s in SCENARIOS[:3]),
+    "off-policy": tuple(s.name for s in SCENARIOS[3:5]),
+    "sequence off-policy": (SCENARIOS[5].name,),
+    "behavior": tuple(s.name for s in SCENARIOS[6:]),
+}
+
+_UNNORMALIZED_LOG_MASS = (-0.2, -0.5, -0.1)  # log Z of π_θ, π_old, π_ref in the unnormalized problems
+
+
+class Record(NamedTuple):
+    """The relative bias ‖E[∇ℓ] + ∇J‖ / ‖∇J‖ of the audited loss against one objective J on one scenario
+    (the largest over the audit's seeds)."""
+
+    scenario: str
+    objective: str
+    bias: float
+
+
+def _fmt(x: float) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.1e}"
+
+
+@dataclass(frozen=True)
+class Audit:
+    r"""The exactness statement of one loss, computed by [`audit`][rpg.testing.audit].
+
+    ``records`` holds one [`Record`][rpg.testing.Record] per scenario × candidate objective
+    (keys of ``OBJECTIVES``); a bias below ``tol`` is exact (rounding error). ``print(audit)`` and
+    ``audit.to_markdown()`` show the table: one row per scenario, its bias against the named
+    ``objective``, the closest objective, and the bias against every candidate. ``corrected`` is
+    ``False`` when the loss takes no ``behavior_logp``: the μ scenarios then measure it uncorrected.
+    """
+
+    loss: str
+    objective: str | None
+    beta: float
+    records: tuple[Record, ...]
+    corrected: bool = True
+    tol: float = 1e-9
+
+    def _worst(self, key: str, group: str) -> float:
+        names = GROUPS.get(group, (group,))
+        values = [r.bias for r in self.records if r.objective == key and r.scenario in names]
+        if not values:
+            raise ValueError(f"unknown scenario or group {group!r}; groups: {', '.join(GROUPS)}")
+        return max(values)
+
+    def _candidates(self, group: str) -> list[str]:
+        names = GROUPS.get(group, (group,))
+        one_token = all(s.tokens == 1 for s in SCENARIOS if s.name in names)
+        return [k for k in OBJECTIVES if not (one_token and k.startswith("seq-"))]  # one token: seq-X is X
+
+    def bias(self, objective: str | None = None, where: str = "on-policy") -> float:
+        """The largest bias against ``objective`` (default: the named one) over ``where``, a scenario
+        name or a group of ``GROUPS`` (``"on-policy"``, ``"off-policy"``, ``"sequence off-policy"``,
+        ``"behavior"``)."""
+        key = self.objective if objective is None else objective
+        if key is None:
+            raise ValueError("no objective named: pass objective= to audit() or to bias()")
+        check_choice("objective", key, tuple(OBJECTIVES))
+        return self._worst(key, where)
+
+    def followed(self, where: str = "on-policy") -> tuple[str, ...]:
+        """The candidate objectives whose gradient the loss follows exactly (bias < ``tol``) on every
+        scenario of ``where``; on one-token scenarios a whole-response KL is the per-token one, so
+        only the per-token names are listed there."""
+        return tuple(k for k in self._candidates(where) if self._worst(k, where) < self.tol)
+
+    def closest(self, where: str = "on-policy") -> str:
+        """The candidate with the smallest largest bias over ``where`` (the first of near-equal ones)."""
+        worst = {k: self._worst(k, where) for k in self._candidates(where)}
+        best = min(worst.values())
+        return next(k for k, v in worst.items() if v <= best * (1 + 1e-6) + 1e-12)
+
+    def describe(self, where: str = "on-policy") -> str:
+        """``"rkl"``, ``"fkl = ufkl"`` (equal there), or ``"none (closest: X)"``."""
+        exact = self.followed(where)
+        return " = ".join(exact) if exact else f"none (closest: {self.closest(where)})"
+
+    def statement(self) -> str:
+        """One sentence: what the gradient follows on-policy (1 and 2 tokens) and off-policy, per token."""
+        return f"on-policy {self.describe('on-policy')}; off-policy, per token, {self.describe('off-policy')}"
+
+    @property
+    def rows(self) -> list[dict]:
+        """One dict per scenario: ``scenario``, ``named`` (bias against the named objective, or ``None``),
+        ``closest`` and the bias against every candidate (keys of ``OBJECTIVES``)."""
+        out = []
+        for s in SCENARIOS:
+            if not any(r.scenario == s.name for r in self.records):
+                continue
+            bias = {k: self._worst(k, s.name) for k in OBJECTIVES}
+            exact = [k for k in self._candidates(s.name) if bias[k] < self.tol]
+            named = None if self.objective is None else bias[self.objective]
+            closest = " = ".join(exact) if exact else self.closest(s.name)
+            out.append({"scenario": s.name, "named": named, "closest": closest, **bias})
+        return out
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["scenario", f"bias vs {self.objective}" if self.objective else "named", "closest", *OBJECTIVES]
+        body = [
+            [
+                r["scenario"],
+                "—" if r["named"] is None else _fmt(r["named"]),
+                r["closest"],
+                *(_fmt(r[k]) for k in OBJECTIVES),
+            ]
+            for r in self.rows
+        ]
+        return head, body
+
+    def _title(self) -> str:
+        named = f"; named objective: {self.objective}" if self.objective else ""
+        uncorrected = "" if self.corrected else "; it takes no behavior_logp: uncorrected under μ"
+        return f"audit of {self.loss} (β = {self.beta:g}{named}{uncorrected}): {self.statement()}"
+
+    def to_markdown(self) -> str:
+        """The table in Markdown, preceded by the one-sentence statement."""
+        head, body = self._table()
+        lines = [self._title(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head, body = self._table()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = [self._title(), "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+        return "\n".join(lines)
+
+
+def _name(loss_fn: Callable) -> str:
+    """A function's qualified name (its repr holds an address), else the object's repr."""
+    if inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn):
+        return loss_fn.__qualname__
+    if isinstance(loss_fn, functools.partial):
+        args = [repr(a) for a in loss_fn.args] + [f"{k}={v!r}" for k, v in loss_fn.keywords.items()]
+        return f"{_name(loss_fn.func)}({', '.join(args)})"
+    return repr(loss_fn)
+
+
+def _own_beta(loss_fn: Callable) -> float | None:
+    value = getattr(loss_fn, "beta", None)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    return float(value)
+
+
+def _scenario_problem(s: Scenario, seed: int, sigma: float):
+    """(θ, θ_old, θ_ref, rewards, μ-logits or None) of one scenario: K = 5 actions (1 token) or K = 3
+    per step (2 tokens), logits perturbed by N(0, 0.5²) from a common base, float64."""
+    p = random_problem(k=5, seed=seed) if s.tokens == 1 else random_sequence_problem(k=3, seed=seed)
+    logits, old, ref = p.logits, p.old_logits, p.ref_logits
+    if not s.normalized:  # measures of total mass Z ≠ 1, a different Z for each policy
+        logits, old, ref = (
+            torch.log_softmax(x, -1) + z for x, z in zip((logits, old, ref), _UNNORMALIZED_LOG_MASS, strict=True)
+        )
+    if not s.off_policy:
+        old = logits
+    behavior = None
+    if s.behavior:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        behavior = old + sigma * torch.randn(old.shape, generator=gen, dtype=old.dtype)
+    return logits, old, ref, p.rewards, behavior
+
+
+def _candidate_gradient(key: str, s: Scenario, logits, ref, rewards, beta: float) -> torch.Tensor:
+    """−∇J of the candidate objective ``key`` on one problem of scenario ``s``."""
+    if key == "E[r]":
+        key, beta = "rkl", 0.0
+    div = key.removeprefix("seq-")
+    if s.tokens == 1:  # a one-token response: its whole-response KL is the per-token one
+        return -objective_gradient(div, logits, ref, rewards, beta, normalized=s.normalized)
+    level = "sequence" if key.startswith("seq-") else "token"
+    return -sequence_objective_gradient(logits, ref, rewards, beta, divergence=div, level=level)
+
+
+def audit(
+    loss_fn: Callable,
+    *,
+    objective: str | None = None,
+    beta: float | None = None,
+    advantages: Callable | None = None,
+    reduction: str = "mean",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    sigma: float = 0.2,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> Audit:
+    r"""Which objective's gradient ``loss_fn`` follows, by exact enumeration: its exactness statement.
+
+    For every scenario of ``SCENARIOS`` — one-token (K = 5 actions) and two-token (K = 3 per step)
+    problems; on-policy (π_old = π_θ) and off-policy (π_old ≠ π_θ); normalized and unnormalized
+    policies (one token); with a behaviour policy μ ≠ π_old (π_old's logits plus N(0, ``sigma``²)
+    noise; the loss gets ``behavior_logp`` and applies its default correction), always with
+    π_ref ≠ π_old — and for each candidate objective J of ``OBJECTIVES`` (E[r] alone, E[r] − β·D
+    for D forward/reverse, normalized/unnormalized, per token or over whole responses), the
+    relative bias ‖E[∇ℓ] + ∇J‖ / ‖∇J‖ of the loss's exact expected gradient E[∇ℓ]
+    ([`expected_gradient`][rpg.testing.expected_gradient],
+    [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]), the largest over ``seeds``.
+    Float64, deterministic.
+
+    Args:
+        loss_fn: any callable with rpg's calling convention (module docs: "A custom loss"),
+            returning a [`LossOutput`][rpg.metrics.LossOutput] or a bare scalar tensor.
+        objective: the objective the loss claims (a key of ``OBJECTIVES``); the table then shows
+            the bias against it. ``None``: only the closest objective is reported.
+        beta: β of the KL candidates. Default: ``loss_fn.beta`` when it is > 0, else 0.5 (so
+            that E[r] and the KL objectives differ); a value that disagrees with ``loss_fn.beta``
+            raises ``ValueError``. Pass it for a KL the loss does not hold, e.g. in the advantages.
+        advantages: ``None`` (the reward is the advantage) or a callable
+            ``(rewards, mask, old_logp, ref_logp) -> [B, T]``, e.g. REINFORCE++ returns.
+        reduction: for a loss returning a bare scalar: ``"mean"`` (the mean of a response's
+            per-token losses, rpg's ``token-mean``) or ``"sum"``.
+        seeds: the random problems of each scenario.
+        sigma: the std of μ's logit noise.
+        scenarios: the scenarios to run (a subset of ``SCENARIOS``).
+
+    Returns:
+        an [`Audit`][rpg.testing.Audit]: ``print`` it, ``.to_markdown()``, ``.rows``, ``.records``,
+        ``.followed(group)``, ``.bias(objective, group)``, ``.statement()``.
+    """
+    if objective is not None:
+        check_choice("objective", objective, tuple(OBJECTIVES))
+    own = _own_beta(loss_fn)
+    if beta is None:
+        beta = own if own is not None else 0.5
+    else:
+        beta = float(beta)
+        if not (0 < beta < math.inf):
+            raise ValueError(f"beta must be > 0 and finite (the KL candidates' coefficient), got {beta!r}")
+        if own is not None and beta != own:
+            raise ValueError(f"beta={beta!r} disagrees with loss_fn.beta={own!r}; leave beta=None to use the loss's")
+    if not seeds:
+        raise ValueError("seeds must name at least one problem")
+    records = []
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; pass a subset of rpg.testing.SCENARIOS")
+        worst = dict.fromkeys(OBJECTIVES, 0.0)
+        for seed in seeds:
+            logits, old, ref, rewards, mu = _scenario_problem(s, seed, sigma)
+            common = dict(ref_logits=ref, advantages=advantages, behavior_logits=mu, reduction=reduction)
+            if s.tokens == 1:
+                got = expected_gradient(loss_fn, logits, old, rewards, normalized=s.normalized, **common)
+            else:
+                got = sequence_expected_gradient(loss_fn, logits, old, rewards, **common)
+            for key in OBJECTIVES:
+                want = _candidate_gradient(key, s, logits, ref, rewards, beta)
+                b = float((got - want).norm() / want.norm())
+                worst[key] = max(worst[key], b if math.isfinite(b) else math.inf)
+        records += [Record(s.name, k, v) for k, v in worst.items()]
+    return Audit(_name(loss_fn), objective, beta, tuple(records), _accepts(loss_fn, "behavior_logp"))
