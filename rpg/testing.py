@@ -609,6 +609,18 @@ def _candidate_gradient(key: str, s: Scenario, logits, ref, rewards, beta: float
     return -sequence_objective_gradient(logits, ref, rewards, beta, divergence=div, level=level)
 
 
+@functools.lru_cache(maxsize=128)
+def _targets(s: Scenario, seed: int, sigma: float, beta: float):
+    """One problem of scenario ``s`` and −∇J of every candidate on it (computed once per setting)."""
+    problem = _scenario_problem(s, seed, sigma)
+    logits, _, ref, rewards, _ = problem
+    targets = {}
+    for key in OBJECTIVES:
+        same = key.removeprefix("seq-") if s.tokens == 1 else key  # one token: seq-X is X
+        targets[key] = targets[same] if same in targets else _candidate_gradient(key, s, logits, ref, rewards, beta)
+    return problem, targets
+
+
 def audit(
     loss_fn: Callable,
     *,
@@ -672,14 +684,14 @@ def audit(
             raise ValueError(f"unknown scenario {s!r}; pass a subset of rpg.testing.SCENARIOS")
         worst = dict.fromkeys(OBJECTIVES, 0.0)
         for seed in seeds:
-            logits, old, ref, rewards, mu = _scenario_problem(s, seed, sigma)
+            problem, targets = _targets(s, seed, float(sigma), beta)
+            logits, old, ref, rewards, mu = (None if x is None else x.clone() for x in problem)
             common = dict(ref_logits=ref, advantages=advantages, behavior_logits=mu, reduction=reduction)
             if s.tokens == 1:
                 got = expected_gradient(loss_fn, logits, old, rewards, normalized=s.normalized, **common)
             else:
                 got = sequence_expected_gradient(loss_fn, logits, old, rewards, **common)
-            for key in OBJECTIVES:
-                want = _candidate_gradient(key, s, logits, ref, rewards, beta)
+            for key, want in targets.items():
                 b = float((got - want).norm() / want.norm())
                 worst[key] = max(worst[key], b if math.isfinite(b) else math.inf)
         records += [Record(s.name, k, v) for k, v in worst.items()]

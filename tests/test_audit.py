@@ -2,6 +2,7 @@
 deliberately wrong losses (a dropped importance weight, a flipped KL sign, a dropped +1)."""
 
 import functools
+import pathlib
 import re
 
 import pytest
@@ -152,3 +153,80 @@ def test_audit_query_errors(grpo):
         grpo.bias(where="nowhere")
     with pytest.raises(ValueError, match="no objective named"):
         T.audit(rpg.DAPOLoss(clip=None), scenarios=T.SCENARIOS[:1]).bias()
+
+
+# --- the "Every loss, audited" page and the testing page --------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+@pytest.fixture(scope="module")
+def audited():
+    from rpg import audit as page
+
+    return page.run()
+
+
+def _numbers_agree(stored: str, fresh: str) -> bool:
+    """The same text, and numbers that agree to one unit of their last printed digit (2 significant
+    digits: a platform's last bits may round the other way)."""
+    if NUMBER.sub("#", stored) != NUMBER.sub("#", fresh):
+        return False
+    for a, b in zip(NUMBER.findall(stored), NUMBER.findall(fresh), strict=True):
+        if a != b:
+            decimals = len(a.split("e")[0].partition(".")[2])
+            if "e" in a or "e" in b or abs(float(a) - float(b)) > 1.01 * 10.0**-decimals:
+                return False
+    return True
+
+
+def test_the_audit_page_is_a_fresh_run(audited):
+    from rpg import audit as page
+
+    stored = (ROOT / "docs" / "audit.md").read_text()
+    assert _numbers_agree(stored, page.page(audited)), (
+        "docs/audit.md is stale: run `python -m rpg.audit --write docs/audit.md`"
+    )
+    assert "audit.md" in (ROOT / "mkdocs.yml").read_text() and "testing.md" in (ROOT / "mkdocs.yml").read_text()
+
+
+def test_the_staleness_check_can_fail():
+    assert _numbers_agree("bias 0.25 and < 1e-10", "bias 0.26 and < 1e-10")
+    assert not _numbers_agree("bias 0.25", "bias 0.28")
+    assert not _numbers_agree("follows rkl", "follows urkl")
+
+
+def test_the_page_claims_hold(audited):
+    """Which rows follow their named objective, on-policy and off-policy (one token)."""
+    not_on = {row.name for row, a in audited if a.bias(where="on-policy") >= EXACT}
+    assert not_on == {"GRPOLoss, k3", "KL in reward, k2 returns"}
+    not_off = {row.name for row, a in audited if a.bias(where="1 token, off-policy") >= EXACT}
+    assert not_off == {"GRPOLoss, k3", "KL in reward, k1 returns", "KL in reward, k2 returns", "DPPOLoss"}
+    # every per-response objective is missed off-policy with per-token ratios only
+    assert min(a.bias(where="2 tokens, off-policy") for _, a in audited) > BIASED
+
+
+def test_python_m_rpg_audit_writes_the_page(audited, tmp_path, monkeypatch, capsys):
+    from rpg import audit as page
+
+    monkeypatch.setattr(page, "run", lambda rows=None: audited)
+    assert page.main(["--write", str(tmp_path / "audit.md")]) == 0
+    assert (tmp_path / "audit.md").read_text() == page.page(audited)
+    assert page.main([]) == 0 and capsys.readouterr().out == page.page(audited)
+
+
+def test_the_testing_page_runs_and_its_tests_pass(capsys):
+    """Each Python block of docs/testing.md runs on its own, and the pytest recipe's tests pass."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "testing.md").read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    ran = []
+    for block in blocks:
+        namespace = {}
+        exec(compile(block, "docs/testing.md", "exec"), namespace)
+        for name, fn in namespace.items():
+            if name.startswith("test_") and callable(fn):
+                fn()
+                ran.append(name)
+    assert ran == ["test_my_loss_follows_the_reverse_kl_off_policy", "test_my_loss_audit"]
+    assert "relative bias" in capsys.readouterr().out
