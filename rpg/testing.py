@@ -29,17 +29,40 @@ loss receives ``behavior_logp`` so that its [`RolloutCorrection`][rpg.correction
 applies. [`correction_bias`][rpg.testing.correction_bias] measures how far a correction's expected
 gradient is from −∇J on a two-step problem.
 
+**A custom loss.** Every oracle calls ``loss_fn`` as rpg calls its losses:
+``loss_fn(logp, old_logp, advantages, mask, ref_logp=ref_logp)``, adding
+``behavior_logp=`` when the problem has a behaviour policy and the function takes a parameter of
+that name (or ``**kwargs``), and ``weights=`` only when a ``weights`` callable is given. ``logp``
+is ``[B, T]`` and carries the gradient; the other log-probs are ``[B, T]`` and detached;
+``advantages`` is ``[B]`` (or ``[B, T]`` from an ``advantages=`` callable); ``mask`` is all true.
+The batch holds every action (``T = 1``) or every two-token response (``T = 2``) once. It returns
+either a [`LossOutput`][rpg.metrics.LossOutput] (anything with a ``per_token`` ``[B, T]`` tensor;
+a response's loss is the sum of its row) or a **bare scalar tensor**, the loss of the batch it was
+given: the oracle then calls it once per response on a one-row batch and reads the scalar as the
+mean of the response's per-token losses (``reduction="mean"``, rpg's ``token-mean``) or their sum
+(``reduction="sum"``). Anything else raises ``TypeError``.
+
+**The audit.** [`audit`][rpg.testing.audit] runs a loss through every scenario (``SCENARIOS``:
+one and two tokens, on- and off-policy, normalized and unnormalized, with a behaviour policy)
+against every candidate objective (``OBJECTIVES``: E[r] and E[r] − β·D for the four
+divergences, per token and over whole responses) and returns an [`Audit`][rpg.testing.Audit]:
+the objective the gradient follows and its bias against the one the loss names.
+
 A loss is exact for its objective when ``expected_gradient(...)`` equals
 ``-objective_gradient(...)``; test it off-policy (θ ≠ θ_old) and with
 π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart:
 
 ```python
-import rpg, rpg.testing as T
+import torch
+import rpg
+import rpg.testing as T
+
 p = T.random_problem(k=6, seed=0)
 loss_fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.5, clip=None)
 got = T.expected_gradient(loss_fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
 want = -T.objective_gradient("rkl", p.logits, p.ref_logits, p.rewards, beta=0.5)
 torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+print(T.audit(loss_fn, objective="rkl").statement())  # on-policy rkl; off-policy, per token, rkl
 ```
 """
 
