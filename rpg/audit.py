@@ -277,6 +277,14 @@ so `seq-ufkl` = `seq-fkl` and `seq-urkl` = `seq-rkl` there.
 
 {_answers(results)}
 
+## Peers' own code
+
+verl's registered policy losses and the KL loss its actor adds (`use_kl_loss`), each driven through
+a thin wrapper with rpg's calling convention and audited the same way (`python
+examples/audit_peers.py --write`, which needs verl installed):
+
+--8<-- "docs/_generated/audit_peers.md"
+
 Audit your own loss in one call: see [Testing your own loss](testing.md).
 """
 

@@ -230,3 +230,15 @@ def test_the_testing_page_runs_and_its_tests_pass(capsys):
                 ran.append(name)
     assert ran == ["test_my_loss_follows_the_reverse_kl_off_policy", "test_my_loss_audit"]
     assert "relative bias" in capsys.readouterr().out
+
+
+def test_the_peer_table_is_a_fresh_run_of_verls_code():
+    pytest.importorskip("verl.trainer.ppo.core_algos", reason="the verl extra is not installed")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("audit_peers", ROOT / "examples" / "audit_peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    stored = peers.OUT.read_text()
+    assert _numbers_agree(stored, peers.markdown()), "run `python examples/audit_peers.py --write`"
+    assert '--8<-- "docs/_generated/audit_peers.md"' in (ROOT / "docs" / "audit.md").read_text()
