@@ -279,9 +279,11 @@ so `seq-ufkl` = `seq-fkl` and `seq-urkl` = `seq-rkl` there.
 
 ## Peers' own code
 
-verl's registered policy losses and the KL loss its actor adds (`use_kl_loss`), each driven through
-a thin wrapper with rpg's calling convention and audited the same way (`python
-examples/audit_peers.py --write`, which needs verl installed):
+verl's registered policy losses with the KL loss its actor adds (`use_kl_loss`), and TRL's
+`GRPOTrainer._compute_loss` under several `GRPOConfig` settings, each driven through a thin
+wrapper with rpg's calling convention and audited the same way (`python examples/audit_peers.py
+--write`, which needs verl and trl installed). The wrappers take no `behavior_logp`, so their μ
+columns are uncorrected:
 
 --8<-- "docs/_generated/audit_peers.md"
 

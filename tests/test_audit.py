@@ -232,8 +232,9 @@ def test_the_testing_page_runs_and_its_tests_pass(capsys):
     assert "relative bias" in capsys.readouterr().out
 
 
-def test_the_peer_table_is_a_fresh_run_of_verls_code():
+def test_the_peer_tables_are_a_fresh_run_of_verls_and_trls_code():
     pytest.importorskip("verl.trainer.ppo.core_algos", reason="the verl extra is not installed")
+    pytest.importorskip("trl", reason="the trl extra is not installed")
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("audit_peers", ROOT / "examples" / "audit_peers.py")
