@@ -499,6 +499,8 @@ class Audit:
         names = GROUPS.get(group, (group,))
         values = [r.bias for r in self.records if r.objective == key and r.scenario in names]
         if not values:
+            if group in GROUPS or any(s.name == group for s in SCENARIOS):
+                raise ValueError(f"this audit ran no scenario of {group!r} (it ran a subset of SCENARIOS)")
             raise ValueError(f"unknown scenario or group {group!r}; groups: {', '.join(GROUPS)}")
         return max(values)
 

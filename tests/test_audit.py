@@ -151,6 +151,8 @@ def test_audit_errors(kwargs, match):
 def test_audit_query_errors(grpo):
     with pytest.raises(ValueError, match="groups"):
         grpo.bias(where="nowhere")
+    with pytest.raises(ValueError, match="ran no scenario"):
+        T.audit(rpg.DAPOLoss(clip=None), scenarios=T.SCENARIOS[:1]).bias("E[r]", "off-policy")
     with pytest.raises(ValueError, match="no objective named"):
         T.audit(rpg.DAPOLoss(clip=None), scenarios=T.SCENARIOS[:1]).bias()
 
