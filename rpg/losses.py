@@ -274,6 +274,9 @@ class RPGLoss(PolicyLoss):
     KL outside the clip unless ``fold_kl``); the REINFORCE style uses
     RPG-Style Clip (Algorithm 2) or, with [`Truncate`][rpg.clipping.Truncate], truncated IS.
 
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``, β > 0), each divergence D in either style: on-policy D;
+    off-policy, per token, D.
+
     Args:
         divergence: ``"fkl"``, ``"rkl"``, ``"ufkl"`` or ``"urkl"``.
         style: ``"differentiable"`` (default) or ``"reinforce"``.

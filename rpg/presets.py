@@ -78,6 +78,9 @@ class GRPOLoss(_Preset):
 
     Defaults from the paper: β = 0.04, ε = 0.2, no dual clip,
     ``agg="seq-mean-token-mean"``. Pass ``ref_logp`` (the frozen reference).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``, β > 0): on-policy ufkl; off-policy, per token, none (closest: ufkl).
+    With ``importance_weighted_kl=True``: on-policy urkl; off-policy, per token, urkl.
     """
 
     __slots__ = ()
@@ -109,6 +112,8 @@ class DrGRPOLoss(_Preset):
     weight does not depend on its response's length. ``max_len`` is required:
     falling back to the padded width would bring back the very length bias Dr.
     GRPO removes. Pair with ``rpg.advantages.grpo(..., scale="none")`` (no std scaling).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -138,6 +143,8 @@ class DAPOLoss(_Preset):
     ℓ_t = −min(w·A, clip(w, 0.8, 1.28)·A), averaged over all tokens of the batch.
     Pair with ``rpg.advantages.dapo_overlong_penalty`` and
     ``rpg.advantages.informative_groups`` (dynamic sampling).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -164,6 +171,10 @@ class REINFORCEPlusPlusLoss(_Preset):
     and before whitening, the expected gradient is ∇(E[R] − β·KL(π_θ(y)‖π_ref(y)))
     for the *sequence* distribution, exactly on-policy; off-policy it would need
     importance weights of whole prefixes (``tests/test_sequence.py``).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``): on-policy E[r]; off-policy, per token, E[r]; with k1 returns
+    from ``reinforce_pp`` (β > 0, γ = 1, no whitening): on-policy seq-urkl; off-policy, per token,
+    none (closest: ufkl) — the shaped reward holds log π_old − log π_ref, fixed when θ moves.
     """
 
     __slots__ = ()
@@ -199,6 +210,8 @@ class GSPOLoss(_Preset):
     length: the 1/|y| inside s weights a short response's tokens more, and
     off-policy the geometric mean of token ratios is not an unbiased sequence
     importance weight.
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -235,6 +248,8 @@ class CISPOLoss(_Preset):
     ``low=0.0`` means the bound 1 and ``None`` means none. A [`Clip`][rpg.clipping.Clip] is
     read as the same two bounds; its dual bound plays no part in truncation and
     is not used.
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default cap): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -265,6 +280,8 @@ class OnPolicyDistillationLoss(_Preset):
     passing task advantages adds the reward term. The per-token reverse KL
     as advantage, without returns-to-go, is the usual on-policy distillation
     recipe; it is a partial gradient of the sequence-level KL (see module docs).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit]): on-policy urkl; off-policy, per token, urkl.
     """
 
     __slots__ = ()
@@ -295,6 +312,8 @@ class DPPOLoss(_Preset):
     rollout policy — pass ``old_logp = behavior_logp``. Defaults: δ = 0.15 (the paper's
     recommendation for tv; it recommends 0.05 for kl — pass ``low=0.05, high=0.05``), no cap,
     token-mean.
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default region): on-policy E[r]; off-policy, per token, none (closest: E[r]).
     """
 
     __slots__ = ()

@@ -29,27 +29,56 @@ loss receives ``behavior_logp`` so that its [`RolloutCorrection`][rpg.correction
 applies. [`correction_bias`][rpg.testing.correction_bias] measures how far a correction's expected
 gradient is from −∇J on a two-step problem.
 
+**A custom loss.** Every oracle calls ``loss_fn`` as rpg calls its losses:
+``loss_fn(logp, old_logp, advantages, mask, ref_logp=ref_logp)``, adding
+``behavior_logp=`` when the problem has a behaviour policy and the function takes a parameter of
+that name (or ``**kwargs``), and ``weights=`` only when a ``weights`` callable is given. ``logp``
+is ``[B, T]`` and carries the gradient; the other log-probs are ``[B, T]`` and detached;
+``advantages`` is ``[B]`` (or ``[B, T]`` from an ``advantages=`` callable); ``mask`` is all true.
+The batch holds every action (``T = 1``) or every two-token response (``T = 2``) once. It returns
+either a [`LossOutput`][rpg.metrics.LossOutput] (anything with a ``per_token`` ``[B, T]`` tensor;
+a response's loss is the sum of its row) or a **bare scalar tensor**, the loss of the batch it was
+given: the oracle then calls it once per response on a one-row batch and reads the scalar as the
+mean of the response's per-token losses (``reduction="mean"``, rpg's ``token-mean``) or their sum
+(``reduction="sum"``). Anything else raises ``TypeError``.
+
+**The audit.** [`audit`][rpg.testing.audit] runs a loss through every scenario (``SCENARIOS``:
+one and two tokens, on- and off-policy, normalized and unnormalized, with a behaviour policy)
+against every candidate objective (``OBJECTIVES``: E[r] and E[r] − β·D for the four
+divergences, per token and over whole responses) and returns an [`Audit`][rpg.testing.Audit]:
+the objective the gradient follows and its bias against the one the loss names.
+
 A loss is exact for its objective when ``expected_gradient(...)`` equals
 ``-objective_gradient(...)``; test it off-policy (θ ≠ θ_old) and with
 π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart:
 
 ```python
-import rpg, rpg.testing as T
+import torch
+import rpg
+import rpg.testing as T
+
 p = T.random_problem(k=6, seed=0)
 loss_fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.5, clip=None)
 got = T.expected_gradient(loss_fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
 want = -T.objective_gradient("rkl", p.logits, p.ref_logits, p.rewards, beta=0.5)
 torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+print(T.audit(loss_fn, objective="rkl").statement())  # on-policy rkl; off-policy, per token, rkl
 ```
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from ._util import check_choice
+from .kl import DIVERGENCES
 from .kl import divergence as _divergence
 
 __all__ = [
@@ -65,6 +94,13 @@ __all__ = [
     "sequence_objective_gradient",
     "sequence_expected_gradient",
     "correction_bias",
+    "audit",
+    "Audit",
+    "Record",
+    "Scenario",
+    "SCENARIOS",
+    "GROUPS",
+    "OBJECTIVES",
 ]
 
 
@@ -131,12 +167,15 @@ def expected_gradient(
     ref_logits: torch.Tensor | None = None,
     normalized: bool = True,
     behavior_logits: torch.Tensor | None = None,
+    advantages: Callable | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Σ_a π_old(a)·∇_θ ℓ(a), ``[K]``: the exact expected gradient of ``loss_fn`` over π_old.
 
-    ``loss_fn`` follows the ``rpg`` call contract and is called once on a batch
-    of K sequences of one token each (``[K, 1]``), action a in row a, with
-    ``advantages = rewards``. ``ref_logits=None`` means π_ref = π_old.
+    ``loss_fn`` follows the calling convention of the module docs ("A custom loss") and is
+    called on a batch of K sequences of one token each (``[K, 1]``), action a in row a,
+    with ``advantages = rewards`` (or ``advantages(rewards, mask, old_logp, ref_logp)``,
+    ``[K, 1]``, when that callable is given). ``ref_logits=None`` means π_ref = π_old.
 
     With ``behavior_logits`` (a rollout engine μ ≠ π_old) the tokens are drawn from
     μ instead: the result is Σ_a μ(a)·∇ℓ(a), and the loss is called with
@@ -147,14 +186,83 @@ def expected_gradient(
     logp = log_policy(theta, normalized)[:, None]
     old_logp = log_policy(old_logits, normalized).detach()[:, None]
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
-    sampler = old_logp if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
-    s = _support(sampler)  # only the actions the sampler can draw are ever in a batch
-    kwargs = {} if behavior_logits is None else {"behavior_logp": sampler[s]}
-    ref = None if ref_logp is None else ref_logp[s]
-    out = loss_fn(logp[s], old_logp[s], rewards[s], torch.ones_like(logp[s], dtype=torch.bool), ref_logp=ref, **kwargs)
-    weighted = (sampler[s].exp() * out.per_token).sum()
-    (grad,) = torch.autograd.grad(weighted, theta)
-    return grad
+    behavior = None if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
+    adv = _advantages(advantages, rewards, logp, old_logp, ref_logp)
+    return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, reduction=reduction)
+
+
+def _advantages(advantages, rewards, logp, old_logp, ref_logp):
+    """The call's advantages: the rewards (``[N]``), or ``advantages(rewards, mask, old_logp, ref_logp)``."""
+    if advantages is None:
+        return rewards
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    return advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
+
+
+def _accepts(loss_fn: Callable, name: str) -> bool:
+    """Whether ``loss_fn`` takes the keyword ``name`` (or ``**kwargs``); unknown signatures are assumed to."""
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _expected(
+    loss_fn: Callable,
+    theta: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    behavior_logp: torch.Tensor | None,
+    *,
+    weights: torch.Tensor | None = None,
+    pass_behavior: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Σ_rows P(row)·∇_θ Σ_t ℓ_t(row): rows are responses (``[N, T]`` log-probs), drawn from the
+    sampler (μ = ``behavior_logp`` when given, else π_old) over its support.
+
+    A [`LossOutput`][rpg.metrics.LossOutput] (anything with ``per_token``) is read from one call
+    on the whole batch; a bare scalar is the loss of the batch it was given, so the loss is then
+    called once per response on a one-row batch, and its scalar times the row's token count
+    (``reduction="mean"``) or as is (``"sum"``) is that response's Σ_t ℓ_t."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (how a scalar loss reduces tokens), got {reduction!r}")
+    sampler = old_logp if behavior_logp is None else behavior_logp
+    s = _support(sampler)  # only the responses the sampler can draw are ever in a batch
+    prob = sampler[s].sum(-1).exp()
+    rows = (logp[s], old_logp[s], adv[s], torch.ones_like(logp[s], dtype=torch.bool))
+    kwargs = {"ref_logp": None if ref_logp is None else ref_logp[s]}
+    if behavior_logp is not None and pass_behavior and _accepts(loss_fn, "behavior_logp"):
+        kwargs["behavior_logp"] = behavior_logp[s]
+    if weights is not None:
+        kwargs["weights"] = weights[s]
+    out = loss_fn(*rows, **kwargs)
+    per_token = getattr(out, "per_token", None)
+    if isinstance(per_token, torch.Tensor):
+        if per_token.shape != rows[0].shape:
+            raise ValueError(f"loss_fn's per_token has shape {tuple(per_token.shape)}, expected {tuple(rows[0].shape)}")
+        total = (prob[:, None] * per_token).sum()
+    elif isinstance(out, torch.Tensor) and out.dim() == 0:
+        total = torch.zeros((), dtype=logp.dtype)
+        for i in range(len(prob)):
+            one = {k: None if v is None else v[i : i + 1] for k, v in kwargs.items()}
+            value = loss_fn(*(x[i : i + 1] for x in rows), **one)
+            if not (isinstance(value, torch.Tensor) and value.dim() == 0):
+                raise TypeError(f"loss_fn returned a scalar for the batch but {type(value).__name__} for one row")
+            total = total + prob[i] * value * (rows[0].shape[-1] if reduction == "mean" else 1)
+    else:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(
+            "loss_fn must return an rpg.LossOutput (or any object with a per_token [B, T] tensor) or a scalar "
+            f"tensor (the loss of the batch it was given), got {got}"
+        )
+    if not total.requires_grad:
+        return torch.zeros_like(theta)
+    (grad,) = torch.autograd.grad(total, theta, allow_unused=True)
+    return torch.zeros_like(theta) if grad is None else grad
 
 
 def _support(sampler_logp: torch.Tensor) -> torch.Tensor:
@@ -189,18 +297,57 @@ def sequence_token_logp(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([first[:, None].expand(k, k).reshape(-1), second.reshape(-1)], -1)
 
 
-def sequence_objective(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
-    r"""Exact J(θ) = Σ_y π_θ(y)·R(y) − β·KL(π_θ(y) ‖ π_ref(y)) over all K² two-token sequences."""
-    logp = sequence_token_logp(logits).sum(-1)
-    ref = sequence_token_logp(ref_logits).sum(-1)
-    p = logp.exp()
-    return (p * rewards).sum() - beta * (p * (logp - ref)).sum()
+def sequence_objective(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    divergence: str = "rkl",
+    level: str = "sequence",
+) -> torch.Tensor:
+    r"""Exact J(θ) = Σ_y π_θ(y)·R(y) − β·D over all K² two-token sequences y = (a, b).
+
+    ``level="sequence"``: D is the KL of whole responses, reverse KL(π_θ(y) ‖ π_ref(y)) or forward
+    KL(π_ref(y) ‖ π_θ(y)) — by the chain rule KL_1 + Σ_a π(a)·KL_2(a), so its gradient also moves
+    the prefix law (the autoregressive term). ``level="token"``: D = KL_1 + Σ_a sg(π_θ(a))·KL_2(a),
+    each step's KL with the prefix law held fixed — what a per-token KL loss differentiates
+    on-policy. KL_1 is the first step's KL, KL_2(a) the second step's after prefix a, in the
+    direction ``divergence`` names (``"u"`` names are the same here: every step is normalized).
+    """
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("level", level, ("sequence", "token"))
+    lp, ref = sequence_token_logp(logits), sequence_token_logp(ref_logits)
+    seq, ref_seq = lp.sum(-1), ref.sum(-1)
+    reward = (seq.exp() * rewards).sum()
+    direction = "fkl" if divergence in ("fkl", "ufkl") else "rkl"
+    if beta == 0:
+        return reward
+    if level == "sequence":
+        return reward - beta * _divergence(direction, seq, ref_seq)
+    k = _k_of(logits)
+    first, ref_first = lp[::k, 0], ref[::k, 0]
+    second, ref_second = lp[:, 1].view(k, k), ref[:, 1].view(k, k)
+    kl = (
+        _divergence(direction, first, ref_first)
+        + (first.exp().detach() * _divergence(direction, second, ref_second)).sum()
+    )
+    return reward - beta * kl
 
 
-def sequence_objective_gradient(logits, ref_logits, rewards, beta: float) -> torch.Tensor:
+def sequence_objective_gradient(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    divergence: str = "rkl",
+    level: str = "sequence",
+) -> torch.Tensor:
     """∇_θ of [`sequence_objective`][rpg.testing.sequence_objective], ``[K + K²]``."""
     theta = logits.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(sequence_objective(theta, ref_logits, rewards, beta), theta)
+    j = sequence_objective(theta, ref_logits, rewards, beta, divergence=divergence, level=level)
+    (grad,) = torch.autograd.grad(j, theta)
     return grad
 
 
@@ -214,12 +361,17 @@ def sequence_expected_gradient(
     advantages: Callable | None = None,
     behavior_logits: torch.Tensor | None = None,
     weights: Callable | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Σ_y π_old(y)·∇_θ Σ_t ℓ_t(y): the exact expected gradient of a per-token loss over sequences.
 
     The batch holds every sequence once (``[K², 2]``). ``advantages`` is ``None``
     (the sequence reward as a ``[B]`` advantage) or a callable
     ``(rewards, mask, old_logp, ref_logp) -> [B, T]`` — e.g. REINFORCE++ returns.
+    ``loss_fn`` follows the calling convention of the module docs; a loss returning a bare
+    scalar is called once per sequence, and ``reduction`` says whether that scalar is the
+    mean (``"mean"``, rpg's ``token-mean``) or the sum (``"sum"``) of the sequence's two
+    per-token losses.
 
     With ``behavior_logits`` the sequences are drawn from μ: the result is
     Σ_y μ(y)·∇Σ_t ℓ_t(y), the loss called with ``behavior_logp`` (log μ per token)
@@ -231,22 +383,10 @@ def sequence_expected_gradient(
     logp = sequence_token_logp(theta)
     old_logp = sequence_token_logp(old_logits).detach()
     ref_logp = None if ref_logits is None else sequence_token_logp(ref_logits).detach()
-    mask = torch.ones_like(logp, dtype=torch.bool)
-    adv = (
-        rewards
-        if advantages is None
-        else advantages(rewards, mask, old_logp, old_logp if ref_logp is None else ref_logp)
-    )
+    adv = _advantages(advantages, rewards, logp, old_logp, ref_logp)
     behavior = None if behavior_logits is None else sequence_token_logp(behavior_logits).detach()
-    sampler = old_logp if behavior is None else behavior
-    s = _support(sampler)
-    kwargs = {} if behavior is None else {"behavior_logp": behavior[s]}
-    if weights is not None:
-        kwargs["weights"] = weights(old_logp, sampler)[s]
-    out = loss_fn(logp[s], old_logp[s], adv[s], mask[s], ref_logp=None if ref_logp is None else ref_logp[s], **kwargs)
-    weighted = (sampler[s].sum(-1).exp()[:, None] * out.per_token).sum()
-    (grad,) = torch.autograd.grad(weighted, theta)
-    return grad
+    w = None if weights is None else weights(old_logp, old_logp if behavior is None else behavior)
+    return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, weights=w, reduction=reduction)
 
 
 def correction_bias(
@@ -256,6 +396,7 @@ def correction_bias(
     *,
     weights: Callable | None = None,
     behavior: bool = True,
+    reduction: str = "mean",
 ) -> float:
     r"""Relative bias ‖E_μ[∇ℓ′] + ∇J‖ / ‖∇J‖ of ``loss_fn`` on a two-step problem with an outcome reward.
 
@@ -265,17 +406,318 @@ def correction_bias(
     [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]. 0 means the correction is exact for this objective.
     """
     want = -sequence_objective_gradient(problem.logits, problem.ref_logits, problem.rewards, 0.0)
-    if behavior:
-        got = sequence_expected_gradient(
-            loss_fn, problem.logits, problem.logits, problem.rewards, behavior_logits=behavior_logits, weights=weights
-        )
-    else:
-        theta = problem.logits.detach().clone().requires_grad_(True)
-        logp = sequence_token_logp(theta)
-        old = sequence_token_logp(problem.logits).detach()
-        mu = sequence_token_logp(behavior_logits).detach()
-        s = _support(mu)
-        kwargs = {} if weights is None else {"weights": weights(old, mu)[s]}
-        out = loss_fn(logp[s], old[s], problem.rewards[s], torch.ones_like(logp[s], dtype=torch.bool), **kwargs)
-        (got,) = torch.autograd.grad((mu[s].sum(-1).exp()[:, None] * out.per_token).sum(), theta)
+    theta = problem.logits.detach().clone().requires_grad_(True)
+    logp = sequence_token_logp(theta)
+    old = sequence_token_logp(problem.logits).detach()
+    mu = sequence_token_logp(behavior_logits).detach()
+    w = None if weights is None else weights(old, mu)
+    got = _expected(
+        loss_fn, theta, logp, old, problem.rewards, None, mu, weights=w, pass_behavior=behavior, reduction=reduction
+    )
     return float((got - want).norm() / want.norm())
+
+
+# --- the audit: which objective a loss's gradient follows --------------------------------
+
+OBJECTIVES: dict[str, str] = {
+    "E[r]": "E[r], the expected reward alone",
+    "fkl": "E[r] − β·KL(π_ref‖π_θ), per token",
+    "rkl": "E[r] − β·KL(π_θ‖π_ref), per token",
+    "ufkl": "E[r] − β·UKL(π_ref‖π_θ), per token",
+    "urkl": "E[r] − β·UKL(π_θ‖π_ref), per token",
+    "seq-fkl": "E[r] − β·KL(π_ref(y)‖π_θ(y)), whole responses",
+    "seq-rkl": "E[r] − β·KL(π_θ(y)‖π_ref(y)), whole responses",
+    "seq-ufkl": "E[r] − β·UKL(π_ref(y)‖π_θ(y)), whole responses",
+    "seq-urkl": "E[r] − β·UKL(π_θ(y)‖π_ref(y)), whole responses",
+}
+
+
+class Scenario(NamedTuple):
+    """One family of exact problems the audit enumerates: response length (1 or 2 tokens), whether
+    π_old ≠ π_θ, whether the policies are normalized, and whether a behaviour policy μ ≠ π_old samples."""
+
+    name: str
+    tokens: int
+    off_policy: bool
+    normalized: bool
+    behavior: bool
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("1 token, on-policy", 1, False, True, False),
+    Scenario("1 token, on-policy, unnormalized", 1, False, False, False),
+    Scenario("2 tokens, on-policy", 2, False, True, False),
+    Scenario("1 token, off-policy", 1, True, True, False),
+    Scenario("1 token, off-policy, unnormalized", 1, True, False, False),
+    Scenario("2 tokens, off-policy", 2, True, True, False),
+    Scenario("1 token, off-policy, μ ≠ π_old", 1, True, True, True),
+    Scenario("2 tokens, μ ≠ π_old", 2, False, True, True),
+)
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "on-policy": tuple(s.name for s in SCENARIOS[:3]),
+    "off-policy": tuple(s.name for s in SCENARIOS[3:5]),
+    "sequence off-policy": (SCENARIOS[5].name,),
+    "behavior": tuple(s.name for s in SCENARIOS[6:]),
+}
+
+_UNNORMALIZED_LOG_MASS = (-0.2, -0.5, -0.1)  # log Z of π_θ, π_old, π_ref in the unnormalized problems
+
+
+class Record(NamedTuple):
+    """The relative bias ‖E[∇ℓ] + ∇J‖ / ‖∇J‖ of the audited loss against one objective J on one scenario
+    (the largest over the audit's seeds)."""
+
+    scenario: str
+    objective: str
+    bias: float
+
+
+def _fmt(x: float) -> str:
+    return "inf" if not math.isfinite(x) else f"{x:.1e}"
+
+
+@dataclass(frozen=True)
+class Audit:
+    r"""The exactness statement of one loss, computed by [`audit`][rpg.testing.audit].
+
+    ``records`` holds one [`Record`][rpg.testing.Record] per scenario × candidate objective
+    (keys of ``OBJECTIVES``); a bias below ``tol`` is exact (rounding error). ``print(audit)`` and
+    ``audit.to_markdown()`` show the table: one row per scenario, its bias against the named
+    ``objective``, the closest objective, and the bias against every candidate. ``corrected`` is
+    ``False`` when the loss takes no ``behavior_logp``: the μ scenarios then measure it uncorrected.
+    """
+
+    loss: str
+    objective: str | None
+    beta: float
+    records: tuple[Record, ...]
+    corrected: bool = True
+    tol: float = 1e-9
+
+    def _worst(self, key: str, group: str) -> float:
+        names = GROUPS.get(group, (group,))
+        values = [r.bias for r in self.records if r.objective == key and r.scenario in names]
+        if not values:
+            if group in GROUPS or any(s.name == group for s in SCENARIOS):
+                raise ValueError(f"this audit ran no scenario of {group!r} (it ran a subset of SCENARIOS)")
+            raise ValueError(f"unknown scenario or group {group!r}; groups: {', '.join(GROUPS)}")
+        return max(values)
+
+    def _candidates(self, group: str) -> list[str]:
+        names = GROUPS.get(group, (group,))
+        one_token = all(s.tokens == 1 for s in SCENARIOS if s.name in names)
+        return [k for k in OBJECTIVES if not (one_token and k.startswith("seq-"))]  # one token: seq-X is X
+
+    def bias(self, objective: str | None = None, where: str = "on-policy") -> float:
+        """The largest bias against ``objective`` (default: the named one) over ``where``, a scenario
+        name or a group of ``GROUPS`` (``"on-policy"``, ``"off-policy"``, ``"sequence off-policy"``,
+        ``"behavior"``)."""
+        key = self.objective if objective is None else objective
+        if key is None:
+            raise ValueError("no objective named: pass objective= to audit() or to bias()")
+        check_choice("objective", key, tuple(OBJECTIVES))
+        return self._worst(key, where)
+
+    def followed(self, where: str = "on-policy") -> tuple[str, ...]:
+        """The candidate objectives whose gradient the loss follows exactly (bias < ``tol``) on every
+        scenario of ``where``; on one-token scenarios a whole-response KL is the per-token one, so
+        only the per-token names are listed there."""
+        return tuple(k for k in self._candidates(where) if self._worst(k, where) < self.tol)
+
+    def closest(self, where: str = "on-policy") -> str:
+        """The candidate with the smallest largest bias over ``where`` (the first of near-equal ones)."""
+        worst = {k: self._worst(k, where) for k in self._candidates(where)}
+        best = min(worst.values())
+        return next(k for k, v in worst.items() if v <= best * (1 + 1e-6) + 1e-12)
+
+    def describe(self, where: str = "on-policy") -> str:
+        """``"rkl"``, ``"fkl = ufkl"`` (equal there), or ``"none (closest: X)"``."""
+        exact = self.followed(where)
+        return " = ".join(exact) if exact else f"none (closest: {self.closest(where)})"
+
+    def statement(self) -> str:
+        """One sentence: what the gradient follows on-policy (1 and 2 tokens) and off-policy, per token."""
+        return f"on-policy {self.describe('on-policy')}; off-policy, per token, {self.describe('off-policy')}"
+
+    @property
+    def rows(self) -> list[dict]:
+        """One dict per scenario: ``scenario``, ``named`` (bias against the named objective, or ``None``),
+        ``closest`` and the bias against every candidate (keys of ``OBJECTIVES``)."""
+        out = []
+        for s in SCENARIOS:
+            if not any(r.scenario == s.name for r in self.records):
+                continue
+            bias = {k: self._worst(k, s.name) for k in OBJECTIVES}
+            exact = [k for k in self._candidates(s.name) if bias[k] < self.tol]
+            named = None if self.objective is None else bias[self.objective]
+            closest = " = ".join(exact) if exact else self.closest(s.name)
+            out.append({"scenario": s.name, "named": named, "closest": closest, **bias})
+        return out
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["scenario", f"bias vs {self.objective}" if self.objective else "named", "closest", *OBJECTIVES]
+        body = [
+            [
+                r["scenario"],
+                "—" if r["named"] is None else _fmt(r["named"]),
+                r["closest"],
+                *(_fmt(r[k]) for k in OBJECTIVES),
+            ]
+            for r in self.rows
+        ]
+        return head, body
+
+    def _title(self) -> str:
+        named = f"; named objective: {self.objective}" if self.objective else ""
+        uncorrected = "" if self.corrected else "; it takes no behavior_logp: uncorrected under μ"
+        return f"audit of {self.loss} (β = {self.beta:g}{named}{uncorrected}): {self.statement()}"
+
+    def to_markdown(self) -> str:
+        """The table in Markdown, preceded by the one-sentence statement."""
+        head, body = self._table()
+        lines = [self._title(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head, body = self._table()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = [self._title(), "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+        return "\n".join(lines)
+
+
+def _name(loss_fn: Callable) -> str:
+    """A function's qualified name (its repr holds an address), else the object's repr."""
+    if inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn):
+        return loss_fn.__qualname__
+    if isinstance(loss_fn, functools.partial):
+        args = [repr(a) for a in loss_fn.args] + [f"{k}={v!r}" for k, v in loss_fn.keywords.items()]
+        return f"{_name(loss_fn.func)}({', '.join(args)})"
+    return repr(loss_fn)
+
+
+def _own_beta(loss_fn: Callable) -> float | None:
+    value = getattr(loss_fn, "beta", None)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    return float(value)
+
+
+def _scenario_problem(s: Scenario, seed: int, sigma: float):
+    """(θ, θ_old, θ_ref, rewards, μ-logits or None) of one scenario: K = 5 actions (1 token) or K = 3
+    per step (2 tokens), logits perturbed by N(0, 0.5²) from a common base, float64."""
+    p = random_problem(k=5, seed=seed) if s.tokens == 1 else random_sequence_problem(k=3, seed=seed)
+    logits, old, ref = p.logits, p.old_logits, p.ref_logits
+    if not s.normalized:  # measures of total mass Z ≠ 1, a different Z for each policy
+        logits, old, ref = (
+            torch.log_softmax(x, -1) + z for x, z in zip((logits, old, ref), _UNNORMALIZED_LOG_MASS, strict=True)
+        )
+    if not s.off_policy:
+        old = logits
+    behavior = None
+    if s.behavior:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        behavior = old + sigma * torch.randn(old.shape, generator=gen, dtype=old.dtype)
+    return logits, old, ref, p.rewards, behavior
+
+
+def _candidate_gradient(key: str, s: Scenario, logits, ref, rewards, beta: float) -> torch.Tensor:
+    """−∇J of the candidate objective ``key`` on one problem of scenario ``s``."""
+    if key == "E[r]":
+        key, beta = "rkl", 0.0
+    div = key.removeprefix("seq-")
+    if s.tokens == 1:  # a one-token response: its whole-response KL is the per-token one
+        return -objective_gradient(div, logits, ref, rewards, beta, normalized=s.normalized)
+    level = "sequence" if key.startswith("seq-") else "token"
+    return -sequence_objective_gradient(logits, ref, rewards, beta, divergence=div, level=level)
+
+
+@functools.lru_cache(maxsize=128)
+def _targets(s: Scenario, seed: int, sigma: float, beta: float):
+    """One problem of scenario ``s`` and −∇J of every candidate on it (computed once per setting)."""
+    problem = _scenario_problem(s, seed, sigma)
+    logits, _, ref, rewards, _ = problem
+    targets = {}
+    for key in OBJECTIVES:
+        same = key.removeprefix("seq-") if s.tokens == 1 else key  # one token: seq-X is X
+        targets[key] = targets[same] if same in targets else _candidate_gradient(key, s, logits, ref, rewards, beta)
+    return problem, targets
+
+
+def audit(
+    loss_fn: Callable,
+    *,
+    objective: str | None = None,
+    beta: float | None = None,
+    advantages: Callable | None = None,
+    reduction: str = "mean",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    sigma: float = 0.2,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> Audit:
+    r"""Which objective's gradient ``loss_fn`` follows, by exact enumeration: its exactness statement.
+
+    For every scenario of ``SCENARIOS`` — one-token (K = 5 actions) and two-token (K = 3 per step)
+    problems; on-policy (π_old = π_θ) and off-policy (π_old ≠ π_θ); normalized and unnormalized
+    policies (one token); with a behaviour policy μ ≠ π_old (π_old's logits plus N(0, ``sigma``²)
+    noise; the loss gets ``behavior_logp`` and applies its default correction), always with
+    π_ref ≠ π_old — and for each candidate objective J of ``OBJECTIVES`` (E[r] alone, E[r] − β·D
+    for D forward/reverse, normalized/unnormalized, per token or over whole responses), the
+    relative bias ‖E[∇ℓ] + ∇J‖ / ‖∇J‖ of the loss's exact expected gradient E[∇ℓ]
+    ([`expected_gradient`][rpg.testing.expected_gradient],
+    [`sequence_expected_gradient`][rpg.testing.sequence_expected_gradient]), the largest over ``seeds``.
+    Float64, deterministic.
+
+    Args:
+        loss_fn: any callable with rpg's calling convention (module docs: "A custom loss"),
+            returning a [`LossOutput`][rpg.metrics.LossOutput] or a bare scalar tensor.
+        objective: the objective the loss claims (a key of ``OBJECTIVES``); the table then shows
+            the bias against it. ``None``: only the closest objective is reported.
+        beta: β of the KL candidates. Default: ``loss_fn.beta`` when it is > 0, else 0.5 (so
+            that E[r] and the KL objectives differ); a value that disagrees with ``loss_fn.beta``
+            raises ``ValueError``. Pass it for a KL the loss does not hold, e.g. in the advantages.
+        advantages: ``None`` (the reward is the advantage) or a callable
+            ``(rewards, mask, old_logp, ref_logp) -> [B, T]``, e.g. REINFORCE++ returns.
+        reduction: for a loss returning a bare scalar: ``"mean"`` (the mean of a response's
+            per-token losses, rpg's ``token-mean``) or ``"sum"``.
+        seeds: the random problems of each scenario.
+        sigma: the std of μ's logit noise.
+        scenarios: the scenarios to run (a subset of ``SCENARIOS``).
+
+    Returns:
+        an [`Audit`][rpg.testing.Audit]: ``print`` it, ``.to_markdown()``, ``.rows``, ``.records``,
+        ``.followed(group)``, ``.bias(objective, group)``, ``.statement()``.
+    """
+    if objective is not None:
+        check_choice("objective", objective, tuple(OBJECTIVES))
+    own = _own_beta(loss_fn)
+    if beta is None:
+        beta = own if own is not None else 0.5
+    else:
+        beta = float(beta)
+        if not (0 < beta < math.inf):
+            raise ValueError(f"beta must be > 0 and finite (the KL candidates' coefficient), got {beta!r}")
+        if own is not None and beta != own:
+            raise ValueError(f"beta={beta!r} disagrees with loss_fn.beta={own!r}; leave beta=None to use the loss's")
+    if not seeds:
+        raise ValueError("seeds must name at least one problem")
+    records = []
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; pass a subset of rpg.testing.SCENARIOS")
+        worst = dict.fromkeys(OBJECTIVES, 0.0)
+        for seed in seeds:
+            problem, targets = _targets(s, seed, float(sigma), beta)
+            logits, old, ref, rewards, mu = (None if x is None else x.clone() for x in problem)
+            common = dict(ref_logits=ref, advantages=advantages, behavior_logits=mu, reduction=reduction)
+            if s.tokens == 1:
+                got = expected_gradient(loss_fn, logits, old, rewards, normalized=s.normalized, **common)
+            else:
+                got = sequence_expected_gradient(loss_fn, logits, old, rewards, **common)
+            for key, want in targets.items():
+                b = float((got - want).norm() / want.norm())
+                worst[key] = max(worst[key], b if math.isfinite(b) else math.inf)
+        records += [Record(s.name, k, v) for k, v in worst.items()]
+    return Audit(_name(loss_fn), objective, beta, tuple(records), _accepts(loss_fn, "behavior_logp"))
