@@ -34,6 +34,7 @@ A loss is exact for its objective when ``expected_gradient(...)`` equals
 π_ref ≠ π_old in float64 — on-policy alone cannot tell the divergences apart:
 
 ```python
+import torch
 import rpg, rpg.testing as T
 p = T.random_problem(k=6, seed=0)
 loss_fn = rpg.RPGLoss("rkl", style="reinforce", beta=0.5, clip=None)
