@@ -370,7 +370,14 @@ class FusedLinearLoss:
     Call it as:
 
     ```python
-    out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, *, bias=None,
+    import torch, rpg
+
+    B, T, H, V = 2, 5, 8, 20
+    fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
+    hidden, weight = torch.randn(B, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    old_logp, advantages = rpg.logprobs.from_hidden(hidden, weight, tokens).detach(), torch.randn(B)
+    out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, bias=None,
                 temperature=1.0, ref_logp=None, behavior_logp=None, weights=None,
                 batch_num_tokens=None, global_batch_size=None)
     ```
@@ -391,8 +398,15 @@ class FusedLinearLoss:
     For example:
 
     ```python
+    import torch, rpg
+
+    lm_head = torch.nn.Linear(16, 50, bias=False)  # the model's LM head [V, H]
+    hidden = torch.randn(4, 6, 16, requires_grad=True)  # final hidden states of the response positions
+    tokens, mask = torch.randint(0, 50, (4, 6)), torch.ones(4, 6, dtype=torch.bool)
+    old_logp = rpg.logprobs.from_hidden(hidden, lm_head.weight, tokens).detach()
+    advantages = torch.randn(4)
     fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
-    out = fused(hidden, model.lm_head.weight, tokens, old_logp, advantages, mask)
+    out = fused(hidden, lm_head.weight, tokens, old_logp, advantages, mask)
     out.loss.backward()
     ```
     """
