@@ -65,7 +65,9 @@ def _sources() -> list[tuple[str, str]]:
 
 # --- metric names --------------------------------------------------------------------------------
 
-METRIC = re.compile(r"""[`'"](?:rpg/)?((?:ratio|kl|entropy|rollout_corr)/[\w|]+|clip_frac(?:/[\w|]+)?)(?=[`'"\\])""")
+METRIC = re.compile(
+    r"""[`'"](?:rpg/)?((?:ratio|kl|entropy|rollout_corr)\w*/[\w|]+|clip_frac\w*(?:/[\w|]+)?)(?=[`'"\\])"""
+)
 
 
 def _expand(name: str) -> list[str]:
