@@ -203,8 +203,7 @@ def correction_weight(
     return weight, keep, rejected
 
 
-SAFETY_BOUND = 20.0
-"""|log ρ| bound that verl's metrics clamp to before exponentiating (the weights' metrics, ``chi2_*``)."""
+_SAFETY_BOUND = 20.0  # |log ρ| that verl's metrics clamp to before exponentiating (weight statistics, chi2_*)
 
 
 def correction_metrics(
@@ -220,7 +219,7 @@ def correction_metrics(
     [`rpg.integrations.verl`][rpg.integrations.verl]), on the same log-probs and response mask —
     checked against verl itself in ``tests/integrations/test_verl_metrics.py`` — with one difference:
     verl divides its masked means by (count + 1e-8) and its ESS by (mean + 1e-8), rpg by the count and
-    the mean (relative difference below 1e-8/count).
+    the mean (a relative difference of order 1e-8).
 
     With log ρ_t = log π_old − log μ over the response tokens (``mask``, before any rejection), ⟨·⟩
     the mean over the response tokens of the call, ⟨·⟩_B the mean over **all B rows** (a row without
@@ -265,7 +264,7 @@ def correction_metrics(
 
 
 def _correction_stats(old_logp, behavior_logp, mask, correction):
-    """``(metrics, sums)``: :func:`correction_metrics`, and for each of its means over response tokens
+    """``(metrics, sums)``: ``correction_metrics``, and for each of its means over response tokens
     the sum over this call's response tokens whose mean it is (``chi2_token``: of ρ̃² − 1)."""
     c = RolloutCorrection(upper=None) if correction is None else correction
     dt, dev = old_logp.dtype, old_logp.device
@@ -297,12 +296,12 @@ def _correction_stats(old_logp, behavior_logp, mask, correction):
         "rollout_corr/rollout_ppl": over_rows(torch.exp(-row_mean(behavior_logp))),
         "rollout_corr/ppl_ratio": over_rows(torch.exp(row_mean(behavior_logp) - row_mean(old_logp))),
     }
-    sums["rollout_corr/chi2_token"] = total(torch.expm1(2 * log_rho.clamp(-SAFETY_BOUND, SAFETY_BOUND)))
-    m["rollout_corr/chi2_seq"] = over_rows(torch.expm1(2 * log_seq.clamp(-SAFETY_BOUND, SAFETY_BOUND)))
+    sums["rollout_corr/chi2_token"] = total(torch.expm1(2 * log_rho.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)))
+    m["rollout_corr/chi2_seq"] = over_rows(torch.expm1(2 * log_seq.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)))
 
     # verl's rollout_is stage: the (clamped) raw weight, truncated or masked to [lower, upper]
     seq = c.level == "sequence"
-    log_raw = (log_seq[:, None].expand_as(log_rho) if seq else log_rho).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    log_raw = (log_seq[:, None].expand_as(log_rho) if seq else log_rho).clamp(-_SAFETY_BOUND, _SAFETY_BOUND)
     raw = torch.where(mask, log_raw.exp(), zero)
     if c.mode == "truncate":
         omega = torch.where(mask, _log_clamp(log_raw, c.lower, c.upper).exp(), zero)
@@ -314,7 +313,7 @@ def _correction_stats(old_logp, behavior_logp, mask, correction):
     low_bound = c.lower if c.lower is not None else (None if c.upper is None else 1.0 / c.upper)
     if seq:
         log_max = log_seq.max() if rows else zero
-        m["rollout_corr/rollout_is_max"] = log_max.clamp(max=SAFETY_BOUND).exp()
+        m["rollout_corr/rollout_is_max"] = log_max.clamp(max=_SAFETY_BOUND).exp()
         m["rollout_corr/rollout_is_ratio_fraction_high"] = over_rows(flag(_outside(log_seq, None, c.upper)))
         m["rollout_corr/rollout_is_ratio_fraction_low"] = over_rows(flag(_outside(log_seq, low_bound, None)))
     else:
