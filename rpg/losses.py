@@ -13,7 +13,8 @@ out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None, behavior_logp=Non
               batch_num_tokens=None, global_batch_size=None, weights=None, entropy=None)
 out.loss       # scalar; backward() gives the gradient
 out.per_token  # [B, T], 0 where mask is 0; differentiable
-out.metrics    # dict[str, float], computed on first access
+out.metrics    # dict[str, float] of means over this call's tokens, computed on first access
+out.summable_metrics  # its token means over batch_num_tokens: they add up over micro-batches
 ```
 
 ``PolicyLoss`` = policy-gradient term (clip rule) + KL term (divergence

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import pathlib
@@ -156,8 +157,8 @@ def _resolve(name: str):
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         module = ".".join(parts[:i])
-        if module in OPTIONAL:
-            pytest.importorskip(OPTIONAL[module], reason=f"{module} needs its framework")
+        if module in OPTIONAL and importlib.util.find_spec(OPTIONAL[module]) is None:
+            return None  # needs its framework, which is not installed here: not checked
         try:
             obj = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -211,8 +212,9 @@ def test_docstring_example_runs(where, code):
 
 
 def test_demo_help_is_plain_text(capsys):
+    demo = importlib.import_module("rpg.demo")
     with pytest.raises(SystemExit):
-        rpg.demo.main(["--help"])
+        demo.main(["--help"])
     out = capsys.readouterr().out
     assert "python -m rpg.demo" in out and "--out" in out
     assert not re.search(r"``|:class:|:func:|:mod:|\]\[", out), out
