@@ -23,8 +23,8 @@ tokens where ``mask`` is 1, in float64:
   the loss has none).
 * ``entropy/mean`` — the mean of the call's ``entropy`` (when given).
 * ``rollout_corr/...`` — when the call has ``behavior_logp``: the mismatch between
-  the rollout engine μ and π_old and what the correction did, under verl's names
-  (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
+  the rollout engine μ and π_old and what the correction did, under verl's names and
+  with verl's definitions (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
   ``rollout_rs_masked_fraction``, …; [`rpg.correction.correction_metrics`][rpg.correction.correction_metrics]).
 
 Clip fractions come from the same `clip_view` the loss kernel uses, so
