@@ -194,7 +194,7 @@ for step in range(60):
     if schedule.step():                                                # 4. iterative reference update
         reference.load_state_dict(policy.state_dict())
     # metrics of the last micro-batch of the off-policy epoch: the clip fraction is read where clipping can act
-    history.append((r.mean().item(), out.local_metrics["clip_frac"], out.local_metrics["kl/ref_k3"]))
+    history.append((r.mean().item(), out.metrics["clip_frac"], out.metrics["kl/ref_k3"]))
     if step % 10 == 0 or step == 59:
         print(f"step {step:3d}  reward {history[-1][0]:.3f}  clip {history[-1][1]:.3f}  KL(π_θ‖π_ref) {history[-1][2]:.4f}")""",
         ),

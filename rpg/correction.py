@@ -203,75 +203,157 @@ def correction_weight(
     return weight, keep, rejected
 
 
-def correction_metrics(old_logp, behavior_logp, mask, correction: RolloutCorrection | None, denom) -> dict:
-    r"""Diagnostics of the mismatch and of the correction, as 0-dim tensors, under verl's names.
+_SAFETY_BOUND = 20.0  # |log ρ| that verl's metrics clamp to before exponentiating (weight statistics, chi2_*)
 
-    Over the response tokens (tokens from μ), with log ρ = log π_old − log μ, ``denom`` the token
-    count the loss divides by (token means), and per-sequence means over the sequences with a token:
+
+def correction_metrics(
+    old_logp: torch.Tensor,
+    behavior_logp: torch.Tensor,
+    mask: torch.Tensor,
+    correction: RolloutCorrection | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""Diagnostics of the mismatch and of the correction under verl's names, with verl's definitions.
+
+    Each value is the one verl 0.9's ``compute_rollout_correction_and_rejection_mask`` reports under
+    the same name for the verl setting that applies the same weights (the table in
+    [`rpg.integrations.verl`][rpg.integrations.verl]), on the same log-probs and response mask —
+    checked against verl itself in ``tests/integrations/test_verl_metrics.py`` — with one difference:
+    verl divides its masked means by (count + 1e-8) and its ESS by (mean + 1e-8), rpg by the count and
+    the mean (a relative difference of order 1e-8).
+
+    With log ρ_t = log π_old − log μ over the response tokens (``mask``, before any rejection), ⟨·⟩
+    the mean over the response tokens of the call, ⟨·⟩_B the mean over **all B rows** (a row without
+    response tokens counts, with per-row mean 0, as in verl), Σ_b the sum over a row and
+    ρ̃ = exp(clamp(log ρ, −20, 20)):
 
     | name (``rollout_corr/...``) | value |
     |---|---|
-    | ``kl`` | mean(−log ρ): k1 estimate of the mismatch KL(μ ‖ π_old) (unbiased for tokens from μ) |
-    | ``k3_kl`` | mean(ρ − 1 − log ρ): k3 estimate of the same KL (≥ 0) |
-    | ``training_ppl``, ``rollout_ppl`` | mean over sequences of exp(−mean_t log π_old), of exp(−mean_t log μ) |
-    | ``ppl_ratio`` | mean over sequences of exp(mean_t log μ − mean_t log π_old) |
-    | ``chi2_token`` | mean(ρ²) − 1, a χ²(π_old ‖ μ) estimate: the variance of the exact token weights |
-    | ``chi2_seq`` | mean over sequences of ρ_seq² − 1, the same for the sequence product |
-    | ``rollout_is_mean``, ``rollout_is_max`` | mean and max of the applied weights ω (0 where rejected) |
-    | ``rollout_is_eff_sample_size`` | (Σ ω)² / (n·Σ ω²) ∈ (0, 1], the normalised effective sample size |
-    | ``rollout_is_ratio_fraction_high``, ``..._low`` | tokens whose exact weight (ρ, or ρ_seq at the sequence level) is above ``upper`` / below ``lower``: truncated or rejected |
-    | ``rollout_rs_masked_fraction`` | tokens rejected (mask mode or a filter) |
-    | ``rollout_rs_seq_masked_fraction`` | sequences with a rejected token |
+    | ``kl`` | ⟨−log ρ⟩: k1 estimate of KL(μ ‖ π_old) for tokens from μ |
+    | ``k3_kl`` | ⟨ρ − 1 − log ρ⟩ (≥ 0) |
+    | ``training_ppl``, ``rollout_ppl`` | ⟨exp(−mean_t log π_old)⟩_B, ⟨exp(−mean_t log μ)⟩_B |
+    | ``ppl_ratio`` | ⟨exp(mean_t log μ − mean_t log π_old)⟩_B |
+    | ``chi2_token`` | ⟨ρ̃²⟩ − 1 |
+    | ``chi2_seq`` | ⟨exp(2·clamp(Σ_b log ρ, −20, 20))⟩_B − 1 |
+    | ``rollout_is_mean`` | ⟨ω⟩, ω the importance weight below |
+    | ``rollout_is_max`` | token level: max ω; sequence level: max over rows of exp(min(Σ_b log ρ, 20)) (before truncation) |
+    | ``rollout_is_eff_sample_size`` | (Σ ω′)² / (n·Σ ω′²), ω′ = min(ω, ``upper``); 0 if every ω′ is 0 |
+    | ``rollout_is_ratio_fraction_high`` | token level: ⟨[ρ̃ > upper]⟩; sequence level: ⟨[Σ_b log ρ > log upper]⟩_B |
+    | ``rollout_is_ratio_fraction_low`` | the same below ``lower``, or below **1/upper** when ``lower`` is ``None`` (verl's default) |
+    | ``rollout_is_oob_ratio`` | ``mode="mask"`` only: ⟨[ρ̃ (ρ̃_seq at the sequence level) outside [lower, upper]]⟩ |
+    | ``rollout_rs_masked_fraction`` | ⟨[token rejected]⟩: rejected by ``mode="mask"`` or by a filter |
+    | ``rollout_rs_seq_masked_fraction`` | ⟨[row has a rejected token]⟩_B |
+
+    ω, the importance weight of verl's ``rollout_is`` stage: ρ̃ (ρ̃_seq = exp(clamp(Σ_b log ρ, ±20)) at
+    ``level="sequence"``) truncated to [``lower``, ``upper``] (``mode="truncate"``) or 0 outside that band
+    (``mode="mask"``); the sequence filters (``geo_*``, ``token_*``, verl's ``rollout_rs``) do not change
+    it, and it is computed over all response tokens, whatever ``count_rejected``. ω equals the loss's
+    weight wherever |log ρ| ≤ 20 and no filter rejects. A bound that is ``None`` is not applied (and a
+    fraction against it is 0). ``correction=None`` means no bounds (ω = ρ̃, no rejection).
+
+    Args:
+        old_logp: ``[B, T]`` log π_old of the sampled tokens.
+        behavior_logp: ``[B, T]`` log μ of the same tokens.
+        mask: ``[B, T]`` bool, the response tokens (before rejection).
+        correction: the settings, or ``None``.
+
+    Returns:
+        ``dict[str, Tensor]`` of 0-dim tensors in ``old_logp``'s dtype, all 0 when ``mask`` is empty
+        (where verl raises). Detached inputs are expected (it is called under ``torch.no_grad``).
     """
-    zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
-    one = torch.ones((), dtype=old_logp.dtype, device=old_logp.device)
+    return _correction_stats(old_logp, behavior_logp, mask, correction)[0]
+
+
+def _correction_stats(old_logp, behavior_logp, mask, correction):
+    """``(metrics, sums)``: ``correction_metrics``, and for each of its means over response tokens
+    the sum over this call's response tokens whose mean it is (``chi2_token``: of ρ̃² − 1)."""
+    c = RolloutCorrection(upper=None) if correction is None else correction
+    dt, dev = old_logp.dtype, old_logp.device
+    zero = torch.zeros((), dtype=dt, device=dev)
     log_rho, log_seq, n_b = log_ratios(old_logp, behavior_logp, mask)
-    n = mask.sum().to(old_logp.dtype)
-    has = n > 0
-    safe_n = torch.where(has, n, one)
+    log_seq, n_b = log_seq.squeeze(-1), n_b.squeeze(-1).to(dt)
+    n = n_b.sum()
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    rows = mask.shape[0]
 
-    def mean(x):
-        return torch.where(mask, x, zero).sum() / denom
+    def total(x):  # Σ over the response tokens
+        return torch.where(mask, x, zero).sum()
 
-    seqs = n_b.squeeze(-1) > 0
-    n_seq = seqs.sum().to(old_logp.dtype)
+    def row_mean(x):  # [B], 0 on an empty row (verl: 0 / (0 + 1e-8))
+        return torch.where(mask, x, zero).sum(-1) / n_b.clamp_min(1)
 
-    def seq_mean(x):  # x: [B]
-        return torch.where(n_seq > 0, torch.where(seqs, x, zero).sum() / n_seq.clamp_min(1), zero)
+    def over_rows(x):  # mean over all B rows
+        return x.sum() / rows if rows else zero
 
-    def tok_mean(x):  # per sequence, [B]
-        return torch.where(mask, x, zero).sum(-1) / n_b.squeeze(-1).clamp_min(1)
+    def flag(b):
+        return b.to(dt)
 
-    rho = log_rho.exp()
-    m = {
-        "rollout_corr/kl": mean(-log_rho),
-        "rollout_corr/k3_kl": mean(torch.expm1(log_rho) - log_rho),
-        "rollout_corr/training_ppl": seq_mean(torch.exp(-tok_mean(old_logp))),
-        "rollout_corr/rollout_ppl": seq_mean(torch.exp(-tok_mean(behavior_logp))),
-        "rollout_corr/ppl_ratio": seq_mean(torch.exp(tok_mean(behavior_logp) - tok_mean(old_logp))),
-        "rollout_corr/chi2_token": mean(rho * rho - 1),
-        "rollout_corr/chi2_seq": seq_mean(torch.expm1(2 * log_seq.squeeze(-1))),
+    sums = {
+        "rollout_corr/kl": total(-log_rho),
+        "rollout_corr/k3_kl": total(torch.expm1(log_rho) - log_rho),
     }
-    if correction is None:
-        weight, rejected = torch.where(mask, rho, zero), torch.zeros_like(mask)
-        high = low = torch.zeros_like(mask)
+    m = {
+        "rollout_corr/training_ppl": over_rows(torch.exp(-row_mean(old_logp))),
+        "rollout_corr/rollout_ppl": over_rows(torch.exp(-row_mean(behavior_logp))),
+        "rollout_corr/ppl_ratio": over_rows(torch.exp(row_mean(behavior_logp) - row_mean(old_logp))),
+    }
+    sums["rollout_corr/chi2_token"] = total(torch.expm1(2 * log_rho.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)))
+    m["rollout_corr/chi2_seq"] = over_rows(torch.expm1(2 * log_seq.clamp(-_SAFETY_BOUND, _SAFETY_BOUND)))
+
+    # verl's rollout_is stage: the (clamped) raw weight, truncated or masked to [lower, upper]
+    seq = c.level == "sequence"
+    log_raw = (log_seq[:, None].expand_as(log_rho) if seq else log_rho).clamp(-_SAFETY_BOUND, _SAFETY_BOUND)
+    raw = torch.where(mask, log_raw.exp(), zero)
+    if c.mode == "truncate":
+        omega = torch.where(mask, _log_clamp(log_raw, c.lower, c.upper).exp(), zero)
+        oob = None
     else:
-        weight, _, rejected = correction_weight(old_logp, behavior_logp, mask, correction)
-        exact = log_rho if correction.level == "token" else log_seq.expand_as(log_rho)
-        high = mask & (exact > math.log(correction.upper)) if correction.upper is not None else torch.zeros_like(mask)
-        low = (
-            mask & (exact < (math.log(correction.lower) if correction.lower > 0 else -_INF))
-            if correction.lower is not None
-            else torch.zeros_like(mask)
-        )
-    sw, sw2 = weight.sum(), (weight * weight).sum()
-    m["rollout_corr/rollout_is_mean"] = mean(weight)
-    m["rollout_corr/rollout_is_max"] = torch.where(has, weight.max() if weight.numel() else zero, zero)
+        oob = mask & _outside(log_raw, c.lower, c.upper)
+        omega = torch.where(oob, zero, raw)
+    sums["rollout_corr/rollout_is_mean"] = total(omega)
+    low_bound = c.lower if c.lower is not None else (None if c.upper is None else 1.0 / c.upper)
+    if seq:
+        log_max = log_seq.max() if rows else zero
+        m["rollout_corr/rollout_is_max"] = log_max.clamp(max=_SAFETY_BOUND).exp()
+        m["rollout_corr/rollout_is_ratio_fraction_high"] = over_rows(flag(_outside(log_seq, None, c.upper)))
+        m["rollout_corr/rollout_is_ratio_fraction_low"] = over_rows(flag(_outside(log_seq, low_bound, None)))
+    else:
+        m["rollout_corr/rollout_is_max"] = torch.where(mask, omega, -_INF).max() if omega.numel() else zero
+        sums["rollout_corr/rollout_is_ratio_fraction_high"] = total(flag(_outside(log_raw, None, c.upper)))
+        sums["rollout_corr/rollout_is_ratio_fraction_low"] = total(flag(_outside(log_raw, low_bound, None)))
+    w = omega if c.upper is None else omega.clamp(max=c.upper)
+    sw, sw2 = w.sum(), (w * w).sum()
     m["rollout_corr/rollout_is_eff_sample_size"] = torch.where(
-        has & (sw2 > 0), sw * sw / (safe_n * sw2.clamp_min(torch.finfo(sw.dtype).tiny)), zero
+        sw2 > 0, sw * sw / (safe_n * sw2.clamp_min(torch.finfo(dt).tiny)), zero
     )
-    m["rollout_corr/rollout_is_ratio_fraction_high"] = mean(high.to(old_logp.dtype))
-    m["rollout_corr/rollout_is_ratio_fraction_low"] = mean(low.to(old_logp.dtype))
-    m["rollout_corr/rollout_rs_masked_fraction"] = mean(rejected.to(old_logp.dtype))
-    m["rollout_corr/rollout_rs_seq_masked_fraction"] = seq_mean(rejected.any(-1).to(old_logp.dtype))
-    return m
+    if oob is not None:
+        sums["rollout_corr/rollout_is_oob_ratio"] = total(flag(oob))
+    rejected = correction_weight(old_logp, behavior_logp, mask, c)[2]  # by mode="mask" or a filter
+    sums["rollout_corr/rollout_rs_masked_fraction"] = total(flag(rejected))
+    m["rollout_corr/rollout_rs_seq_masked_fraction"] = over_rows(flag(rejected.any(-1)))
+    has = n > 0
+    m = {k: torch.where(has, v, zero) for k, v in m.items()}
+    means = {k: torch.where(has, s / safe_n, zero) for k, s in sums.items()}  # ⟨ρ̃² − 1⟩ = ⟨ρ̃²⟩ − 1
+    merged = {**means, **m}
+    return {k: merged[k] for k in _ORDER if k in merged}, sums
+
+
+_ORDER = tuple(
+    "rollout_corr/" + k
+    for k in (
+        "kl",
+        "k3_kl",
+        "training_ppl",
+        "rollout_ppl",
+        "ppl_ratio",
+        "chi2_token",
+        "chi2_seq",
+        "rollout_is_mean",
+        "rollout_is_max",
+        "rollout_is_eff_sample_size",
+        "rollout_is_ratio_fraction_high",
+        "rollout_is_ratio_fraction_low",
+        "rollout_is_oob_ratio",
+        "rollout_rs_masked_fraction",
+        "rollout_rs_seq_masked_fraction",
+    )
+)

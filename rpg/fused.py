@@ -59,9 +59,9 @@ for H ≥ 160 (H ≥ 320 with an entropy term; below that the 32-token floor mak
 them larger) the blocks together are at most a fifth of the float32 ``[V, H]``
 weight-gradient accumulator (``4·V·chunk_size`` against ``4·V·H`` bytes): for a
 float32 head, a peak within about 1.2× the gradients it returns. Smaller chunks
-read the weight and update its gradient more often: on the CPU of
-``benchmarks/README.md`` a chunk of 51 tokens took 1.37× the time of one of 128
-without padding; pass a larger ``chunk_size`` to trade memory for time. With
+read the weight and update its gradient more often: in the no-padding tables of
+``benchmarks/README.md`` (a 2-core CPU, 1 thread) a chunk of 51 tokens took 1.37× the time of one
+of 128; pass a larger ``chunk_size`` to trade memory for time. With
 vocabulary blocks (``vocab_chunk_size`` set, or no gradient) the blocks do not
 grow with V and the default is 1024 tokens, as ``from_hidden``'s.
 
@@ -190,8 +190,8 @@ def _accumulate(dz, h, weight, dtype, grads, v0=0):
 
 def _column_max(z):
     """max over the vocabulary (dim 0) of a ``[V', m]`` block. Folding the rows into groups of 64 first
-    lets the reduction run over contiguous memory (on CPU 8× faster than ``amax(0)`` at m = 51, never
-    much slower)."""
+    lets the reduction run over contiguous memory (in one measurement on a 2-core CPU, 8× faster than
+    ``amax(0)`` at m = 51 and never much slower at other sizes)."""
     v, m = z.shape
     body = v - v % 64
     out = z[:body].view(body // 64, 64, m).amax(0).amax(0) if body else z.amax(0)
@@ -370,7 +370,14 @@ class FusedLinearLoss:
     Call it as:
 
     ```python
-    out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, *, bias=None,
+    import torch, rpg
+
+    B, T, H, V = 2, 5, 8, 20
+    fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
+    hidden, weight = torch.randn(B, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    old_logp, advantages = rpg.logprobs.from_hidden(hidden, weight, tokens).detach(), torch.randn(B)
+    out = fused(hidden, weight, tokens, old_logp, advantages, mask=None, bias=None,
                 temperature=1.0, ref_logp=None, behavior_logp=None, weights=None,
                 batch_num_tokens=None, global_batch_size=None)
     ```
@@ -391,8 +398,15 @@ class FusedLinearLoss:
     For example:
 
     ```python
+    import torch, rpg
+
+    lm_head = torch.nn.Linear(16, 50, bias=False)  # the model's LM head [V, H]
+    hidden = torch.randn(4, 6, 16, requires_grad=True)  # final hidden states of the response positions
+    tokens, mask = torch.randint(0, 50, (4, 6)), torch.ones(4, 6, dtype=torch.bool)
+    old_logp = rpg.logprobs.from_hidden(hidden, lm_head.weight, tokens).detach()
+    advantages = torch.randn(4)
     fused = rpg.FusedLinearLoss(rpg.DAPOLoss())
-    out = fused(hidden, model.lm_head.weight, tokens, old_logp, advantages, mask)
+    out = fused(hidden, lm_head.weight, tokens, old_logp, advantages, mask)
     out.loss.backward()
     ```
     """

@@ -24,9 +24,14 @@ distribution at position ``t``; a causal LM's position ``t`` predicts the token
 at ``t + 1``, so shift before calling (Hugging Face layout):
 
 ```python
-logits = model(input_ids, attention_mask=attention_mask).logits   # [B, L, V]
-logp = from_logits(logits[:, :-1], input_ids[:, 1:])             # [B, L-1]
-logp_response = logp[:, -T:]        # input_ids = [prompt | response of T tokens], verl's layout
+import torch
+from rpg.logprobs import from_logits
+
+B, L, T, V = 2, 9, 4, 11  # batch, prompt + response length, response length, vocabulary
+input_ids = torch.randint(0, V, (B, L))
+logits = torch.randn(B, L, V)  # a causal LM's: model(input_ids, attention_mask=attention_mask).logits
+logp = from_logits(logits[:, :-1], input_ids[:, 1:])  # [B, L-1]
+logp_response = logp[:, -T:]  # input_ids = [prompt | response of T tokens], verl's layout
 ```
 
 **Ignored positions.** With ``ignore_index`` (e.g. ``-100``, the Hugging Face
@@ -138,7 +143,13 @@ def from_logits(
     Example (Hugging Face labels, ``-100`` outside the response):
 
     ```python
-    logits = model(input_ids).logits
+    import torch
+    from rpg.logprobs import from_logits
+
+    input_ids = torch.randint(0, 11, (2, 9))
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the prompt
+    logits = torch.randn(2, 9, 11)  # a causal LM's: model(input_ids).logits
     logp = from_logits(logits[:, :-1], labels[:, 1:], ignore_index=-100)
     ```
     """
@@ -768,9 +779,14 @@ def from_hidden(
     hidden state at position t predicts the token at t + 1, so shift (Hugging Face layout):
 
     ```python
-    out = model.model(input_ids, attention_mask=attention_mask)   # the base model: no logits
-    hidden = out.last_hidden_state[:, :-1]                       # [B, L-1, H]
-    logp = from_hidden(hidden, model.lm_head.weight, input_ids[:, 1:])   # [B, L-1]
+    import torch
+    from rpg.logprobs import from_hidden
+
+    B, L, H, V = 2, 9, 16, 50
+    input_ids, lm_head = torch.randint(0, V, (B, L)), torch.nn.Linear(H, V, bias=False)
+    last_hidden_state = torch.randn(B, L, H)  # model.model(input_ids, attention_mask=...).last_hidden_state
+    hidden = last_hidden_state[:, :-1]  # [B, L-1, H]
+    logp = from_hidden(hidden, lm_head.weight, input_ids[:, 1:])  # [B, L-1]
     ```
 
     (``model.model`` is the decoder of Llama/Qwen-style models; ``last_hidden_state`` is after the

@@ -4,11 +4,17 @@ A loss object holds one frozen [`LossConfig`][rpg.config.LossConfig] — no netw
 state — and calling it is [`rpg.policy_loss`][rpg.functional.policy_loss] with that configuration:
 
 ```python
+import torch, rpg
+
+loss_fn = rpg.RPGLoss("urkl", style="reinforce")
+logp = -torch.rand(2, 5, requires_grad=True)  # log π_θ of the sampled tokens, [B, T]
+old_logp, advantages, mask = -torch.rand(2, 5), torch.randn(2), torch.ones(2, 5, dtype=torch.bool)
 out = loss_fn(logp, old_logp, advantages, mask, ref_logp=None, behavior_logp=None,
-              batch_num_tokens=None, global_batch_size=None, *, weights=None, entropy=None)
+              batch_num_tokens=None, global_batch_size=None, weights=None, entropy=None)
 out.loss       # scalar; backward() gives the gradient
 out.per_token  # [B, T], 0 where mask is 0; differentiable
-out.metrics    # dict[str, float], computed on first access
+out.metrics    # dict[str, float] of means over this call's tokens, computed on first access
+out.summable_metrics  # its token means over batch_num_tokens: they add up over micro-batches
 ```
 
 ``PolicyLoss`` = policy-gradient term (clip rule) + KL term (divergence
@@ -291,6 +297,10 @@ class RPGLoss(PolicyLoss):
     For example:
 
     ```python
+    import torch, rpg
+
+    logp = -torch.rand(4, 6, requires_grad=True)  # [B, T]
+    old_logp, advantages, mask = -torch.rand(4, 6), torch.randn(4), torch.ones(4, 6, dtype=torch.bool)
     loss_fn = rpg.RPGLoss("urkl", style="reinforce")
     out = loss_fn(logp, old_logp, advantages, mask)
     out.loss.backward()

@@ -23,8 +23,8 @@ tokens where ``mask`` is 1, in float64:
   the loss has none).
 * ``entropy/mean`` — the mean of the call's ``entropy`` (when given).
 * ``rollout_corr/...`` — when the call has ``behavior_logp``: the mismatch between
-  the rollout engine μ and π_old and what the correction did, under verl's names
-  (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
+  the rollout engine μ and π_old and what the correction did, under verl's names and
+  with verl's definitions (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
   ``rollout_rs_masked_fraction``, …; [`rpg.correction.correction_metrics`][rpg.correction.correction_metrics]).
 
 Clip fractions come from the same `clip_view` the loss kernel uses, so
@@ -37,10 +37,41 @@ returning numbers of other data (the tensors' version counters are checked, as
 autograd does for saved tensors). Read ``out.metrics`` before reusing a buffer,
 or pass a copy.
 
-**Global means.** When ``batch_num_tokens`` is given, every mean above is
-divided by it instead of the local token count, so summing a metric over the
-micro-batches / ranks of a step gives the full-batch mean. ``ratio/min``,
-``ratio/max`` and ``ratio/ess`` stay local. An all-masked or empty batch gives 0.
+**Micro-batches and ranks.** ``out.metrics`` holds means over *this call's* tokens
+(the loss's ``mask``; for ``rollout_corr/*`` the call's response tokens), whatever
+``batch_num_tokens`` is. That is the value verl and TRL log: verl appends each
+micro-batch's metrics and averages the list, TRL averages the values it logs per
+micro-batch and gathers them across processes — so the rpg adapters log
+``out.metrics``. Averaging per-call means weights every micro-batch equally; for
+the exact full-batch token mean, read ``out.summable_metrics``: every token mean
+as Σ_call x / ``batch_num_tokens``, which adds up over the micro-batches and ranks
+of a step to the full-batch value (``ratio/min``, ``ratio/max``, ``ratio/ess`` and
+the per-sequence ``rollout_corr/*`` values are not there: they do not add up).
+With ``count_rejected=False`` the ``rollout_corr/*`` sums run over all response
+tokens while ``batch_num_tokens`` counts the kept ones; their step total is then
+the full-batch mean times (response tokens)/(kept tokens). An all-masked or empty
+call gives 0.
+
+```python
+import torch
+import rpg
+
+g = torch.Generator().manual_seed(0)
+logp = -torch.rand(8, 6, generator=g, dtype=torch.float64)
+old_logp = logp + 0.1 * torch.randn(8, 6, generator=g, dtype=torch.float64)
+advantages = torch.randn(8, generator=g, dtype=torch.float64)
+mask = torch.rand(8, 6, generator=g) < 0.8
+loss_fn = rpg.DAPOLoss()
+full = loss_fn(logp, old_logp, advantages, mask).metrics
+n = int(mask.sum())  # the step's token count, as every micro-batch passes it
+step = {}
+for rows in (slice(0, 4), slice(4, 8)):
+    out = loss_fn(logp[rows], old_logp[rows], advantages[rows], mask[rows], batch_num_tokens=n)
+    for k, v in out.summable_metrics.items():
+        step[k] = step.get(k, 0.0) + v
+assert abs(step["ratio/mean"] - full["ratio/mean"]) < 1e-12
+assert abs(step["clip_frac"] - full["clip_frac"]) < 1e-12
+```
 """
 
 from __future__ import annotations
@@ -53,7 +84,7 @@ from ._kernel import clip_view, ratios
 from .aggregation import denominator
 from .clipping import DUAL, HIGH, LOW
 from .config import LossConfig
-from .correction import RolloutCorrection, correction_metrics
+from .correction import RolloutCorrection, _correction_stats
 from .objectives import REGISTRY
 
 __all__ = ["LossOutput", "MetricInputs", "compute_metrics"]
@@ -83,9 +114,10 @@ def _version(t: torch.Tensor):
 
 
 class LossOutput:
-    """``loss`` (scalar tensor), ``per_token`` (``[B, T]``, differentiable, 0 at padding), ``metrics`` (lazy dict)."""
+    """``loss`` (scalar tensor), ``per_token`` (``[B, T]``, differentiable, 0 at padding), ``metrics`` (lazy dict
+    of per-call means) and ``summable_metrics`` (lazy dict of token means over ``batch_num_tokens``)."""
 
-    __slots__ = ("_inputs", "_local", "_metrics", "_versions", "loss", "per_token")
+    __slots__ = ("_inputs", "_metrics", "_summable", "_versions", "loss", "per_token")
 
     def __init__(self, loss: torch.Tensor, per_token: torch.Tensor, inputs: MetricInputs) -> None:
         self.loss = loss
@@ -97,7 +129,7 @@ class LossOutput:
         self._inputs = inputs
         self._versions = tuple((i, t, _version(t)) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor))
         self._metrics: dict[str, float] | None = None
-        self._local: dict[str, float] | None = None
+        self._summable: dict[str, float] | None = None
 
     def _check_fresh(self) -> None:
         for i, t, v in self._versions:
@@ -108,35 +140,49 @@ class LossOutput:
                     "(or pass a copy)"
                 )
 
+    def _both(self) -> tuple[dict[str, float], dict[str, float]]:
+        if self._metrics is None or self._summable is None:
+            self._check_fresh()
+            with torch.no_grad():
+                self._metrics, self._summable = _compute(self._inputs)
+        return self._metrics, self._summable
+
     @property
     def metrics(self) -> dict[str, float]:
         """The diagnostics of this call (see [`rpg.metrics`][rpg.metrics]), computed once on first access.
 
-        Means are over ``batch_num_tokens`` when the call had it (they sum over micro-batches)."""
-        if self._metrics is None:
-            self._check_fresh()
-            with torch.no_grad():
-                self._metrics = compute_metrics(self._inputs)
-        return self._metrics
+        Every mean is over this call's own tokens, whatever ``batch_num_tokens`` is: the per-micro-batch
+        value verl and TRL log and average. For values that add up over micro-batches and ranks to the
+        full batch's, read [`summable_metrics`][rpg.metrics.LossOutput.summable_metrics]."""
+        return self._both()[0]
+
+    @property
+    def summable_metrics(self) -> dict[str, float]:
+        """The token means of [`metrics`][rpg.metrics.LossOutput.metrics] as Σ_call x / ``batch_num_tokens``.
+
+        Summed over the micro-batches and ranks of a step that all pass the step's ``batch_num_tokens``,
+        each value is the full-batch call's (module docstring, "Micro-batches"). Only token means are
+        here (not ``ratio/min``, ``ratio/max``, ``ratio/ess`` nor per-sequence means, which do not add
+        up). Without ``batch_num_tokens`` the count is the call's own, and the values equal ``metrics``'."""
+        return self._both()[1]
 
     @property
     def local_metrics(self) -> dict[str, float]:
-        """As [`metrics`][rpg.metrics] with means over this call's own tokens, whatever ``batch_num_tokens`` was —
-        for frameworks that average logged values over micro-batches (TRL, verl)."""
-        if self._inputs.batch_num_tokens is None:
-            return self.metrics
-        if self._local is None:
-            self._check_fresh()
-            with torch.no_grad():
-                self._local = compute_metrics(self._inputs._replace(batch_num_tokens=None))
-        return self._local
+        """The same dict as [`metrics`][rpg.metrics.LossOutput.metrics] (means over this call's tokens), kept
+        for code written when ``metrics`` divided by ``batch_num_tokens``."""
+        return self.metrics
 
     def __repr__(self) -> str:
         return f"LossOutput(loss={self.loss!r}, per_token=<{tuple(self.per_token.shape)}>)"
 
 
 def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
-    """The metrics dict from the detached inputs of a loss call (see the module docstring)."""
+    """The metrics dict from the detached inputs of a loss call: means over this call's tokens (module docstring)."""
+    return _compute(inputs)[0]
+
+
+def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
+    """``(metrics, summable)`` in one pass and one host-device sync."""
     logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy, response = (
         inputs
     )
@@ -152,17 +198,17 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
     r = ratios(logp, old_logp, ref_logp)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     n = mask.sum().to(logp.dtype)
-    denom = denominator(batch_num_tokens, n, logp)  # the same count the loss divides by
+    has = n > 0
+    local = torch.where(has, n, torch.ones_like(n))
+    denom = denominator(batch_num_tokens, n, logp)  # the count the loss divides by (token-mean)
 
     def total(x):
         return torch.where(mask, x, zero).sum()
 
-    def mean(x):
-        return total(x) / denom
-
+    sums: dict[str, torch.Tensor] = {}  # token means: their sums over this call's tokens
+    other: dict[str, torch.Tensor] = {}
     w = r.w
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    has = n > 0
     if w.numel():
         w_min = torch.where(has, torch.where(mask, w, inf).min(), zero)
         w_max = torch.where(has, torch.where(mask, w, -inf).max(), zero)
@@ -170,10 +216,11 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
         w_min = w_max = zero
     sum_w, sum_w2 = total(w), total(w * w)
     ess = torch.where(has, sum_w * sum_w / (n * sum_w2).clamp_min(torch.finfo(w.dtype).tiny), zero)
-    metrics = {"ratio/mean": mean(w), "ratio/min": w_min, "ratio/max": w_max, "ratio/ess": ess}
+    sums["ratio/mean"] = sum_w
+    other.update({"ratio/min": w_min, "ratio/max": w_max, "ratio/ess": ess})
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
-        metrics[f"clip_frac/{name}"] = zero if code is None else mean((code == bound).to(w.dtype))
-    metrics["clip_frac"] = metrics["clip_frac/low"] + metrics["clip_frac/high"] + metrics["clip_frac/dual"]
+        sums[f"clip_frac/{name}"] = zero if code is None else total((code == bound).to(w.dtype))
+    sums["clip_frac"] = sums["clip_frac/low"] + sums["clip_frac/high"] + sums["clip_frac/dual"]
     # KL(π_θ‖π_X) estimated as E_old[w·log r] and E_old[w·k3] = the rkl and urkl surrogates' values
     # (their limits hold at a −∞ log-prob), times the exact ρ = π_old/μ when the tokens came from μ.
     rho = None if behavior_logp is None else torch.where(mask, old_logp - behavior_logp, zero).exp()
@@ -181,17 +228,24 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
         for est, term in (("k1", "rkl"), ("k3", "urkl")):
             value = torch.zeros_like(w)
             REGISTRY[term].accumulate(value, torch.zeros_like(w), 1.0, rr)
-            metrics[f"{prefix}_{est}"] = mean(value if rho is None else value * rho)
+            sums[f"{prefix}_{est}"] = total(value if rho is None else value * rho)
     if cfg.has_kl:
         value = torch.zeros_like(w)
         REGISTRY[cfg.kl].accumulate(value, torch.zeros_like(w), 1.0, r)
-        metrics["kl/term"] = mean(value)
+        sums["kl/term"] = total(value)
     if entropy is not None:
-        metrics["entropy/mean"] = mean(entropy)
+        sums["entropy/mean"] = total(entropy)
+    means = {k: torch.where(has, v / local, zero) for k, v in sums.items()}
+    metrics = {"ratio/mean": means["ratio/mean"], **other, **{k: v for k, v in means.items() if k != "ratio/mean"}}
+    summable = {k: v / denom for k, v in sums.items()}
     if behavior_logp is not None:  # over every response token, rejected or not
         response = mask if response is None else response
-        same = response is mask
-        corr_denom = denom if same else denominator(None, response.sum().to(logp.dtype), logp)
-        metrics.update(correction_metrics(old_logp, behavior_logp, response, correction, corr_denom))
-    values = torch.stack([torch.as_tensor(v, dtype=logp.dtype, device=logp.device) for v in metrics.values()])
-    return dict(zip(metrics, values.tolist(), strict=False))
+        corr, corr_sums = _correction_stats(old_logp, behavior_logp, response, correction)
+        metrics.update(corr)
+        summable.update({k: v / denom for k, v in corr_sums.items()})
+    names = list(metrics) + list(summable)
+    values = torch.stack(
+        [torch.as_tensor(v, dtype=logp.dtype, device=logp.device) for v in (*metrics.values(), *summable.values())]
+    ).tolist()
+    m = dict(zip(names[: len(metrics)], values[: len(metrics)], strict=True))
+    return m, dict(zip(names[len(metrics) :], values[len(metrics) :], strict=True))

@@ -11,10 +11,28 @@ loss: losses hold no trainer state). It says *when* to reset; copying the
 weights is yours:
 
 ```python
-schedule = rpg.ReferenceUpdate(every=100, kl_target=0.05)
-for step in range(num_steps):
-    out = loss_fn(logp, old_logp, adv, mask, ref_logp=ref_logp)
-    ...
+import copy, torch, rpg
+
+policy = torch.nn.Linear(4, 6)  # a toy policy: 6 actions at each of 3 positions
+ref_model = copy.deepcopy(policy)
+x, tokens = torch.randn(8, 3, 4), torch.randint(0, 6, (8, 3))
+adv, mask = torch.randn(8), torch.ones(8, 3, dtype=torch.bool)
+loss_fn, opt = rpg.RPGLoss("rkl", beta=0.1), torch.optim.SGD(policy.parameters(), lr=0.5)
+
+
+def token_logp(model):
+    return model(x).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+schedule = rpg.ReferenceUpdate(every=10, kl_target=0.05)
+for step in range(30):
+    logp = token_logp(policy)
+    with torch.no_grad():
+        ref_logp = token_logp(ref_model)
+    out = loss_fn(logp, logp.detach(), adv, mask, ref_logp=ref_logp)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
     if schedule.step(out.metrics["kl/ref_k3"]):
         ref_model.load_state_dict(policy.state_dict())
 ```

@@ -186,9 +186,11 @@ def test_ess_and_global_means():
     assert m["ratio/ess"] == pytest.approx(8.0**2 / (4 * 22.0))
     assert m["ratio/mean"] == pytest.approx(2.0)
     assert m["clip_frac/high"] == pytest.approx(0.5)
-    g = rpg.DAPOLoss()(logp, old, adv, batch_num_tokens=16).metrics
+    out = rpg.DAPOLoss()(logp, old, adv, batch_num_tokens=16)
+    assert out.metrics == m  # per-call means, whatever batch_num_tokens
+    g = out.summable_metrics
     assert g["ratio/mean"] == pytest.approx(8.0 / 16) and g["clip_frac/high"] == pytest.approx(2 / 16)
-    assert g["ratio/max"] == 4.0  # min / max / ess stay local
+    assert "ratio/max" not in g and "ratio/ess" not in g  # they do not add up over micro-batches
 
 
 def test_metric_global_means_sum_over_micro_batches():
@@ -197,7 +199,9 @@ def test_metric_global_means_sum_over_micro_batches():
     n = mask.sum()
     full = fn(logp, old, adv, mask, ref_logp=ref).metrics
     parts = [
-        fn(*(x[i : i + 3] for x in (logp, old, adv, mask)), ref_logp=ref[i : i + 3], batch_num_tokens=n).metrics
+        fn(
+            *(x[i : i + 3] for x in (logp, old, adv, mask)), ref_logp=ref[i : i + 3], batch_num_tokens=n
+        ).summable_metrics
         for i in (0, 3)
     ]
     for key in ("ratio/mean", "clip_frac", "kl/ref_k3", "kl/term"):
@@ -224,12 +228,13 @@ def test_preset_errors(make, exc, match):
         make()
 
 
-def test_local_metrics_ignore_global_counts():
+def test_metrics_ignore_global_counts_and_summable_metrics_use_them():
     logp, old, adv, mask, _ref = make_batch(seed=12)
     fn = rpg.DAPOLoss()
     local = fn(logp, old, adv, mask).metrics
     out = fn(logp, old, adv, mask, batch_num_tokens=1000)
-    assert out.local_metrics == local and out.metrics["ratio/mean"] < local["ratio/mean"]
+    assert out.metrics == local and out.local_metrics == local
+    assert out.summable_metrics["ratio/mean"] == pytest.approx(local["ratio/mean"] * int(mask.sum()) / 1000, rel=1e-12)
 
 
 def test_kl_metrics_are_unbiased_off_policy():

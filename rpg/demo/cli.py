@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -322,11 +323,20 @@ def _report_plot(ok: bool, out: str, stem: str) -> None:
     print(f"plot: {os.path.join(out, stem + '.png')}" if ok else "(matplotlib is not installed: no plot)")
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as terminal text: ``code`` and :role:`name` to their text, [`name`][target] to name."""
+    doc = re.sub(r"\[`([^`]+)`\]\[[^\]]*\]", r"\1", doc)
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return re.sub(r"``([^`]+)``", r"\1", doc)
+
+
 def main(argv: list[str] | None = None):
     from . import __doc__ as doc
 
     ap = argparse.ArgumentParser(
-        prog="python -m rpg.demo", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m rpg.demo",
+        description=plain_text(doc or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "experiment",

@@ -1,5 +1,5 @@
 """Integrations with training frameworks. Each module imports its framework; the core never imports these.
 
-* [`rpg.integrations.verl`][rpg.integrations.verl] — the RPG losses in verl's policy-loss registry (``pip install rpg[verl]``).
-* [`rpg.integrations.trl`][rpg.integrations.trl] — a TRL ``GRPOTrainer`` that takes any rpg loss (``pip install rpg[trl]``).
+* [`rpg.integrations.verl`][rpg.integrations.verl] — the RPG losses in verl's policy-loss registry (``pip install 'rpg-losses[verl]'``).
+* [`rpg.integrations.trl`][rpg.integrations.trl] — a TRL ``GRPOTrainer`` that takes any rpg loss (``pip install 'rpg-losses[trl]'``).
 """

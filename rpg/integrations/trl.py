@@ -85,7 +85,7 @@ bonuses).
 | ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | a token-varying weight on a sequence-level term: TRL spreads its sequence mean over the response, rpg weights each token's own gradient |
 
 A Mixture-of-Experts router loss is added as TRL does, and logged as ``aux_loss``.
-Every entry of ``out.local_metrics`` is logged as ``rpg/<name>`` (TRL averages
+Every entry of ``out.metrics`` is logged as ``rpg/<name>`` (TRL averages
 logged values over micro-batches, so they are per-call means).
 """
 
@@ -574,7 +574,7 @@ class RPGGRPOTrainer(GRPOTrainer):
             entropy=entropies,
         )
         mode = "train" if training else "eval"
-        for name, value in out.local_metrics.items():  # TRL averages logged values over micro-batches
+        for name, value in out.metrics.items():  # per-call means: TRL averages logged values over micro-batches
             self._metrics[mode][f"rpg/{name}"].append(value)
         loss = out.loss
         if plan.entropy_bonus:

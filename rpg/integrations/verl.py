@@ -239,7 +239,7 @@ def _make(loss_mode: str):
             weights, metrics = _dppo_mask(loss_fn.clip, log_prob, old_log_prob, advantages, mask, weights)
         out = loss_fn(log_prob, old_log_prob, advantages, mask, weights=weights, **counts)
         loss = out.loss * dp_size
-        m = out.local_metrics  # verl averages policy metrics over micro-batches itself
+        m = out.metrics  # per-call means: verl averages policy metrics over micro-batches itself
         with torch.no_grad():  # verl's ppo_kl: mean(old − new), KL(π_old‖π_θ), over this call's tokens
             log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
             ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
