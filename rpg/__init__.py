@@ -31,7 +31,7 @@ from . import (
     testing,
 )
 from .aggregation import AGG_MODES, aggregate
-from .clipping import Clip, ClipRule, Truncate, TrustRegion
+from .clipping import Clip, ClipRule, GradientPreservingClip, SignedTruncate, SoftGate, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
 from .functional import policy_loss
@@ -45,10 +45,15 @@ from .presets import (
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
+    DROLoss,
+    GPPOLoss,
     GRPOLoss,
     GSPOLoss,
     OnPolicyDistillationLoss,
+    PrimeRLLoss,
     REINFORCEPlusPlusLoss,
+    SAPOLoss,
+    TOPRLoss,
 )
 from .reference import ReferenceUpdate
 
@@ -98,4 +103,13 @@ __all__ = [
     "presets",
     "testing",
     "__version__",
+    # token-level families (SAPO, TOPR, GPPO / CE-GPPO, DRO, prime-rl) and their clip rules
+    "DROLoss",
+    "GPPOLoss",
+    "GradientPreservingClip",
+    "PrimeRLLoss",
+    "SAPOLoss",
+    "SignedTruncate",
+    "SoftGate",
+    "TOPRLoss",
 ]
