@@ -42,11 +42,12 @@ are not clipped. Every token keeps a gradient, with a bounded weight.
 **How a rule plugs in.** Every rule subclasses [`ClipRule`][rpg.clipping.ClipRule] and answers
 four questions, so neither the loss kernel nor the metrics branch on its type:
 ``styles`` (which loss styles it applies to), ``effective_ratio(w, Â)`` (the
-differentiable style's ℓ = −m·Â and the tokens whose gradient through w is cut),
-``reinforce_ratio(log_w)`` (the importance weight the REINFORCE weight g uses:
-w itself, or a truncated w̄) and ``reinforce_clipped(w, g)`` (the REINFORCE
-tokens that lose their gradient), plus ``codes(w, direction)`` for the metrics.
-A new rule is one class here and its tests.
+differentiable style's ℓ = −m·Â and ∂m/∂logp: w, w with the clipped tokens cut to
+0, or a slope of the rule's own — SAPO's smooth gate, GPPO's kept gradient),
+``reinforce_ratio(log_w, A)`` (the importance weight the REINFORCE weight g uses:
+w itself, or a truncated w̄, possibly by the sign of A as TOPR's) and
+``reinforce_clipped(w, g)`` (the REINFORCE tokens that lose their gradient), plus
+``codes(w, direction)`` for the metrics. A new rule is one class here and its tests.
 
 Clip codes ([`codes`][rpg.clipping.codes], ``int8`` per token, computed only when metrics are
 read) record which bound bound the token: 0 none, 1 low, 2 high, 3 dual.

@@ -20,6 +20,11 @@ correction, [`RolloutCorrection`][rpg.correction.RolloutCorrection]) and ``entro
 | ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
 | ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
 | ``RPGLoss`` | the eight RPG losses ([`rpg.losses`][rpg.losses]) | ∇ its divergence |
+| ``SAPOLoss`` | −(4/τ)·σ(τ(w − 1))·A, τ = τ_pos (A > 0) or τ_neg, seq-mean-token-mean | E[r] on-policy; off-policy each IS term scaled by 4σ(1−σ) ≤ 1 |
+| ``TOPRLoss`` | −A·logp (A > 0), −sg(min(w, 1))·A·logp (A ≤ 0) | E[r] on-policy; off-policy positives unweighted, negatives capped |
+| ``GPPOLoss`` | PPO's clipped value; a clipped token keeps the gradient −β·bound·A (CE-GPPO: β₁, β₂) | E[r] where no bound binds |
+| ``DROLoss`` | −A·logp + (β/2)(logp − log μ)², μ = ``behavior_logp`` (π_old) | E_q[A·log π − (β/2)(log π − log μ)²], q the sampler |
+| ``PrimeRLLoss`` | −M·w·A + τ·(logp − log μ)², M DPPO's binary-TV mask | E[r] − τ·E_q[(log π − log μ)²] where no token is masked |
 
 "Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
 (token level) and ``tests/test_sequence.py`` (two-step sequences). Per-token KL
