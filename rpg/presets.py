@@ -452,6 +452,8 @@ class DROLoss(_Preset):
     the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
     ``weight_penalty=False`` leaves the penalty unweighted — then it is averaged under μ itself.
 
+    Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
+
     Args:
         beta: β > 0, the penalty coefficient (verl's ``dro_beta``, ROLL's ``kimi15_tau``, Tinker's
             ``beta``); required, as in verl (no published default).

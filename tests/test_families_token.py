@@ -471,3 +471,36 @@ def test_separate_kl_with_weight_kl_false_weights_only_the_policy_gradient():
     torch.testing.assert_close(out.per_token, want, rtol=0, atol=1e-12)
     g, g_want = (torch.autograd.grad(x.sum(), logp)[0] for x in (out.per_token, want))
     torch.testing.assert_close(g, g_want, rtol=0, atol=1e-12)
+
+
+def test_prime_rl_gradient_is_prime_rls_and_the_value_differs_only_at_masked_tokens():
+    """prime-rl's default_loss_fn as it prints it: −keep·A·w + τ·(log w)² over the loss mask (bypass: the ratio
+    on the sampler). Same gradient; prime-rl's masked token has value 0 (rpg's: the region's edge, detached)."""
+    logp, mu, adv, mask, _ = make_batch(4, 6, seed=16, spread=0.6, adv_shape="tok")
+    tau = 1e-3
+    p, q = logp.detach().exp(), mu.exp()
+    masked = torch.where(adv > 0, p - q > 0.05, p - q < -0.05)
+    log_w = logp - mu
+    keep = (~masked).to(F64)
+    prime = torch.where(mask, -keep * adv * log_w.exp() + tau * log_w**2, torch.zeros((), dtype=F64))
+    out = rpg.PrimeRLLoss(0.05, 0.05, tau, agg="token-sum")(logp, mu, adv, mask)  # old_logp = behavior_logp
+    g, g_prime = (torch.autograd.grad(x.sum(), logp)[0] for x in (out.per_token, prime))
+    torch.testing.assert_close(g, g_prime, rtol=0, atol=1e-12)
+    assert (masked & mask).any() and (~masked & mask).any()
+    torch.testing.assert_close(out.per_token[~masked], prime[~masked], rtol=0, atol=1e-12)
+    assert not torch.allclose(out.per_token[masked & mask], prime[masked & mask])
+
+
+def test_float32_overflowing_ratio_under_the_gate_and_the_kept_clip():
+    """|log w| beyond float32's range: SAPO's gate saturates (value 4/τ·(−A), gradient exactly 0) and GPPO keeps
+    the bounded gradient at the bound; both finite."""
+    logp = torch.tensor([[0.0, -1.0]], dtype=torch.float32, requires_grad=True)
+    old = torch.tensor([[-200.0, -1.0]], dtype=torch.float32)
+    adv = torch.tensor([1.0])
+    out = rpg.SAPOLoss(agg="token-sum")(logp, old, adv)
+    (g,) = torch.autograd.grad(out.loss, logp)
+    assert torch.isfinite(out.per_token).all() and torch.isfinite(g).all()
+    assert out.per_token[0, 0].item() == pytest.approx(-4.0) and g[0, 0].item() == 0.0
+    out = rpg.GPPOLoss(agg="token-sum")(logp, old, adv)
+    (g,) = torch.autograd.grad(out.loss, logp)
+    assert out.per_token[0, 0].item() == pytest.approx(-1.28) and g[0, 0].item() == pytest.approx(-1.28)
