@@ -344,7 +344,10 @@ class SAPOLoss(_Preset):
     ``importance_sampling_level="sequence"`` for ``loss_type="sapo"``); the paper gates token ratios.
     TRL and verl compute the same token-level loss with the same defaults (τ_pos = 1, τ_neg = 1.05);
     verl clamps log w to ±20 first (no effect unless |log w| > 20) and always aggregates
-    ``seq-mean-token-mean``. Add a KL term with ``.replace(kl=..., beta=...)``.
+    ``seq-mean-token-mean``. TRL picks τ with ``torch.where`` on Python floats, i.e. in float32
+    (τ_neg = 1.05 becomes 1.0499999523…): pass that value to reproduce TRL's float64 loss to the
+    last digit. With ``ratio="sequence"`` an aggregation other than ``seq-mean-token-mean``
+    weights each sequence's loss by its length. Add a KL term with ``.replace(kl=..., beta=...)``.
     """
 
     __slots__ = ()
