@@ -344,11 +344,12 @@ def test_dro_penalty_unweighted_by_the_correction_when_asked():
 # --- torch.compile and the fused head ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("name", ["sapo-sequence", "ce-gppo", "topr", "dro", "prime-rl"])
-def test_compiled_equals_eager(name):
+def test_compiled_equals_eager(name, device):
     torch._dynamo.reset()
     fn = FAMILIES[name][0]
-    logp, old, adv, mask, _ = make_batch(4, 16, seed=7, dtype=torch.float32)
+    logp, old, adv, mask, _ = (x.to(device) for x in make_batch(4, 16, seed=7, dtype=torch.float32))
     logp = logp.detach().requires_grad_(True)
     mu = old - 0.2
 
