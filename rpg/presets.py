@@ -455,6 +455,9 @@ class DROLoss(_Preset):
     the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
     ``weight_penalty=False`` leaves the penalty unweighted — then it is averaged under μ itself.
 
+    Kimi-1.5 (its eq. 3) squares the log-ratio of the whole response, (β/2)(Σ_t log π_θ/μ)²; verl,
+    ROLL and Tinker square each token's, as here. The sequence form is not a per-token loss (its
+    gradient at one token depends on the others' log-ratios) and is not offered.
     Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
 
     Args:
