@@ -44,11 +44,11 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
     w̄ is the clip rule's weight where it truncates, else w itself. The split form is as cheap as
     accumulating the KL derivative into w·A, and never forms ∞ − ∞ where w overflows (the two terms
     share the factor w), so the sign of g is that of A′ = g/w even then."""
-    w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
+    w_bar = cfg.clip.reinforce_ratio(r.log_w, adv) if cfg.clip is not None else None
     fresh = w_bar is not None  # a truncated weight is a fresh tensor: multiply it in place
     if w_bar is None:
         w_bar = r.w
-    if not cfg.has_kl:
+    if not cfg.has_kl or cfg.separate_kl:  # a separate KL term is added by the kernel, outside g
         return w_bar.mul_(adv) if fresh else w_bar * adv
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w if isinstance(per_w, torch.Tensor) or per_w != 0 else adv
@@ -60,7 +60,7 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
 
 def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """A′ = g/w, formed without dividing by w: A − β·per_w − β·const/w (finite where w overflows)."""
-    if not cfg.has_kl:
+    if not cfg.has_kl or cfg.separate_kl:
         return adv.expand_as(r.log_w)
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w
@@ -104,7 +104,8 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
-    ``pg_scale`` (differentiable style) multiplies the policy-gradient term only, before the KL
+    ``pg_scale`` (a KL term separate from the policy-gradient term: differentiable style without
+    ``fold_kl``, or ``separate_kl``) multiplies the policy-gradient term only, before the KL
     term is added (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted).
 
     With ``cfg.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
@@ -136,6 +137,12 @@ def token_loss(
                 a_eff = effective_advantage(r, advantages, cfg)
                 m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
                 value = torch.where(overflow, -(a_eff * m * logp), value)
+        if cfg.separate_kl and cfg.has_kl:  # the KL term outside g, as in the differentiable style
+            if pg_scale is not None:
+                zero_w = pg_scale == 0
+                value.mul_(pg_scale).masked_fill_(zero_w, 0)
+                grad.mul_(pg_scale).masked_fill_(zero_w, 0)
+            REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
         return value, grad
 
     # Differentiable style: the clip rule's effective ratio on −w·Â, the KL surrogate outside
@@ -146,8 +153,10 @@ def token_loss(
         m, value = ratio, grad.clone()
     else:
         m, cut = cfg.clip.effective_ratio(ratio, adv, anchor)
-        if cut is not None:
+        if cut is not None and cut.dtype == torch.bool:  # a hard clip: no gradient through w there
             grad.masked_fill_(cut, 0)
+        elif cut is not None:  # a smooth gate or a kept gradient: the rule's slope ∂m/∂logp
+            grad = torch.mul(cut, adv).neg_()
         value = torch.addcmul(_zero(ratio), m, adv, value=-1)
     if pg_scale is not None:  # a weight of 0 gives exactly 0, even where the term is not finite
         zero_w = pg_scale == 0
@@ -170,8 +179,9 @@ class TokenLoss(torch.autograd.Function):
 
     Second derivatives: in the REINFORCE style every per-token loss is linear in ``logp``
     (ℓ = −sg(g)·logp), so its second derivative is exactly 0 and double backward returns
-    that. In the differentiable style it is not: differentiating the backward again
-    raises a clear error instead of returning a silent 0.
+    that. In the differentiable style, and in the REINFORCE style with a separate KL term
+    (``separate_kl``), it is not: differentiating the backward again raises a clear error
+    instead of returning a silent 0.
     """
 
     generate_vmap_rule = True
@@ -194,7 +204,8 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        ctx.linear = inputs[-1].style == "reinforce"
+        cfg = inputs[-1]  # a separate KL term (separate_kl) is not linear in logp
+        ctx.linear = cfg.style == "reinforce" and not (cfg.separate_kl and cfg.has_kl)
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
