@@ -119,7 +119,7 @@ def _cell(x: float) -> str:
 def _sequence_kl(a: Audit) -> str:
     if a.objective == "E[r]":
         return "— (no KL)"
-    d = a.objective.removeprefix("seq-")
+    d = str(a.objective).removeprefix("seq-")
     where = "2 tokens, on-policy"
     whole, per_token = a.bias(f"seq-{d}", where), a.bias(d, where)
     if whole < EXACT:
@@ -174,7 +174,7 @@ def _answers(results: list[tuple[Row, Audit]]) -> str:
     k3, wk3 = by["GRPOLoss, k3"], by["GRPOLoss, importance-weighted k3"]
     rkl, k1, k2 = by["RPGLoss rkl, differentiable"], by["KL in reward, k1 returns"], by["KL in reward, k2 returns"]
     per_token_kl = [a for row, a in results if row.objective in DIVERGENCES and a.followed() == (row.objective,)]
-    seq_gap = [a.bias(f"seq-{a.objective.removeprefix('u')}", "2 tokens, on-policy") for a in per_token_kl]
+    seq_gap = [a.bias(f"seq-{str(a.objective).removeprefix('u')}", "2 tokens, on-policy") for a in per_token_kl]
     off2 = [a.bias(where="2 tokens, off-policy") for _, a in results]
     mu2 = [a.bias(where="2 tokens, μ ≠ π_old") for _, a in results]
     off = "1 token, off-policy"

@@ -639,7 +639,7 @@ def _targets(s: Scenario, seed: int, sigma: float, beta: float):
     """One problem of scenario ``s`` and −∇J of every candidate on it (computed once per setting)."""
     problem = _scenario_problem(s, seed, sigma)
     logits, _, ref, rewards, _ = problem
-    targets = {}
+    targets: dict[str, torch.Tensor] = {}
     for key in OBJECTIVES:
         same = key.removeprefix("seq-") if s.tokens == 1 else key  # one token: seq-X is X
         targets[key] = targets[same] if same in targets else _candidate_gradient(key, s, logits, ref, rewards, beta)
@@ -710,12 +710,31 @@ def audit(
         worst = dict.fromkeys(OBJECTIVES, 0.0)
         for seed in seeds:
             problem, targets = _targets(s, seed, float(sigma), beta)
-            logits, old, ref, rewards, mu = (None if x is None else x.clone() for x in problem)
-            common = dict(ref_logits=ref, advantages=advantages, behavior_logits=mu, reduction=reduction)
+            logits, old, ref, rewards = (x.clone() for x in problem[:4])
+            mu = None if problem[4] is None else problem[4].clone()
             if s.tokens == 1:
-                got = expected_gradient(loss_fn, logits, old, rewards, normalized=s.normalized, **common)
+                got = expected_gradient(
+                    loss_fn,
+                    logits,
+                    old,
+                    rewards,
+                    ref_logits=ref,
+                    advantages=advantages,
+                    behavior_logits=mu,
+                    reduction=reduction,
+                    normalized=s.normalized,
+                )
             else:
-                got = sequence_expected_gradient(loss_fn, logits, old, rewards, **common)
+                got = sequence_expected_gradient(
+                    loss_fn,
+                    logits,
+                    old,
+                    rewards,
+                    ref_logits=ref,
+                    advantages=advantages,
+                    behavior_logits=mu,
+                    reduction=reduction,
+                )
             for key, want in targets.items():
                 b = float((got - want).norm() / want.norm())
                 worst[key] = max(worst[key], b if math.isfinite(b) else math.inf)
