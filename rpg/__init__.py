@@ -28,6 +28,8 @@ from . import (
     metrics,
     objectives,
     presets,
+    selection,
+    sequence,
     testing,
 )
 from .aggregation import AGG_MODES, aggregate
@@ -42,13 +44,17 @@ from .metrics import LossOutput
 from .objectives import DIVERGENCES, ESTIMATORS, KL_TERMS
 from .presets import (
     CISPOLoss,
+    ClipCovLoss,
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
+    GMPOLoss,
     GRPOLoss,
     GSPOLoss,
+    KLCovLoss,
     OnPolicyDistillationLoss,
     REINFORCEPlusPlusLoss,
+    VESPOLoss,
 )
 from .reference import ReferenceUpdate
 
@@ -98,4 +104,10 @@ __all__ = [
     "presets",
     "testing",
     "__version__",
+    "GMPOLoss",
+    "VESPOLoss",
+    "ClipCovLoss",
+    "KLCovLoss",
+    "selection",
+    "sequence",
 ]

@@ -26,6 +26,7 @@ import torch
 
 from .config import LossConfig
 from .objectives import REGISTRY, Ratios
+from .sequence import sequence_token_loss
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -113,6 +114,8 @@ def token_loss(
     Written to allocate few tensors (on CPU a fresh tensor costs more than the math).
     """
     r = ratios(logp, old_logp, ref_logp)
+    if cfg.ratio in ("geometric", "product"):  # GMPO, VESPO: rpg.sequence
+        return sequence_token_loss(r, advantages, mask, cfg, pg_scale)
     logp = r.logp
     ratio, direction, anchor = clip_view(r, advantages, mask, cfg)
     if cfg.style == "reinforce":
@@ -194,7 +197,7 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        ctx.linear = inputs[-1].style == "reinforce"
+        ctx.linear = inputs[-1].style == "reinforce"  # ratio="product" too: ℓ = −sg(g)·logp
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):

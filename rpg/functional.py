@@ -26,6 +26,7 @@ from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
 from .metrics import LossOutput, MetricInputs
+from .selection import penalty
 
 __all__ = ["policy_loss"]
 
@@ -53,6 +54,7 @@ def policy_loss(
     *,
     weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     config: LossConfig | None = None,
     **settings,
 ) -> LossOutput:
@@ -82,6 +84,9 @@ def policy_loss(
             ``rpg.logprobs.from_hidden(..., return_entropy=True)``); the loss subtracts
             ``entropy_coef``·agg(entropy) with the loss's own aggregation and counts,
             unweighted. Required when ``entropy_coef > 0``; reported as ``entropy/mean``.
+        generator: the ``torch.Generator`` a random selection rule draws from (Clip-Cov's
+            [`CovarianceDrop`][rpg.selection.CovarianceDrop]); ``None``: torch's default generator.
+            Unused by every other configuration.
         config: a [`LossConfig`][rpg.config.LossConfig]; or pass its fields as keyword ``settings``.
 
     Returns:
@@ -137,6 +142,8 @@ def policy_loss(
         )
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     dtype = compute_dtype(logp.dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
@@ -158,7 +165,16 @@ def policy_loss(
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w
 
+    penalize = None
+    if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
+        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, mask, config.clip, generator)
+        if drop is not None:
+            scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
+
     per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config)
+    if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
+        extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
+        per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
         per_token = torch.where(agg_mask, per_token, zero)
     if entropy is not None and config.entropy_coef > 0:

@@ -33,6 +33,8 @@ from .correction import RolloutCorrection
 from .functional import policy_loss
 from .metrics import LossOutput
 from .objectives import DIVERGENCES
+from .selection import SelectionRule
+from .sequence import SequenceKernel
 
 __all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
@@ -48,6 +50,8 @@ _FIELDS = (
     "correction",
     "entropy_coef",
     "weight_kl",
+    "kernel",
+    "select",
 )
 
 
@@ -94,6 +98,8 @@ class PolicyLoss:
         entropy_coef: c_H ≥ 0, the entropy bonus (the call must pass ``entropy=``).
         weight_kl: whether the correction weight and ``weights`` multiply the KL term too
             (default ``True``); ``False`` is TRL's convention (see [`LossConfig`][rpg.config.LossConfig]).
+        kernel: a sequence weight kernel for ``ratio="product"`` ([`rpg.sequence.Gamma`][rpg.sequence.Gamma]).
+        select: a token selection rule ([`rpg.selection`][rpg.selection]: Clip-Cov, KL-Cov).
     """
 
     __slots__ = ("_args", "_config")
@@ -105,6 +111,8 @@ class PolicyLoss:
         "correction": None,
         "entropy_coef": 0.0,
         "weight_kl": True,
+        "kernel": None,
+        "select": None,
     }
 
     def __init__(
@@ -121,8 +129,12 @@ class PolicyLoss:
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
         weight_kl: bool = True,
+        kernel: SequenceKernel | None = None,
+        select: SelectionRule | None = None,
     ) -> None:
-        cfg = LossConfig(kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef, weight_kl)
+        cfg = LossConfig(
+            kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef, weight_kl, kernel, select
+        )
         self._init(cfg, cfg.as_dict())
 
     def _init(self, config: LossConfig, args: dict) -> None:
@@ -161,6 +173,8 @@ class PolicyLoss:
     correction = property(lambda self: self._config.correction, doc="The rollout correction, or None.")
     entropy_coef = property(lambda self: self._config.entropy_coef, doc="The entropy bonus coefficient.")
     weight_kl = property(lambda self: self._config.weight_kl, doc="Whether per-token multipliers weight the KL term.")
+    kernel = property(lambda self: self._config.kernel, doc="The sequence weight kernel, or None.")
+    select = property(lambda self: self._config.select, doc="The token selection rule, or None.")
 
     def __getattr__(self, name: str):
         args = object.__getattribute__(self, "_args")
@@ -213,6 +227,7 @@ class PolicyLoss:
         *,
         weights: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> LossOutput:
         r"""Compute the loss ([`rpg.policy_loss`][rpg.functional.policy_loss] with this configuration).
 
@@ -230,6 +245,7 @@ class PolicyLoss:
             global_batch_size: sequence count of the full batch (``seq-mean-*``).
             weights: ``[B, T]`` constant per-token multipliers (see [`rpg.policy_loss`][rpg.functional.policy_loss]).
             entropy: ``[B, T]`` differentiable entropy for the ``entropy_coef`` bonus.
+            generator: ``torch.Generator`` for a random selection rule (Clip-Cov); ``None``: torch's default.
 
         Returns:
             [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
@@ -246,6 +262,7 @@ class PolicyLoss:
             global_batch_size,
             weights=weights,
             entropy=entropy,
+            generator=generator,
             config=self._config,
         )
 
