@@ -6,8 +6,10 @@ arXiv 2505.17508): k1/k2/k3 estimators, forward / reverse, normalized /
 unnormalized KL-regularized objectives in fully differentiable and
 REINFORCE-style forms, RPG-Style Clip, and batching-invariant aggregation —
 each loss with a gradient that is exactly the gradient of its objective — and
-GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
-configurations of the same [`PolicyLoss`][rpg.losses.PolicyLoss].
+GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO, on-policy distillation, DPPO, GMPO,
+VESPO, Clip-Cov and KL-Cov as configurations of the same [`PolicyLoss`][rpg.losses.PolicyLoss]
+(sequence-level ratios and kernels in [`rpg.sequence`][rpg.sequence], token selection rules in
+[`rpg.selection`][rpg.selection]).
 
 Functional core: [`rpg.kl`][rpg.kl], [`rpg.objectives`][rpg.objectives], [`rpg.clipping`][rpg.clipping],
 [`rpg.aggregation`][rpg.aggregation], [`rpg.correction`][rpg.correction], [`rpg.advantages`][rpg.advantages], [`rpg.logprobs`][rpg.logprobs]; the loss as

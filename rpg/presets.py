@@ -19,6 +19,10 @@ correction, [`RolloutCorrection`][rpg.correction.RolloutCorrection]) and ``entro
 | ``GSPOLoss`` | −min(sA, clip(s)A), s = exp(mean_t log w), per sequence | E[r] on-policy, equal lengths only |
 | ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
 | ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
+| ``GMPOLoss`` | −s·A, s = exp(mean_t clip(log w)) (tokens clipped before the mean), per sequence | E[r] on-policy, equal lengths only; off-policy its geometric-mean surrogate |
+| ``VESPOLoss`` | −sg(φ(W)·A)·logp, W = Π_t w, φ the Gamma kernel | E[r] on-policy; biased off-policy |
+| ``ClipCovLoss`` | −min(wA, clip(w)A), 0 at random high-Cov(A, logp) tokens | PPO's minus the dropped tokens |
+| ``KLCovLoss`` | −wA + coef·\|log w\| at the top-covariance tokens | E[r] on-policy; plus the penalty off-policy |
 | ``RPGLoss`` | the eight RPG losses ([`rpg.losses`][rpg.losses]) | ∇ its divergence |
 
 "Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
