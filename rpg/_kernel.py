@@ -102,6 +102,7 @@ def token_loss(
     mask: torch.Tensor,
     cfg: LossConfig,
     pg_scale: torch.Tensor | None = None,
+    seq_log_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
@@ -115,7 +116,7 @@ def token_loss(
     """
     r = ratios(logp, old_logp, ref_logp)
     if cfg.ratio in ("geometric", "product"):  # GMPO, VESPO: rpg.sequence
-        return sequence_token_loss(r, advantages, mask, cfg, pg_scale)
+        return sequence_token_loss(r, advantages, mask, cfg, pg_scale, seq_log_weight)
     logp = r.logp
     ratio, direction, anchor = clip_view(r, advantages, mask, cfg)
     if cfg.style == "reinforce":
@@ -180,9 +181,11 @@ class TokenLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):
+    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None):
         pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
-        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None)
+        value, grad = token_loss(
+            logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None, seq_log_weight
+        )
         padding = ~mask
         if scale is not None and not pg_only:  # value and grad are fresh tensors: in place is safe
             value.mul_(scale)
@@ -197,7 +200,7 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        ctx.linear = inputs[-1].style == "reinforce"  # ratio="product" too: ℓ = −sg(g)·logp
+        ctx.linear = inputs[6].style == "reinforce"  # ratio="product" too: ℓ = −sg(g)·logp
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
@@ -211,11 +214,13 @@ class TokenLoss(torch.autograd.Function):
                 "derivative is 0)"
             )
         if grad_value is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad_value * grad, None, None, None, None, None, None
+        return grad_value * grad, None, None, None, None, None, None, None
 
 
-def per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig) -> torch.Tensor:
+def per_token_loss(
+    logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig, seq_log_weight=None
+) -> torch.Tensor:
     """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only)."""
-    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg)[0]
+    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight)[0]

@@ -9,7 +9,8 @@ function. Per token (all ``[B, T]``):
 with ℓ the configured per-token loss (its closed-form derivative computed in the
 same pass), ρ̄ the rollout correction's weight (1 without ``behavior_logp``), ω
 the caller's ``weights`` (1 without), H the ``entropy`` and c_H ``entropy_coef``;
-all of ω, ρ̄ are constants (no gradient), and padding is 0. ``loss`` aggregates
+all of ω, ρ̄ are constants (no gradient), and padding is 0. (With ``ratio="product"`` ρ̄ enters
+the sequence ratio instead: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
 ``per_token`` with the configured mode and counts.
 
     out = rpg.policy_loss(logp, old_logp, advantages, mask, kl="urkl", beta=1e-3, style="reinforce")
@@ -27,6 +28,7 @@ from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
 from .metrics import LossOutput, MetricInputs
 from .selection import penalty
+from .sequence import correction_log_weight
 
 __all__ = ["policy_loss"]
 
@@ -154,13 +156,16 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
 
-    scale, agg_mask, correction = None, mask, None
+    scale, agg_mask, correction, seq_log_weight = None, mask, None, None
     if behavior_logp is not None:
         behavior_logp = behavior_logp.detach().to(dtype)
         correction = config.correction if config.correction is not None else RolloutCorrection()
         scale, keep, _ = correction_weight(old_logp, behavior_logp, mask, correction)
         if not correction.count_rejected:
             agg_mask = keep
+        if config.ratio == "product":  # the correction enters the sequence ratio W (rpg.sequence)
+            seq_log_weight = correction_log_weight(scale, mask, correction.level)
+            scale = None
     if weights is not None:
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w
@@ -171,7 +176,7 @@ def policy_loss(
         if drop is not None:
             scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
 
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config)
+    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight)
     if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
         extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
         per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))

@@ -401,9 +401,11 @@ class VESPOLoss(_Preset):
     ``batch_num_tokens``). Every aggregation applies (the loss is per token).
 
     Equal to TRL 1.16's ``_compute_loss`` with ``loss_type="vespo"`` (loss and gradient, tested) where
-    TRL's clamps do not bind (see [`Gamma`][rpg.sequence.Gamma]). With a behaviour policy, rpg
-    multiplies each token's loss by its [`RolloutCorrection`][rpg.correction.RolloutCorrection] weight (as for
-    every loss); TRL instead adds its token-level vLLM log-weights into log W, i.e. takes φ(π_θ(y)/μ̄(y)).
+    TRL's clamps do not bind (see [`Gamma`][rpg.sequence.Gamma]). With a behaviour policy (``behavior_logp``)
+    the [`RolloutCorrection`][rpg.correction.RolloutCorrection]'s weight enters the sequence ratio instead of
+    multiplying the tokens' losses, W = Π_t w_t·ρ̄(y) (ρ̄(y) = Π_t ρ̄_t at the token level): φ of the ratio
+    against the rollout engine, as TRL computes it with its token-level vLLM correction (tested for
+    ``token_truncate`` and ``token_mask``).
     Its expected gradient: on-policy (W = 1, φ = 1) exactly −∇E[R(y)] under ``seq-mean-token-sum``; off
     policy the kernel biases it toward on-policy samples (measured by enumeration in the tests) —
     ``PolicyLoss(style="reinforce", ratio="product")`` (φ(W) = W) is the exact off-policy gradient.

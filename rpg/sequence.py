@@ -25,7 +25,9 @@ arXiv 2602.10693). The full sequence importance weight, no length normalisation,
 with φ the ``kernel`` ([`Gamma`][rpg.sequence.Gamma] for VESPO) or φ(W) = W without one — the
 exact outcome-reward importance weight π_θ(y)/π_old(y), so without a kernel the expected gradient
 of ``ratio="product"`` with ``agg="seq-mean-token-sum"`` is exactly −∇E_{π_θ}[R(y)] off-policy (tested
-by enumeration). A kernel trades that exactness for bounded variance.
+by enumeration). A kernel trades that exactness for bounded variance. With a behaviour policy the
+rollout correction's weight enters W (W = Π_t w_t·ρ̄(y), see
+[`correction_log_weight`][rpg.sequence.correction_log_weight]) instead of multiplying each token's loss.
 
 Both are configurations of [`LossConfig`][rpg.config.LossConfig]; the kernel in
 ``rpg._kernel`` hands these ratios to [`sequence_token_loss`][rpg.sequence.sequence_token_loss].
@@ -41,7 +43,14 @@ import torch
 from ._util import check_bound as _check_bound
 from .objectives import REGISTRY
 
-__all__ = ["Gamma", "SequenceKernel", "geometric_log_ratio", "product_log_ratio", "sequence_token_loss"]
+__all__ = [
+    "Gamma",
+    "SequenceKernel",
+    "geometric_log_ratio",
+    "product_log_ratio",
+    "correction_log_weight",
+    "sequence_token_loss",
+]
 
 _INF = float("inf")
 
@@ -65,9 +74,11 @@ class Gamma(SequenceKernel):
     space, log φ = k·log W − λ·(W − 1), so a sequence of any length gives a finite weight or 0
     (W^k·e^{−λW} → 0 as W → ∞ for λ > 0). φ is a value: no gradient flows through it. Defaults are
     TRL's (``vespo_k_pos=2``, ``vespo_lambda_pos=3``, ``vespo_k_neg=3``, ``vespo_lambda_neg=2``).
-    TRL additionally clamps λ ≥ 1e-4, each token's log-ratio to ±20 and log W to [log 1e-8, 20];
-    rpg does not (the two agree wherever no such clamp binds: λ ≥ 1e-4, |log w_t| ≤ 20,
-    1e-8 ≤ W ≤ e^20 — outside that band TRL's φ is below 1e-15·e^λ).
+    TRL additionally clamps λ ≥ 1e-4, each token's log-ratio to ±20, each log ρ̄_t of its vLLM
+    correction to [log 1e-8, 20] and log W to [log 1e-8, 20]; rpg does not. The two agree wherever no
+    such clamp binds (λ ≥ 1e-4, |log w_t| ≤ 20, 1e-8 ≤ W ≤ e^20, no token masked by the correction);
+    where W < 1e-8 (e.g. a masked token: ρ̄_t = 0, rpg's W = 0) TRL's φ is e^λ·1e-8^k instead of ≈ 0:
+    1.6e-8 at k = 1, λ = 0.5; below 1e-15 at its default k ≥ 2.
     """
 
     k_pos: float = 2.0
@@ -136,7 +147,22 @@ def product_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, torch.zeros((), dtype=log_w.dtype, device=log_w.device)).sum(-1, keepdim=True)
 
 
-def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg_scale=None):
+def correction_log_weight(weight: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    r"""``[B, 1]`` log of a rollout correction's weight of a whole sequence, for ``ratio="product"``.
+
+    With a behaviour policy μ the product ratio takes the correction inside the sequence ratio,
+    W = Π_t w_t · ρ̄(y), rather than as a multiplier of each token's loss (TRL's VESPO): ρ̄(y) = Π_t ρ̄_t
+    for a token-level correction (each ρ̄_t truncated or masked as configured) and ρ̄_seq for a
+    sequence-level one. A rejected token (weight 0) gives log 0 = −∞: W = 0 for its sequence.
+    Without a kernel (φ(W) = W) and with the untruncated sequence weight this is π_θ(y)/μ(y), exact."""
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    log_w = torch.where(mask, torch.log(weight), zero).sum(-1, keepdim=True)
+    if level == "sequence":  # the same weight at each token: once per sequence
+        log_w = log_w / mask.sum(-1, keepdim=True).clamp_min(1)
+    return log_w
+
+
+def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg_scale=None, seq_log_weight=None):
     r"""Per-token ``(value, grad)`` for ``ratio="geometric"`` or ``ratio="product"`` (fresh ``[B, T]`` tensors).
 
     * ``"geometric"`` (differentiable): value −s_b·A_bt, derivative −s_b·A_bt where token t is not
@@ -144,7 +170,10 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
     * ``"product"`` (REINFORCE): g_bt = φ(W_b)·A_bt − β·(w_bt·per_w + const) (the KL term's
       REINFORCE weight per token, as for ``style="reinforce"``), value −g·logp, derivative −g.
 
-    ``r`` is the batch's `rpg.objectives.Ratios`; ``pg_scale`` as in ``rpg._kernel.token_loss``.
+    ``r`` is the batch's `rpg.objectives.Ratios`; ``pg_scale`` as in ``rpg._kernel.token_loss``;
+    ``seq_log_weight`` (``[B, 1]`` or ``None``) is added to log W: the rollout correction's log-weight
+    of the sequence, so that W is the ratio against the behaviour policy (see
+    [`correction_log_weight`][rpg.sequence.correction_log_weight]).
     """
     adv = advantages.expand_as(r.log_w)
     if cfg.ratio == "geometric":
@@ -163,6 +192,8 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
             REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
         return value, grad
     log_big_w = product_log_ratio(r.log_w, mask)
+    if seq_log_weight is not None:
+        log_big_w = log_big_w + seq_log_weight
     if cfg.kernel is not None:
         weight = cfg.kernel.log_phi(log_big_w.expand_as(r.log_w), adv >= 0).exp()
     else:

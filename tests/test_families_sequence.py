@@ -323,6 +323,27 @@ def test_product_ratio_with_a_sequence_correction_is_exact_under_a_behaviour_pol
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
+def test_vespo_takes_a_token_correction_inside_w():
+    """With μ, a token-level correction enters W as Π_t ρ̄_t (each ρ̄_t truncated, or 0 where masked: then
+    φ = 0 for the whole sequence), and does not multiply the tokens' losses."""
+    logp, old, adv, mask, _ = make_batch(5, 6, seed=22, spread=0.3)
+    beh = old + 0.4 * torch.randn(5, 6, generator=_gen(8), dtype=F64)
+    rho = torch.where(mask, (old - beh).exp(), 1.0)
+    for c, rho_bar in [
+        (rpg.RolloutCorrection(upper=1.5), rho.clamp(max=1.5)),
+        (rpg.RolloutCorrection(mode="mask", lower=0.5, upper=2.0), torch.where((rho < 0.5) | (rho > 2.0), 0.0, rho)),
+    ]:
+        out = rpg.VESPOLoss(correction=c)(logp, old, adv, mask, behavior_logp=beh)
+        log_w = torch.where(mask, logp.detach() - old, 0).sum(-1, keepdim=True) + rho_bar.log().sum(-1, keepdim=True)
+        big_w = log_w.exp()
+        up = adv[:, None] >= 0
+        phi = torch.where(up, big_w**2 * torch.exp(-3 * (big_w - 1)), big_w**3 * torch.exp(-2 * (big_w - 1)))
+        want = rpg.aggregate(-(phi * adv[:, None]) * logp, mask, "token-mean")
+        torch.testing.assert_close(out.loss, want, rtol=0, atol=1e-13)
+        torch.testing.assert_close(_grad(out.loss, logp), _grad(want, logp), rtol=0, atol=1e-13)
+    assert (rho_bar == 0).any()
+
+
 def _with_gen(fn, seed=0):
     def call(*args, **kw):
         return fn(*args, generator=_gen(seed), **kw)
@@ -438,8 +459,13 @@ def test_entropy_bonus_and_behavior_logp_apply():
         c = rpg.RolloutCorrection(upper=None)
         weighted = fn.replace(correction=c, entropy_coef=0.0)(logp, old, adv, mask, behavior_logp=beh)
         rho = (old - beh).exp()
-        explicit = base(logp, old, adv, mask, weights=rho)
-        torch.testing.assert_close(weighted.loss, explicit.loss, rtol=0, atol=1e-13)
+        if fn.ratio == "product":  # the correction enters W: W·Π_t ρ_t
+            per = R.vespo_per_token(logp, old - torch.where(mask, old - beh, 0), adv, mask)
+            explicit = rpg.aggregate(per, mask, fn.agg)
+        else:
+            explicit = base(logp, old, adv, mask, weights=rho).loss
+        torch.testing.assert_close(weighted.loss, explicit, rtol=0, atol=1e-13)
+        torch.testing.assert_close(_grad(weighted.loss, logp), _grad(explicit, logp), rtol=0, atol=1e-13)
 
 
 def test_bf16_inputs_compute_in_float32():

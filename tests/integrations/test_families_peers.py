@@ -184,14 +184,14 @@ def test_registered_cov_losses_equal_verls(mode):
 # --- TRL: VESPO -------------------------------------------------------------------------------
 
 
-def _trl_vespo(args, logits, ids, inputs):
+def _trl_vespo(args, logits, ids, inputs, vllm=False):
     from trl import GRPOTrainer
 
     s = types.SimpleNamespace(args=args, loss_type="vespo", beta=args.beta)
     s.epsilon_low, s.epsilon_high = args.epsilon, args.epsilon
     s.importance_sampling_level = args.importance_sampling_level
     s.top_entropy_quantile, s.off_policy_mask_threshold = 1.0, None
-    s.use_vllm, s.vllm_importance_sampling_correction = False, False
+    s.use_vllm, s.vllm_importance_sampling_correction = vllm, vllm
     s._entropy_bonus_enabled = False
     s.aux_loss_enabled = False
     s.model = types.SimpleNamespace(training=True)
@@ -214,15 +214,55 @@ def _trl_vespo(args, logits, ids, inputs):
     return GRPOTrainer._compute_loss(s, None, dict(inputs))
 
 
+VLLM = {
+    "none": ({}, None),
+    "token_truncate": (
+        {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 1.5},
+        rpg.RolloutCorrection(upper=1.5),
+    ),
+    "token_mask": (
+        {
+            "vllm_importance_sampling_mode": "token_mask",
+            "vllm_importance_sampling_clip_min": 0.7,
+            "vllm_importance_sampling_clip_max": 1.4,
+        },
+        rpg.RolloutCorrection(mode="mask", lower=0.7, upper=1.4),
+    ),
+}
+
+
+def _trl_is_ratio(args, old, mu, mask):
+    """TRL's token-level vLLM importance-sampling ratio, as _generate_and_score_completions computes it."""
+    rho = torch.exp((old - mu) * mask)
+    lo, hi = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if args.vllm_importance_sampling_mode == "token_truncate":
+        return torch.clamp(rho, min=lo, max=hi)
+    return rho.masked_fill((rho < lo) | (rho > hi), 0.0)
+
+
+OTHER = {"vespo_k_pos": 1.0, "vespo_lambda_pos": 0.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 1.5}
+
+
 @pytest.mark.parametrize(
-    "params", [{}, {"vespo_k_pos": 1.0, "vespo_lambda_pos": 0.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 1.5}]
+    "params, vllm",
+    # not OTHER with token_mask: TRL clamps a masked token's log 0 to log 1e-8, so its sequence keeps
+    # φ ≈ e^λ·1e-8^k — 1.6e-8 at k = 1 — where rpg's is 0 (at TRL's default k ≥ 2 it is below 1e-15)
+    [({}, "none"), ({}, "token_truncate"), ({}, "token_mask"), (OTHER, "none"), (OTHER, "token_truncate")],
 )
-def test_vespo_equals_trls_compute_loss(params):
+def test_vespo_equals_trls_compute_loss(params, vllm):
+    """With vLLM's token-level correction TRL adds Σ_t log ρ̄_t into log W; so does rpg's ratio='product'."""
     pytest.importorskip("trl")
     from trl import GRPOConfig
 
+    trl_vllm, correction = VLLM[vllm]
     args = GRPOConfig(
-        output_dir="unused", report_to="none", use_cpu=True, loss_type="vespo", max_completion_length=T, **params
+        output_dir="unused",
+        report_to="none",
+        use_cpu=True,
+        loss_type="vespo",
+        max_completion_length=T,
+        **params,
+        **trl_vllm,
     )
     g = torch.Generator().manual_seed(11)
     v = 5
@@ -244,12 +284,18 @@ def test_vespo_equals_trls_compute_loss(params):
         "num_items_in_batch": n_items,
         "old_per_token_logps": old,
     }
-    want = _trl_vespo(args, logits, ids, inputs)
+    call = {}
+    if correction is not None:
+        mu = old + 0.4 * torch.randn(B, T, dtype=torch.float64, generator=g)
+        inputs["importance_sampling_ratio"] = _trl_is_ratio(args, old, mu, cm)
+        call["behavior_logp"] = mu
+        assert ((inputs["importance_sampling_ratio"] != torch.exp((old - mu) * cm)) & cm.bool()).any()
+    want = _trl_vespo(args, logits, ids, inputs, vllm=correction is not None)
     (g_want,) = torch.autograd.grad(want, logits)
     kw = {k.removeprefix("vespo_"): val for k, val in params.items()}
-    fn = rpg.VESPOLoss(**kw)
+    fn = rpg.VESPOLoss(**kw, correction=correction)
     logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    got = fn(logp, old, adv, cm.bool(), batch_num_tokens=n_items).loss
+    got = fn(logp, old, adv, cm.bool(), batch_num_tokens=n_items, **call).loss
     (g_got,) = torch.autograd.grad(got, logits)
     w_seq = torch.where(cm.bool(), logp0 - old, 0).sum(-1).exp()
     assert (w_seq > 1.05).any() and (w_seq < 0.95).any()  # off-policy both ways
