@@ -82,7 +82,7 @@ def test_global_batch_info_and_rollout_weights():
     torch.testing.assert_close(loss, want, rtol=1e-14, atol=1e-14)
 
 
-ALL_MODES = sorted([*rpg_verl.LOSS_MODES, *rpg_verl.DPPO_MODES, *rpg_verl.FAMILY_MODES])
+ALL_MODES = sorted([*rpg_verl.LOSS_MODES, *rpg_verl.DPPO_MODES, *rpg_verl.TOKEN_MODES])
 
 
 @pytest.mark.parametrize("loss_mode", ALL_MODES)
@@ -276,7 +276,7 @@ def test_import_verl_loads_the_plugin():
         "print(sorted(k for k in R if k.startswith('rpg_')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(ALL_MODES)
+    assert out.stdout.strip() == str(sorted([*ALL_MODES, *rpg_verl.FAMILY_MODES]))
 
 
 def test_advantage_estimators_agree_with_verls():
