@@ -34,7 +34,7 @@ from .aggregation import AGG_MODES, aggregate
 from .clipping import Clip, ClipRule, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
-from .functional import policy_loss
+from .functional import policy_loss, unnormalized_policies
 from .fused import FusedLinearLoss
 from .kl import k1, k2, k3
 from .losses import PolicyLoss, RPGLoss
@@ -97,5 +97,6 @@ __all__ = [
     "policy_loss",
     "presets",
     "testing",
+    "unnormalized_policies",
     "__version__",
 ]

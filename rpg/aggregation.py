@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ._util import as_real, check_choice
+from ._util import as_real, check_choice, value_check_mode
 
 __all__ = ["AGG_MODES", "aggregate", "check_count"]
 
@@ -55,11 +55,14 @@ def check_count(name: str, value: object) -> None:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        mode = value_check_mode(value)  # None under torch.compile / torch.func: no data-dependent branch there
+        if mode is None:
+            return
         ok = torch.isfinite(value) & (value >= 0) if value.is_floating_point() else value >= 0
-        if value.device.type == "cpu":
+        if mode == "raise":
             if not bool(ok):
                 raise ValueError(f"{name} must be finite and >= 0, got {value.item()!r}")
-        elif value.device.type != "meta" and not torch.compiler.is_compiling():
+        else:
             torch._assert_async(ok.reshape(()), f"{name} must be finite and >= 0")
         return
     count = as_real(name, value)

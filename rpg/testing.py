@@ -45,11 +45,13 @@ torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from ._util import unnormalized_policies
 from .kl import divergence as _divergence
 
 __all__ = [
@@ -151,7 +153,10 @@ def expected_gradient(
     s = _support(sampler)  # only the actions the sampler can draw are ever in a batch
     kwargs = {} if behavior_logits is None else {"behavior_logp": sampler[s]}
     ref = None if ref_logp is None else ref_logp[s]
-    out = loss_fn(logp[s], old_logp[s], rewards[s], torch.ones_like(logp[s], dtype=torch.bool), ref_logp=ref, **kwargs)
+    with contextlib.nullcontext() if normalized else unnormalized_policies():  # log π(a) = θ_a may exceed 0
+        out = loss_fn(
+            logp[s], old_logp[s], rewards[s], torch.ones_like(logp[s], dtype=torch.bool), ref_logp=ref, **kwargs
+        )
     weighted = (sampler[s].exp() * out.per_token).sum()
     (grad,) = torch.autograd.grad(weighted, theta)
     return grad
