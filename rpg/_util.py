@@ -144,17 +144,24 @@ def logp_tolerance(dtype: torch.dtype) -> float:
 def check_logprob(name: str, x: torch.Tensor, mask: torch.Tensor | None, *, neg_inf: bool, hint: str = "") -> None:
     """Refuse a log-probability tensor whose response tokens (``mask``; ``None``: all) hold a value above
     [`logp_tolerance`][rpg._util.logp_tolerance] (logits or probabilities), NaN or +inf, or −inf unless
-    ``neg_inf`` allows it. Padding is never looked at. Two passes over ``x``; see
+    ``neg_inf`` allows it. Padding is never looked at. On a CPU one reduction over ``x`` when every
+    position is valid (padding included), else a masked copy and a second one; see
     [`value_check_mode`][rpg._util.value_check_mode] for where it runs."""
     mode = value_check_mode(x)
     if mode is None or x.numel() == 0:
         return
     tol = math.inf if getattr(_TRUST, "unnormalized", False) else logp_tolerance(x.dtype)
-    y = x.detach() if mask is None else torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))
-    lo, hi = torch.aminmax(y)  # NaN propagates to both
-    ok = (hi <= tol) & (hi < math.inf)
-    if not neg_inf:
-        ok = ok & (lo > -math.inf)
+
+    def valid(y):
+        lo, hi = torch.aminmax(y)  # NaN propagates to both
+        ok = (hi <= tol) & (hi < math.inf)
+        return (ok if neg_inf else ok & (lo > -math.inf)), hi
+
+    x = x.detach()
+    if mode == "raise" and mask is not None and bool(valid(x)[0]):
+        return  # every position valid, padding included: one pass, no masked copy
+    y = x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    ok, hi = valid(y)
     if mode == "assert":
         torch._assert_async(
             ok, f"rpg: {name} must hold log-probabilities <= {tol} (no NaN, no +inf) at response tokens"

@@ -15,7 +15,8 @@ seeds and writes them, with a figure, to ``--out``):
 
 Seeds run in parallel processes (``--workers``, default min(runs, cores)), one
 torch thread each unless ``--threads`` says otherwise. A run's numbers depend
-only on its seed. Wall times exclude a short untimed warm-up.
+only on its seed and its thread count (another thread count rounds sums
+differently). Wall times exclude a short untimed warm-up.
 """
 
 from .cli import main
