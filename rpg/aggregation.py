@@ -27,7 +27,9 @@ An empty mask gives 0, not NaN (a zero count is replaced by 1; the sum it
 divides is then 0). Nothing here calls ``.item()`` on an accelerator tensor or
 copies a Python number to the device: no host-device sync. Counts must be finite
 and ≥ 0: Python numbers, numpy scalars and CPU tensors are checked with a
-``ValueError``, accelerator tensors by an asynchronous device assertion.
+``ValueError``, accelerator tensors by an asynchronous device assertion; a tensor
+count is not checked under ``torch.compile`` or ``torch.func`` (no data-dependent
+branch can run there, and a CPU tensor traces like any other).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def check_count(name: str, value: object) -> None:
     """Validate an optional global count: ``None``, a finite number ≥ 0, or a one-element tensor.
 
     A CPU tensor is checked here (no sync); on an accelerator the check is an asynchronous
-    device assertion (no host-device sync): a negative, NaN or infinite count fails there."""
+    device assertion (no host-device sync): a negative, NaN or infinite count fails there.
+    Under ``torch.compile`` / ``torch.func`` a tensor count is not checked (a data-dependent
+    branch cannot run there)."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):

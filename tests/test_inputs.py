@@ -326,3 +326,20 @@ def test_a_preset_with_a_fixed_reference_warns_once_without_ref_logp(make, monke
         call({**d, "ref_logp": d["old_logp"]}, make())  # the explicit choice is silent
         call(d, rpg.RPGLoss("urkl", beta=0.1))  # RPG's iterative reference is the documented default
         call(d, rpg.GRPOLoss(beta=0.0))  # no KL term: no reference needed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checks_cost_no_host_device_sync_on_cuda():
+    """On an accelerator the checks are asynchronous device assertions: a call (with every log-prob input
+    and a float mask) runs under CUDA's sync-debug mode "error", which raises on any host-device sync."""
+    d = {k: v.detach().cuda() for k, v in batch(torch.float32).items()}
+    d["logp"].requires_grad_(True)
+    d["mask"] = d["mask"].float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = call(d)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.loss).item()
