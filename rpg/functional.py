@@ -133,6 +133,13 @@ def policy_loss(
     Returns:
         [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
         float32/float64 in their own dtype.
+
+    Raises:
+        ValueError: naming the argument, for a shape that is not ``logp``'s (``logp`` itself is
+            checked first), a non-bool ``mask`` with a value other than 0/1 (soft weights go in
+            ``weights``), and the log-prob values ``check_logprobs`` refuses at response tokens:
+            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning.
+        TypeError: for an input of the wrong type.
     """
     if config is None:
         config = LossConfig(**settings)
