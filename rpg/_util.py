@@ -108,11 +108,8 @@ def trusted_inputs():
 
 
 @contextlib.contextmanager
-def unnormalized_policies():
-    """Inside this block, log-prob inputs may lie above 0: log-measures of *unnormalized* policies
-    π(a) = exp(θ_a) (the paper's unnormalized KL analysis; ``rpg.testing``'s ``normalized=False``).
-    NaN and infinities are refused as outside it. Not for training: a language model's log-probs are
-    normalized, and a value above 0 there means logits or probabilities were passed."""
+def accept_unnormalized():
+    """The state behind [`rpg.unnormalized_policies`][rpg.functional.unnormalized_policies]."""
     before = getattr(_TRUST, "unnormalized", False)
     _TRUST.unnormalized = True
     try:

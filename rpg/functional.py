@@ -18,10 +18,13 @@ all of ω, ρ̄ are constants (no gradient), and padding is 0. ``loss`` aggregat
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ._kernel import per_token_loss
-from ._util import check_floating, check_logprob, check_mask_values, compute_dtype, unnormalized_policies
+from ._util import accept_unnormalized, check_floating, check_logprob, check_mask_values, compute_dtype
 from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
@@ -44,6 +47,29 @@ def _optional_logp(name: str, x, shape) -> None:
         _check_shape(name, x, shape)
 
 
+@contextlib.contextmanager
+def unnormalized_policies() -> Iterator[None]:
+    r"""Inside this block, log-prob inputs may lie above 0: log-measures of *unnormalized* policies.
+
+    The unnormalized divergences (``ufkl``, ``urkl``: UKL(p‖q) = Σ p log(p/q) + Σ (q − p), paper §3)
+    are defined for measures π(a) = exp(θ_a) whose mass is not 1, and ``rpg.testing``'s exact
+    oracles with ``normalized=False`` evaluate the losses there (the mass term is what tells ``rkl``
+    from ``urkl``). Outside this block a log-prob above 0 at a response token is refused as logits
+    or probabilities; inside it, only NaN, +∞ and meaningless −∞ are. Not for training: a language
+    model's log-probs are normalized. Thread-local; nests.
+
+    ```python
+    import torch, rpg
+
+    theta = torch.tensor([[0.5, -0.2]], requires_grad=True)  # log-measures of the sampled tokens
+    with rpg.unnormalized_policies():
+        out = rpg.RPGLoss("urkl", clip=None)(theta, torch.zeros(1, 2), torch.ones(1))
+    ```
+    """
+    with accept_unnormalized():
+        yield
+
+
 def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
     r"""The value rules of the log-prob inputs at response tokens (``mask``, bool, or ``None``: all),
     padding never read (``logp=None``: not checked).
@@ -55,7 +81,7 @@ def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
     | ``ref_logp`` | NaN, +∞, a value > 0 | −∞ (π_ref = 0: each KL term takes its true, often infinite, value) |
     | ``behavior_logp`` | NaN, ±∞ (μ sampled the token, so μ > 0), a value > 0 | — |
 
-    Inside [`unnormalized_policies`][rpg._util.unnormalized_policies] (``rpg.unnormalized_policies()``)
+    Inside [`unnormalized_policies`][rpg.functional.unnormalized_policies] (``rpg.unnormalized_policies()``)
     values above 0 are accepted: log-measures of unnormalized policies, as in ``rpg.testing``'s
     ``normalized=False`` oracles.
 

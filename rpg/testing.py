@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._util import unnormalized_policies
+from .functional import unnormalized_policies
 from .kl import divergence as _divergence
 
 __all__ = [

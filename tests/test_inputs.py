@@ -343,3 +343,19 @@ def test_checks_cost_no_host_device_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out.loss).item()
+
+
+def test_unnormalized_policies_accept_log_measures_above_zero_and_nothing_else():
+    """rpg.testing's normalized=False oracles evaluate the losses on log-measures of any sign."""
+    d = batch()
+    above = {**d, "logp": (d["logp"].detach() + 2).requires_grad_(True), "ref_logp": d["ref_logp"] + 1}
+    with rpg.unnormalized_policies():
+        with rpg.unnormalized_policies():  # nests
+            assert torch.isfinite(call(above).loss)
+        assert torch.isfinite(call(above).loss)
+        with pytest.raises(ValueError, match="old_logp is NaN"):
+            call(poke(above, "old_logp", math.nan))
+        with pytest.raises(ValueError, match=r"logp is \+inf"):
+            call(poke(above, "logp", math.inf))
+    with pytest.raises(ValueError, match="logp has values > 0"):  # restored on exit
+        call(above)
