@@ -150,7 +150,7 @@ def _checked_init(init):
             raise TypeError(f"{cls.__name__}: {err}; {listing}") from None
         return init(self, *args, **kwargs)
 
-    __init__._rpg_checked = True
+    __init__._rpg_checked = True  # type: ignore[attr-defined]
     return __init__
 
 
@@ -252,7 +252,7 @@ class PolicyLoss:
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:  # every loss class, presets added later included
-            cls.__init__ = _checked_init(cls.__dict__["__init__"])
+            cls.__init__ = _checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def _init(self, config: LossConfig, args: dict) -> None:
         object.__setattr__(self, "_config", config)
@@ -381,7 +381,7 @@ class PolicyLoss:
         )
 
 
-PolicyLoss.__init__ = _checked_init(PolicyLoss.__init__)
+PolicyLoss.__init__ = _checked_init(PolicyLoss.__init__)  # type: ignore[method-assign]
 
 
 def _rebuild(cls: type, config: LossConfig, args: dict) -> PolicyLoss:
