@@ -51,7 +51,7 @@ def make(n, seq_len, h, v, device, dtype, seed=0, full_mask=False):
     tokens = torch.randint(0, v, (b, seq_len), generator=g).to(device)
     with torch.no_grad():
         logp = from_hidden(hidden, weight, tokens)
-    old_logp = (logp.cpu() + 0.1 * torch.randn(b, seq_len, generator=g)).to(device)  # off-policy: some clips bind
+    old_logp = (logp.cpu() + 0.1 * torch.randn(b, seq_len, generator=g)).clamp(max=0).to(device)  # off-policy
     advantages = torch.randn(b, generator=g).to(device)
     lengths = torch.randint(seq_len // 2, seq_len + 1, (b, 1), generator=g)
     if full_mask:
@@ -166,6 +166,7 @@ def train_step_main(args) -> None:
     with torch.no_grad():
         old_logp = rpg.logprobs.from_logits(model.head(model.hidden(inputs)), targets)
         old_logp += 0.1 * torch.randn(b, t, generator=g).to(args.device)
+        old_logp.clamp_(max=0)  # log-probabilities: <= 0
     advantages = torch.randn(b, generator=g).to(args.device)
     mask = (torch.arange(t)[None] < torch.randint(t // 2, t + 1, (b, 1), generator=g)).to(args.device)
     loss_fn = rpg.DAPOLoss()

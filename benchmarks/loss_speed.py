@@ -32,9 +32,9 @@ def make_inputs(tokens: int, seq_len: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     b = tokens // seq_len
     base = -3 * torch.rand(b, seq_len, generator=g)
-    logp = (base + 0.1 * torch.randn(b, seq_len, generator=g)).to(device).requires_grad_(True)
+    logp = (base + 0.1 * torch.randn(b, seq_len, generator=g)).clamp(max=0).to(device).requires_grad_(True)
     old = base.to(device)
-    ref = (base + 0.1 * torch.randn(b, seq_len, generator=g)).to(device)
+    ref = (base + 0.1 * torch.randn(b, seq_len, generator=g)).clamp(max=0).to(device)  # log-probs: <= 0
     adv = torch.randn(b, 1, generator=g).expand(b, seq_len).contiguous().to(device)
     lengths = torch.randint(seq_len // 2, seq_len + 1, (b, 1), generator=g)
     mask = (torch.arange(seq_len)[None] < lengths).float().to(device)

@@ -253,7 +253,8 @@ reward is the share of the letter 'a' in a completion: something a model this sm
 few dozen steps.
 
 With `num_iterations=2` TRL trains twice on every generated batch. The first pass is
-**on-policy** (π_θ = π_old: every ratio is exactly 1, so nothing can clip); the second is
+**on-policy** (π_θ = π_old: every ratio is 1 up to float32 rounding — TRL computes π_old and π_θ in
+two forward passes, which round differently by about 1e-7 — so nothing can clip); the second is
 **off-policy** (one optimizer step later), and that is where the clip fraction says something.""",
         ),
         (
@@ -302,7 +303,8 @@ first, last = (sum(h["reward"] for h in part) / len(part) for part in (on[:3], o
 print(f"\\nreward: {first:.3f} (first 3 batches) -> {last:.3f} (last 3)")
 print(f"clip fraction on the off-policy passes: mean {sum(h['rpg/clip_frac'] for h in off) / len(off):.3f}, "
       f"max {max(h['rpg/clip_frac'] for h in off):.3f}")
-assert all(h["rpg/clip_frac"] == 0 and h["rpg/ratio/max"] == 1 for h in on)   # on-policy: w = 1 exactly
+# on-policy: w = 1 up to float32 rounding of two forward passes (~1e-7), far inside the clip band (0.2)
+assert all(h["rpg/clip_frac"] == 0 and abs(h["rpg/ratio/max"] - 1) < 1e-4 for h in on)
 assert last > first + 0.2                                                       # it learns""",
         ),
         (

@@ -38,7 +38,7 @@ from .aggregation import AGG_MODES, aggregate
 from .clipping import Clip, ClipRule, GradientPreservingClip, SignedTruncate, SoftGate, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
-from .functional import policy_loss
+from .functional import policy_loss, unnormalized_policies
 from .fused import FusedLinearLoss
 from .kl import k1, k2, k3
 from .losses import PolicyLoss, RPGLoss
@@ -110,6 +110,7 @@ __all__ = [
     "policy_loss",
     "presets",
     "testing",
+    "unnormalized_policies",
     "__version__",
     # token-level families (SAPO, TOPR, GPPO / CE-GPPO, DRO, prime-rl) and their clip rules
     "DROLoss",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from numbers import Integral, Real
 
 import torch
@@ -79,3 +82,121 @@ def check_bound(name: str, value: object, ok, rule: str) -> float | None:
     if value != value or not ok(value):
         raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
     return value
+
+
+# --- value checks of the call's tensors ---------------------------------------------------------
+
+LOGP_TOL = 1e-4
+"""How far above 0 a float32/float64 log-probability may lie before it is refused (rounding of a
+log-softmax never comes near it; logits and probabilities of sampled tokens lie far above it)."""
+LOGP_TOL_HALF = 1e-2
+"""The same for bf16/fp16 inputs (their resolution near a log-sum-exp of order 1 is ~4e-3)."""
+
+_TRUST = threading.local()
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Skip the value checks of the call's tensors inside this block (internal: for callers that
+    validated them once and call a loss many times, e.g. the fused head's chunks)."""
+    before = getattr(_TRUST, "on", False)
+    _TRUST.on = True
+    try:
+        yield
+    finally:
+        _TRUST.on = before
+
+
+@contextlib.contextmanager
+def accept_unnormalized():
+    """The state behind [`rpg.unnormalized_policies`][rpg.functional.unnormalized_policies]."""
+    before = getattr(_TRUST, "unnormalized", False)
+    _TRUST.unnormalized = True
+    try:
+        yield
+    finally:
+        _TRUST.unnormalized = before
+
+
+def value_check_mode(x: torch.Tensor) -> str | None:
+    """How a data-dependent check of ``x`` can run: ``"raise"`` (a CPU tensor, eagerly: read the
+    result and raise ``ValueError``), ``"assert"`` (an accelerator, eagerly: an asynchronous device
+    assertion, no host-device sync) or ``None`` (skipped: under ``torch.compile`` or a ``torch.func``
+    transform, where a data-dependent branch cannot run, on the meta device, or inside
+    [`trusted_inputs`][rpg._util.trusted_inputs])."""
+    if getattr(_TRUST, "on", False) or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    if x.device.type == "cpu":
+        return "raise"
+    if x.device.type == "meta":
+        return None
+    return "assert"
+
+
+def logp_tolerance(dtype: torch.dtype) -> float:
+    """The largest log-probability accepted for an input of ``dtype``."""
+    return LOGP_TOL_HALF if dtype in _HALF else LOGP_TOL
+
+
+def check_logprob(name: str, x: torch.Tensor, mask: torch.Tensor | None, *, neg_inf: bool, hint: str = "") -> None:
+    """Refuse a log-probability tensor whose response tokens (``mask``; ``None``: all) hold a value above
+    [`logp_tolerance`][rpg._util.logp_tolerance] (logits or probabilities), NaN or +inf, or −inf unless
+    ``neg_inf`` allows it. Padding is never looked at. On a CPU one reduction over ``x`` when every
+    position is valid (padding included), else a masked copy and a second one; see
+    [`value_check_mode`][rpg._util.value_check_mode] for where it runs."""
+    mode = value_check_mode(x)
+    if mode is None or x.numel() == 0:
+        return
+    tol = math.inf if getattr(_TRUST, "unnormalized", False) else logp_tolerance(x.dtype)
+
+    def valid(y):
+        lo, hi = torch.aminmax(y)  # NaN propagates to both
+        ok = (hi <= tol) & (hi < math.inf)
+        return (ok if neg_inf else ok & (lo > -math.inf)), hi
+
+    x = x.detach()
+    if mode == "raise" and mask is not None and bool(valid(x)[0]):
+        return  # every position valid, padding included: one pass, no masked copy
+    y = x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    ok, hi = valid(y)
+    if mode == "assert":
+        torch._assert_async(
+            ok, f"rpg: {name} must hold log-probabilities <= {tol} (no NaN, no +inf) at response tokens"
+        )
+        return
+    if bool(ok):
+        return
+    keep = torch.ones_like(y, dtype=torch.bool) if mask is None else mask
+    nan = int(torch.count_nonzero(keep & torch.isnan(x)))
+    if nan:
+        raise ValueError(f"{name} is NaN at {nan} response token(s)")
+    if hi.item() == math.inf:
+        raise ValueError(f"{name} is +inf at {int(torch.count_nonzero(keep & (x == math.inf)))} response token(s)")
+    if hi.item() > tol:
+        above = int(torch.count_nonzero(keep & (x > tol)))
+        raise ValueError(
+            f"{name} has values > 0 at {above} response token(s) (max {hi.item():.4g}): it looks like logits or "
+            "probabilities; pass log-probabilities, e.g. rpg.logprobs.from_logits(logits, tokens) "
+            f"(values up to {tol} are accepted as rounding)"
+        )
+    raise ValueError(f"{name} is -inf at {int(torch.count_nonzero(keep & (x == -math.inf)))} response token(s){hint}")
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """Refuse a non-bool ``mask`` with a value other than 0 or 1 (soft weights belong in ``weights=``)."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    mode = value_check_mode(mask)
+    if mode is None:
+        return
+    ok = torch.logical_or(mask == 0, mask == 1).all()
+    if mode == "assert":
+        torch._assert_async(ok, "rpg: mask must hold only 0 and 1 (per-token weights go in weights=)")
+        return
+    if not bool(ok):
+        bad = mask[(mask != 0) & (mask != 1)]
+        raise ValueError(
+            f"mask must be bool or hold only 0 and 1, got {bad.numel()} other value(s) (e.g. {bad[0].item()!r}): "
+            "a soft mask is not a weight here (every nonzero would count as 1); pass per-token weights as "
+            "weights= and keep mask 0/1"
+        )

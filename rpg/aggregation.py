@@ -27,7 +27,9 @@ An empty mask gives 0, not NaN (a zero count is replaced by 1; the sum it
 divides is then 0). Nothing here calls ``.item()`` on an accelerator tensor or
 copies a Python number to the device: no host-device sync. Counts must be finite
 and ≥ 0: Python numbers, numpy scalars and CPU tensors are checked with a
-``ValueError``, accelerator tensors by an asynchronous device assertion.
+``ValueError``, accelerator tensors by an asynchronous device assertion; a tensor
+count is not checked under ``torch.compile`` or ``torch.func`` (no data-dependent
+branch can run there, and a CPU tensor traces like any other).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import math
 
 import torch
 
-from ._util import as_real, check_choice
+from ._util import as_real, check_choice, value_check_mode
 
 __all__ = ["AGG_MODES", "aggregate", "check_count"]
 
@@ -47,7 +49,9 @@ def check_count(name: str, value: object) -> None:
     """Validate an optional global count: ``None``, a finite number ≥ 0, or a one-element tensor.
 
     A CPU tensor is checked here (no sync); on an accelerator the check is an asynchronous
-    device assertion (no host-device sync): a negative, NaN or infinite count fails there."""
+    device assertion (no host-device sync): a negative, NaN or infinite count fails there.
+    Under ``torch.compile`` / ``torch.func`` a tensor count is not checked (a data-dependent
+    branch cannot run there)."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
@@ -55,11 +59,14 @@ def check_count(name: str, value: object) -> None:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        mode = value_check_mode(value)  # None under torch.compile / torch.func: no data-dependent branch there
+        if mode is None:
+            return
         ok = torch.isfinite(value) & (value >= 0) if value.is_floating_point() else value >= 0
-        if value.device.type == "cpu":
+        if mode == "raise":
             if not bool(ok):
                 raise ValueError(f"{name} must be finite and >= 0, got {value.item()!r}")
-        elif value.device.type != "meta" and not torch.compiler.is_compiling():
+        else:
             torch._assert_async(ok.reshape(()), f"{name} must be finite and >= 0")
         return
     count = as_real(name, value)

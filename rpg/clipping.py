@@ -166,7 +166,22 @@ class Clip(ClipRule):
         return m, m != w
 
     def reinforce_clipped(self, w, g, ratios=None):
-        return _out_of_band(w, *self.bounds(g >= 0, w))
+        # Bounds that are off are never compared: a w that overflowed the dtype (inf) is not "at" an
+        # absent bound, so float32 keeps the tokens float64 keeps (and the metrics, which skip them too, agree).
+        up = g >= 0
+        lo = None if self.low is None else 1 - self.low
+        hi_up = None if self.high is None else 1 + self.high
+        if hi_up is None and lo is None and self.dual is None:
+            return torch.zeros_like(up)
+        down_cut = None if lo is None else torch.le(w, lo)
+        if self.dual is not None:
+            down_cut = torch.ge(w, self.dual) if down_cut is None else down_cut.logical_or_(w >= self.dual)
+        up_cut = None if hi_up is None else torch.ge(w, hi_up)
+        if up_cut is None:
+            return up.logical_not_().logical_and_(down_cut)
+        if down_cut is None:
+            return up.logical_and_(up_cut)
+        return torch.where(up, up_cut, down_cut)
 
     def codes(self, w, direction, ratios=None):
         up, down = direction > 0, direction < 0
@@ -324,17 +339,13 @@ class TrustRegion(ClipRule):
         out = self._outside(up, ratios)
         m = w
         if self.divergence == "tv":  # a masked token's value at the region's edge, w = 1 ± δ/q, as a value
-            edge_up = (
-                _INF
-                if self.high is None
-                else torch.clamp(1 + self.high * torch.exp(-ratios.old_logp), max=torch.finfo(w.dtype).max)
-            )
-            edge_down = (
-                -_INF
-                if self.low is None
-                else torch.clamp(1 - self.low * torch.exp(-ratios.old_logp), min=-torch.finfo(w.dtype).max)
-            )
+            edge_up = _INF if self.high is None else 1 + self.high * torch.exp(-ratios.old_logp)
+            edge_down = -_INF if self.low is None else 1 - self.low * torch.exp(-ratios.old_logp)
             m = torch.where(out, torch.where(up, edge_up, edge_down), w)
+        # Where that value is not representable (q below the dtype's range, or w overflowed: float32,
+        # |log w| ≳ 88), a masked token — gradient 0 either way — takes the value 0, verl's value of a
+        # masked token, so the loss stays finite.
+        m = torch.where(out & ~torch.isfinite(m), _scalar(0.0, w), m)
         if self.cap is None:
             return m, out
         capped = w > self.cap

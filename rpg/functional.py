@@ -14,15 +14,18 @@ the sequence ratio instead: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
 ``per_token`` with the configured mode and counts.
 
     out = rpg.policy_loss(logp, old_logp, advantages, mask, kl="urkl", beta=1e-3, style="reinforce")
-    out = rpg.policy_loss(logp, old_logp, advantages, mask, config=rpg.RPGLoss("rkl").config_object)
+    out = rpg.policy_loss(logp, old_logp, advantages, mask, config=rpg.RPGLoss("rkl").loss_config)
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ._kernel import per_token_loss
-from ._util import check_floating, compute_dtype
+from ._util import accept_unnormalized, check_floating, check_logprob, check_mask_values, compute_dtype
 from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
@@ -30,18 +33,87 @@ from .metrics import LossOutput, MetricInputs
 from .selection import penalty
 from .sequence import correction_log_weight
 
-__all__ = ["policy_loss"]
+__all__ = ["policy_loss", "unnormalized_policies"]
 
 
 def _check_shape(name: str, x: torch.Tensor, shape: torch.Size) -> None:
     if x.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape {tuple(shape)}; they must match")
+        hint = ""
+        if x.dim() == 2 and tuple(x.shape) == tuple(shape)[::-1]:
+            hint = f" (is logp transposed? every [B, T] input must have logp's layout, {name}'s is {tuple(x.shape)})"
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape {tuple(shape)}; they must match{hint}")
 
 
 def _optional_logp(name: str, x, shape) -> None:
     if x is not None:
         check_floating(name, x)
         _check_shape(name, x, shape)
+
+
+@contextlib.contextmanager
+def unnormalized_policies() -> Iterator[None]:
+    r"""Inside this block, log-prob inputs may lie above 0: log-measures of *unnormalized* policies.
+
+    The unnormalized divergences (``ufkl``, ``urkl``: UKL(p‖q) = Σ p log(p/q) + Σ (q − p), paper §3)
+    are defined for measures π(a) = exp(θ_a) whose mass is not 1, and ``rpg.testing``'s exact
+    oracles with ``normalized=False`` evaluate the losses there (the mass term is what tells ``rkl``
+    from ``urkl``). Outside this block a log-prob above 0 at a response token is refused as logits
+    or probabilities; inside it, only NaN, +∞ and meaningless −∞ are. Not for training: a language
+    model's log-probs are normalized. Thread-local; nests.
+
+    ```python
+    import torch, rpg
+
+    theta = torch.tensor([[0.5, -0.2]], requires_grad=True)  # log-measures of the sampled tokens
+    with rpg.unnormalized_policies():
+        out = rpg.RPGLoss("urkl", clip=None)(theta, torch.zeros(1, 2), torch.ones(1))
+    ```
+    """
+    with accept_unnormalized():
+        yield
+
+
+def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
+    r"""The value rules of the log-prob inputs at response tokens (``mask``, bool, or ``None``: all),
+    padding never read (``logp=None``: not checked).
+
+    | input | refused (``ValueError`` naming it) | accepted |
+    |---|---|---|
+    | ``logp`` | NaN; a value > 0 beyond rounding (logits or probabilities) | −∞ (a token π_θ cannot emit: every term takes its limit) |
+    | ``old_logp`` | NaN, ±∞ (the tokens were sampled where π_old > 0), a value > 0 | −∞ only with ``behavior_logp`` (π_old = 0 where μ sampled: ρ = π_old/μ = 0) |
+    | ``ref_logp`` | NaN, +∞, a value > 0 | −∞ (π_ref = 0: each KL term takes its true, often infinite, value) |
+    | ``behavior_logp`` | NaN, ±∞ (μ sampled the token, so μ > 0), a value > 0 | — |
+
+    Inside [`unnormalized_policies`][rpg.functional.unnormalized_policies] (``rpg.unnormalized_policies()``)
+    values above 0 are accepted: log-measures of unnormalized policies, as in ``rpg.testing``'s
+    ``normalized=False`` oracles.
+
+    "> 0 beyond rounding" is > 1e-4 for float32/float64 inputs and > 1e-2 for bf16/fp16. On a CPU
+    the checks raise eagerly (a few passes over the inputs, no sync: the data is on the host); on an
+    accelerator they are asynchronous device assertions (no host-device sync); under
+    ``torch.compile`` and ``torch.func`` transforms, where no data-dependent check can run, they
+    are skipped.
+    """
+    if logp is not None:
+        check_logprob("logp", logp, mask, neg_inf=True)
+    with_mu = behavior_logp is not None
+    check_logprob(
+        "old_logp",
+        old_logp,
+        mask,
+        neg_inf=with_mu,
+        hint="" if with_mu else " (the tokens were sampled from π_old, so π_old > 0 there; mask such a token out)",
+    )
+    if ref_logp is not None:
+        check_logprob("ref_logp", ref_logp, mask, neg_inf=True)
+    if with_mu:
+        check_logprob(
+            "behavior_logp",
+            behavior_logp,
+            mask,
+            neg_inf=False,
+            hint=" (the rollout engine μ sampled these tokens, so μ > 0 there; mask such a token out)",
+        )
 
 
 def policy_loss(
@@ -95,6 +167,13 @@ def policy_loss(
     Returns:
         [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
         float32/float64 in their own dtype.
+
+    Raises:
+        ValueError: naming the argument, for a shape that is not ``logp``'s (``logp`` itself is
+            checked first), a non-bool ``mask`` with a value other than 0/1 (soft weights go in
+            ``weights``), and the log-prob values ``check_logprobs`` refuses at response tokens:
+            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning.
+        TypeError: for an input of the wrong type.
     """
     if config is None:
         config = LossConfig(**settings)
@@ -109,6 +188,10 @@ def policy_loss(
     shape = logp.shape
     check_floating("old_logp", old_logp)
     _check_shape("old_logp", old_logp, shape)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        _check_shape("mask", mask, shape)
     _optional_logp("ref_logp", ref_logp, shape)
     _optional_logp("behavior_logp", behavior_logp, shape)
     if advantages is None:
@@ -118,16 +201,17 @@ def policy_loss(
             f"advantages must be a real torch.Tensor, got {getattr(advantages, 'dtype', type(advantages).__name__)}"
         )
     if advantages.shape not in (shape[:1], (shape[0], 1), shape):
+        hint = ""
+        if advantages.dim() >= 1 and advantages.shape[0] == shape[1] != shape[0]:
+            hint = f"; is logp transposed? logp must be [B, T] with B = len(advantages) = {advantages.shape[0]}"
         raise ValueError(
-            f"advantages must have shape [B] = {tuple(shape[:1])}, [B, 1] or [B, T] = {tuple(shape)}, "
-            f"got {tuple(advantages.shape)}"
+            f"advantages must have shape [B] = {tuple(shape[:1])}, [B, 1] or [B, T] = {tuple(shape)} "
+            f"for logp of shape [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}{hint}"
         )
     if mask is None:
         mask = torch.ones(shape, dtype=torch.bool, device=logp.device)
-    elif not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     else:
-        _check_shape("mask", mask, shape)
+        check_mask_values(mask)
         mask = mask.bool()
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or weights.is_complex() or weights.dtype == torch.bool:
@@ -143,6 +227,7 @@ def policy_loss(
             f"entropy_coef={config.entropy_coef} needs the per-token entropy: pass entropy= "
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
+    check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask)
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):

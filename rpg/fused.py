@@ -87,12 +87,11 @@ same lean way, without any gradient work.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import torch
 
-from ._util import check_floating, compute_dtype
-from .logprobs import _block, _rows
+from ._util import check_floating, check_mask_values, compute_dtype, trusted_inputs
+from .functional import check_logprobs
+from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperature, _check_tokens, _rows
 
 __all__ = ["FusedLinearLoss"]
 
@@ -123,11 +122,12 @@ def _default_chunk(device_type: str, v: int, hdim: int, blocks: int, whole_vocab
 
 
 def _positive_int(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return int(value)
+    """As ``from_hidden``'s chunk sizes (an int, a numpy integer or a one-element integer tensor), with
+    every refusal a ``ValueError``."""
+    try:
+        return _check_chunk(name, value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}") from None
 
 
 def _check_bt(name: str, x: object, shape: tuple[int, int], *, floating: bool = True) -> None:
@@ -441,12 +441,10 @@ class FusedLinearLoss:
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a callable rpg loss, got {type(loss_fn).__name__}")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
-            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
         self.loss_fn = loss_fn
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.ignore_index = _check_ignore_index(ignore_index)  # the argument types from_hidden accepts
         if skip_masked is not None and not isinstance(skip_masked, bool):
             raise TypeError(f"skip_masked must be a bool or None, got {type(skip_masked).__name__}")
         self.skip_masked = skip_masked
@@ -497,21 +495,13 @@ class FusedLinearLoss:
             check_floating("bias", bias)
             if tuple(bias.shape) != (v,):
                 raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        temperature = float(temperature)
-        if (
-            not isinstance(tokens, torch.Tensor)
-            or tokens.dtype == torch.bool
-            or tokens.is_floating_point()
-            or tokens.is_complex()
-        ):
-            raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        temperature = _check_temperature(temperature)  # one validator with from_hidden: the same types
         shape = (b, t)
-        if tuple(tokens.shape) != shape:
+        if isinstance(tokens, torch.Tensor) and tuple(tokens.shape) != shape:
             raise ValueError(
                 f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}"
             )
+        _check_tokens(tokens, torch.Size(shape), v, "hidden [B, T, H]", self.ignore_index)
         optional = {"old_logp": old_logp, "ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
         for name, x in optional.items():
             _check_bt(name, x, shape)
@@ -526,6 +516,12 @@ class FusedLinearLoss:
                     f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, "
                     f"got {tuple(advantages.shape)}"
                 )
+        # The value rules of the loss (rpg.functional.check_logprobs) on the caller's tensors, once: the
+        # chunks' calls below then skip them (trusted_inputs), as does the final call on the head's logp.
+        if mask is not None:
+            check_mask_values(mask)
+        response = None if mask is None else mask.bool()
+        check_logprobs(None, old_logp, ref_logp, behavior_logp, response)
 
         tokens = tokens.long()
         keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
@@ -537,17 +533,8 @@ class FusedLinearLoss:
         else:
             ignored = None
         invalid = None
-        if tokens.device.type == "cpu":
-            if tokens.numel():
-                lo, hi = int(tokens.min()), int(tokens.max())
-                if lo < 0 or hi >= v:
-                    hint = (
-                        ""
-                        if self.ignore_index is not None
-                        else (" (pass ignore_index= to skip padding ids such as -100)")
-                    )
-                    raise ValueError(f"tokens must lie in [0, {v}), got values in [{lo}, {hi}]{hint}")
-        else:  # checking on an accelerator would be a host-device sync: an out-of-range id gives NaN instead
+        if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
+            # host-device sync: an out-of-range id gives NaN instead
             invalid = (tokens < 0) | (tokens >= v)
             tokens = tokens.clamp(0, v - 1)
 
@@ -583,61 +570,64 @@ class FusedLinearLoss:
             extra["generator"] = rng
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
-        with torch.no_grad():
-            if need_grad:
-                grads = (
-                    torch.zeros(n, hdim, dtype=dtype, device=hidden.device) if need[0] else None,
-                    torch.zeros(v, hdim, dtype=dtype, device=weight.device) if need[1] else None,
-                    torch.zeros(v, dtype=dtype, device=weight.device) if need[2] else None,
-                )
-                # Row shards add up to the loss only given the full batch's counts (the aggregation's
-                # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
-                given = batch_num_tokens is not None and global_batch_size is not None
-                counts = dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
-                if batch_coupled and counts is not None:  # the whole batch in every call, with the given counts
-                    counts["_whole"] = True
-                self._fused_chunks(
-                    flat_h,
-                    weight,
-                    bias,
-                    flat_y,
-                    temperature,
-                    dtype,
-                    want_entropy,
-                    plan,
-                    shape,
-                    grads,
-                    logp_all,
-                    entropy_all,
-                    ignored,
-                    invalid,
-                    old_logp,
-                    advantages,
-                    mask,
-                    extra,
-                    counts,
-                    None if mask is None and ignored is None else ~keep.reshape(n),
-                )
-            else:
-                self._logprob_chunks(
-                    flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
-                )
-                if invalid is not None:
-                    logp_all.masked_fill_(invalid.reshape(n), float("nan"))
-                grads = None
-        logp = logp_all.view(shape)
-        entropy = None if entropy_all is None else entropy_all.view(shape)
-        if ignored is not None:
-            logp = logp.masked_fill(ignored, 0)
-            entropy = None if entropy is None else entropy.masked_fill(ignored, 0)
+        with trusted_inputs():
+            with torch.no_grad():
+                if need_grad:
+                    grads = (
+                        torch.zeros(n, hdim, dtype=dtype, device=hidden.device) if need[0] else None,
+                        torch.zeros(v, hdim, dtype=dtype, device=weight.device) if need[1] else None,
+                        torch.zeros(v, dtype=dtype, device=weight.device) if need[2] else None,
+                    )
+                    # Row shards add up to the loss only given the full batch's counts (the aggregation's
+                    # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
+                    given = batch_num_tokens is not None and global_batch_size is not None
+                    counts = (
+                        dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
+                    )
+                    if batch_coupled and counts is not None:  # the whole batch in every call, with the given counts
+                        counts["_whole"] = True
+                    self._fused_chunks(
+                        flat_h,
+                        weight,
+                        bias,
+                        flat_y,
+                        temperature,
+                        dtype,
+                        want_entropy,
+                        plan,
+                        shape,
+                        grads,
+                        logp_all,
+                        entropy_all,
+                        ignored,
+                        invalid,
+                        old_logp,
+                        advantages,
+                        mask,
+                        extra,
+                        counts,
+                        None if mask is None and ignored is None else ~keep.reshape(n),
+                    )
+                else:
+                    self._logprob_chunks(
+                        flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
+                    )
+                    if invalid is not None:
+                        logp_all.masked_fill_(invalid.reshape(n), float("nan"))
+                    grads = None
+            logp = logp_all.view(shape)
+            entropy = None if entropy_all is None else entropy_all.view(shape)
+            if ignored is not None:
+                logp = logp.masked_fill(ignored, 0)
+                entropy = None if entropy is None else entropy.masked_fill(ignored, 0)
 
-        call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-        if entropy is not None:
-            call["entropy"] = entropy
-        if rng is not None:
-            rng.set_state(rng_state)
-        with torch.no_grad():
-            out = self.loss_fn(logp, old_logp, advantages, mask, **call)
+            call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+            if entropy is not None:
+                call["entropy"] = entropy
+            if rng is not None:
+                rng.set_state(rng_state)
+            with torch.no_grad():
+                out = self.loss_fn(logp, old_logp, advantages, mask, **call)
         if grads is not None:
             g_h, g_w, g_b = grads
             g_h = None if g_h is None else g_h.view(hidden.shape).to(hidden.dtype)

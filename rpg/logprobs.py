@@ -74,8 +74,15 @@ def _check_tokens(
 ) -> None:
     """Type and shape always; the id range only on CPU and eagerly (on an accelerator that check would
     be a host-device sync, and under ``torch.compile`` a graph break — there an out-of-range id gives
-    NaN in [`from_hidden`][rpg.logprobs.from_hidden]). Ids equal to ``ignore_index`` are exempt."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    NaN in [`from_hidden`][rpg.logprobs.from_hidden]). Ids equal to ``ignore_index`` are exempt. Every
+    integer dtype is accepted (int8 to int64, unsigned too): the one validator of ``from_logits``,
+    ``from_hidden`` and [`FusedLinearLoss`][rpg.fused.FusedLinearLoss]."""
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.dtype == torch.bool
+        or tokens.is_floating_point()
+        or tokens.is_complex()
+    ):
         raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
     if tokens.shape != shape:
         raise ValueError(f"tokens has shape {tuple(tokens.shape)} but {name} needs {tuple(shape)}")

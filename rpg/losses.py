@@ -28,6 +28,10 @@ are equal, and hash accordingly; ``loss.replace(beta=0.1)`` gives a new one.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import warnings
 from typing import ClassVar
 
 import torch
@@ -61,6 +65,125 @@ _FIELDS = (
     "kernel",
     "select",
 )
+
+
+# Other libraries' names for rpg's settings: what a user coming from verl, TRL, OpenRLHF or a paper types.
+_PEER_NAMES = {
+    **dict.fromkeys(
+        (
+            "epsilon",
+            "eps",
+            "epsilon_low",
+            "epsilon_high",
+            "eps_clip",
+            "clip_eps",
+            "clip_epsilon",
+            "clip_ratio",
+            "clip_ratio_low",
+            "clip_ratio_high",
+            "cliprange",
+            "clip_range",
+            "cliprange_low",
+            "cliprange_high",
+            "clip_higher",
+        ),
+        ("clip", "clip=rpg.Clip(low=…, high=…)"),
+    ),
+    **dict.fromkeys(("clip_ratio_c", "dual_clip", "dual_clip_ratio", "dual_clip_c"), ("clip", "clip=rpg.Clip(dual=…)")),
+    **dict.fromkeys(
+        ("beta", "kl_coef", "kl_coeff", "kl_beta", "kl_loss_coef", "init_kl_coef", "kl_ctl", "kl_weight"),
+        ("beta", "beta=…"),
+    ),
+    **dict.fromkeys(
+        ("loss_agg_mode", "loss_type", "aggregation", "reduction", "agg_mode"),
+        ("agg", "agg=… (one of rpg.aggregation.AGG_MODES)"),
+    ),
+    **dict.fromkeys(
+        ("entropy_coeff", "ent_coef", "entropy_coefficient", "entropy_beta"), ("entropy_coef", "entropy_coef=…")
+    ),
+    **dict.fromkeys(("kl_loss_type", "kl_penalty", "kl_type", "kl_estimator"), ("kl", "kl=… (one of rpg.KL_TERMS)")),
+    **dict.fromkeys(
+        ("max_completion_length", "max_response_length", "max_new_tokens", "loss_scale_factor"),
+        ("max_len", "max_len=…"),
+    ),
+    **dict.fromkeys(
+        (
+            "rollout_is",
+            "rollout_is_threshold",
+            "rollout_rs",
+            "tis_imp_ratio_cap",
+            "vllm_importance_sampling_cap",
+            "vllm_importance_sampling_correction",
+            "imp_ratio_cap",
+        ),
+        ("correction", "correction=rpg.RolloutCorrection(…)"),
+    ),
+    **dict.fromkeys(("use_kl_loss", "use_kl_in_reward"), ("beta", "beta=… (0: no KL term)")),
+}
+
+
+def _suggest(cls: type, name: str, valid: list[str]) -> str:
+    """``: did you mean …?`` for an argument ``name`` that ``cls`` does not take."""
+    peer = _PEER_NAMES.get(name.lower())
+    if peer is not None:
+        target, spelled = peer
+        if target in valid:
+            return f": did you mean {spelled}?"
+        return (
+            f": {cls.__name__} has no {target!r} setting (rpg.PolicyLoss({target}=…) builds any configuration, "
+            "and loss.replace(...) changes one)"
+        )
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f": did you mean {close[0]}=?" if close else ""
+
+
+def _checked_init(init):
+    """``init`` with Python's bare argument errors replaced by one that lists the valid arguments and
+    suggests the nearest (peers' names such as ``epsilon`` → ``clip=rpg.Clip(...)``, then close spellings)."""
+    if getattr(init, "_rpg_checked", False):
+        return init
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            sig.bind(self, *args, **kwargs)
+        except TypeError as err:
+            cls = type(self)
+            params = [p for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            valid = [p.name for p in params]
+            unknown = [k for k in kwargs if k not in valid]
+            listing = f"valid arguments: {', '.join(valid)}"
+            if unknown:
+                hints = "".join(f"\n  {k!r}{_suggest(cls, k, valid)}" for k in unknown)
+                raise TypeError(
+                    f"{cls.__name__} got unexpected argument(s) {', '.join(map(repr, unknown))}; {listing}{hints}"
+                ) from None
+            raise TypeError(f"{cls.__name__}: {err}; {listing}") from None
+        return init(self, *args, **kwargs)
+
+    __init__._rpg_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
+_WARNED_NO_REF: set = set()
+
+
+def _warn_no_reference(loss: PolicyLoss) -> None:
+    """Once per class: a loss whose published algorithm has a fixed reference was called without ``ref_logp``."""
+    cls = type(loss)
+    if cls in _WARNED_NO_REF or torch.compiler.is_compiling():
+        return
+    _WARNED_NO_REF.add(cls)
+    warnings.warn(
+        f"{cls.__name__}(beta={loss.beta}) was called without ref_logp: ref_logp=None means π_ref = π_old "
+        "(RPG's iterative reference), so the KL term pulls toward the policy that sampled the batch, not toward "
+        f"the fixed reference model {cls.__name__}'s algorithm uses. Pass ref_logp= (the reference's log-probs "
+        "of the sampled tokens); pass ref_logp=old_logp to choose the iterative reference explicitly, or "
+        "beta=0 for no KL term. (Shown once per loss class.)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class PolicyLoss:
@@ -115,6 +238,7 @@ class PolicyLoss:
     """
 
     __slots__ = ("_args", "_config")
+    _warn_without_ref: ClassVar[bool] = False  # a preset whose published algorithm has a fixed reference
     _arg_names: tuple[str, ...] = _FIELDS
     _arg_defaults: ClassVar[dict] = {
         "fold_kl": False,
@@ -166,6 +290,11 @@ class PolicyLoss:
             select=select,
         )
         self._init(cfg, cfg.as_dict())
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # every loss class, presets added later included
+            cls.__init__ = _checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def _init(self, config: LossConfig, args: dict) -> None:
         object.__setattr__(self, "_config", config)
@@ -283,6 +412,8 @@ class PolicyLoss:
             [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
             float32/float64 in their own dtype.
         """
+        if ref_logp is None and self._warn_without_ref and self._config.beta > 0:
+            _warn_no_reference(self)
         return policy_loss(
             logp,
             old_logp,
@@ -297,6 +428,9 @@ class PolicyLoss:
             generator=generator,
             config=self._config,
         )
+
+
+PolicyLoss.__init__ = _checked_init(PolicyLoss.__init__)  # type: ignore[method-assign]
 
 
 def _rebuild(cls: type[PolicyLoss], config: LossConfig, args: dict) -> PolicyLoss:

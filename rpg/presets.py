@@ -96,13 +96,17 @@ class GRPOLoss(_Preset):
     URKL surrogate: its gradient is ∇ reverse KL(π_θ‖π_ref) off-policy too.
 
     Defaults from the paper: β = 0.04, ε = 0.2, no dual clip,
-    ``agg="seq-mean-token-mean"``. Pass ``ref_logp`` (the frozen reference).
+    ``agg="seq-mean-token-mean"``. Pass ``ref_logp`` (the frozen reference): GRPO's KL is to a
+    fixed reference model. Called with β > 0 and no ``ref_logp``, the loss uses π_ref = π_old (RPG's
+    iterative reference, the meaning of ``ref_logp=None`` for every loss) and warns once per class;
+    pass ``ref_logp=old_logp`` to choose that explicitly, or ``beta=0`` for no KL term.
 
     Audited ([`rpg.testing.audit`][rpg.testing.audit], ``clip=None``, β > 0): on-policy ufkl; off-policy, per token, none (closest: ufkl).
     With ``importance_weighted_kl=True``: on-policy urkl; off-policy, per token, urkl.
     """
 
     __slots__ = ()
+    _warn_without_ref = True
     _arg_names = ("beta", "clip", "importance_weighted_kl", "agg", *_EXTRA)
 
     def __init__(
@@ -298,12 +302,15 @@ class OnPolicyDistillationLoss(_Preset):
     next-token distribution). ``advantages=None`` gives pure distillation;
     passing task advantages adds the reward term. The per-token reverse KL
     as advantage, without returns-to-go, is the usual on-policy distillation
-    recipe; it is a partial gradient of the sequence-level KL (see module docs).
+    recipe; it is a partial gradient of the sequence-level KL (see module docs). Called without
+    ``ref_logp`` (β > 0) it would distil toward π_old itself: it warns once per class (pass
+    ``ref_logp=old_logp`` to mean that).
 
     Audited ([`rpg.testing.audit`][rpg.testing.audit]): on-policy urkl; off-policy, per token, urkl.
     """
 
     __slots__ = ()
+    _warn_without_ref = True
     _arg_names = ("beta", "clip", "agg", *_EXTRA)
 
     def __init__(

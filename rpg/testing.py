@@ -68,6 +68,7 @@ print(T.audit(loss_fn, objective="rkl").statement())  # on-policy rkl; off-polic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -78,6 +79,7 @@ from typing import NamedTuple
 import torch
 
 from ._util import check_choice
+from .functional import unnormalized_policies
 from .kl import DIVERGENCES
 from .kl import divergence as _divergence
 
@@ -188,7 +190,8 @@ def expected_gradient(
     ref_logp = None if ref_logits is None else log_policy(ref_logits, normalized).detach()[:, None]
     behavior = None if behavior_logits is None else log_policy(behavior_logits, normalized).detach()[:, None]
     adv = _advantages(advantages, rewards, logp, old_logp, ref_logp)
-    return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, reduction=reduction)
+    with contextlib.nullcontext() if normalized else unnormalized_policies():  # log π(a) = θ_a may exceed 0
+        return _expected(loss_fn, theta, logp, old_logp, adv, ref_logp, behavior, reduction=reduction)
 
 
 def _advantages(advantages, rewards, logp, old_logp, ref_logp):

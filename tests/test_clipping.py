@@ -13,10 +13,13 @@ F64 = torch.float64
 CLIP = rpg.Clip(low=0.2, high=0.28, dual=3.0)
 
 
+OLD = -3.0  # log π_old of the crafted tokens: low enough that every logp = log w + OLD is a log-prob (<= 0)
+
+
 def _grad(loss_fn, log_w, adv, ref_shift=None):
-    """Per-token value and d(value)/d(logp) for tokens with logp = log_w - 1, old = -1."""
-    logp = (torch.tensor(log_w, dtype=F64) - 1.0)[None].requires_grad_(True)
-    old = torch.full_like(logp, -1.0)
+    """Per-token value and d(value)/d(logp) for tokens with logp = log_w + OLD, old = OLD."""
+    logp = (torch.tensor(log_w, dtype=F64) + OLD)[None].requires_grad_(True)
+    old = torch.full_like(logp, OLD)
     ref = None if ref_shift is None else old + torch.tensor(ref_shift, dtype=F64)[None]
     out = loss_fn(logp, old, torch.tensor(adv, dtype=F64)[None], ref_logp=ref)
     (g,) = torch.autograd.grad(out.per_token.sum(), logp)
@@ -108,7 +111,7 @@ def test_rpg_clip_branches_on_effective_advantage():
     g = 1.5 * (A - beta * log_w)
     assert g < 0
     assert grad.item() == pytest.approx(-g, rel=1e-13)
-    assert value.item() == pytest.approx(-g * (log_w - 1.0), rel=1e-13)
+    assert value.item() == pytest.approx(-g * (log_w + OLD), rel=1e-13)
     # At w = 0.5: A' = 0.1 + log 2 > 0, w < 1 + high: kept (A' ≥ 0 has no lower bound).
     _, grad = _grad(fn, [math.log(0.5)], [A])
     assert grad.item() == pytest.approx(-0.5 * (A + beta * math.log(2)), rel=1e-13)
@@ -132,7 +135,7 @@ def test_rpg_clip_branches_on_effective_advantage():
 def test_rpg_clip_gradient_mask_and_detached_value(w, adv, kept, code):
     fn = rpg.RPGLoss("fkl", style="reinforce", beta=0.0, clip=CLIP, agg="token-sum")
     value, grad = _grad(fn, [math.log(w)], [adv])
-    assert value.item() == pytest.approx(-w * adv * (math.log(w) - 1.0), rel=1e-13)  # value kept
+    assert value.item() == pytest.approx(-w * adv * (math.log(w) + OLD), rel=1e-13)  # value kept
     assert grad.item() == (pytest.approx(-w * adv, rel=1e-13) if kept else 0.0)
     assert clipping.rpg_clip(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() != kept
     assert clipping.codes(torch.tensor([w], dtype=F64), torch.tensor([w * adv], dtype=F64), CLIP).item() == code

@@ -24,8 +24,8 @@ LENGTHS = [16, 24, 40, 9, 33]  # never 0 or 1: dynamo specialises those sizes ev
 def batch(b, t, seed):
     g = torch.Generator().manual_seed(seed)
     logp = (-3 * torch.rand(b, t, generator=g)).requires_grad_(True)
-    old = logp.detach() + 0.2 * torch.randn(b, t, generator=g)
-    ref = logp.detach() + 0.2 * torch.randn(b, t, generator=g)
+    old = (logp.detach() + 0.2 * torch.randn(b, t, generator=g)).clamp(max=0)  # log-probs: <= 0
+    ref = (logp.detach() + 0.2 * torch.randn(b, t, generator=g)).clamp(max=0)
     return logp, old, torch.randn(b, generator=g), torch.rand(b, t, generator=g) > 0.2, ref
 
 

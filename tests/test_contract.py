@@ -4,12 +4,15 @@ Only the public call contract (docs/design.md, “The call”) is used.  Every e
 computed here from hand-written formulas or an exact tabular oracle.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 import rpg
+
+from .conftest import shift_to_logprobs
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +84,10 @@ def oracle_grads(div, style, clip, normalized, ref_differs, beta=BETA, seed=0):
     theta = theta0.clone().requires_grad_(True)
     lp = logpi(theta)
     fn = rpg.RPGLoss(div, style=style, beta=beta, clip=clip, agg="token-sum")
-    out = fn(lp[:, None], lold[:, None], R.clone(), torch.ones(K, 1), ref_logp=lref[:, None] if ref_differs else None)
+    with contextlib.nullcontext() if normalized else rpg.unnormalized_policies():  # log π(a) = θ_a may exceed 0
+        out = fn(
+            lp[:, None], lold[:, None], R.clone(), torch.ones(K, 1), ref_logp=lref[:, None] if ref_differs else None
+        )
     w = (lp - lold).exp().detach()
     surrogate = (lold.exp()[:, None] * out.per_token).sum()
     (g_sur,) = torch.autograd.grad(surrogate, theta)
@@ -130,6 +136,7 @@ def random_batch(B=4, T=6, seed=1, ref_differs=True):
     logp = old + 0.5 * torch.randn(B, T, generator=gen)
     ref = old + 0.7 * torch.randn(B, T, generator=gen) if ref_differs else old.clone()
     A = torch.randn(B, T, generator=gen)
+    old, logp, ref = shift_to_logprobs(old, logp, ref)
     return logp, old, ref, A
 
 
@@ -172,7 +179,7 @@ def clip_tokens(div, mismatch):
     logc = 1.0 if div == "fkl" else -1.5
     rows = [(w, s) for w in W_GRID for s in (+0.7, -0.7)]
     T = len(rows) + (2 if mismatch else 0)
-    old = -0.3 - 0.1 * torch.arange(T, dtype=torch.float64)
+    old = -1.5 - 0.1 * torch.arange(T, dtype=torch.float64)  # low enough that logp and ref are log-probs (<= 0)
     logw = torch.tensor([math.log(w) for w, _ in rows] + [math.log(0.6), math.log(1.6)][: T - len(rows)])
     logp = old + logw
     ref = old + logc

@@ -19,6 +19,8 @@ import torch
 import rpg
 import rpg.kl
 
+from .conftest import shift_to_logprobs
+
 F64 = torch.float64
 DIVS = ("fkl", "rkl", "ufkl", "urkl")
 STYLES = ("differentiable", "reinforce")
@@ -42,6 +44,8 @@ def make_batch(b=4, t=6, seed=0, spread=0.4, mismatch=0.5):
     logp = (old + spread * torch.randn(b, t, generator=g, dtype=F64)).requires_grad_(True)
     ref = old + spread * torch.randn(b, t, generator=g, dtype=F64)
     beh = old + mismatch * torch.randn(b, t, generator=g, dtype=F64)
+    old, logp, ref, beh = shift_to_logprobs(old, logp.detach(), ref, beh)
+    logp.requires_grad_(True)
     adv = torch.randn(b, generator=g, dtype=F64)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -392,7 +396,7 @@ CRAFT_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.
 
 def crafted(log_rho=LOG_RHO, mask=CRAFT_MASK, pad_nan=True):
     g = torch.Generator().manual_seed(7)
-    old = -torch.rand(log_rho.shape, generator=g, dtype=F64) * 2 - 0.1
+    old = -torch.rand(log_rho.shape, generator=g, dtype=F64) * 2 - 2.5  # behavior_logp = old - log ρ <= 0 too
     beh = old - log_rho
     if pad_nan:
         beh = torch.where(mask, beh, torch.full_like(beh, float("nan")))

@@ -1,6 +1,7 @@
 """rpg.correction: the behaviour policy μ of the rollout engine — exactness by enumeration, the weight
 formulas on crafted tokens, filters, denominators, metrics and errors."""
 
+import contextlib
 import math
 
 import pytest
@@ -38,7 +39,8 @@ def test_token_weight_is_exact_under_a_behaviour_policy(div, style, normalized):
     logp = T.log_policy(theta, normalized)[:, None]
     old = T.log_policy(p.old_logits, normalized)[:, None]
     ref = T.log_policy(p.ref_logits, normalized)[:, None]
-    out = plain(logp, old, p.rewards, torch.ones_like(logp, dtype=torch.bool), ref_logp=ref)
+    with contextlib.nullcontext() if normalized else rpg.unnormalized_policies():  # log-measures may exceed 0
+        out = plain(logp, old, p.rewards, torch.ones_like(logp, dtype=torch.bool), ref_logp=ref)
     (wrong,) = torch.autograd.grad((T.log_policy(mu, normalized).exp()[:, None] * out.per_token).sum(), theta)
     assert (wrong - want).abs().max() > 1e-4
 
@@ -123,7 +125,7 @@ def test_geometric_and_worst_token_filters_reject_whole_sequences():
 
 def test_the_weight_multiplies_the_whole_per_token_loss_and_gets_no_gradient():
     logp, old, adv, mask, ref = make_batch(3, 5, seed=8, ref=True)
-    beh = (old + 0.3 * torch.randn_like(old)).requires_grad_(True)
+    beh = (old + 0.3 * torch.randn_like(old)).clamp(max=0).requires_grad_(True)
     old = old.clone().requires_grad_(True)
     fn = rpg.RPGLoss("rkl", beta=0.5, correction=rpg.RolloutCorrection(lower=0.8, upper=1.25))
     out = fn(logp, old, adv, mask, ref_logp=ref, behavior_logp=beh)
@@ -136,7 +138,7 @@ def test_the_weight_multiplies_the_whole_per_token_loss_and_gets_no_gradient():
 
 def test_weight_kl_false_leaves_the_kl_term_unweighted():
     logp, old, adv, mask, ref = make_batch(3, 5, seed=9, ref=True)
-    beh = old + 0.3 * torch.randn_like(old)
+    beh = (old + 0.3 * torch.randn_like(old)).clamp(max=0)
     fn = rpg.GRPOLoss(beta=0.3, correction=EXACT)
     split = fn.replace(weight_kl=False)
     pg = rpg.GRPOLoss(beta=0.0)(logp, old, adv, mask)
@@ -152,7 +154,7 @@ def test_weight_kl_false_leaves_the_kl_term_unweighted():
 
 def test_default_correction_is_token_truncation_at_two():
     logp, old, adv, mask, _ = make_batch(3, 5, seed=10)
-    beh = old + torch.randn_like(old)
+    beh = (old + torch.randn_like(old)).clamp(max=0)
     fn = rpg.RPGLoss("urkl", style="reinforce")
     a = fn(logp, old, adv, mask, behavior_logp=beh)
     b = fn.replace(correction=rpg.RolloutCorrection("token", "truncate", None, 2.0))(

@@ -34,24 +34,33 @@ def test_quick_demo_runs_seeds_in_parallel_and_matches_a_serial_run(tmp_path):
     for name in demo.DEFAULT_LOSSES:
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert row.count("±") == 6  # every column is a mean ± interval
-        serial = cli.compare_table({name: [cli.compare_job("counting", name, recipe, s) for s in (0, 1)]})
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # the workers' thread count: only then are the numbers the same (see below)
+        try:
+            serial = cli.compare_table({name: [cli.compare_job("counting", name, recipe, s) for s in (0, 1)]})
+        finally:
+            torch.set_num_threads(before)
         assert row.rsplit("|", 2)[0] == serial.splitlines()[2].rsplit("|", 2)[0]  # all but the wall time
     assert f"| {demo.DEFAULT_LOSSES[0]} |" in out.stdout
     pytest.importorskip("matplotlib")
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
-def test_same_seed_same_numbers_whatever_the_threads():
+def test_same_seed_and_thread_count_same_numbers():
+    """The claim of docs/demo.md: the same seed at the same thread count gives the same numbers, digit for
+    digit (the ops and the order of every sum are then fixed). Across thread counts it is not claimed: torch
+    splits a reduction over threads differently, and the last digits differ (1 vs 2 threads once gave a KL of
+    0.08436956 vs 0.08436951), so no test compares numbers across thread counts."""
     recipe = Recipe(steps=4, lr=1e-2, entropy_coef=0.03)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        a = train("counting", "RPG-REINFORCE", recipe, seed=3)
-        torch.set_num_threads(2)
-        b = train("counting", "RPG-REINFORCE", recipe, seed=3)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            a = train("counting", "RPG-REINFORCE", recipe, seed=3)
+            b = train("counting", "RPG-REINFORCE", recipe, seed=3)
+            assert a["rewards"] == b["rewards"] and a["kls"] == b["kls"] and a["clips"] == b["clips"], threads
     finally:
         torch.set_num_threads(before)
-    assert a["rewards"] == b["rewards"] and a["kls"] == b["kls"] and a["clips"] == b["clips"]
     assert train("counting", "RPG-REINFORCE", recipe, seed=4)["rewards"] != a["rewards"]
 
 

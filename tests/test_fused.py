@@ -53,9 +53,9 @@ def make(seed=0, *, neg_inf_block=True, adv_shape="seq"):
         "weight": weight.requires_grad_(True),
         "bias": bias.requires_grad_(True),
         "tokens": tokens,
-        "old_logp": logp + noise(0.3),
-        "ref_logp": logp + noise(0.3),
-        "behavior_logp": logp + noise(0.4),
+        "old_logp": (logp + noise(0.3)).clamp(max=0),  # log-probabilities: <= 0
+        "ref_logp": (logp + noise(0.3)).clamp(max=0),
+        "behavior_logp": (logp + noise(0.4)).clamp(max=0),
         "advantages": torch.randn(B if adv_shape == "seq" else (B, T), generator=g, dtype=F64),
         "weights": torch.rand(B, T, generator=g, dtype=F64),
         "mask": mask,
@@ -318,7 +318,7 @@ def test_large_odd_vocabulary_with_the_largest_logit_in_the_tail():
     tokens = torch.tensor([[v - 1, v - 2, 4100], [5, v - 1, 4100]])
     with torch.no_grad():
         logp = from_hidden(hidden, weight, tokens, bias=bias)
-    old_logp = logp + 0.3 * torch.randn(b, t, generator=g, dtype=F64)
+    old_logp = (logp + 0.3 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=0)
     adv = torch.tensor([1.0, -0.5], dtype=F64)
     loss_fn = rpg.DAPOLoss(entropy_coef=0.1) if OPTIONS else rpg.DAPOLoss()
     for chunk_size, vocab_chunk_size in ((None, None), (2, None), (4, 1000)):

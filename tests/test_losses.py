@@ -130,8 +130,8 @@ def test_masked_tokens_are_dropped_not_zeroed():
 
 def test_metrics_on_a_hand_built_batch():
     # Four tokens, w = 0.5, 1.0, 1.5, 4.0; advantages +1, -1, +1, -1; Clip(0.2, 0.28, 3).
-    logp = torch.log(torch.tensor([[0.5, 1.0, 1.5, 4.0]], dtype=F64)).requires_grad_(True)
-    old = torch.zeros(1, 4, dtype=F64)
+    old = torch.full((1, 4), -2.0, dtype=F64)  # log-probabilities (<= 0) with w = 0.5, 1, 1.5, 4
+    logp = (torch.log(torch.tensor([[0.5, 1.0, 1.5, 4.0]], dtype=F64)) + old).requires_grad_(True)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=F64)
     m = rpg.RPGLoss("rkl", beta=0.0)(logp, old, adv).metrics
     # w=0.5 with A>0: no bound acts (low clip binds only for A<0); w=1.5, A>0: high; w=4, A<0: dual.

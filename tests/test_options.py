@@ -61,7 +61,7 @@ def test_weights_never_receive_gradient():
 
 def test_a_zero_weight_gives_exactly_zero_even_where_the_loss_is_not_finite():
     """float32, log w = 100: w overflows and −w·A + β·w·log ρ is ∞ − ∞; a weight of 0 there gives 0, not NaN."""
-    old = torch.tensor([[-1.0, -1.0]])
+    old = torch.tensor([[-101.0, -1.0]])  # log-probs (<= 0) with log w = 100, 0
     logp = (old + torch.tensor([[100.0, 0.0]])).requires_grad_(True)
     weights = torch.tensor([[0.0, 1.0]])
     fn = rpg.RPGLoss("rkl", beta=0.5, clip=None)
@@ -78,7 +78,7 @@ def test_shards_with_global_counts_sum_to_the_full_batch(agg):
     g = torch.Generator().manual_seed(6)
     weights = torch.rand(6, 5, generator=g, dtype=F64)
     entropy = torch.rand(6, 5, generator=g, dtype=F64).requires_grad_(True)
-    beh = old + 0.2 * torch.randn(6, 5, generator=g, dtype=F64)
+    beh = (old + 0.2 * torch.randn(6, 5, generator=g, dtype=F64)).clamp(max=0)
     fn = rpg.RPGLoss("rkl", beta=0.2, agg=agg, entropy_coef=0.05)
     kw = lambda s: dict(ref_logp=ref[s], behavior_logp=beh[s], weights=weights[s], entropy=entropy[s])  # noqa: E731
     full = fn(logp, old, adv, mask, **kw(slice(None)))

@@ -179,8 +179,8 @@ def test_kl_free_presets_follow_the_reward_gradient_off_policy(fn):
 
 
 def test_ess_and_global_means():
-    logp = torch.log(torch.tensor([[1.0, 1.0, 2.0, 4.0]], dtype=F64)).requires_grad_(True)
-    old = torch.zeros(1, 4, dtype=F64)
+    old = torch.full((1, 4), -2.0, dtype=F64)  # log-probabilities (<= 0) with w = 1, 1, 2, 4
+    logp = (torch.log(torch.tensor([[1.0, 1.0, 2.0, 4.0]], dtype=F64)) + old).requires_grad_(True)
     adv = torch.ones(1, dtype=F64)
     m = rpg.DAPOLoss()(logp, old, adv).metrics
     assert m["ratio/ess"] == pytest.approx(8.0**2 / (4 * 22.0))

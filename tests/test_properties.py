@@ -20,7 +20,7 @@ def cases(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     lim_w, lim_c = draw(st.sampled_from([0.1, 1.0, 10.0, 50.0])), draw(st.sampled_from([0.0, 1.0, 50.0]))
-    old = -20 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    old = -20 * torch.rand(b, t, generator=g, dtype=torch.float64) - (lim_w + lim_c)  # logp, ref: log-probs (<= 0)
     log_w = lim_w * (2 * torch.rand(b, t, generator=g, dtype=torch.float64) - 1)
     log_c = lim_c * (2 * torch.rand(b, t, generator=g, dtype=torch.float64) - 1)
     adv = 10 * torch.randn(b if draw(st.booleans()) else (b, t), generator=g, dtype=torch.float64)
@@ -99,12 +99,12 @@ def test_kl_values_are_never_clamped(log_w, log_c, div):
 def edge_cases(draw):
     b, t = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    old = -5 * torch.rand(b, t, generator=g, dtype=torch.float64)
     lim = draw(st.sampled_from([1.0, 30.0, 100.0]))
+    old = -5 * torch.rand(b, t, generator=g, dtype=torch.float64) - lim  # logp = old ± lim: a log-prob (<= 0)
     logp = old + lim * (2 * torch.rand(b, t, generator=g, dtype=torch.float64) - 1)
     neg_inf = torch.rand(b, t, generator=g) < draw(st.sampled_from([0.0, 0.3]))
     logp[neg_inf] = -float("inf")
-    ref = old + 2 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ref = (old + 2 * torch.randn(b, t, generator=g, dtype=torch.float64)).clamp(max=0)
     adv = torch.randn(b, generator=g, dtype=torch.float64)
     mask = torch.rand(b, t, generator=g) < 0.8
     return logp, old, ref, adv, mask, draw(st.sampled_from([torch.float32, torch.float64]))

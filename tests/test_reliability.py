@@ -147,7 +147,7 @@ def test_grpo_k3_at_minus_inf_is_infinite_not_nan():
 @pytest.mark.parametrize("log_w", [100.0, -100.0])
 def test_float32_overflow_under_rpg_style_clip_is_finite(div, log_w):
     """|log w| ≳ 88 in float32: w overflows; a clipped token's value is taken at its bound (finite), gradient 0."""
-    old = torch.tensor([[-1.0, -1.0]])
+    old = torch.tensor([[-101.0, -1.0]])  # log-probabilities (<= 0) whose log-ratio is log_w
     logp = (old + torch.tensor([[log_w, 0.0]])).requires_grad_(True)
     for adv in (1.0, -1.0):
         out = rpg.RPGLoss(div, style="reinforce", beta=0.1)(logp, old, torch.tensor([adv]))
@@ -158,7 +158,7 @@ def test_float32_overflow_under_rpg_style_clip_is_finite(div, log_w):
 
 @pytest.mark.parametrize("adv", [1.0, -1.0])
 def test_float32_overflow_under_ppo_clip_without_kl_is_finite(adv):
-    old = torch.tensor([[-1.0]])
+    old = torch.tensor([[-101.0]])  # log-probabilities (<= 0) whose log-ratio is 100
     logp = (old + 100.0).requires_grad_(True)
     out = rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.28, 3.0))(logp, old, torch.tensor([adv]))
     (g,) = torch.autograd.grad(out.loss, logp)

@@ -84,7 +84,8 @@ def test_a_zero_weight_zeroes_the_policy_gradient_term_with_weight_kl_false(sour
     adv = torch.tensor([-1.0], dtype=F64)
     beta = 0.1
     fn = rpg.PolicyLoss(kl="k3", beta=beta, clip=rpg.Clip(0.2, 0.2, None), weight_kl=False)
-    if source == "weights":
+    if source == "weights":  # an overflowing ratio (w = e^799 = inf in float64): −inf old_logp is refused here
+        old = torch.tensor([[-800.0, -1.0]], dtype=F64)
         out = fn(logp, old, adv, ref_logp=ref, weights=torch.tensor([[0.0, 1.0]], dtype=F64))
     else:  # behavior_logp finite, old_logp = -inf: rho = 0, the default correction weight is 0
         out = fn(logp, old, adv, ref_logp=ref, behavior_logp=torch.tensor([[-1.0, -1.0]], dtype=F64))

@@ -14,9 +14,9 @@ seeds and writes them, with a figure, to ``--out``):
   ``python -m rpg.demo all --out docs/img``.
 
 Seeds run in parallel processes (``--workers``, default min(runs, cores)), one
-torch thread each unless ``--threads`` says otherwise. On one machine with the
-same thread count a run's numbers depend only on its seed; another CPU or thread
-count may round differently. Wall times exclude a short untimed warm-up.
+torch thread each unless ``--threads`` says otherwise. A run's numbers depend
+only on its seed and its thread count (another thread count rounds sums
+differently). Wall times exclude a short untimed warm-up.
 """
 
 from .cli import main

@@ -135,12 +135,12 @@ def _inputs(args, seed=0, old=True, tool=False, nan_token=False):
         inputs["tool_mask"][0, 2:4] = 0
         mask = cm * inputs["tool_mask"]
     if old:  # off-policy: clips and masks bind
-        inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(B, T, dtype=DT, generator=g)
+        inputs["old_per_token_logps"] = (logp + 0.3 * torch.randn(B, T, dtype=DT, generator=g)).clamp(max=0)
     if args.beta != 0:
-        inputs["ref_per_token_logps"] = logp + 0.5 * torch.randn(B, T, dtype=DT, generator=g)
+        inputs["ref_per_token_logps"] = (logp + 0.5 * torch.randn(B, T, dtype=DT, generator=g)).clamp(max=0)
     if args.use_vllm:
         ref = inputs.get("old_per_token_logps", logp)
-        mu = (ref + 0.4 * torch.randn(B, T, dtype=DT, generator=g)) * cm  # right-padded with 0.0, as TRL
+        mu = (ref + 0.4 * torch.randn(B, T, dtype=DT, generator=g)).clamp(max=0) * cm  # right-padded with 0.0, as TRL
         if nan_token:
             mu[1, 1] = float("nan")  # a token vLLM could not score
         inputs["sampling_per_token_logps"] = mu

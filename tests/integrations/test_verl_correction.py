@@ -30,8 +30,8 @@ B, T = 16, 8
 def _logps(seed=0, spread=0.5):
     """π_old and μ log-probs of sampled tokens (≤ 0), a padded mask; log ρ ~ N(0, spread²) per token."""
     g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.05
-    beh = old - spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1.5
+    beh = (old - spread * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=0)
     lengths = torch.randint(2, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None] < lengths[:, None]
     mask[1, 0] = False  # an interior masked token (e.g. a tool output)
