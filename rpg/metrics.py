@@ -57,7 +57,7 @@ import torch
 import rpg
 
 g = torch.Generator().manual_seed(0)
-logp = -torch.rand(8, 6, generator=g, dtype=torch.float64)
+logp = -torch.rand(8, 6, generator=g, dtype=torch.float64) - 1.0
 old_logp = logp + 0.1 * torch.randn(8, 6, generator=g, dtype=torch.float64)
 advantages = torch.randn(8, generator=g, dtype=torch.float64)
 mask = torch.rand(8, 6, generator=g) < 0.8

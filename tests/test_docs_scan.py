@@ -100,7 +100,7 @@ def _correction_table_names(doc: str) -> set[str]:
 def produced() -> set[str]:
     """Every metric key some loss call produces (all optional inputs given, each kind of correction)."""
     g = torch.Generator().manual_seed(0)
-    old = -torch.rand(4, 5, generator=g, dtype=torch.float64) - 0.1
+    old = -torch.rand(4, 5, generator=g, dtype=torch.float64) - 1.5  # log-probs stay < 0 after the noise
     logp = old + 0.2 * torch.randn(4, 5, generator=g, dtype=torch.float64)
     ref = old + 0.2 * torch.randn(4, 5, generator=g, dtype=torch.float64)
     beh = old + 0.3 * torch.randn(4, 5, generator=g, dtype=torch.float64)

@@ -327,7 +327,7 @@ def test_vespo_takes_a_token_correction_inside_w():
     """With μ, a token-level correction enters W as Π_t ρ̄_t (each ρ̄_t truncated, or 0 where masked: then
     φ = 0 for the whole sequence), and does not multiply the tokens' losses."""
     logp, old, adv, mask, _ = make_batch(5, 6, seed=22, spread=0.3)
-    beh = old + 0.4 * torch.randn(5, 6, generator=_gen(8), dtype=F64)
+    beh = (old + 0.4 * torch.randn(5, 6, generator=_gen(8), dtype=F64)).clamp(max=0.0)
     rho = torch.where(mask, (old - beh).exp(), 1.0)
     for c, rho_bar in [
         (rpg.RolloutCorrection(upper=1.5), rho.clamp(max=1.5)),
@@ -586,8 +586,8 @@ def test_fused_head_equals_from_hidden(make, counts):
     mask[:, 0] = True
     with torch.no_grad():
         logp0 = rpg.logprobs.from_hidden(hidden, weight, tokens)
-    old = logp0 + 0.3 * torch.randn(b, t, generator=g, dtype=F64)
-    beh = old + 0.3 * torch.randn(b, t, generator=g, dtype=F64)
+    old = (logp0 + 0.3 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=0.0)  # log-probs ≤ 0
+    beh = (old + 0.3 * torch.randn(b, t, generator=g, dtype=F64)).clamp(max=0.0)
     adv = 3 * torch.randn(b, t, generator=g, dtype=F64)
     kw = dict(batch_num_tokens=int(mask.sum()), global_batch_size=b) if counts else {}
     want = fn(

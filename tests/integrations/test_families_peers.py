@@ -17,7 +17,7 @@ B, T = 6, 9
 
 def _batch(seed=0, spread=0.6, adv_scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 0.05
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 4.0  # log-probs stay < 0 after the noise
     logp = (old + spread * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
     adv = adv_scale * torch.randn(B, generator=g, dtype=torch.float64)
     lengths = torch.tensor([9, 7, 4, 9, 1, 6])
@@ -272,7 +272,7 @@ def test_vespo_equals_trls_compute_loss(params, vllm):
     cm = (torch.arange(T)[None] < lengths[:, None]).long()
     with torch.no_grad():
         logp0 = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    old = logp0 + 0.3 * torch.randn(B, T, dtype=torch.float64, generator=g)
+    old = (logp0 + 0.3 * torch.randn(B, T, dtype=torch.float64, generator=g)).clamp(max=0.0)  # log-probs ≤ 0
     adv = torch.tensor([1.0, -0.5, 0.3, -1.2, 0.7, -0.1], dtype=torch.float64)
     n_items = (cm.sum() + 5).double()
     inputs = {
@@ -286,7 +286,7 @@ def test_vespo_equals_trls_compute_loss(params, vllm):
     }
     call = {}
     if correction is not None:
-        mu = old + 0.4 * torch.randn(B, T, dtype=torch.float64, generator=g)
+        mu = (old + 0.4 * torch.randn(B, T, dtype=torch.float64, generator=g)).clamp(max=0.0)
         inputs["importance_sampling_ratio"] = _trl_is_ratio(args, old, mu, cm)
         call["behavior_logp"] = mu
         assert ((inputs["importance_sampling_ratio"] != torch.exp((old - mu) * cm)) & cm.bool()).any()

@@ -51,7 +51,7 @@ SETTINGS = {  # verl (rollout_is, is threshold, rollout_rs, rs threshold) -> rpg
 
 def _logps(seed, empty_row):
     g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, generator=g, dtype=F64) * 2 - 0.05
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 2 - 2.5  # log-probs stay < 0 after the noise
     beh = old - 0.5 * torch.randn(B, T, generator=g, dtype=F64)
     lengths = torch.randint(2, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None] < lengths[:, None]
