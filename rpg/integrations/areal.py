@@ -16,11 +16,14 @@ differently from rpg:
 
 AReaL has no registry for policy losses; [`actor_loss_fn`][rpg.integrations.areal.actor_loss_fn]
 returns a function with ``ppo_actor_loss_fn``'s signature, so it replaces it where the actor looks
-it up::
+it up:
 
-    import areal.trainer.ppo.actor
-    from rpg.integrations.areal import actor_loss_fn
-    areal.trainer.ppo.actor.ppo_actor_loss_fn = actor_loss_fn("urkl", style="reinforce", beta=1e-3)
+```py
+import areal.trainer.ppo.actor
+from rpg.integrations.areal import actor_loss_fn
+
+areal.trainer.ppo.actor.ppo_actor_loss_fn = actor_loss_fn("urkl", style="reinforce", beta=1e-3)
+```
 
 The function reads the clip settings the actor passes (AReaL's ``actor.eps_clip`` … config) and
 computes the rpg loss as a token mean over the micro-batch's ``loss_mask`` — AReaL's own reduction
