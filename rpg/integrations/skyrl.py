@@ -44,7 +44,8 @@ as ``behavior_logp`` when a correction is configured: SkyRL's ``off_policy_corre
 upper=token_tis_ratio_clip_high / sequence_tis_ratio_clip_high)`` — the same weight, applied to the
 whole per-token loss — or a loss's own ``correction=``. SkyRL's masks (``sequence_mask_metric``,
 outlier and token masks) are refused with ``ValueError`` (not expressible as one rpg correction with
-SkyRL's mask semantics), as is a correction configured in both places.
+SkyRL's mask semantics), as is a correction configured in both places or together with
+``anchor="rollout"`` (the ratio then anchors on μ already).
 
 **Old log-probs that are the current ones.** In SkyRL's fully asynchronous trainer no π_old is
 recomputed and ``old_log_probs`` can be the very tensor ``log_probs``: the ratio is then 1, the clip
@@ -307,6 +308,11 @@ def _make(
             raise ValueError(
                 f"{name}: a rollout correction is configured both in SkyRL (off_policy_correction) and on the rpg "
                 "loss (correction=); keep one"
+            )
+        if anchor == "rollout" and (skyrl_corr or loss_fn.correction) is not None:
+            raise ValueError(
+                f"{name}: anchor='rollout' already anchors the ratio on the engine's log-probs; a rollout correction "
+                "(off_policy_correction.tis_ratio_type or correction=) would correct for it twice"
             )
         behavior = None
         if anchor == "old" and rollout_logprobs is not None and (skyrl_corr or loss_fn.correction) is not None:

@@ -303,6 +303,14 @@ def test_unsupported_corrections_are_refused():
         Registry.get("t_both")(logp, old, adv, config=tis, loss_mask=mask, rollout_logprobs=rollout)
 
 
+def test_rollout_anchor_with_a_correction_is_refused():
+    logp, old, adv, mask, _, rollout = _batch()
+    _register("t_anchor_tis", rpg.RPGLoss("rkl", beta=0.0), anchor="rollout")
+    tis = _config(off_policy_correction=OffPolicyCorrectionConfig(tis_ratio_type="token"))
+    with pytest.raises(ValueError, match="twice"):
+        Registry.get("t_anchor_tis")(logp, old, adv, config=tis, loss_mask=mask, rollout_logprobs=rollout)
+
+
 def test_register_validates():
     with pytest.raises(ValueError, match="reference"):
         rpg_skyrl.register("t_bad", rpg.RPGLoss("rkl"), reference="frozen")
