@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import LossConfig
-from .objectives import REGISTRY, Ratios
+from .objectives import Ratios
 from .sequence import sequence_token_loss
 
 
@@ -51,7 +51,7 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
         w_bar = r.w
     if not cfg.has_kl or cfg.separate_kl:  # a separate KL term is added by the kernel, outside g
         return w_bar.mul_(adv) if fresh else w_bar * adv
-    per_w, const = REGISTRY[cfg.kl].split(r)
+    per_w, const = cfg.kl_term.split(r)
     a = adv - cfg.beta * per_w if isinstance(per_w, torch.Tensor) or per_w != 0 else adv
     g = w_bar.mul_(a) if fresh and a.shape == w_bar.shape else w_bar * a
     if isinstance(const, torch.Tensor) or const != 0:
@@ -63,11 +63,19 @@ def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.
     """A′ = g/w, formed without dividing by w: A − β·per_w − β·const/w (finite where w overflows)."""
     if not cfg.has_kl or cfg.separate_kl:
         return adv.expand_as(r.log_w)
-    per_w, const = REGISTRY[cfg.kl].split(r)
+    per_w, const = cfg.kl_term.split(r)
     a = adv - cfg.beta * per_w
     if isinstance(const, torch.Tensor) or const != 0:
         a = a - cfg.beta * const * torch.exp(-r.log_w)
     return a.expand_as(r.log_w)
+
+
+def _fold(cfg: LossConfig, r: Ratios) -> torch.Tensor:
+    """The KL term's fold shift (the configuration allows ``fold_kl`` only for terms that have one)."""
+    fold = cfg.kl_term.fold
+    if fold is None:
+        raise ValueError(f"kl={cfg.kl!r} cannot be folded into the clipped advantage")
+    return fold(r)
 
 
 def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):
@@ -80,7 +88,7 @@ def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig)
     if cfg.style == "reinforce":
         return r.w, reinforce_weight(r, adv, cfg), r
     if cfg.fold_kl and cfg.has_kl:
-        adv = adv - cfg.beta * REGISTRY[cfg.kl].fold(r)
+        adv = adv - cfg.beta * _fold(cfg, r)
     if cfg.ratio == "sequence":
         return sequence_log_ratio(r.log_w, mask).exp().expand_as(r.w), adv, None
     return r.w, adv, r
@@ -123,9 +131,10 @@ def token_loss(
     if cfg.style == "reinforce":
         g = direction
         value = torch.addcmul(_zero(g), g, logp, value=-1)
-        clipped = cfg.clip.reinforce_clipped(ratio, g, anchor) if cfg.clip is not None else None
+        clip = cfg.clip
+        clipped = clip.reinforce_clipped(ratio, g, anchor) if clip is not None else None
         grad = g.neg_()
-        if clipped is not None:
+        if clip is not None and clipped is not None:
             grad.masked_fill_(clipped, 0)
             # A clipped token keeps its value −g·logp, detached; where w overflowed the dtype (g
             # not finite) it takes the value at the bound, −A′·m·logp (Algorithm 2), which is finite.
@@ -139,14 +148,14 @@ def token_loss(
             if not eager_cpu or not torch.isfinite(value.sum()):
                 overflow = clipped & ~torch.isfinite(value)
                 a_eff = effective_advantage(r, advantages, cfg)
-                m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
+                m, _ = clip.effective_ratio(ratio, a_eff, anchor)
                 value = torch.where(overflow, -(a_eff * m * logp), value)
         if cfg.separate_kl and cfg.has_kl:  # the KL term outside g, as in the differentiable style
             if pg_scale is not None:
                 zero_w = pg_scale == 0
                 value.mul_(pg_scale).masked_fill_(zero_w, 0)
                 grad.mul_(pg_scale).masked_fill_(zero_w, 0)
-            REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
+            cfg.kl_term.accumulate(value, grad, cfg.beta, r)
         return value, grad
 
     # Differentiable style: the clip rule's effective ratio on −w·Â, the KL surrogate outside
@@ -169,7 +178,7 @@ def token_loss(
     if cfg.fold_kl and cfg.has_kl:
         grad.add_(m, alpha=cfg.beta)  # −m·∂Â/∂logp with ∂Â/∂logp = −β
     elif cfg.has_kl:
-        REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
+        cfg.kl_term.accumulate(value, grad, cfg.beta, r)
     return value, grad
 
 

@@ -69,7 +69,7 @@ def as_int(name: str, value: object) -> int:
     if isinstance(value, Integral):
         return int(value)
     if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
-        return int(value)
+        return int(value)  # type: ignore[call-overload]  # a numpy integer scalar
     raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
 
 
@@ -82,6 +82,14 @@ def check_bound(name: str, value: object, ok, rule: str) -> float | None:
     if value != value or not ok(value):
         raise ValueError(f"{name} must satisfy {rule}, got {value!r}")
     return value
+
+
+def check_real(name: str, value: object, ok, rule: str) -> float:
+    """A required real setting as a float: [`check_bound`][rpg._util.check_bound] that refuses ``None`` too."""
+    bound = check_bound(name, value, ok, rule)
+    if bound is None:
+        raise TypeError(f"{name} must be a real number, not None")
+    return bound
 
 
 # --- value checks of the call's tensors ---------------------------------------------------------

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from ._util import check_bound as _check_bound
+from ._util import check_real
 
 __all__ = ["ClipRule", "Clip", "Truncate", "TrustRegion", "ppo", "rpg_clip", "truncate", "codes"]
 
@@ -115,7 +116,7 @@ class ClipRule:
         """REINFORCE style: bool ``[B, T]``, the tokens whose gradient −g is set to 0, or ``None``."""
         return None
 
-    def codes(self, w: torch.Tensor, direction: torch.Tensor, ratios=None) -> torch.Tensor:
+    def codes(self, w: torch.Tensor, direction: torch.Tensor | None, ratios=None) -> torch.Tensor:
         """``int8`` code per token for the metrics: 0 none, 1 low, 2 high, 3 dual."""
         raise NotImplementedError
 
@@ -440,7 +441,7 @@ __all__ += ["SoftGate", "GradientPreservingClip", "SignedTruncate"]
 
 
 def _positive(name: str, value: object) -> float:
-    return _check_bound(name, value, lambda v: 0 < v < _INF, "0 < value < inf")
+    return check_real(name, value, lambda v: 0 < v < _INF, "0 < value < inf")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ._util import as_int, as_real, check_choice
 from .aggregation import AGG_MODES
 from .clipping import Clip, ClipRule
 from .correction import RolloutCorrection
-from .objectives import KL_TERMS, REGISTRY
+from .objectives import KL_TERMS, REGISTRY, KLTerm
 from .selection import SelectionRule
 from .sequence import SequenceKernel
 
@@ -204,6 +204,13 @@ class LossConfig:
     def has_kl(self) -> bool:
         """Whether the loss has a KL term with β ≠ 0."""
         return self.kl is not None and self.beta != 0
+
+    @property
+    def kl_term(self) -> KLTerm:
+        """The KL term's [`KLTerm`][rpg.objectives.KLTerm] record (``ValueError`` without a KL term)."""
+        if self.kl is None:
+            raise ValueError("this configuration has no KL term (kl=None)")
+        return REGISTRY[self.kl]
 
     def replace(self, **changes) -> LossConfig:
         """A new, validated configuration with ``changes`` applied."""

@@ -271,7 +271,7 @@ def policy_loss(
             scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
 
     per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight)
-    if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
+    if penalize is not None and config.select is not None:  # KL-Cov's coef·|log w| on the selected tokens
         extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
         per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)

@@ -133,10 +133,10 @@ def _positive_int(name: str, value: object) -> int | None:
 def _check_bt(name: str, x: object, shape: tuple[int, int], *, floating: bool = True) -> None:
     if x is None:
         return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
     if floating:
         check_floating(name, x)
-    elif not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape [B, T] = {shape}, got {tuple(x.shape)}")
 
@@ -547,7 +547,7 @@ class FusedLinearLoss:
         logp_all = torch.zeros(n, dtype=dtype, device=hidden.device)
         entropy_all = torch.zeros(n, dtype=dtype, device=hidden.device) if want_entropy else None
 
-        extra = {}
+        extra: dict[str, object] = {}
         if ref_logp is not None:
             extra["ref_logp"] = ref_logp
         if behavior_logp is not None:
@@ -562,7 +562,8 @@ class FusedLinearLoss:
         batch_coupled, one_chunk = _batch_coupled(self.loss_fn, behavior_logp is not None)
         if one_chunk:  # the selection ranks the whole batch's log-probs: one chunk holds them all
             chunk = max(n, 1)
-        rng, rng_state = None, None
+        rng: torch.Generator | None = None
+        rng_state: torch.Tensor | None = None
         if getattr(self.loss_fn, "select", None) is not None:
             # the derivative's call and the value's call must draw the same tokens
             rng = generator if generator is not None else torch.default_generator
@@ -624,7 +625,7 @@ class FusedLinearLoss:
             call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
             if entropy is not None:
                 call["entropy"] = entropy
-            if rng is not None:
+            if rng is not None and rng_state is not None:
                 rng.set_state(rng_state)
             with torch.no_grad():
                 out = self.loss_fn(logp, old_logp, advantages, mask, **call)
@@ -632,7 +633,7 @@ class FusedLinearLoss:
             g_h, g_w, g_b = grads
             g_h = None if g_h is None else g_h.view(hidden.shape).to(hidden.dtype)
             g_w = None if g_w is None else g_w.to(weight.dtype)
-            g_b = None if g_b is None else g_b.to(bias.dtype)
+            g_b = None if g_b is None or bias is None else g_b.to(bias.dtype)
             out.loss = _SavedGradients.apply(out.loss.detach(), hidden, weight, bias, g_h, g_w, g_b)
         return out
 

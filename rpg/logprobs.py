@@ -55,6 +55,8 @@ logits'. [`from_hidden`][rpg.logprobs.from_hidden] works under ``torch.func`` to
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from ._util import as_int, as_real, check_floating, compute_dtype
@@ -116,6 +118,39 @@ def _check_chunk(name: str, size: object) -> int | None:
     if s < 1:
         raise ValueError(f"{name} must be a positive integer or None, got {size!r}")
     return s
+
+
+@overload
+def from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: Literal[False] = False,
+    ignore_index: int | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: Literal[True],
+    ignore_index: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool,
+    ignore_index: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def from_logits(

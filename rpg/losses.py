@@ -162,7 +162,7 @@ def _checked_init(init):
             raise TypeError(f"{cls.__name__}: {err}; {listing}") from None
         return init(self, *args, **kwargs)
 
-    __init__._rpg_checked = True  # type: ignore[attr-defined]
+    __init__._rpg_checked = True
     return __init__
 
 

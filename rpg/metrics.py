@@ -125,7 +125,7 @@ class LossOutput:
         tensors = [(i, t) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
         snap = {i: t.clone() for i, t in tensors if _version(t) is None}  # untracked: snapshot
         if snap:
-            inputs = inputs._replace(**{inputs._fields[i]: t for i, t in snap.items()})
+            inputs = inputs._replace(**{inputs._fields[i]: t for i, t in snap.items()})  # type: ignore[arg-type]
         self._inputs = inputs
         self._versions = tuple((i, t, _version(t)) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor))
         self._metrics: dict[str, float] | None = None
@@ -231,7 +231,7 @@ def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
             sums[f"{prefix}_{est}"] = total(value if rho is None else value * rho)
     if cfg.has_kl:
         value = torch.zeros_like(w)
-        REGISTRY[cfg.kl].accumulate(value, torch.zeros_like(w), 1.0, r)
+        cfg.kl_term.accumulate(value, torch.zeros_like(w), 1.0, r)
         sums["kl/term"] = total(value)
     if entropy is not None:
         sums["entropy/mean"] = total(entropy)

@@ -681,8 +681,9 @@ class VESPOLoss(_Preset):
         entropy_coef: float = 0.0,
     ) -> None:
         kernel = Gamma(k_pos, lambda_pos, k_neg, lambda_neg)
-        args = dict(k_pos=kernel.k_pos, lambda_pos=kernel.lambda_pos, k_neg=kernel.k_neg, lambda_neg=kernel.lambda_neg)
-        args["agg"] = agg
+        args: dict[str, object] = dict(
+            k_pos=kernel.k_pos, lambda_pos=kernel.lambda_pos, k_neg=kernel.k_neg, lambda_neg=kernel.lambda_neg, agg=agg
+        )
         self._set(args, correction, entropy_coef, style="reinforce", ratio="product", kernel=kernel, agg=agg)
 
 

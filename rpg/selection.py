@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._util import check_bound as _check_bound
+from ._util import check_real
 
 __all__ = ["SelectionRule", "CovarianceDrop", "CovariancePenalty", "covariance", "count", "penalty"]
 
@@ -88,11 +88,9 @@ class CovarianceDrop(SelectionRule):
     high: float = 5.0
 
     def __post_init__(self) -> None:
-        f = _check_bound("CovarianceDrop.fraction", self.fraction, lambda v: 0 < v <= 1, "0 < fraction <= 1")
-        lo = _check_bound("CovarianceDrop.low", self.low, lambda v: -_INF < v < _INF, "a finite number")
-        hi = _check_bound("CovarianceDrop.high", self.high, lambda v: -_INF < v < _INF, "a finite number")
-        if None in (f, lo, hi):
-            raise TypeError("CovarianceDrop.fraction, low and high must be real numbers, not None")
+        f = check_real("CovarianceDrop.fraction", self.fraction, lambda v: 0 < v <= 1, "0 < fraction <= 1")
+        lo = check_real("CovarianceDrop.low", self.low, lambda v: -_INF < v < _INF, "a finite number")
+        hi = check_real("CovarianceDrop.high", self.high, lambda v: -_INF < v < _INF, "a finite number")
         if not lo < hi:
             raise ValueError(f"CovarianceDrop.low = {lo} must be < CovarianceDrop.high = {hi}")
         object.__setattr__(self, "fraction", f)
@@ -133,10 +131,8 @@ class CovariancePenalty(SelectionRule):
     coef: float = 1.0
 
     def __post_init__(self) -> None:
-        f = _check_bound("CovariancePenalty.fraction", self.fraction, lambda v: 0 < v <= 1, "0 < fraction <= 1")
-        c = _check_bound("CovariancePenalty.coef", self.coef, lambda v: 0 <= v < _INF, "0 <= coef < inf")
-        if f is None or c is None:
-            raise TypeError("CovariancePenalty.fraction and coef must be real numbers, not None")
+        f = check_real("CovariancePenalty.fraction", self.fraction, lambda v: 0 < v <= 1, "0 < fraction <= 1")
+        c = check_real("CovariancePenalty.coef", self.coef, lambda v: 0 <= v < _INF, "0 <= coef < inf")
         object.__setattr__(self, "fraction", f)
         object.__setattr__(self, "coef", c)
 

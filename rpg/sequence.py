@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from ._util import check_bound as _check_bound
-from .objectives import REGISTRY
 
 __all__ = [
     "Gamma",
@@ -189,7 +188,7 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
             value.mul_(pg_scale).masked_fill_(zero_w, 0)
             grad.mul_(pg_scale).masked_fill_(zero_w, 0)
         if cfg.has_kl:
-            REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
+            cfg.kl_term.accumulate(value, grad, cfg.beta, r)
         return value, grad
     log_big_w = product_log_ratio(r.log_w, mask)
     if seq_log_weight is not None:
@@ -200,7 +199,7 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
         weight = log_big_w.exp().expand_as(r.log_w)
     g = torch.where(adv == 0, torch.zeros((), dtype=adv.dtype, device=adv.device), weight * adv)
     if cfg.has_kl:
-        per_w, const = REGISTRY[cfg.kl].split(r)
+        per_w, const = cfg.kl_term.split(r)
         if isinstance(per_w, torch.Tensor) or per_w != 0:
             g = g - cfg.beta * r.w * per_w
         if isinstance(const, torch.Tensor) or const != 0:

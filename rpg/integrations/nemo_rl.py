@@ -137,7 +137,7 @@ class RPGLossFn:
             batch_num_tokens=global_valid_toks,
             global_batch_size=global_valid_seqs,
         )
-        m = out.metrics  # token means over global_valid_toks: NeMo-RL sums them over micro-batches
+        m = out.summable_metrics  # token means over global_valid_toks: NeMo-RL sums them over micro-batches
         metrics = {f"rpg/{k}": m[k] for k in _METRICS if k in m}
         metrics["loss"] = out.loss.item()
         metrics["num_valid_samples"] = data["sample_mask"].sum().item()

@@ -67,7 +67,7 @@ try:  # prime-rl's own output class where it is installed
 except ImportError:
 
     @dataclass
-    class LossOutputs:
+    class LossOutputs:  # type: ignore[no-redef]  # the same fields as prime-rl's
         """prime-rl's ``LossOutputs``: the sample's loss (a 0-dim tensor) and its metrics (tensors)."""
 
         loss: torch.Tensor

@@ -68,6 +68,7 @@ Reasoning", ICLR 2026 (arXiv 2505.17508).
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -398,7 +399,7 @@ def _register_named() -> None:
     available = set(PolicyLossRegistry.list_available())
     for loss_type in LOSS_TYPES:
         if loss_type not in available:
-            register(loss_type, lambda cfg, t=loss_type: loss_from_config(t, cfg))
+            register(loss_type, functools.partial(loss_from_config, loss_type))
     if "rpg_distill" not in available:
         register("rpg_distill", lambda cfg: loss_from_config("rpg_distill", cfg), reference="model")
 
