@@ -190,6 +190,10 @@ class Truncate(ClipRule):
     bounds are values of w itself, w̄ = sg(clip(w, low, high)) with 0 ≤ low and
     0 < high (e.g. a cap below 1, as TRL's CISPO reads its ``epsilon_high``);
     [`Truncate.at`][rpg.clipping.Truncate.at] builds that.
+
+    Clip codes: 1 (low) where w < lower bound, 2 (high) where w > upper bound; none when the two
+    bounds coincide (w̄ is then a constant, e.g. ``Truncate.at(1, 1)``: the loss uses no importance
+    weight, as DRO's and TOPR's positives, and no token is reported as clipped).
     """
 
     low: float | None = None
@@ -242,6 +246,8 @@ class Truncate(ClipRule):
     def codes(self, w, direction, ratios=None):
         lo, hi = self.ratio_bounds()
         code = torch.zeros_like(w, dtype=torch.int8)
+        if lo is not None and lo == hi:  # w̄ a constant (e.g. 1: no importance weight at all): nothing is clipped
+            return code
         if lo is not None:
             code.masked_fill_(w < lo, LOW)
         if hi is not None:
@@ -555,7 +561,8 @@ class SignedTruncate(ClipRule):
     (no importance weight) for A > 0 and min(w, 1) for A ≤ 0. Every token keeps its gradient.
 
     Clip codes count a token whenever its w was truncated by its branch's bounds (the branch read
-    from the sign of the REINFORCE weight g, which is that of A without a KL term).
+    from the sign of the REINFORCE weight g, which is that of A without a KL term); a branch pinned
+    at one value (TOPR's positives, w̄ = 1) uses no importance weight and counts nothing.
     """
 
     positive: Truncate | None = None

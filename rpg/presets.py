@@ -401,8 +401,8 @@ class TOPRLoss(_Preset):
     enumeration. The paper truncates the ratio of whole trajectories to the sampler μ; this is
     its token-level form, as ROLL's ``topr`` computes it (ROLL branches on the sign of the
     sequence's score, the paper on the return; here on the advantage passed). Anchor on the
-    sampler with ``old_logp = behavior_logp``. Clip codes count a positive token whenever w ≠ 1
-    (its weight 1 is w truncated) and a negative one whenever w > 1.
+    sampler with ``old_logp = behavior_logp``. Clip codes count a negative token whenever w > 1
+    (its weight truncated to 1); the positives use no importance weight and are never counted.
     """
 
     __slots__ = ()
@@ -477,7 +477,7 @@ class DROLoss(_Preset):
     Kimi-1.5 (its eq. 3) squares the log-ratio of the whole response, (β/2)(Σ_t log π_θ/μ)²; verl,
     ROLL and Tinker square each token's, as here. The sequence form is not a per-token loss (its
     gradient at one token depends on the others' log-ratios) and is not offered.
-    Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
+    It uses no importance weight, so no token is ever reported as clipped (``clip_frac`` is 0).
 
     Args:
         beta: β > 0, the penalty coefficient (verl's ``dro_beta``, ROLL's ``kimi15_tau``, Tinker's

@@ -554,3 +554,20 @@ def test_bf16_inputs_are_computed_in_float32(name):
     (g16,) = torch.autograd.grad(a.loss, lp16)
     (g32,) = torch.autograd.grad(b.loss, lp32)
     torch.testing.assert_close(g16.float(), g32.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_clip_fractions_count_only_truncated_importance_weights():
+    """DRO uses no importance weight (w̄ = 1 by construction) and TOPR none on its positives: neither is a
+    truncation, so off-policy neither counts as clipped (else clip_frac reads ≈ 1 on any stale batch).
+    TOPR's negatives with w > 1 are truncated to 1 and are counted (clip_frac/high)."""
+    log_w = torch.tensor([[0.5, -0.5, 0.3, -0.2]], dtype=F64)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=F64)
+    old = torch.full((1, 4), -1.0, dtype=F64)
+    dro = rpg.DROLoss(0.1)(old + log_w, old, adv).metrics
+    assert dro["clip_frac"] == 0.0
+    topr = rpg.TOPRLoss()(old + log_w, old, adv).metrics
+    assert topr["clip_frac/high"] == pytest.approx(0.25) and topr["clip_frac/low"] == 0.0
+    assert topr["clip_frac"] == pytest.approx(0.25)
+    # a truncation that binds is still counted: CISPO's cap, and TOPR's negative side alone
+    cispo = rpg.CISPOLoss(clip=rpg.Truncate.at(None, 1.5))(old + log_w, old, adv).metrics
+    assert cispo["clip_frac/high"] == pytest.approx(0.25)
