@@ -358,6 +358,7 @@ class SAPOLoss(_Preset):
     Gradient follows: ∇E[A] exactly on-policy (w = 1); off-policy each token's importance-weighted
     gradient is scaled by 4σ(τ(w−1))(1−σ(τ(w−1))) < 1, a bias toward small steps that the tests
     compute by enumeration (not the gradient of E_θ[A]).
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default gate): on-policy E[r]; off-policy, per token, none (closest: E[r]).
 
     ``ratio="sequence"`` gates GSPO's sequence ratio s = exp(mean_t log w) instead (TRL's
     ``importance_sampling_level="sequence"`` for ``loss_type="sapo"``); the paper gates token ratios.
@@ -398,7 +399,8 @@ class TOPRLoss(_Preset):
     Gradient follows: ∇E[A] exactly on-policy (w = 1). Off-policy, for tokens from π_old, its
     expected gradient is −Σ π_old·(A⁺ + min(w, 1)·A⁻)·∇logp, which is not the gradient of E_θ[A]
     (the positives lack their weight w, the negatives' is capped); the tests compute it by
-    enumeration. The paper truncates the ratio of whole trajectories to the sampler μ; this is
+    enumeration. Audited ([`rpg.testing.audit`][rpg.testing.audit]): on-policy E[r]; off-policy, per token, none
+    (closest: E[r]). The paper truncates the ratio of whole trajectories to the sampler μ; this is
     its token-level form, as ROLL's ``topr`` computes it (ROLL branches on the sign of the
     sequence's score, the paper on the return; here on the advantage passed). Anchor on the
     sampler with ``old_logp = behavior_logp``. Clip codes count a negative token whenever w > 1
@@ -433,6 +435,8 @@ class GPPOLoss(_Preset):
     Gradient follows: ∇E[A] exactly (off-policy, importance-weighted) where no bound binds, as PPO;
     where one binds, the gradient is the bound's (times β), neither PPO's 0 nor the unclipped w·A —
     computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean.
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default bounds): on-policy E[r]; off-policy, per token, none (closest: E[r]);
+    with ``low=None, high=None`` (no bound: PPO's unclipped loss): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -468,7 +472,9 @@ class DROLoss(_Preset):
     Gradient follows, for tokens drawn from q (π_old, or μ with a correction): exactly
     ∇ of the DRO objective E_{y∼q}[A·log π_θ(y) − (β/2)(log π_θ(y) − log μ(y))²] (the expectation
     under the fixed sampler, checked by enumeration); that is ∇E_θ[A] only on-policy (π_θ = q = μ,
-    where the penalty's gradient is 0).
+    where the penalty's gradient is 0). Audited ([`rpg.testing.audit`][rpg.testing.audit], β = 0.5, no ``ref_logp``):
+    on-policy E[r]; off-policy, per token, none (closest: E[r]) — its own objective, under the sampler, is
+    no candidate of the audit.
 
     With ``behavior_logp`` the rollout correction's weight and the call's ``weights`` multiply
     the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
@@ -535,7 +541,8 @@ class PrimeRLLoss(_Preset):
     where prime-rl's is 0; the loss values differ by those tokens, the gradients do not. Gradient
     follows ∇E[A] − τ·∇E_q[(log π_θ − log μ)²] exactly where no token is masked (the penalty's
     expectation under the sampler q of the tokens). Defaults are prime-rl's: δ = 0.2 both ways,
-    τ = 1e-3. The correction weight and ``weights`` multiply the penalty too (prime-rl's
+    τ = 1e-3. Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
+    off-policy, per token, none (closest: E[r]). The correction weight and ``weights`` multiply the penalty too (prime-rl's
     ``loss_weights`` do).
     """
 
