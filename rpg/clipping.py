@@ -484,7 +484,7 @@ class GradientPreservingClip(ClipRule):
     r"""GPPO / CE-GPPO (Su et al., arXiv 2508.07629, 2509.20712): PPO's clipped value, a bounded gradient kept.
 
     The value is PPO's, ℓ = −m·Â with m = min(w, 1+ε_high) for Â ≥ 0 and max(w, 1−ε_low) for Â < 0
-    (no dual bound). Where PPO cuts the gradient of a clipped token, this rule keeps one, written
+    (no dual bound unless ``dual`` is set). Where PPO cuts the gradient of a clipped token, this rule keeps one, written
     in the papers as the bound times w/sg(w) (value at the bound, gradient through w rescaled):
 
     * Â ≥ 0 and w > 1+ε_high: ∂ℓ/∂logp = −β_high·(1+ε_high)·Â;
@@ -498,17 +498,24 @@ class GradientPreservingClip(ClipRule):
     value for every β (CE-GPPO's sg-form writes β·bound·Â as the value; only the gradient, the same
     in both, is its update). Differentiable style, token or sequence ratio.
 
+    ``dual`` (default ``None``, as the papers' formulas) adds PPO's dual clip for negative
+    advantages: Â < 0 and w ≥ c_dual gives m = c_dual with no gradient. The authors' training code
+    (verl's PPO loss with the kept gradient) runs it with c_dual = 3 (verl's ``clip_ratio_c``):
+    ``dual=3.0`` reproduces that code's loss and gradient.
+
     Args:
         low: ε_low, 0 ≤ ε_low < 1 (``None``: no lower bound).
         high: ε_high ≥ 0 (``None``: no upper bound).
         beta_low: β₁ ≥ 0, the scale of a clipped negative-advantage token's gradient.
         beta_high: β₂ ≥ 0, the scale of a clipped positive-advantage token's gradient.
+        dual: c_dual > 1, the dual-clip bound for negative advantages, or ``None`` (default: off).
     """
 
     low: float | None = 0.2
     high: float | None = 0.28
     beta_low: float = 1.0
     beta_high: float = 1.0
+    dual: float | None = None
 
     styles = ("differentiable",)
 
@@ -527,6 +534,15 @@ class GradientPreservingClip(ClipRule):
                 raise TypeError(f"GradientPreservingClip.{name} must be a number >= 0, got None")
             ok = _check_bound(f"GradientPreservingClip.{name}", value, lambda v: 0 <= v < _INF, f"0 <= {name} < inf")
             object.__setattr__(self, name, ok)
+        dual = _check_bound("GradientPreservingClip.dual", self.dual, lambda v: 1 < v < _INF, "1 < dual < inf")
+        object.__setattr__(self, "dual", dual)
+
+    def __repr__(self) -> str:
+        extra = "" if self.dual is None else f", dual={self.dual!r}"
+        return (
+            f"GradientPreservingClip(low={self.low!r}, high={self.high!r}, beta_low={self.beta_low!r}, "
+            f"beta_high={self.beta_high!r}{extra})"
+        )
 
     def effective_ratio(self, w, adv_hat, ratios=None):
         up = adv_hat >= 0
@@ -537,7 +553,12 @@ class GradientPreservingClip(ClipRule):
         )
         cut = m != w
         kept = torch.where(up, _scalar(self.beta_high * hi, w), _scalar(self.beta_low * lo, w))
-        return m, torch.where(cut, kept, w)
+        slope = torch.where(cut, kept, w)
+        if self.dual is not None:  # PPO's dual clip: the value c_dual, no gradient
+            dual = ~up & (w >= self.dual)
+            m = torch.where(dual, _scalar(self.dual, w), m)
+            slope = torch.where(dual, _scalar(0.0, w), slope)
+        return m, slope
 
     def codes(self, w, direction, ratios=None):
         up, down = direction > 0, direction < 0
@@ -546,6 +567,8 @@ class GradientPreservingClip(ClipRule):
             code.masked_fill_(down & (w <= 1 - self.low), LOW)
         if self.high is not None:
             code.masked_fill_(up & (w >= 1 + self.high), HIGH)
+        if self.dual is not None:
+            code.masked_fill_(down & (w >= self.dual), DUAL)
         return code
 
 

@@ -434,13 +434,16 @@ class GPPOLoss(_Preset):
 
     Gradient follows: ∇E[A] exactly (off-policy, importance-weighted) where no bound binds, as PPO;
     where one binds, the gradient is the bound's (times β), neither PPO's 0 nor the unclipped w·A —
-    computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean.
+    computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean, no dual clip (the
+    papers' formulas); ``dual=3.0`` adds the dual clip of the authors' training code (verl's
+    ``clip_ratio_c``), whose loss and gradient it then equals.
     Audited ([`rpg.testing.audit`][rpg.testing.audit], the default bounds): on-policy E[r]; off-policy, per token, none (closest: E[r]);
     with ``low=None, high=None`` (no bound: PPO's unclipped loss): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
-    _arg_names = ("low", "high", "beta_low", "beta_high", "agg", *_EXTRA)
+    _arg_names = ("low", "high", "beta_low", "beta_high", "agg", "dual", *_EXTRA)
+    _arg_defaults: ClassVar[dict] = {**_EXTRA_DEFAULTS, "dual": None}
 
     def __init__(
         self,
@@ -450,11 +453,14 @@ class GPPOLoss(_Preset):
         beta_high: float = 1.0,
         agg: str = "token-mean",
         *,
+        dual: float | None = None,
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        clip = GradientPreservingClip(low, high, beta_low, beta_high)
-        args = dict(low=clip.low, high=clip.high, beta_low=clip.beta_low, beta_high=clip.beta_high, agg=agg)
+        clip = GradientPreservingClip(low, high, beta_low, beta_high, dual)
+        args = dict(
+            low=clip.low, high=clip.high, beta_low=clip.beta_low, beta_high=clip.beta_high, agg=agg, dual=clip.dual
+        )
         self._set(args, correction, entropy_coef, clip=clip, agg=agg)
 
 
