@@ -500,8 +500,8 @@ class GradientPreservingClip(ClipRule):
 
     ``dual`` (default ``None``, as the papers' formulas) adds PPO's dual clip for negative
     advantages: Â < 0 and w ≥ c_dual gives m = c_dual with no gradient. The authors' training code
-    (verl's PPO loss with the kept gradient) runs it with c_dual = 3 (verl's ``clip_ratio_c``):
-    ``dual=3.0`` reproduces that code's loss and gradient.
+    (verl's PPO loss with the kept gradient) always runs it, at verl's ``clip_ratio_c`` (3 by default,
+    10 in the CE-GPPO scripts): ``dual=c`` reproduces that code's gradient (and its value for β = 1).
 
     Args:
         low: ε_low, 0 ≤ ε_low < 1 (``None``: no lower bound).

@@ -429,7 +429,8 @@ class GPPOLoss(_Preset):
     w > 1+ε_high) or −β_low·(1−ε_low)·A (A < 0, w < 1−ε_low) per ∇logp
     ([`GradientPreservingClip`][rpg.clipping.GradientPreservingClip]). GPPO is β_low = β_high = 1 (the
     default: a clipped token's gradient is its gradient at the bound); CE-GPPO is the same loss with
-    its β₁ = ``beta_low`` and β₂ = ``beta_high`` (the paper varies them; β = 0 is PPO). The value is
+    its β₁ = ``beta_low`` and β₂ = ``beta_high`` (the paper varies them; β = 0 is PPO; the authors'
+    CE-GPPO scripts run ε = 0.2 both ways, β₁ = 0.5 or 0.75, β₂ = 1 and ``dual=10.0``). The value is
     PPO's clipped value for every β; CE-GPPO's sg-form has the value β·bound·A there (same gradient).
 
     Gradient follows: ∇E[A] exactly (off-policy, importance-weighted) where no bound binds, as PPO;
