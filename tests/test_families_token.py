@@ -46,6 +46,10 @@ FAMILIES = {
         rpg.GPPOLoss(beta_low=0.5, beta_high=0.75),
         lambda lp, old, a, m: R.gppo_term((lp - old).exp(), _wide(a, lp), 0.2, 0.28, 0.5, 0.75),
     ),
+    "gppo-dual": (
+        rpg.GPPOLoss(beta_low=0.25, dual=1.5),
+        lambda lp, old, a, m: R.gppo_term((lp - old).exp(), _wide(a, lp), 0.2, 0.28, 0.25, 1.0, 1.5),
+    ),
     "topr": (rpg.TOPRLoss(), lambda lp, old, a, m: R.topr_term(lp, old, _wide(a, lp))),
     "dro": (rpg.DROLoss(0.3), lambda lp, old, a, m: R.dro_term(lp, old, _wide(a, lp), 0.3)),
     "prime-rl": (
