@@ -494,7 +494,8 @@ class DROLoss(_Preset):
 
     Args:
         beta: β > 0, the penalty coefficient (verl's ``dro_beta``, ROLL's ``kimi15_tau``, Tinker's
-            ``beta``); required, as in verl (no published default).
+            ``beta``); required, as in verl (the peers disagree: ROLL's ``kimi15_tau`` defaults to 0.1,
+            Tinker's documentation uses 0.05).
         agg: aggregation (default ``"token-mean"``; Tinker sums).
         weight_penalty: whether the correction weight and ``weights`` multiply the penalty.
     """
