@@ -205,8 +205,8 @@ class TokenLoss(torch.autograd.Function):
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
         cfg = inputs[-1]  # a separate KL term (separate_kl) is not linear in logp
-        ctx.separate = cfg.style == "reinforce" and cfg.separate_kl and cfg.has_kl
-        ctx.linear = cfg.style == "reinforce" and not ctx.separate
+        ctx.linear = cfg.style == "reinforce" and not (cfg.separate_kl and cfg.has_kl)
+        ctx.separate = cfg.style == "reinforce" and not ctx.linear  # names the cause if it raises
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
