@@ -223,17 +223,22 @@ class TokenLoss(torch.autograd.Function):
         # separate KL term (separate_kl) is added to it
         cfg = inputs[6]
         ctx.linear = cfg.style == "reinforce" and not (cfg.separate_kl and cfg.has_kl)
+        ctx.separate = cfg.style == "reinforce" and not ctx.linear  # names the cause if it raises
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
         # (Under torch.compile the traced backward may carry a zero gradient for output 1: not a second
         # derivative, so it is not checked there.)
         if grad_of_grad is not None and not ctx.linear and not torch.compiler.is_compiling():
+            what = (
+                "a style='reinforce' loss with a separate KL term (separate_kl=True, e.g. DROLoss's penalty)"
+                if ctx.separate
+                else "a style='differentiable' loss"
+            )
             raise RuntimeError(
-                "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
-                "is not linear in logp, and a silent 0 would be wrong); the REINFORCE-style losses "
-                "(style='reinforce') are linear in logp and support double backward exactly (the second "
-                "derivative is 0)"
+                f"rpg: second derivatives of {what} are not implemented (its per-token loss is not linear in "
+                "logp, and a silent 0 would be wrong); the REINFORCE-style losses without separate_kl are linear "
+                "in logp and support double backward exactly (the second derivative is 0)"
             )
         if grad_value is None:
             return None, None, None, None, None, None, None, None

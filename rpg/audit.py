@@ -25,10 +25,15 @@ from .presets import (
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
+    DROLoss,
+    GPPOLoss,
     GRPOLoss,
     GSPOLoss,
     OnPolicyDistillationLoss,
+    PrimeRLLoss,
     REINFORCEPlusPlusLoss,
+    SAPOLoss,
+    TOPRLoss,
 )
 from .testing import OBJECTIVES, SCENARIOS, Audit, audit
 
@@ -103,6 +108,21 @@ ROWS: list[Row] = [
     Row("CISPOLoss", CISPOLoss, "E[r]", "default cap w ≤ 5"),
     Row("OnPolicyDistillationLoss", lambda: OnPolicyDistillationLoss(BETA), "urkl", "π_ref = the teacher"),
     Row("DPPOLoss", DPPOLoss, "E[r]", "default trust region δ = 0.15"),
+    Row("SAPOLoss", SAPOLoss, "E[r]", "default gate τ = (1, 1.05); no clip to turn off"),
+    Row("TOPRLoss", TOPRLoss, "E[r]", "w̄ = 1 for A > 0, min(w, 1) for A ≤ 0"),
+    Row("GPPOLoss", GPPOLoss, "E[r]", "default ε = (0.2, 0.28), β₁ = β₂ = 1: the kept gradient is the family"),
+    Row(
+        "DROLoss",
+        lambda: DROLoss(BETA),
+        "E[r]",
+        "its objective E_q[A·log π − (β/2)(log π − log μ)²] is no candidate; called without ref_logp",
+    ),
+    Row(
+        "PrimeRLLoss",
+        PrimeRLLoss,
+        "E[r]",
+        "default τ = 1e-3 (β = 2τ), δ = 0.2; penalty toward μ, no candidate; called without ref_logp",
+    ),
 ]
 
 

@@ -377,6 +377,7 @@ class SAPOLoss(_Preset):
     Gradient follows: ∇E[A] exactly on-policy (w = 1); off-policy each token's importance-weighted
     gradient is scaled by 4σ(τ(w−1))(1−σ(τ(w−1))) < 1, a bias toward small steps that the tests
     compute by enumeration (not the gradient of E_θ[A]).
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default gate): on-policy E[r]; off-policy, per token, none (closest: E[r]).
 
     ``ratio="sequence"`` gates GSPO's sequence ratio s = exp(mean_t log w) instead (TRL's
     ``importance_sampling_level="sequence"`` for ``loss_type="sapo"``); the paper gates token ratios.
@@ -417,11 +418,12 @@ class TOPRLoss(_Preset):
     Gradient follows: ∇E[A] exactly on-policy (w = 1). Off-policy, for tokens from π_old, its
     expected gradient is −Σ π_old·(A⁺ + min(w, 1)·A⁻)·∇logp, which is not the gradient of E_θ[A]
     (the positives lack their weight w, the negatives' is capped); the tests compute it by
-    enumeration. The paper truncates the ratio of whole trajectories to the sampler μ; this is
+    enumeration. Audited ([`rpg.testing.audit`][rpg.testing.audit]): on-policy E[r]; off-policy, per token, none
+    (closest: E[r]). The paper truncates the ratio of whole trajectories to the sampler μ; this is
     its token-level form, as ROLL's ``topr`` computes it (ROLL branches on the sign of the
     sequence's score, the paper on the return; here on the advantage passed). Anchor on the
-    sampler with ``old_logp = behavior_logp``. Clip codes count a positive token whenever w ≠ 1
-    (its weight 1 is w truncated) and a negative one whenever w > 1.
+    sampler with ``old_logp = behavior_logp``. Clip codes count a negative token whenever w > 1
+    (its weight truncated to 1); the positives use no importance weight and are never counted.
     """
 
     __slots__ = ()
@@ -446,16 +448,22 @@ class GPPOLoss(_Preset):
     w > 1+ε_high) or −β_low·(1−ε_low)·A (A < 0, w < 1−ε_low) per ∇logp
     ([`GradientPreservingClip`][rpg.clipping.GradientPreservingClip]). GPPO is β_low = β_high = 1 (the
     default: a clipped token's gradient is its gradient at the bound); CE-GPPO is the same loss with
-    its β₁ = ``beta_low`` and β₂ = ``beta_high`` (the paper varies them; β = 0 is PPO). The value is
+    its β₁ = ``beta_low`` and β₂ = ``beta_high`` (the paper varies them; β = 0 is PPO; the authors'
+    CE-GPPO scripts run ε = 0.2 both ways, β₁ = 0.5 or 0.75, β₂ = 1 and ``dual=10.0``). The value is
     PPO's clipped value for every β; CE-GPPO's sg-form has the value β·bound·A there (same gradient).
 
     Gradient follows: ∇E[A] exactly (off-policy, importance-weighted) where no bound binds, as PPO;
     where one binds, the gradient is the bound's (times β), neither PPO's 0 nor the unclipped w·A —
-    computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean.
+    computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean, no dual clip (the
+    papers' formulas); ``dual=3.0`` adds the dual clip of the authors' training code (verl's
+    ``clip_ratio_c``), whose loss and gradient it then equals.
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default bounds): on-policy E[r]; off-policy, per token, none (closest: E[r]);
+    with ``low=None, high=None`` (no bound: PPO's unclipped loss): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
-    _arg_names = ("low", "high", "beta_low", "beta_high", "agg", *_EXTRA)
+    _arg_names = ("low", "high", "beta_low", "beta_high", "agg", "dual", *_EXTRA)
+    _arg_defaults: ClassVar[dict] = {**_EXTRA_DEFAULTS, "dual": None}
 
     def __init__(
         self,
@@ -465,11 +473,14 @@ class GPPOLoss(_Preset):
         beta_high: float = 1.0,
         agg: str = "token-mean",
         *,
+        dual: float | None = None,
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        clip = GradientPreservingClip(low, high, beta_low, beta_high)
-        args = dict(low=clip.low, high=clip.high, beta_low=clip.beta_low, beta_high=clip.beta_high, agg=agg)
+        clip = GradientPreservingClip(low, high, beta_low, beta_high, dual)
+        args = dict(
+            low=clip.low, high=clip.high, beta_low=clip.beta_low, beta_high=clip.beta_high, agg=agg, dual=clip.dual
+        )
         self._set(args, correction, entropy_coef, clip=clip, agg=agg)
 
 
@@ -487,7 +498,9 @@ class DROLoss(_Preset):
     Gradient follows, for tokens drawn from q (π_old, or μ with a correction): exactly
     ∇ of the DRO objective E_{y∼q}[A·log π_θ(y) − (β/2)(log π_θ(y) − log μ(y))²] (the expectation
     under the fixed sampler, checked by enumeration); that is ∇E_θ[A] only on-policy (π_θ = q = μ,
-    where the penalty's gradient is 0).
+    where the penalty's gradient is 0). Audited ([`rpg.testing.audit`][rpg.testing.audit], β = 0.5, no ``ref_logp``):
+    on-policy E[r]; off-policy, per token, none (closest: E[r]) — its own objective, under the sampler, is
+    no candidate of the audit.
 
     With ``behavior_logp`` the rollout correction's weight and the call's ``weights`` multiply
     the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
@@ -496,11 +509,12 @@ class DROLoss(_Preset):
     Kimi-1.5 (its eq. 3) squares the log-ratio of the whole response, (β/2)(Σ_t log π_θ/μ)²; verl,
     ROLL and Tinker square each token's, as here. The sequence form is not a per-token loss (its
     gradient at one token depends on the others' log-ratios) and is not offered.
-    Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
+    It uses no importance weight, so no token is ever reported as clipped (``clip_frac`` is 0).
 
     Args:
         beta: β > 0, the penalty coefficient (verl's ``dro_beta``, ROLL's ``kimi15_tau``, Tinker's
-            ``beta``); required, as in verl (no published default).
+            ``beta``); required, as in verl (the peers disagree: ROLL's ``kimi15_tau`` defaults to 0.1,
+            Tinker's documentation uses 0.05).
         agg: aggregation (default ``"token-mean"``; Tinker sums).
         weight_penalty: whether the correction weight and ``weights`` multiply the penalty.
     """
@@ -554,7 +568,8 @@ class PrimeRLLoss(_Preset):
     where prime-rl's is 0; the loss values differ by those tokens, the gradients do not. Gradient
     follows ∇E[A] − τ·∇E_q[(log π_θ − log μ)²] exactly where no token is masked (the penalty's
     expectation under the sampler q of the tokens). Defaults are prime-rl's: δ = 0.2 both ways,
-    τ = 1e-3. The correction weight and ``weights`` multiply the penalty too (prime-rl's
+    τ = 1e-3. Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
+    off-policy, per token, none (closest: E[r]). The correction weight and ``weights`` multiply the penalty too (prime-rl's
     ``loss_weights`` do).
     """
 

@@ -30,7 +30,8 @@ applies. [`correction_bias`][rpg.testing.correction_bias] measures how far a cor
 gradient is from −∇J on a two-step problem.
 
 **A custom loss.** Every oracle calls ``loss_fn`` as rpg calls its losses:
-``loss_fn(logp, old_logp, advantages, mask, ref_logp=ref_logp)``, adding
+``loss_fn(logp, old_logp, advantages, mask, ref_logp=ref_logp)`` (``ref_logp=None`` for a loss whose
+``kl_anchor`` is ``"behavior"``, e.g. [`DROLoss`][rpg.presets.DROLoss], which refuses one), adding
 ``behavior_logp=`` when the problem has a behaviour policy and the function takes a parameter of
 that name (or ``**kwargs``), and ``weights=`` only when a ``weights`` callable is given. ``logp``
 is ``[B, T]`` and carries the gradient; the other log-probs are ``[B, T]`` and detached;
@@ -237,7 +238,9 @@ def _expected(
     s = _support(sampler)  # only the responses the sampler can draw are ever in a batch
     prob = sampler[s].sum(-1).exp()
     rows = (logp[s], old_logp[s], adv[s], torch.ones_like(logp[s], dtype=torch.bool))
-    kwargs = {"ref_logp": None if ref_logp is None else ref_logp[s]}
+    # a KL term anchored on the sampler (kl_anchor="behavior", e.g. DROLoss) takes no ref_logp
+    anchored = getattr(loss_fn, "kl_anchor", "ref") == "behavior"
+    kwargs = {"ref_logp": None if ref_logp is None or anchored else ref_logp[s]}
     if behavior_logp is not None and pass_behavior and _accepts(loss_fn, "behavior_logp"):
         kwargs["behavior_logp"] = behavior_logp[s]
     if weights is not None:

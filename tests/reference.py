@@ -106,13 +106,16 @@ def sequence_ratio_tokens(logp, old_logp, mask):
     return (log_s + logp - logp.detach()).exp()
 
 
-def gppo_term(w, adv, low, high, beta_low, beta_high):
-    """GPPO / CE-GPPO in the sg-form: a clipped token is bound + β·bound·(w/sg(w) − 1) (value: the bound)."""
+def gppo_term(w, adv, low, high, beta_low, beta_high, dual=None):
+    """GPPO / CE-GPPO in the sg-form: a clipped token is bound + β·bound·(w/sg(w) − 1) (value: the bound);
+    with ``dual``, A < 0 and w ≥ c_dual gives the constant c_dual (PPO's dual clip)."""
     hi, lo = 1 + high, 1 - low
     w_d = w.detach()
     kept_hi = hi + beta_high * hi * (w / w_d - 1)
     kept_lo = lo + beta_low * lo * (w / w_d - 1)
     m = torch.where((adv >= 0) & (w_d > hi), kept_hi, torch.where((adv < 0) & (w_d < lo), kept_lo, w))
+    if dual is not None:
+        m = torch.where((adv < 0) & (w_d >= dual), torch.full_like(w, dual), m)
     return -m * adv
 
 

@@ -36,6 +36,12 @@ STATED = [
     (rpg.CISPOLoss, lambda: rpg.CISPOLoss(), {}),
     (rpg.OnPolicyDistillationLoss, lambda: rpg.OnPolicyDistillationLoss(beta=BETA), {}),
     (rpg.DPPOLoss, lambda: rpg.DPPOLoss(), {}),
+    (rpg.SAPOLoss, lambda: rpg.SAPOLoss(), {}),
+    (rpg.TOPRLoss, lambda: rpg.TOPRLoss(), {}),
+    (rpg.GPPOLoss, lambda: rpg.GPPOLoss(), {}),
+    (rpg.GPPOLoss, lambda: rpg.GPPOLoss(low=None, high=None), {}),
+    (rpg.DROLoss, lambda: rpg.DROLoss(BETA), {}),
+    (rpg.PrimeRLLoss, lambda: rpg.PrimeRLLoss(), {}),
 ]
 
 
@@ -204,7 +210,18 @@ def test_the_page_claims_hold(audited):
     not_on = {row.name for row, a in audited if a.bias(where="on-policy") >= EXACT}
     assert not_on == {"GRPOLoss, k3", "KL in reward, k2 returns"}
     not_off = {row.name for row, a in audited if a.bias(where="1 token, off-policy") >= EXACT}
-    assert not_off == {"GRPOLoss, k3", "KL in reward, k1 returns", "KL in reward, k2 returns", "DPPOLoss"}
+    assert not_off == {
+        "GRPOLoss, k3",
+        "KL in reward, k1 returns",
+        "KL in reward, k2 returns",
+        "DPPOLoss",
+        # the token-level families: each changes the importance weight off-policy by design
+        "SAPOLoss",
+        "TOPRLoss",
+        "GPPOLoss",
+        "DROLoss",
+        "PrimeRLLoss",
+    }
     # every per-response objective is missed off-policy with per-token ratios only
     assert min(a.bias(where="2 tokens, off-policy") for _, a in audited) > BIASED
 

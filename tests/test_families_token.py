@@ -46,6 +46,10 @@ FAMILIES = {
         rpg.GPPOLoss(beta_low=0.5, beta_high=0.75),
         lambda lp, old, a, m: R.gppo_term((lp - old).exp(), _wide(a, lp), 0.2, 0.28, 0.5, 0.75),
     ),
+    "gppo-dual": (
+        rpg.GPPOLoss(beta_low=0.25, dual=1.5),
+        lambda lp, old, a, m: R.gppo_term((lp - old).exp(), _wide(a, lp), 0.2, 0.28, 0.25, 1.0, 1.5),
+    ),
     "topr": (rpg.TOPRLoss(), lambda lp, old, a, m: R.topr_term(lp, old, _wide(a, lp))),
     "dro": (rpg.DROLoss(0.3), lambda lp, old, a, m: R.dro_term(lp, old, _wide(a, lp), 0.3)),
     "prime-rl": (
@@ -401,8 +405,10 @@ def test_second_derivatives():
     (h,) = torch.autograd.grad(g.sum(), logp, allow_unused=True)
     assert h is None or (h == 0).all()
     (g,) = torch.autograd.grad(rpg.DROLoss(0.1)(logp, old, adv, mask).loss, logp, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivatives"):
+    with pytest.raises(RuntimeError, match="second derivatives") as err:
         torch.autograd.grad(g.sum(), logp)
+    # the message names DRO's cause (a separate KL term in the REINFORCE style), not the differentiable style
+    assert "separate_kl" in str(err.value) and "style='differentiable' loss" not in str(err.value)
 
 
 def test_configurations_and_reprs():
@@ -554,3 +560,64 @@ def test_bf16_inputs_are_computed_in_float32(name):
     (g16,) = torch.autograd.grad(a.loss, lp16)
     (g32,) = torch.autograd.grad(b.loss, lp32)
     torch.testing.assert_close(g16.float(), g32.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_clip_fractions_count_only_truncated_importance_weights():
+    """DRO uses no importance weight (w̄ = 1 by construction) and TOPR none on its positives: neither is a
+    truncation, so off-policy neither counts as clipped (else clip_frac reads ≈ 1 on any stale batch).
+    TOPR's negatives with w > 1 are truncated to 1 and are counted (clip_frac/high)."""
+    log_w = torch.tensor([[0.5, -0.5, 0.3, -0.2]], dtype=F64)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=F64)
+    old = torch.full((1, 4), -1.0, dtype=F64)
+    dro = rpg.DROLoss(0.1)(old + log_w, old, adv).metrics
+    assert dro["clip_frac"] == 0.0
+    topr = rpg.TOPRLoss()(old + log_w, old, adv).metrics
+    assert topr["clip_frac/high"] == pytest.approx(0.25) and topr["clip_frac/low"] == 0.0
+    assert topr["clip_frac"] == pytest.approx(0.25)
+    # a truncation that binds is still counted: CISPO's cap, and TOPR's negative side alone
+    cispo = rpg.CISPOLoss(clip=rpg.Truncate.at(None, 1.5))(old + log_w, old, adv).metrics
+    assert cispo["clip_frac/high"] == pytest.approx(0.25)
+
+
+def _authors_gppo(logp, old, adv, mask, low, high, beta_low, beta_high, dual):
+    """The GPPO / CE-GPPO loss as the authors' training code computes it (Kwai-Klear/CE-GPPO,
+    ``compute_gppo_loss_general_beta``), rewritten here: the kept gradient β·bound·w/sg(w) on the two
+    clipped sides, then verl's dual clip min(·, −A·c) for negative advantages; token-mean."""
+    w = (logp - old).exp()
+    w_d = w.detach()
+    below = (w_d < 1 - low) & (adv < 0)
+    above = (w_d > 1 + high) & (adv > 0)
+    term = torch.where(
+        below,
+        -beta_low * (1 - low) * w / w_d * adv,
+        torch.where(above, -beta_high * (1 + high) * w / w_d * adv, -w * adv),
+    )
+    term = torch.where(adv < 0, torch.minimum(term, -adv * dual), term)
+    return (term * mask).sum() / mask.sum()
+
+
+def test_gppo_dual_clip_equals_the_authors_code():
+    """The authors' code (GPPO and CE-GPPO alike) runs verl's dual clip c = 3 on negative advantages:
+    ``dual=3.0`` reproduces its loss and gradient; the default (the papers' formula) has none."""
+    logp, old, adv, mask, _ = make_batch(4, 7, seed=21, spread=1.5)
+    adv = torch.randn(4, 7, dtype=F64, generator=torch.Generator().manual_seed(3))
+    w = (logp - old).exp()
+    assert ((w > 3) & (adv < 0) & mask).any() and ((w > 1.28) & (adv > 0) & mask).any()
+    for b_lo, b_hi in [(1.0, 1.0), (0.25, 1.0)]:  # GPPO; CE-GPPO with the authors' code defaults
+        loss = rpg.GPPOLoss(beta_low=b_lo, beta_high=b_hi, dual=3.0)
+        lp = logp.detach().clone().requires_grad_(True)
+        out = loss(lp, old, adv, mask)
+        (g,) = torch.autograd.grad(out.loss, lp)
+        lp2 = logp.detach().clone().requires_grad_(True)
+        want = _authors_gppo(lp2, old, adv, mask, 0.2, 0.28, b_lo, b_hi, 3.0)
+        (g2,) = torch.autograd.grad(want, lp2)
+        torch.testing.assert_close(g, g2, rtol=0, atol=1e-12)
+        if b_lo == b_hi == 1.0:  # CE-GPPO's value is β·bound·A where a bound binds, here PPO's (docstring)
+            torch.testing.assert_close(out.loss, want, rtol=0, atol=1e-12)
+    assert out.metrics["clip_frac/dual"] > 0
+    # without it the dual-clipped tokens keep −w·A: the default differs from the authors' code there
+    assert not torch.allclose(torch.autograd.grad(rpg.GPPOLoss(beta_low=0.25)(lp, old, adv, mask).loss, lp)[0], g2)
+    assert repr(rpg.GPPOLoss()) == "GPPOLoss(low=0.2, high=0.28, beta_low=1.0, beta_high=1.0, agg='token-mean')"
+    assert "dual=3.0" in repr(loss) and loss.clip == rpg.GradientPreservingClip(0.2, 0.28, 0.25, 1.0, dual=3.0)
+    with pytest.raises(ValueError, match="dual"):
+        rpg.GradientPreservingClip(dual=1.0)
