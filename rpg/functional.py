@@ -10,7 +10,7 @@ with ℓ the configured per-token loss (its closed-form derivative computed in t
 same pass), ρ̄ the rollout correction's weight (1 without ``behavior_logp``), ω
 the caller's ``weights`` (1 without), H the ``entropy`` and c_H ``entropy_coef``;
 all of ω, ρ̄ are constants (no gradient), and padding is 0. (With ``ratio="product"`` ρ̄ enters
-the sequence ratio instead: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
+the sequence ratio instead, and multiplies only a KL term: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
 ``per_token`` with the configured mode and counts.
 
     out = rpg.policy_loss(logp, old_logp, advantages, mask, kl="urkl", beta=1e-3, style="reinforce")
@@ -157,7 +157,7 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
 
-    scale, agg_mask, correction, seq_log_weight = None, mask, None, None
+    scale, agg_mask, correction, seq_log_weight, kl_scale = None, mask, None, None, None
     if behavior_logp is not None:
         behavior_logp = behavior_logp.detach().to(dtype)
         correction = config.correction if config.correction is not None else RolloutCorrection()
@@ -166,6 +166,8 @@ def policy_loss(
             agg_mask = keep
         if config.ratio == "product":  # the correction enters the sequence ratio W (rpg.sequence)
             seq_log_weight = correction_log_weight(scale, mask, correction.level)
+            if config.has_kl and config.weight_kl:  # the per-token KL term keeps each token's weight
+                kl_scale = scale
             scale = None
     if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
         if ref_logp is not None:
@@ -185,7 +187,7 @@ def policy_loss(
         if drop is not None:
             scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
 
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight)
+    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight, kl_scale)
     if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
         extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
         per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))

@@ -11,6 +11,7 @@ import torch
 import rpg
 from rpg import testing as T
 from rpg.correction import m2_rejected
+from rpg.objectives import Ratios
 from rpg.selection import CovarianceDrop, CovariancePenalty, covariance
 from rpg.sequence import Gamma
 
@@ -601,3 +602,73 @@ def test_fused_head_equals_from_hidden(make, counts):
     torch.testing.assert_close(got.per_token, want.per_token.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(fh, gh, rtol=0, atol=1e-10)
     torch.testing.assert_close(fw, gw, rtol=0, atol=1e-10)
+
+
+# --- the sequence ratios and selection rules beside the token families' settings --------------------
+
+
+def _pieces(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 4
+    logp = (torch.randn(B, T, generator=g, dtype=torch.float64) - 1).requires_grad_()
+    old = logp.detach() + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    beh = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3] = False
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return logp, old, beh, adv, mask, weights
+
+
+@pytest.mark.parametrize("weight_kl", [True, False])
+@pytest.mark.parametrize("kernel", [None, rpg.sequence.Gamma()])
+def test_product_ratio_with_a_separate_kl_term_is_the_sum_of_its_terms(kernel, weight_kl):
+    """separate_kl=True under ratio='product': −sg(φ(W)·A)·logp (weighted) plus the differentiable KL term
+    (weighted only with weight_kl=True) — not the folded weight, and the weights are not dropped."""
+    logp, old, _, adv, mask, weights = _pieces()
+    cfg = dict(style="reinforce", ratio="product", kernel=kernel, kl="rkl", beta=0.5, separate_kl=True)
+    out = rpg.policy_loss(logp, old, adv, mask, weights=weights, weight_kl=weight_kl, **cfg)
+    pg = rpg.policy_loss(logp, old, adv, mask, weights=weights, style="reinforce", ratio="product", kernel=kernel)
+    kl = rpg.policy_loss(logp, old, None, mask, weights=weights if weight_kl else None, kl="rkl", beta=0.5)
+    torch.testing.assert_close(out.per_token, pg.per_token + kl.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(pg.loss + kl.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("separate_kl", [False, True])
+def test_product_ratio_kl_term_takes_the_token_correction_weight(separate_kl):
+    """With a behaviour policy the correction enters W for the policy-gradient term; the per-token KL term
+    still gets each token's correction weight ρ̄_t (weight_kl=True), as under ratio='token'."""
+    logp, old, beh, adv, mask, _ = _pieces()
+    corr = rpg.RolloutCorrection(upper=1.5)
+    kw = dict(behavior_logp=beh, correction=corr)
+    out = rpg.policy_loss(
+        logp, old, adv, mask, style="reinforce", ratio="product", kl="rkl", beta=0.5, separate_kl=separate_kl, **kw
+    )
+    pg = rpg.policy_loss(logp, old, adv, mask, style="reinforce", ratio="product", **kw)
+    kl_style = dict(style="reinforce", separate_kl=True) if separate_kl else dict(style="reinforce")
+    kl = rpg.policy_loss(logp, old, None, mask, kl="rkl", beta=0.5, **kl_style, **kw)
+    torch.testing.assert_close(out.per_token, pg.per_token + kl.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(pg.loss + kl.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        rpg.GradientPreservingClip(0.2, 0.2),
+        rpg.SoftGate(),
+        rpg.TrustRegion(0.1, 0.1),
+        rpg.Clip(0.2, 0.2, dual=None),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_clip_cov_with_any_differentiable_clip_rule_drops_only_unclipped_tokens(clip):
+    """Every candidate dropped (fraction 1, a band holding every cov): the tokens left with a loss are
+    exactly those the clip rule already clips (its metric codes), for every differentiable-style rule."""
+    logp, old, _, adv, mask, _ = _pieces()
+    old = logp.detach() + torch.linspace(-0.6, 0.6, 12, dtype=torch.float64).view(3, 4)
+    rule = rpg.selection.CovarianceDrop(1.0, -1e9, 1e9)
+    out = rpg.policy_loss(logp, old, adv, mask, clip=clip, select=rule, generator=_gen())
+    full = rpg.policy_loss(logp, old, adv, mask, clip=clip)
+    r = Ratios(logp.detach(), old)
+    clipped = (clip.codes(r.w, adv[:, None].expand_as(r.w), r) != 0) & mask
+    torch.testing.assert_close(out.per_token, torch.where(clipped, full.per_token, 0.0), rtol=0, atol=0)
