@@ -105,6 +105,11 @@ class RolloutCorrection:
 
     With ``behavior_logp`` given and no ``correction=`` on the loss, the loss uses
     ``RolloutCorrection()``. Invalid settings raise ``ValueError`` / ``TypeError``.
+
+    M2PO audited ([`rpg.testing.audit`][rpg.testing.audit], ``PolicyLoss()`` with
+    ``RolloutCorrection(mode="truncate", lower=1.0, upper=1.0, m2_upper=0.04, count_rejected=False)``):
+    on-policy E[r]; off-policy, per token, E[r]. With weight 1 the filter does not correct μ ≠ π_old:
+    its bias under a behaviour policy is on the "Every loss, audited" page.
     """
 
     level: str = "token"
