@@ -165,7 +165,7 @@ def policy_loss(
         if not correction.count_rejected:
             agg_mask = keep
         if config.ratio == "product":  # the correction enters the sequence ratio W (rpg.sequence)
-            seq_log_weight = correction_log_weight(scale, mask, correction.level)
+            seq_log_weight = correction_log_weight(scale, agg_mask, correction.level)
             if config.has_kl and config.weight_kl:  # the per-token KL term keeps each token's weight
                 kl_scale = scale
             scale = None
@@ -183,13 +183,15 @@ def policy_loss(
 
     penalize = None
     if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
-        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, mask, config.clip, generator)
+        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, agg_mask, config.clip, generator)
         if drop is not None:
             scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
 
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight, kl_scale)
+    # Rejected tokens that leave the mask (count_rejected=False) leave the sequence ratios and the selection's
+    # statistics too: the response is the kept tokens, as in verl, whose rejection shrinks the response mask.
+    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale)
     if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
-        extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
+        extra = penalty(logp, old_logp, penalize & agg_mask, config.select.coef)
         per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
         per_token = torch.where(agg_mask, per_token, zero)

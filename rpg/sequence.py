@@ -156,7 +156,8 @@ def correction_log_weight(weight: torch.Tensor, mask: torch.Tensor, level: str) 
     With a behaviour policy μ the product ratio takes the correction inside the sequence ratio,
     W = Π_t w_t · ρ̄(y), rather than as a multiplier of each token's loss (TRL's VESPO): ρ̄(y) = Π_t ρ̄_t
     for a token-level correction (each ρ̄_t truncated or masked as configured) and ρ̄_seq for a
-    sequence-level one. A rejected token (weight 0) gives log 0 = −∞: W = 0 for its sequence.
+    sequence-level one. A rejected token (weight 0) gives log 0 = −∞: W = 0 for its sequence (with
+    ``count_rejected=False`` it has left ``mask`` instead, and W is that of the kept tokens).
     Without a kernel (φ(W) = W) and with the untruncated sequence weight this is π_θ(y)/μ(y), exact."""
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     log_w = torch.where(mask, torch.log(weight), zero).sum(-1, keepdim=True)

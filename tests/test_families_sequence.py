@@ -672,3 +672,29 @@ def test_clip_cov_with_any_differentiable_clip_rule_drops_only_unclipped_tokens(
     r = Ratios(logp.detach(), old)
     clipped = (clip.codes(r.w, adv[:, None].expand_as(r.w), r) != 0) & mask
     torch.testing.assert_close(out.per_token, torch.where(clipped, full.per_token, 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rpg.GMPOLoss(),
+        lambda: rpg.GSPOLoss(),
+        lambda: rpg.VESPOLoss(),
+        lambda: rpg.ClipCovLoss(fraction=0.3, low=-1e9, high=1e9),
+        lambda: rpg.KLCovLoss(fraction=0.3),
+    ],
+    ids=["gmpo", "gspo", "vespo", "clip_cov", "kl_cov"],
+)
+def test_rejected_tokens_leave_the_sequence_and_the_selection_with_count_rejected_false(make):
+    """count_rejected=False (verl's convention: the response mask shrinks): a rejected token is out of the
+    sequence ratio, its length and the selection's batch statistics, exactly as if the mask lacked it."""
+    logp, old, beh, adv, mask, _ = _pieces(5)
+    reject = rpg.RolloutCorrection(mode="mask", lower=0.8, upper=1.25, count_rejected=False)
+    keep = reject.keep(old, beh, mask)
+    assert (keep != mask).any() and keep.any(-1).all()
+    plain = rpg.RolloutCorrection(upper=None)  # the same weight ρ_t, nothing rejected
+    loss = make()
+    out = loss.replace(correction=reject)(logp, old, adv, mask, behavior_logp=beh, generator=_gen())
+    ref = loss.replace(correction=plain)(logp, old, adv, keep, behavior_logp=beh, generator=_gen())
+    torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(ref.loss, logp), rtol=1e-12, atol=1e-12)
