@@ -192,7 +192,9 @@ def policy_loss(
     per_token = per_token_loss(logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale)
     if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
         extra = penalty(logp, old_logp, penalize & agg_mask, config.select.coef)
-        per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
+        if scale is not None:  # a weight of 0 gives exactly 0, even where the penalty is infinite
+            extra = torch.where(penalize & (scale != 0), extra * scale, zero)
+        per_token = per_token + extra
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
         per_token = torch.where(agg_mask, per_token, zero)
     if entropy is not None and config.entropy_coef > 0:

@@ -698,3 +698,16 @@ def test_rejected_tokens_leave_the_sequence_and_the_selection_with_count_rejecte
     ref = loss.replace(correction=plain)(logp, old, adv, keep, behavior_logp=beh, generator=_gen())
     torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_grad(out.loss, logp), _grad(ref.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+def test_kl_cov_penalty_at_a_zero_weight_is_exactly_zero():
+    """A weight of 0 gives exactly 0 even where the penalty coef·|log w| is infinite (log π = −∞)."""
+    logp, old, _, adv, mask, _ = _pieces()
+    logp = logp.detach().clone()
+    logp[1, 1] = -math.inf
+    logp.requires_grad_(True)
+    weights = torch.ones_like(old)
+    weights[1, 1] = 0
+    out = rpg.KLCovLoss(fraction=1.0)(logp, old, adv, mask, weights=weights)
+    assert out.per_token[1, 1] == 0 and torch.isfinite(out.loss)
+    assert torch.isfinite(_grad(out.loss, logp)).all()
