@@ -711,3 +711,21 @@ def test_kl_cov_penalty_at_a_zero_weight_is_exactly_zero():
     out = rpg.KLCovLoss(fraction=1.0)(logp, old, adv, mask, weights=weights)
     assert out.per_token[1, 1] == 0 and torch.isfinite(out.loss)
     assert torch.isfinite(_grad(out.loss, logp)).all()
+
+
+@pytest.mark.parametrize("separate_kl", [False, True])
+def test_product_ratio_with_a_kl_term_is_exact_under_a_behaviour_policy_on_one_token(separate_kl):
+    """By enumeration: with the untruncated token correction, ratio='product' plus a reverse-KL term follows
+    E[r] − β·KL exactly when the tokens come from μ ≠ π_old (the KL term needs its ρ_t: without it, 0.6 off)."""
+    fn = rpg.PolicyLoss(
+        style="reinforce",
+        ratio="product",
+        kl="rkl",
+        beta=0.5,
+        separate_kl=separate_kl,
+        correction=rpg.RolloutCorrection(upper=None),
+    )
+    scenarios = tuple(s for s in T.SCENARIOS if s.tokens == 1 and s.behavior)
+    assert scenarios
+    a = T.audit(fn, objective="rkl", scenarios=scenarios)
+    assert a.bias(where=scenarios[0].name) < 1e-10
