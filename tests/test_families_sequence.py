@@ -564,6 +564,9 @@ def test_compiled_clip_cov_with_a_generator_equals_eager():
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
 
 
+_REJECT = rpg.RolloutCorrection(mode="mask", lower=0.7, upper=1.4, count_rejected=False)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -572,8 +575,13 @@ def test_compiled_clip_cov_with_a_generator_equals_eager():
         lambda: rpg.ClipCovLoss(fraction=0.1, low=-5.0, high=5.0),
         lambda: rpg.KLCovLoss(0.1),
         lambda: rpg.DAPOLoss(correction=rpg.RolloutCorrection(m2_upper=0.05, count_rejected=False)),
+        lambda: rpg.PolicyLoss(
+            style="reinforce", ratio="product", kernel=Gamma(), kl="rkl", beta=0.1, separate_kl=True
+        ),
+        lambda: rpg.GMPOLoss(0.2, 0.2, correction=_REJECT),
+        lambda: rpg.KLCovLoss(0.1, correction=_REJECT),
     ],
-    ids=["gmpo", "vespo", "clip-cov", "kl-cov", "m2po"],
+    ids=["gmpo", "vespo", "clip-cov", "kl-cov", "m2po", "product-separate-kl", "gmpo-rejected", "kl-cov-rejected"],
 )
 @pytest.mark.parametrize("counts", [False, True])
 def test_fused_head_equals_from_hidden(make, counts):
