@@ -111,6 +111,7 @@ def token_loss(
     cfg: LossConfig,
     pg_scale: torch.Tensor | None = None,
     seq_log_weight: torch.Tensor | None = None,
+    kl_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
@@ -125,7 +126,7 @@ def token_loss(
     """
     r = ratios(logp, old_logp, ref_logp)
     if cfg.ratio in ("geometric", "product"):  # GMPO, VESPO: rpg.sequence
-        return sequence_token_loss(r, advantages, mask, cfg, pg_scale, seq_log_weight)
+        return sequence_token_loss(r, advantages, mask, cfg, pg_scale, seq_log_weight, kl_scale)
     logp = r.logp
     ratio, direction, anchor = clip_view(r, advantages, mask, cfg)
     if cfg.style == "reinforce":
@@ -200,10 +201,10 @@ class TokenLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None):
+    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None, kl_scale=None):
         pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
         value, grad = token_loss(
-            logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None, seq_log_weight
+            logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None, seq_log_weight, kl_scale
         )
         padding = ~mask
         if scale is not None and not pg_only:  # value and grad are fresh tensors: in place is safe
@@ -241,13 +242,16 @@ class TokenLoss(torch.autograd.Function):
                 "in logp and support double backward exactly (the second derivative is 0)"
             )
         if grad_value is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad_value * grad, None, None, None, None, None, None, None
+        return grad_value * grad, None, None, None, None, None, None, None, None
 
 
 def per_token_loss(
-    logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig, seq_log_weight=None
+    logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig, seq_log_weight=None, kl_scale=None
 ) -> torch.Tensor:
-    """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only)."""
-    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight)[0]
+    """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only).
+
+    ``seq_log_weight`` and ``kl_scale``: ``ratio="product"``'s rollout correction, in the sequence ratio
+    and on the per-token KL term ([`sequence_token_loss`][rpg.sequence.sequence_token_loss])."""
+    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight, kl_scale)[0]

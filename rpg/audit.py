@@ -17,27 +17,34 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
+
 from . import advantages as _advantages
+from .correction import RolloutCorrection
 from .kl import DIVERGENCES
-from .losses import RPGLoss
+from .losses import PolicyLoss, RPGLoss
 from .presets import (
     CISPOLoss,
+    ClipCovLoss,
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
     DROLoss,
+    GMPOLoss,
     GPPOLoss,
     GRPOLoss,
     GSPOLoss,
+    KLCovLoss,
     OnPolicyDistillationLoss,
     PrimeRLLoss,
     REINFORCEPlusPlusLoss,
     SAPOLoss,
     TOPRLoss,
+    VESPOLoss,
 )
 from .testing import OBJECTIVES, SCENARIOS, Audit, audit
 
-__all__ = ["Row", "ROWS", "BETA", "run", "table", "page", "main"]
+__all__ = ["Row", "ROWS", "BETA", "Seeded", "M2PO", "run", "table", "page", "main"]
 
 BETA = 0.5  # β of every KL in the table: large, so that a KL term's bias is plain to see
 EXACT = 1e-10  # below this a relative bias is rounding error
@@ -54,6 +61,24 @@ class Row(NamedTuple):
     notes: str = ""
     beta: float | None = None
     advantages: Callable | None = None
+
+
+class Seeded:
+    """A loss called with a fresh ``torch.Generator`` seeded ``seed`` at every call (a random selection
+    rule, Clip-Cov's, then draws the same tokens on the same batch: the audit is deterministic)."""
+
+    def __init__(self, loss: Callable, seed: int = 0) -> None:
+        self.loss, self.seed = loss, seed
+
+    def __call__(self, *args, **kwargs):
+        return self.loss(*args, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.loss!r} with generator seed {self.seed}"
+
+
+M2PO = RolloutCorrection(mode="truncate", lower=1.0, upper=1.0, m2_upper=0.04, count_rejected=False)
+"""M2PO as AReaL runs it: the second-moment filter at the paper's τ = 0.04, weight 1, rejected tokens dropped."""
 
 
 def _returns(estimator: str) -> Callable:
@@ -122,6 +147,30 @@ ROWS: list[Row] = [
         PrimeRLLoss,
         "E[r]",
         "default τ = 1e-3 (β = 2τ), δ = 0.2; penalty toward μ, no candidate; called without ref_logp",
+    ),
+    # Sequence ratios, selection rules and M2PO: paper defaults (their clips and kernels on). Clip-Cov and
+    # KL-Cov select tokens by the statistics of the batch they are called on; here that batch is the
+    # enumeration itself (each response once, unweighted), so K = max(⌊2e-4·N⌋, 1) = 1 token, and Clip-Cov
+    # draws it with a generator seeded 0 at every call.
+    Row("GMPOLoss", GMPOLoss, "E[r]", "default clip ε = 0.4 on log w, geometric mean per sequence"),
+    Row("VESPOLoss", VESPOLoss, "E[r]", "default Gamma kernel k = (2, 3), λ = (3, 2) of W = Π_t w_t"),
+    Row(
+        "ClipCovLoss",
+        lambda: Seeded(ClipCovLoss()),
+        "E[r]",
+        "defaults (ε = 0.2, band (1, 5)); 1 token of the enumerated batch dropped, generator seed 0",
+    ),
+    Row(
+        "KLCovLoss",
+        lambda: Seeded(KLCovLoss()),
+        "E[r]",
+        "defaults (coef 1); the enumerated batch's top-covariance token penalised",
+    ),
+    Row(
+        "M2PO (RolloutCorrection)",
+        lambda: PolicyLoss(correction=M2PO),
+        "E[r]",
+        "PolicyLoss() with RolloutCorrection(m2_upper=0.04), weight 1, count_rejected=False",
     ),
 ]
 

@@ -92,7 +92,9 @@ class RolloutCorrection:
             so micro-batch invariance holds with global counts; AReaL's and TRL's
             convention) or leave them (``False``: the mask shrinks; verl's and
             slime's convention — pass global counts computed after rejection, see
-            [`keep`][rpg.correction.RolloutCorrection.keep]).
+            [`keep`][rpg.correction.RolloutCorrection.keep]). With ``False`` a rejected token
+            also leaves the sequence ratios (GSPO's, GMPO's mean and length, the product W)
+            and a selection rule's batch statistics, as if the mask lacked it.
         m2_upper: τ > 0 of M2PO's second-moment filter (Zheng et al., arXiv 2510.01161; AReaL's
             ``m2_threshold``), or ``None``. Over the call's response tokens, the tokens with the
             largest (log ρ_t)² = (log π_old − log μ)² are rejected, largest first, until the mean of
@@ -105,6 +107,11 @@ class RolloutCorrection:
 
     With ``behavior_logp`` given and no ``correction=`` on the loss, the loss uses
     ``RolloutCorrection()``. Invalid settings raise ``ValueError`` / ``TypeError``.
+
+    M2PO audited ([`rpg.testing.audit`][rpg.testing.audit], ``PolicyLoss()`` with
+    ``RolloutCorrection(mode="truncate", lower=1.0, upper=1.0, m2_upper=0.04, count_rejected=False)``):
+    on-policy E[r]; off-policy, per token, E[r]. With weight 1 the filter does not correct μ ≠ π_old:
+    its bias under a behaviour policy is on the "Every loss, audited" page.
     """
 
     level: str = "token"

@@ -10,7 +10,7 @@ with ℓ the configured per-token loss (its closed-form derivative computed in t
 same pass), ρ̄ the rollout correction's weight (1 without ``behavior_logp``), ω
 the caller's ``weights`` (1 without), H the ``entropy`` and c_H ``entropy_coef``;
 all of ω, ρ̄ are constants (no gradient), and padding is 0. (With ``ratio="product"`` ρ̄ enters
-the sequence ratio instead: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
+the sequence ratio instead, and multiplies only a KL term: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
 ``per_token`` with the configured mode and counts.
 
     out = rpg.policy_loss(logp, old_logp, advantages, mask, kl="urkl", beta=1e-3, style="reinforce")
@@ -242,7 +242,7 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
 
-    scale, agg_mask, correction, seq_log_weight = None, mask, None, None
+    scale, agg_mask, correction, seq_log_weight, kl_scale = None, mask, None, None, None
     if behavior_logp is not None:
         behavior_logp = behavior_logp.detach().to(dtype)
         correction = config.correction if config.correction is not None else RolloutCorrection()
@@ -250,7 +250,9 @@ def policy_loss(
         if not correction.count_rejected:
             agg_mask = keep
         if config.ratio == "product":  # the correction enters the sequence ratio W (rpg.sequence)
-            seq_log_weight = correction_log_weight(scale, mask, correction.level)
+            seq_log_weight = correction_log_weight(scale, agg_mask, correction.level)
+            if config.has_kl and config.weight_kl:  # the per-token KL term keeps each token's weight
+                kl_scale = scale
             scale = None
     if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
         if ref_logp is not None:
@@ -266,14 +268,20 @@ def policy_loss(
 
     penalize = None
     if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
-        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, mask, config.clip, generator)
+        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, agg_mask, config.clip, generator)
         if drop is not None:
             scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
 
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight)
-    if penalize is not None and config.select is not None:  # KL-Cov's coef·|log w| on the selected tokens
-        extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
-        per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
+    # Rejected tokens that leave the mask (count_rejected=False) leave the sequence ratios and the selection's
+    # statistics too: the response is the kept tokens, as in verl, whose rejection shrinks the response mask.
+    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale)
+    if (
+        penalize is not None and config.select is not None
+    ):  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
+        extra = penalty(logp, old_logp, penalize & agg_mask, config.select.coef)
+        if scale is not None:  # a weight of 0 gives exactly 0, even where the penalty is infinite
+            extra = torch.where(penalize & (scale != 0), extra * scale, zero)
+        per_token = per_token + extra
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
         per_token = torch.where(agg_mask, per_token, zero)
     if entropy is not None and config.entropy_coef > 0:

@@ -634,6 +634,9 @@ class GMPOLoss(_Preset):
     Its expected gradient is ∇E[r] only on-policy for responses of equal length (the 1/n_b weights a
     short response's tokens more); off-policy the geometric mean is not the sequence importance weight
     (measured by enumeration in the tests).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default clip): on-policy E[r]; off-policy, per token, none (closest: E[r]).
+    Without the clip (``low=None, high=None``): on-policy E[r]; off-policy, per token, E[r].
     """
 
     __slots__ = ()
@@ -679,6 +682,8 @@ class VESPOLoss(_Preset):
     Its expected gradient: on-policy (W = 1, φ = 1) exactly −∇E[R(y)] under ``seq-mean-token-sum``; off
     policy the kernel biases it toward on-policy samples (measured by enumeration in the tests) —
     ``PolicyLoss(style="reinforce", ratio="product")`` (φ(W) = W) is the exact off-policy gradient.
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the default kernel): on-policy E[r]; off-policy, per token, none (closest: E[r]).
     """
 
     __slots__ = ()
@@ -713,6 +718,10 @@ class ClipCovLoss(_Preset):
     verl's ``clip_cov`` and SkyRL's (loss and gradient, same seed; tested). The selection uses the
     statistics of one call (see [`rpg.selection`][rpg.selection] for micro-batches). Its expected gradient is
     PPO's where no token is selected; selected tokens are removed from it on purpose (biased).
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, a generator seeded 0 at every call; the
+    selection is made on the enumerated batch, each response once, where it drops one token): on-policy none
+    (closest: E[r]); off-policy, per token, none (closest: E[r]).
     """
 
     __slots__ = ()
@@ -744,6 +753,10 @@ class KLCovLoss(_Preset):
     statistics of one call (see [`rpg.selection`][rpg.selection]). Its expected gradient is ∇E[A] (the
     importance-sampled policy gradient) plus the penalty's coef·sign(log w)·∇logp on the selected tokens,
     which is 0 on-policy and pulls π_θ back toward π_old off-policy.
+
+    Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults; the selection is made on the enumerated
+    batch, each response once, where it penalises one token): on-policy E[r]; off-policy, per token, none
+    (closest: E[r]).
     """
 
     __slots__ = ()

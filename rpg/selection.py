@@ -8,7 +8,8 @@ Both rank the response tokens of one call by the covariance of their advantage a
 act on a few of them, K = max(⌊fraction·N⌋, 1) with N the call's response tokens:
 
 * [`CovarianceDrop`][rpg.selection.CovarianceDrop] (Clip-Cov): among the tokens the clip rule has not
-  already cut (and with A ≠ 0 for it, as verl's ``clip_cov``) whose cov lies strictly inside
+  already cut (and with A ≠ 0 for it, as verl's ``clip_cov``; for a rule with a slope instead of a cut —
+  a smooth gate, a gradient-preserving clip — the tokens its clip metrics count as clipped) whose cov lies strictly inside
   (``low``, ``high``), K drawn uniformly at random without replacement lose their whole loss (weight 0:
   value and gradient; they still count in the denominators);
 * [`CovariancePenalty`][rpg.selection.CovariancePenalty] (KL-Cov): the K tokens of largest cov get
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ._util import check_real
+from .objectives import Ratios
 
 __all__ = ["SelectionRule", "CovarianceDrop", "CovariancePenalty", "covariance", "count", "penalty"]
 
@@ -103,8 +105,10 @@ class CovarianceDrop(SelectionRule):
         candidates = mask & (cov > self.low) & (cov < self.high)
         if clip is not None:  # tokens the clip already cut (with A ≠ 0) are not candidates
             adv = advantages.expand_as(logp)
-            w = (logp.detach() - old_logp).exp()
-            _, cut = clip.effective_ratio(w, adv)
+            r = Ratios(logp.detach(), old_logp)
+            _, cut = clip.effective_ratio(r.w, adv, r)
+            if cut is not None and cut.dtype != torch.bool:  # a slope (smooth gate, kept gradient):
+                cut = clip.codes(r.w, adv, r) != 0  # the tokens its metrics count as clipped
             if cut is not None:
                 candidates = candidates & ~(cut & (adv != 0))
         idx = torch.nonzero(candidates)

@@ -27,7 +27,10 @@ exact outcome-reward importance weight π_θ(y)/π_old(y), so without a kernel t
 of ``ratio="product"`` with ``agg="seq-mean-token-sum"`` is exactly −∇E_{π_θ}[R(y)] off-policy (tested
 by enumeration). A kernel trades that exactness for bounded variance. With a behaviour policy the
 rollout correction's weight enters W (W = Π_t w_t·ρ̄(y), see
-[`correction_log_weight`][rpg.sequence.correction_log_weight]) instead of multiplying each token's loss.
+[`correction_log_weight`][rpg.sequence.correction_log_weight]) instead of multiplying each token's loss; a
+per-token KL term keeps each token's weight ρ̄_t (with ``weight_kl=True``, the default), as under
+``ratio="token"``. ``separate_kl=True`` adds the KL term as its own term (DRO's form) instead of folding
+its REINFORCE weight into g.
 
 Both are configurations of [`LossConfig`][rpg.config.LossConfig]; the kernel in
 ``rpg._kernel`` hands these ratios to [`sequence_token_loss`][rpg.sequence.sequence_token_loss].
@@ -152,7 +155,8 @@ def correction_log_weight(weight: torch.Tensor, mask: torch.Tensor, level: str) 
     With a behaviour policy μ the product ratio takes the correction inside the sequence ratio,
     W = Π_t w_t · ρ̄(y), rather than as a multiplier of each token's loss (TRL's VESPO): ρ̄(y) = Π_t ρ̄_t
     for a token-level correction (each ρ̄_t truncated or masked as configured) and ρ̄_seq for a
-    sequence-level one. A rejected token (weight 0) gives log 0 = −∞: W = 0 for its sequence.
+    sequence-level one. A rejected token (weight 0) gives log 0 = −∞: W = 0 for its sequence (with
+    ``count_rejected=False`` it has left ``mask`` instead, and W is that of the kept tokens).
     Without a kernel (φ(W) = W) and with the untruncated sequence weight this is π_θ(y)/μ(y), exact."""
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     log_w = torch.where(mask, torch.log(weight), zero).sum(-1, keepdim=True)
@@ -161,18 +165,23 @@ def correction_log_weight(weight: torch.Tensor, mask: torch.Tensor, level: str) 
     return log_w
 
 
-def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg_scale=None, seq_log_weight=None):
+def sequence_token_loss(
+    r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg_scale=None, seq_log_weight=None, kl_scale=None
+):
     r"""Per-token ``(value, grad)`` for ``ratio="geometric"`` or ``ratio="product"`` (fresh ``[B, T]`` tensors).
 
     * ``"geometric"`` (differentiable): value −s_b·A_bt, derivative −s_b·A_bt where token t is not
       clipped (0 where it is), plus the KL term per token.
-    * ``"product"`` (REINFORCE): g_bt = φ(W_b)·A_bt − β·(w_bt·per_w + const) (the KL term's
-      REINFORCE weight per token, as for ``style="reinforce"``), value −g·logp, derivative −g.
+    * ``"product"`` (REINFORCE): g_bt = φ(W_b)·A_bt − ρ̄_bt·β·(w_bt·per_w + const) (the KL term's
+      REINFORCE weight per token, as for ``style="reinforce"``), value −g·logp, derivative −g; with
+      ``separate_kl`` g_bt = φ(W_b)·A_bt and the KL term ρ̄_bt·β·surrogate is added as its own term.
 
-    ``r`` is the batch's `rpg.objectives.Ratios`; ``pg_scale`` as in ``rpg._kernel.token_loss``;
-    ``seq_log_weight`` (``[B, 1]`` or ``None``) is added to log W: the rollout correction's log-weight
-    of the sequence, so that W is the ratio against the behaviour policy (see
-    [`correction_log_weight`][rpg.sequence.correction_log_weight]).
+    ``r`` is the batch's `rpg.objectives.Ratios`; ``pg_scale`` as in ``rpg._kernel.token_loss`` (the
+    policy-gradient term only); ``seq_log_weight`` (``[B, 1]`` or ``None``) is added to log W: the rollout
+    correction's log-weight of the sequence, so that W is the ratio against the behaviour policy (see
+    [`correction_log_weight`][rpg.sequence.correction_log_weight]); ``kl_scale`` (``[B, T]`` or ``None``)
+    is that correction's per-token weight ρ̄_bt, which multiplies the per-token KL term instead (the
+    token-level weight, exact per token as under ``ratio="token"``; ``None``: 1).
     """
     adv = advantages.expand_as(r.log_w)
     if cfg.ratio == "geometric":
@@ -197,12 +206,28 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
         weight = cfg.kernel.log_phi(log_big_w.expand_as(r.log_w), adv >= 0).exp()
     else:
         weight = log_big_w.exp().expand_as(r.log_w)
-    g = torch.where(adv == 0, torch.zeros((), dtype=adv.dtype, device=adv.device), weight * adv)
-    if cfg.has_kl:
+    zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
+    g = torch.where(adv == 0, zero, weight * adv)
+    if pg_scale is not None:  # weight_kl=False (separate_kl): the multipliers weight this term only
+        g = torch.where(pg_scale == 0, zero, g * pg_scale)
+    if cfg.has_kl and not cfg.separate_kl:  # the KL term's REINFORCE weight, per token
         per_w, const = cfg.kl_term.split(r)
+        kl_g = zero
         if isinstance(per_w, torch.Tensor) or per_w != 0:
-            g = g - cfg.beta * r.w * per_w
+            kl_g = cfg.beta * r.w * per_w
         if isinstance(const, torch.Tensor) or const != 0:
-            g = g - cfg.beta * const
+            kl_g = kl_g + cfg.beta * const
+        if kl_scale is not None:
+            kl_g = torch.where(kl_scale == 0, zero, kl_g * kl_scale)
+        g = g - kl_g
     value = -(g * r.logp)
-    return value, -g
+    grad = -g
+    if cfg.has_kl and cfg.separate_kl:  # the KL term as its own term, as the differentiable style adds it
+        if kl_scale is None:
+            cfg.kl_term.accumulate(value, grad, cfg.beta, r)
+        else:
+            kl_value, kl_grad = torch.zeros_like(value), torch.zeros_like(grad)
+            cfg.kl_term.accumulate(kl_value, kl_grad, cfg.beta, r)
+            value = value + torch.where(kl_scale == 0, zero, kl_value * kl_scale)
+            grad = grad + torch.where(kl_scale == 0, zero, kl_grad * kl_scale)
+    return value, grad

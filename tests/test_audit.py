@@ -11,6 +11,7 @@ import torch
 import rpg
 from rpg import advantages as A
 from rpg import testing as T
+from rpg.audit import M2PO, Seeded
 
 BETA = 0.5
 EXACT, BIASED = 1e-10, 1e-2
@@ -42,6 +43,13 @@ STATED = [
     (rpg.GPPOLoss, lambda: rpg.GPPOLoss(low=None, high=None), {}),
     (rpg.DROLoss, lambda: rpg.DROLoss(BETA), {}),
     (rpg.PrimeRLLoss, lambda: rpg.PrimeRLLoss(), {}),
+    # sequence ratios, selection rules (a generator seeded 0 at every call) and M2PO: paper defaults
+    (rpg.GMPOLoss, lambda: rpg.GMPOLoss(), {}),
+    (rpg.GMPOLoss, lambda: rpg.GMPOLoss(low=None, high=None), {}),
+    (rpg.VESPOLoss, lambda: rpg.VESPOLoss(), {}),
+    (rpg.ClipCovLoss, lambda: Seeded(rpg.ClipCovLoss()), {}),
+    (rpg.KLCovLoss, lambda: Seeded(rpg.KLCovLoss()), {}),
+    (rpg.RolloutCorrection, lambda: rpg.PolicyLoss(correction=M2PO), {}),
 ]
 
 
@@ -208,7 +216,7 @@ def test_the_staleness_check_can_fail():
 def test_the_page_claims_hold(audited):
     """Which rows follow their named objective, on-policy and off-policy (one token)."""
     not_on = {row.name for row, a in audited if a.bias(where="on-policy") >= EXACT}
-    assert not_on == {"GRPOLoss, k3", "KL in reward, k2 returns"}
+    assert not_on == {"GRPOLoss, k3", "KL in reward, k2 returns", "ClipCovLoss"}
     not_off = {row.name for row, a in audited if a.bias(where="1 token, off-policy") >= EXACT}
     assert not_off == {
         "GRPOLoss, k3",
@@ -221,6 +229,11 @@ def test_the_page_claims_hold(audited):
         "GPPOLoss",
         "DROLoss",
         "PrimeRLLoss",
+        # the sequence-level and selection families
+        "GMPOLoss",
+        "VESPOLoss",
+        "ClipCovLoss",
+        "KLCovLoss",
     }
     # every per-response objective is missed off-policy with per-token ratios only
     assert min(a.bias(where="2 tokens, off-policy") for _, a in audited) > BIASED

@@ -11,11 +11,12 @@ import torch
 import rpg
 from rpg import testing as T
 from rpg.correction import m2_rejected
+from rpg.objectives import Ratios
 from rpg.selection import CovarianceDrop, CovariancePenalty, covariance
 from rpg.sequence import Gamma
 
 from . import reference as R
-from .conftest import make_batch
+from .conftest import make_batch, shift_to_logprobs
 
 F64 = torch.float64
 AGGS = rpg.AGG_MODES
@@ -563,6 +564,9 @@ def test_compiled_clip_cov_with_a_generator_equals_eager():
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
 
 
+_REJECT = rpg.RolloutCorrection(mode="mask", lower=0.7, upper=1.4, count_rejected=False)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -571,8 +575,13 @@ def test_compiled_clip_cov_with_a_generator_equals_eager():
         lambda: rpg.ClipCovLoss(fraction=0.1, low=-5.0, high=5.0),
         lambda: rpg.KLCovLoss(0.1),
         lambda: rpg.DAPOLoss(correction=rpg.RolloutCorrection(m2_upper=0.05, count_rejected=False)),
+        lambda: rpg.PolicyLoss(
+            style="reinforce", ratio="product", kernel=Gamma(), kl="rkl", beta=0.1, separate_kl=True
+        ),
+        lambda: rpg.GMPOLoss(0.2, 0.2, correction=_REJECT),
+        lambda: rpg.KLCovLoss(0.1, correction=_REJECT),
     ],
-    ids=["gmpo", "vespo", "clip-cov", "kl-cov", "m2po"],
+    ids=["gmpo", "vespo", "clip-cov", "kl-cov", "m2po", "product-separate-kl", "gmpo-rejected", "kl-cov-rejected"],
 )
 @pytest.mark.parametrize("counts", [False, True])
 def test_fused_head_equals_from_hidden(make, counts):
@@ -601,3 +610,133 @@ def test_fused_head_equals_from_hidden(make, counts):
     torch.testing.assert_close(got.per_token, want.per_token.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(fh, gh, rtol=0, atol=1e-10)
     torch.testing.assert_close(fw, gw, rtol=0, atol=1e-10)
+
+
+# --- the sequence ratios and selection rules beside the token families' settings --------------------
+
+
+def _pieces(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 4
+    logp = torch.randn(B, T, generator=g, dtype=torch.float64) - 1
+    old = logp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    beh = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logp, old, beh = shift_to_logprobs(logp, old, beh)
+    logp = logp.requires_grad_()
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3] = False
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return logp, old, beh, adv, mask, weights
+
+
+@pytest.mark.parametrize("weight_kl", [True, False])
+@pytest.mark.parametrize("kernel", [None, rpg.sequence.Gamma()])
+def test_product_ratio_with_a_separate_kl_term_is_the_sum_of_its_terms(kernel, weight_kl):
+    """separate_kl=True under ratio='product': −sg(φ(W)·A)·logp (weighted) plus the differentiable KL term
+    (weighted only with weight_kl=True) — not the folded weight, and the weights are not dropped."""
+    logp, old, _, adv, mask, weights = _pieces()
+    cfg = dict(style="reinforce", ratio="product", kernel=kernel, kl="rkl", beta=0.5, separate_kl=True)
+    out = rpg.policy_loss(logp, old, adv, mask, weights=weights, weight_kl=weight_kl, **cfg)
+    pg = rpg.policy_loss(logp, old, adv, mask, weights=weights, style="reinforce", ratio="product", kernel=kernel)
+    kl = rpg.policy_loss(logp, old, None, mask, weights=weights if weight_kl else None, kl="rkl", beta=0.5)
+    torch.testing.assert_close(out.per_token, pg.per_token + kl.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(pg.loss + kl.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("separate_kl", [False, True])
+def test_product_ratio_kl_term_takes_the_token_correction_weight(separate_kl):
+    """With a behaviour policy the correction enters W for the policy-gradient term; the per-token KL term
+    still gets each token's correction weight ρ̄_t (weight_kl=True), as under ratio='token'."""
+    logp, old, beh, adv, mask, _ = _pieces()
+    corr = rpg.RolloutCorrection(upper=1.5)
+    kw = dict(behavior_logp=beh, correction=corr)
+    out = rpg.policy_loss(
+        logp, old, adv, mask, style="reinforce", ratio="product", kl="rkl", beta=0.5, separate_kl=separate_kl, **kw
+    )
+    pg = rpg.policy_loss(logp, old, adv, mask, style="reinforce", ratio="product", **kw)
+    kl_style = dict(style="reinforce", separate_kl=True) if separate_kl else dict(style="reinforce")
+    kl = rpg.policy_loss(logp, old, None, mask, kl="rkl", beta=0.5, **kl_style, **kw)
+    torch.testing.assert_close(out.per_token, pg.per_token + kl.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(pg.loss + kl.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        rpg.GradientPreservingClip(0.2, 0.2),
+        rpg.SoftGate(),
+        rpg.TrustRegion(0.1, 0.1),
+        rpg.Clip(0.2, 0.2, dual=None),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_clip_cov_with_any_differentiable_clip_rule_drops_only_unclipped_tokens(clip):
+    """Every candidate dropped (fraction 1, a band holding every cov): the tokens left with a loss are
+    exactly those the clip rule already clips (its metric codes), for every differentiable-style rule."""
+    logp, old, _, adv, mask, _ = _pieces()
+    logp = (logp.detach() - 1.0).requires_grad_()  # old = logp ± 0.6 stays a log-probability
+    old = logp.detach() + torch.linspace(-0.6, 0.6, 12, dtype=torch.float64).view(3, 4)
+    rule = rpg.selection.CovarianceDrop(1.0, -1e9, 1e9)
+    out = rpg.policy_loss(logp, old, adv, mask, clip=clip, select=rule, generator=_gen())
+    full = rpg.policy_loss(logp, old, adv, mask, clip=clip)
+    r = Ratios(logp.detach(), old)
+    clipped = (clip.codes(r.w, adv[:, None].expand_as(r.w), r) != 0) & mask
+    torch.testing.assert_close(out.per_token, torch.where(clipped, full.per_token, 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rpg.GMPOLoss(),
+        lambda: rpg.GSPOLoss(),
+        lambda: rpg.VESPOLoss(),
+        lambda: rpg.ClipCovLoss(fraction=0.3, low=-1e9, high=1e9),
+        lambda: rpg.KLCovLoss(fraction=0.3),
+    ],
+    ids=["gmpo", "gspo", "vespo", "clip_cov", "kl_cov"],
+)
+def test_rejected_tokens_leave_the_sequence_and_the_selection_with_count_rejected_false(make):
+    """count_rejected=False (verl's convention: the response mask shrinks): a rejected token is out of the
+    sequence ratio, its length and the selection's batch statistics, exactly as if the mask lacked it."""
+    logp, old, beh, adv, mask, _ = _pieces(5)
+    reject = rpg.RolloutCorrection(mode="mask", lower=0.8, upper=1.25, count_rejected=False)
+    keep = reject.keep(old, beh, mask)
+    assert (keep != mask).any() and keep.any(-1).all()
+    plain = rpg.RolloutCorrection(upper=None)  # the same weight ρ_t, nothing rejected
+    loss = make()
+    out = loss.replace(correction=reject)(logp, old, adv, mask, behavior_logp=beh, generator=_gen())
+    ref = loss.replace(correction=plain)(logp, old, adv, keep, behavior_logp=beh, generator=_gen())
+    torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(out.loss, logp), _grad(ref.loss, logp), rtol=1e-12, atol=1e-12)
+
+
+def test_kl_cov_penalty_at_a_zero_weight_is_exactly_zero():
+    """A weight of 0 gives exactly 0 even where the penalty coef·|log w| is infinite (log π = −∞)."""
+    logp, old, _, adv, mask, _ = _pieces()
+    logp = logp.detach().clone()
+    logp[1, 1] = -math.inf
+    logp.requires_grad_(True)
+    weights = torch.ones_like(old)
+    weights[1, 1] = 0
+    out = rpg.KLCovLoss(fraction=1.0)(logp, old, adv, mask, weights=weights)
+    assert out.per_token[1, 1] == 0 and torch.isfinite(out.loss)
+    assert torch.isfinite(_grad(out.loss, logp)).all()
+
+
+@pytest.mark.parametrize("separate_kl", [False, True])
+def test_product_ratio_with_a_kl_term_is_exact_under_a_behaviour_policy_on_one_token(separate_kl):
+    """By enumeration: with the untruncated token correction, ratio='product' plus a reverse-KL term follows
+    E[r] − β·KL exactly when the tokens come from μ ≠ π_old (the KL term needs its ρ_t: without it, 0.6 off)."""
+    fn = rpg.PolicyLoss(
+        style="reinforce",
+        ratio="product",
+        kl="rkl",
+        beta=0.5,
+        separate_kl=separate_kl,
+        correction=rpg.RolloutCorrection(upper=None),
+    )
+    scenarios = tuple(s for s in T.SCENARIOS if s.tokens == 1 and s.behavior)
+    assert scenarios
+    a = T.audit(fn, objective="rkl", scenarios=scenarios)
+    assert a.bias(where=scenarios[0].name) < 1e-10
