@@ -38,17 +38,24 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, _zero(log_w)).sum(-1, keepdim=True) / n
 
 
+def kl_in_weight(cfg: LossConfig) -> bool:
+    """Whether the REINFORCE weight g carries the KL term (``weight_kl=True``, the default); with
+    ``weight_kl=False`` the KL term is its own differentiable surrogate beside −sg(w̄·A)·logp."""
+    return cfg.has_kl and cfg.weight_kl
+
+
 def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """g = −∂ℓ_diff/∂logp (a fresh tensor) in the split form g = w̄·(A − β·per_w) − β·const.
 
     w̄ is the clip rule's weight where it truncates, else w itself. The split form is as cheap as
     accumulating the KL derivative into w·A, and never forms ∞ − ∞ where w overflows (the two terms
-    share the factor w), so the sign of g is that of A′ = g/w even then."""
+    share the factor w), so the sign of g is that of A′ = g/w even then. With ``weight_kl=False``
+    the KL part is left out (g = w̄·A): the kernel adds the KL surrogate separately."""
     w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
     fresh = w_bar is not None  # a truncated weight is a fresh tensor: multiply it in place
     if w_bar is None:
         w_bar = r.w
-    if not cfg.has_kl:
+    if not kl_in_weight(cfg):
         return w_bar.mul_(adv) if fresh else w_bar * adv
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w if isinstance(per_w, torch.Tensor) or per_w != 0 else adv
@@ -60,7 +67,7 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
 
 def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """A′ = g/w, formed without dividing by w: A − β·per_w − β·const/w (finite where w overflows)."""
-    if not cfg.has_kl:
+    if not kl_in_weight(cfg):
         return adv.expand_as(r.log_w)
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w
@@ -72,11 +79,16 @@ def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.
 def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):
     """Which ratio, which sign and which token probabilities the clip sees: ``(ratio, direction, ratios)``.
 
-    REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w.
-    Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
+    REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w; with
+    ``ratio="sequence"`` (w, r) are the sequence ratio s and ``None``, so g = w̄(s)·A (the KL term,
+    if any, is then separate: ``weight_kl=False``). Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
     A − β·fold with ``fold_kl``; r, or ``None`` for a sequence ratio). The kernel builds the loss
     from exactly these, and the metrics count clipped tokens from them."""
     if cfg.style == "reinforce":
+        if cfg.ratio == "sequence":  # CISPO on the sequence ratio: g = w̄(s)·A for every token
+            log_s = sequence_log_ratio(r.log_w, mask).expand_as(r.log_w)
+            seq = Ratios(r.logp, r.old_logp, r.ref_logp, log_w=log_s)
+            return seq.w, reinforce_weight(seq, adv, cfg), None
         return r.w, reinforce_weight(r, adv, cfg), r
     if cfg.fold_kl and cfg.has_kl:
         adv = adv - cfg.beta * REGISTRY[cfg.kl].fold(r)
@@ -104,8 +116,11 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
-    ``pg_scale`` (differentiable style) multiplies the policy-gradient term only, before the KL
-    term is added (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted).
+    ``pg_scale`` multiplies the policy-gradient term only, before the KL term is added
+    (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted). In the REINFORCE
+    style ``weight_kl=False`` also keeps the KL term out of g and out of the clip rule: the loss is
+    −sg(w̄·A)·logp (clipped as usual) plus β times the KL surrogate, differentiable — TRL's CISPO
+    with ``beta != 0``.
 
     With ``cfg.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
@@ -136,6 +151,12 @@ def token_loss(
                 a_eff = effective_advantage(r, advantages, cfg)
                 m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
                 value = torch.where(overflow, -(a_eff * m * logp), value)
+        if cfg.has_kl and not cfg.weight_kl:  # the KL surrogate beside the REINFORCE term, unweighted
+            if pg_scale is not None:
+                zero_w = pg_scale == 0
+                value.mul_(pg_scale).masked_fill_(zero_w, 0)
+                grad.mul_(pg_scale).masked_fill_(zero_w, 0)
+            REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
         return value, grad
 
     # Differentiable style: the clip rule's effective ratio on −w·Â, the KL surrogate outside
@@ -194,7 +215,9 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        ctx.linear = inputs[-1].style == "reinforce"
+        # REINFORCE style is linear in logp unless a separate (differentiable) KL term rides along.
+        cfg = inputs[-1]
+        ctx.linear = cfg.style == "reinforce" and not (cfg.has_kl and not cfg.weight_kl)
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
@@ -202,10 +225,10 @@ class TokenLoss(torch.autograd.Function):
         # derivative, so it is not checked there.)
         if grad_of_grad is not None and not ctx.linear and not torch.compiler.is_compiling():
             raise RuntimeError(
-                "rpg: second derivatives of a style='differentiable' loss are not implemented (its per-token loss "
-                "is not linear in logp, and a silent 0 would be wrong); the REINFORCE-style losses "
-                "(style='reinforce') are linear in logp and support double backward exactly (the second "
-                "derivative is 0)"
+                "rpg: second derivatives of a style='differentiable' loss (or of a REINFORCE-style loss with a "
+                "separate KL term, weight_kl=False) are not implemented (its per-token loss is not linear in logp, "
+                "and a silent 0 would be wrong); the REINFORCE-style losses (style='reinforce') are linear in logp "
+                "and support double backward exactly (the second derivative is 0)"
             )
         if grad_value is None:
             return None, None, None, None, None, None, None

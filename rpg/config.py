@@ -51,7 +51,8 @@ class LossConfig:
             for terms where that is exact: rkl, urkl).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"`` or ``"sequence"`` (GSPO: the PG term uses
-            s = exp(mean_t log w); differentiable style).
+            s = exp(mean_t log w); in the REINFORCE style g = w̄(s)·A, CISPO on the sequence
+            ratio, with any KL term separate, ``weight_kl=False``).
         correction: the [`RolloutCorrection`][rpg.correction.RolloutCorrection] applied when a call passes
             ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
         entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
@@ -60,7 +61,9 @@ class LossConfig:
             the call's ``weights`` — multiply the KL term too (``True``, the default: the whole
             per-token loss, which keeps the KL gradient exact under a behaviour policy) or only
             the policy-gradient term (``False``: TRL's convention for its vLLM weight and token
-            masks; differentiable style without ``fold_kl``, where the two terms are separate).
+            masks; not with ``fold_kl``). In the REINFORCE style ``False`` also takes the KL term out of
+            the weight g: ℓ = −sg(w̄·A)·logp + β·KL-surrogate, the clip rule acting on the first term
+            only (TRL's CISPO with β ≠ 0); the expected gradient is unchanged wherever no clip binds.
     """
 
     kl: str | None = None
@@ -106,8 +109,21 @@ class LossConfig:
                 f"is exact only for {' and '.join(map(repr, exact))} (for 'fkl'/'ufkl' it drops "
                 "beta*E_old[c*grad logp] != 0)"
             )
-        if self.ratio == "sequence" and (self.style != "differentiable" or self.fold_kl):
-            raise ValueError("ratio='sequence' (GSPO) applies to style='differentiable' without fold_kl")
+        if self.ratio == "sequence" and self.fold_kl:
+            raise ValueError("ratio='sequence' (GSPO) applies without fold_kl")
+        if (
+            self.ratio == "sequence"
+            and self.style == "reinforce"
+            and self.kl is not None
+            and beta != 0
+            and self.weight_kl
+        ):
+            # REINFORCE on the sequence ratio: g = w̄(s)·A. A KL term's weight is per token, so it cannot
+            # share g; with weight_kl=False it is its own differentiable per-token term.
+            raise ValueError(
+                "ratio='sequence' with style='reinforce' weights the policy-gradient term by the sequence ratio; "
+                "a KL term must then be separate from it: pass weight_kl=False"
+            )
         max_len = self.max_len
         if max_len is not None:
             max_len = as_int("max_len", max_len)
@@ -117,10 +133,10 @@ class LossConfig:
             raise TypeError(f"correction must be rpg.RolloutCorrection or None, got {type(self.correction).__name__}")
         if not isinstance(self.weight_kl, bool):
             raise TypeError(f"weight_kl must be a bool, got {type(self.weight_kl).__name__}")
-        if not self.weight_kl and (self.style != "differentiable" or self.fold_kl):
+        if not self.weight_kl and self.fold_kl:
             raise ValueError(
-                "weight_kl=False needs the KL term separate from the policy-gradient term: style='differentiable' "
-                "without fold_kl (in the REINFORCE style and with fold_kl one weight g carries both)"
+                "weight_kl=False needs the KL term separate from the policy-gradient term; with fold_kl one "
+                "advantage carries both"
             )
         if self.clip is not None and self.ratio not in self.clip.ratios:
             raise ValueError(

@@ -96,8 +96,9 @@ def _ours(args, logits, ids, loss=None, training=True):
     s = _stub(args, logits, ids, training)
     s._rpg_plan = _plan(args, loss)
     s.rpg_loss = s._rpg_plan.loss
-    for name in ("_rpg_counts", "_rpg_entropy_bonus"):
-        setattr(s, name, types.MethodType(getattr(RPGGRPOTrainer, name), s))
+    for name in vars(RPGGRPOTrainer):
+        if name.startswith("_rpg_") and callable(getattr(RPGGRPOTrainer, name)):
+            setattr(s, name, types.MethodType(getattr(RPGGRPOTrainer, name), s))
     return s
 
 
@@ -209,6 +210,36 @@ MAPPED = {
         "use_bias_correction_kl": False,
     },
     "steps_per_generation": {"steps_per_generation": 4, **EPS},
+    # δ < 1: the cap for A > 0 lies below 1 (DeltaClip); below and above the lower bound 1 − ε
+    "delta-below-1": {"delta": 0.9, **EPS},
+    "delta-below-1-epsilon": {"loss_type": "grpo", "delta": 0.7, "epsilon": 0.5, "beta": 0.04},
+    "delta-below-1-sequence": {"loss_type": "luspo", "delta": 0.95, "importance_sampling_level": "sequence"},
+    # CISPO with a KL term: REINFORCE policy term, differentiable KL beside it (weight_kl=False)
+    "cispo-kl-bias-corrected": {"loss_type": "cispo", "beta": 0.04, "epsilon_high": 1.1},
+    "cispo-kl-k3": {"loss_type": "cispo", "beta": 0.1, "epsilon_high": 1.1, "use_bias_correction_kl": False},
+    # CISPO on the sequence ratio: −sg(min(s, cap))·A·logp
+    "cispo-sequence": {"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 1.05},
+    "cispo-sequence-kl-k3": {
+        "loss_type": "cispo",
+        "importance_sampling_level": "sequence",
+        "epsilon_high": 1.05,
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "top_entropy_quantile": 0.5,
+    },
+    # epsilon and delta are unused by TRL's cispo: accepted (and logged)
+    "cispo-epsilon-delta": {"loss_type": "cispo", "epsilon": 0.3, "delta": 2.0, "epsilon_high": 1.1},
+    # a token-varying weight on a sequence-level term: the weight's mean over the response
+    "sequence-entropy-quantile": {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5, **EPS},
+    "sequence-entropy-quantile-grpo-k3": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "top_entropy_quantile": 0.3,
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "off_policy_mask_threshold": 0.05,
+        "entropy_coef": 0.01,
+    },
 }
 
 
@@ -244,8 +275,27 @@ VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mas
         {"loss_type": "grpo", "beta": 0.04},
         {"loss_type": "cispo", "epsilon_high": 5.0},
         {"loss_type": "bnpo", "off_policy_mask_threshold": 0.02, "entropy_coef": 0.01},
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence", "delta": 0.9, **EPS},
+        {
+            "loss_type": "cispo",
+            "importance_sampling_level": "sequence",
+            "beta": 0.04,
+            "use_bias_correction_kl": False,
+            "epsilon_high": 1.05,
+        },
+        {"loss_type": "cispo", "beta": 0.04, "epsilon_high": 1.1},
     ],
-    ids=["dapo", "grpo-kl", "cispo", "bnpo-opsm-entropy"],
+    ids=[
+        "dapo",
+        "grpo-kl",
+        "cispo",
+        "bnpo-opsm-entropy",
+        "sequence-quantile",
+        "sequence-delta<1",
+        "cispo-seq-k3",
+        "cispo-kl",
+    ],
 )
 def test_vllm_importance_sampling_correction_is_trls(mode, kw):
     # clip_max 1.5: truncation and rejection both happen on these inputs; clip_min in half the cases
@@ -345,18 +395,10 @@ def test_adaptive_entropy_controller_is_trls():
 REFUSED = {
     "sapo": ({"loss_type": "sapo"}, "sigmoid gate"),
     "vespo": ({"loss_type": "vespo"}, "gamma weight"),
-    "delta-below-1": ({"delta": 0.9}, "delta=0.9"),
-    "cispo-kl": ({"loss_type": "cispo", "beta": 0.04}, "one style"),
-    "cispo-sequence": ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "REINFORCE-style"),
-    "cispo-delta": ({"loss_type": "cispo", "delta": 2.0}, "delta"),
     "sequence-bias-corrected-kl": ({"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
-    "sequence-entropy-quantile": (
-        {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
-        "top_entropy_quantile",
-    ),
-    "sequence-token-correction": (
-        {"importance_sampling_level": "sequence", "use_vllm": True, "vllm_importance_sampling_mode": "token_mask"},
-        "token_mask",
+    "cispo-sequence-bias-corrected-kl": (
+        {"loss_type": "cispo", "importance_sampling_level": "sequence", "beta": 0.04},
+        "every token of its response",
     ),
 }
 
