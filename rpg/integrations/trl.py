@@ -72,21 +72,36 @@ applied only when the previous optimizer step's world-mean entropy was at most
 with its own ``entropy_coef > 0`` and GRPOConfig's bonus together are refused (two
 bonuses).
 
-**Refused, with the reason** (loss built from GRPOConfig):
+**Settings beyond a single rpg preset** (loss built from GRPOConfig, all reproduced exactly):
+
+| setting | how |
+|---|---|
+| ``loss_type="cispo"`` with ``beta != 0`` | ``style="reinforce"`` with ``weight_kl=False``: −sg(min(r, cap))·A·logp plus the differentiable KL surrogate (k3, or r·k3 = ``"urkl"``) beside it, outside the cap and TRL's multipliers |
+| ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | ``style="reinforce"``, ``ratio="sequence"``: −sg(min(s, cap))·A·logp on every token |
+| ``loss_type="cispo"`` with ``epsilon`` or ``delta`` set | accepted: TRL's cispo does not read them, and a log line says so |
+| ``delta < 1`` | [`DeltaClip`][rpg.integrations.trl.DeltaClip]: A > 0 capped at r = δ < 1, A < 0 clipped to [1−ε, 1+ε_high] |
+| ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | TRL multiplies the one sequence-level term by each token's weight and sums over the response: every token gets the mean of its response's weights (the token-level vLLM weight folded in), which is exactly that |
+
+**Refused, with the reason** (loss built from GRPOConfig), because TRL's computation is itself wrong:
 
 | setting | why |
 |---|---|
-| ``loss_type="sapo"`` | a smooth sigmoid gate −A·σ(τ(r−1))·4/τ, not a clip rule of rpg |
-| ``loss_type="vespo"`` | a detached per-sequence gamma weight of Σ_t log r, not a clip rule of rpg |
-| ``delta < 1`` | caps positive-advantage tokens at r = δ < 1; rpg's upper clip bound is ≥ 1 |
-| ``loss_type="cispo"`` with ``beta != 0`` | a REINFORCE policy term beside a differentiable KL term; an rpg loss has one style |
-| ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | rpg's sequence ratio is for the differentiable style |
-| ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's KL by the sequence ratio, whose gradient reaches every token of the response |
-| ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | a token-varying weight on a sequence-level term: TRL spreads its sequence mean over the response, rpg weights each token's own gradient |
+| ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's k3 by the sequence ratio s and differentiates s, so every token's KL sends gradient to every token of its response: on-policy (s = 1) its expected gradient follows neither the per-position KL nor the sequence KL (measured in the integrations docs) |
+| ``loss_type`` ``"sapo"``, ``"vespo"`` | not yet an rpg loss |
+
+**Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
+``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
+excluded — TRL's k3 or r·k3), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean`` (token-weighted), ``clip_ratio/low_min``, ``clip_ratio/high_max`` (min / max
+over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio`` for cispo,
+``policy_loss`` (the rpg loss of the micro-batch before the accumulation scale and the entropy bonus;
+TRL logs it only with an entropy bonus), ``entropy_coef`` and ``aux_loss``. For a loss built from
+GRPOConfig the clip ratios are TRL's definitions with GRPOConfig's ε, ε_high, δ; a given loss reports
+its own clip rule's clipped tokens under the same names. rpg's own metrics are logged as
+``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
 
 A Mixture-of-Experts router loss is added as TRL does, and logged as ``aux_loss``.
-Every entry of ``out.local_metrics`` is logged as ``rpg/<name>`` (TRL averages
-logged values over micro-batches, so they are per-call means).
+(TRL averages logged values over micro-batches, so rpg's are per-call means.)
 """
 
 from __future__ import annotations
@@ -112,7 +127,7 @@ from ..objectives import REGISTRY, Ratios
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RPGGRPOTrainer", "loss_from_grpo_config", "correction_from_grpo_config"]
+__all__ = ["RPGGRPOTrainer", "loss_from_grpo_config", "correction_from_grpo_config", "DeltaClip"]
 
 # TRL loss_type -> the rpg aggregation that reproduces it (with the counts the trainer passes).
 _AGG = {
@@ -301,12 +316,13 @@ def loss_from_grpo_config(args) -> PolicyLoss:
     | GRPOConfig | rpg |
     |---|---|
     | ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo | PPO clip, ``agg`` seq-mean-token-mean / token-mean / seq-mean-token-sum-norm (``max_len`` = ``max_completion_length``) / token-mean / seq-mean-token-sum |
-    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean |
+    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``weight_kl=False``) |
     | ``epsilon``, ``epsilon_high`` | ``Clip(low=epsilon, high=epsilon_high)`` (``epsilon_high`` unset: ``epsilon``) |
     | ``delta`` ≥ 1+ε_high | ``Clip(..., dual=delta)`` |
     | 1 ≤ ``delta`` < 1+ε_high | ``Clip(low=ε, high=delta−1, dual=1+ε_high)`` (the same min/max algebra) |
+    | ``delta`` < 1 | ``DeltaClip(1−ε, delta, 1+ε_high)`` |
     | ``beta``, ``use_bias_correction_kl`` | ``kl="urkl"`` (r·k3) or ``"k3"``, ``beta`` |
-    | ``importance_sampling_level`` | ``ratio`` |
+    | ``importance_sampling_level`` | ``ratio`` (cispo too: ``style="reinforce"``, ``ratio="sequence"``) |
     | vLLM correction | ``correction`` ([`correction_from_grpo_config`][rpg.integrations.trl.correction_from_grpo_config]) |
 
     with ``weight_kl=False`` (TRL's multipliers leave the KL term). The counts and masks
