@@ -726,20 +726,21 @@ class RPGGRPOTrainer(GRPOTrainer):
         processes; per-sequence min/max gathered): ``entropy``, ``kl``, ``clip_ratio/*`` or ``cispo_clip_ratio``."""
         plan, loss = self._rpg_plan, self._rpg_plan.loss
         with torch.no_grad():
-            m = mask.to(logp.dtype)
             adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
             adv = adv.to(logp.dtype)
 
-            def global_mean(x):  # TRL: a [B, 1] value counts once per sequence, a [B, T] one per token
+            # TRL's reductions, dtypes included (indicators in float32, counts as mask.sum().float()), so
+            # the logged numbers are TRL's to the last bit on the same inputs.
+            def global_mean(x):  # a [B, 1] value counts once per sequence, a [B, T] one per token
                 if x.size(1) == 1:
-                    part = torch.stack([x.sum(), torch.tensor(float(x.size(0)), dtype=x.dtype, device=x.device)])
+                    part = torch.stack([x.sum(), torch.tensor(float(x.size(0)), device=x.device)])
                 else:
-                    part = torch.stack([(x * m).sum(), m.sum()])
+                    part = torch.stack([(x * mask).sum(), mask.sum().float()])
                 total = self.accelerator.reduce(part, reduction="sum")
                 return (total[0] / total[1].clamp(min=1.0)).item()
 
             def seq_mean(x):
-                return x.squeeze(1) if x.size(1) == 1 else (x * m).sum(-1) / m.sum(-1)
+                return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
             metrics = self._metrics[mode]
             metrics["entropy"].append(global_mean(entropies.detach()))
@@ -750,7 +751,7 @@ class RPGGRPOTrainer(GRPOTrainer):
                 metrics["kl"].append(global_mean(value))
             log_w = r.log_w
             if loss.ratio == "sequence":
-                log_w = (log_w * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+                log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
             coef = torch.exp(log_w)
             spec = plan.trl_metrics
             if spec[0] == "cispo":
@@ -759,7 +760,7 @@ class RPGGRPOTrainer(GRPOTrainer):
                     clipped = self._rpg_codes(r, adv, mask) == HIGH
                 else:
                     clipped = (coef > cap) & (adv > 0)
-                metrics["cispo_clip_ratio"].append(global_mean(clipped.to(logp.dtype)))
+                metrics["cispo_clip_ratio"].append(global_mean(clipped.float()))
                 return
             if spec[1] == "codes":
                 code = self._rpg_codes(r, adv, mask)
@@ -772,7 +773,7 @@ class RPGGRPOTrainer(GRPOTrainer):
                     coef = torch.clamp(coef, max=delta)
                 low = (coef < 1 - eps_low) & (adv < 0)
                 high = (coef > 1 + eps_high) & (adv > 0)
-            low, high = low.to(logp.dtype), high.to(logp.dtype)
+            low, high = low.float(), high.float()
             metrics["clip_ratio/low_mean"].append(global_mean(low))
             metrics["clip_ratio/high_mean"].append(global_mean(high))
             metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))

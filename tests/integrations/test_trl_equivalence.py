@@ -466,3 +466,70 @@ def test_a_given_correction_needs_behaviour_log_probs_and_trls_counts():
     with pytest.raises(ValueError, match="rollout engine's log-probs"):
         _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()))
     assert _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()), has_rollout_logprobs=True).behavior
+
+
+METRIC_SETTINGS = {
+    name: MAPPED[name]
+    for name in (
+        "dapo",
+        "grpo-kl-bias-corrected",
+        "bnpo-kl",
+        "dr_grpo",
+        "luspo-sequence",
+        "cispo-cap-below-1",
+        "cispo-kl-bias-corrected",
+        "delta-dual-grpo-kl",
+        "delta-below-1+eps_high",
+        "delta-below-1-epsilon",
+        "sequence-kl-k3",
+        "entropy-bonus-quantile",
+        "sequence-entropy-quantile-grpo-k3",
+    )
+}
+METRIC_SETTINGS["cispo-sequence-cap-below-1"] = {
+    "loss_type": "cispo",
+    "importance_sampling_level": "sequence",
+    "epsilon_high": 0.95,
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kw", METRIC_SETTINGS.values(), ids=METRIC_SETTINGS.keys())
+def test_trls_metric_names_are_logged_with_trls_values(kw, training):
+    """Every metric TRL's _compute_loss logs is logged by the trainer under the same name, with the same value
+    (same reductions) on the same inputs; rpg's own come as rpg/... ."""
+    args = _config(**kw)
+    logits, ids, inputs = _inputs(args)
+    theirs, ours = _stub(args, logits, ids, training), _ours(args, logits, ids, training=training)
+    GRPOTrainer._compute_loss(theirs, None, dict(inputs))
+    RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+    mode = "train" if training else "eval"
+    want, got = theirs._metrics[mode], ours._metrics[mode]
+    assert set(want) <= set(got), set(want) - set(got)
+    assert any(k.startswith("rpg/") for k in got)
+    for key, values in want.items():
+        assert got[key] == pytest.approx(values, rel=0, abs=1e-12, nan_ok=True), key
+    # the clip ratios are not vacuous on these inputs
+    clipped = [want[k][0] for k in want if k.startswith("clip_ratio/") or k == "cispo_clip_ratio"]
+    assert clipped and max(clipped) > 0
+
+
+def test_policy_loss_is_logged_without_an_entropy_bonus_too():
+    args = _config(loss_type="grpo", beta=0.04)
+    logits, ids, inputs = _inputs(args)
+    ours = _ours(args, logits, ids)
+    loss = RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+    # TRL's policy_loss is the micro-batch loss before the accumulation scale
+    assert ours._metrics["train"]["policy_loss"] == pytest.approx([loss.item() * args.gradient_accumulation_steps])
+
+
+def test_rollout_correction_metrics_are_logged_under_rollout_corr():
+    for mode in ("token_truncate", "sequence_mask"):
+        for level in ("token", "sequence"):
+            args = _config(use_vllm=True, vllm_importance_sampling_mode=mode, importance_sampling_level=level)
+            logits, ids, inputs = _inputs(args)
+            ours = _ours(args, logits, ids)
+            RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+            keys = set(ours._metrics["train"])
+            assert {"rollout_corr/kl", "rollout_corr/rollout_is_mean"} <= keys, (mode, level, keys)
+            assert not any(k.startswith("rpg/rollout_corr/") for k in keys)
