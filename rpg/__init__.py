@@ -6,8 +6,9 @@ arXiv 2505.17508): k1/k2/k3 estimators, forward / reverse, normalized /
 unnormalized KL-regularized objectives in fully differentiable and
 REINFORCE-style forms, RPG-Style Clip, and batching-invariant aggregation —
 each loss with a gradient that is exactly the gradient of its objective — and
-GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO and on-policy distillation as
-configurations of the same [`PolicyLoss`][rpg.losses.PolicyLoss].
+GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO, DPPO, SAPO, TOPR, GPPO / CE-GPPO,
+DRO (Kimi-1.5), prime-rl's loss and on-policy distillation as configurations of the
+same [`PolicyLoss`][rpg.losses.PolicyLoss].
 
 Functional core: [`rpg.kl`][rpg.kl], [`rpg.objectives`][rpg.objectives], [`rpg.clipping`][rpg.clipping],
 [`rpg.aggregation`][rpg.aggregation], [`rpg.correction`][rpg.correction], [`rpg.advantages`][rpg.advantages], [`rpg.logprobs`][rpg.logprobs]; the loss as
@@ -31,7 +32,7 @@ from . import (
     testing,
 )
 from .aggregation import AGG_MODES, aggregate
-from .clipping import Clip, ClipRule, Truncate, TrustRegion
+from .clipping import Clip, ClipRule, GradientPreservingClip, SignedTruncate, SoftGate, Truncate, TrustRegion
 from .config import RATIOS, STYLES, LossConfig
 from .correction import RolloutCorrection
 from .functional import policy_loss
@@ -45,10 +46,15 @@ from .presets import (
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
+    DROLoss,
+    GPPOLoss,
     GRPOLoss,
     GSPOLoss,
     OnPolicyDistillationLoss,
+    PrimeRLLoss,
     REINFORCEPlusPlusLoss,
+    SAPOLoss,
+    TOPRLoss,
 )
 from .reference import ReferenceUpdate
 
@@ -98,4 +104,13 @@ __all__ = [
     "presets",
     "testing",
     "__version__",
+    # token-level families (SAPO, TOPR, GPPO / CE-GPPO, DRO, prime-rl) and their clip rules
+    "DROLoss",
+    "GPPOLoss",
+    "GradientPreservingClip",
+    "PrimeRLLoss",
+    "SAPOLoss",
+    "SignedTruncate",
+    "SoftGate",
+    "TOPRLoss",
 ]

@@ -38,24 +38,17 @@ def sequence_log_ratio(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_w, _zero(log_w)).sum(-1, keepdim=True) / n
 
 
-def kl_in_weight(cfg: LossConfig) -> bool:
-    """Whether the REINFORCE weight g carries the KL term (``weight_kl=True``, the default); with
-    ``weight_kl=False`` the KL term is its own differentiable surrogate beside −sg(w̄·A)·logp."""
-    return cfg.has_kl and cfg.weight_kl
-
-
 def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """g = −∂ℓ_diff/∂logp (a fresh tensor) in the split form g = w̄·(A − β·per_w) − β·const.
 
     w̄ is the clip rule's weight where it truncates, else w itself. The split form is as cheap as
     accumulating the KL derivative into w·A, and never forms ∞ − ∞ where w overflows (the two terms
-    share the factor w), so the sign of g is that of A′ = g/w even then. With ``weight_kl=False``
-    the KL part is left out (g = w̄·A): the kernel adds the KL surrogate separately."""
-    w_bar = cfg.clip.reinforce_ratio(r.log_w) if cfg.clip is not None else None
+    share the factor w), so the sign of g is that of A′ = g/w even then."""
+    w_bar = cfg.clip.reinforce_ratio(r.log_w, adv) if cfg.clip is not None else None
     fresh = w_bar is not None  # a truncated weight is a fresh tensor: multiply it in place
     if w_bar is None:
         w_bar = r.w
-    if not kl_in_weight(cfg):
+    if not cfg.has_kl or cfg.separate_kl:  # a separate KL term is added by the kernel, outside g
         return w_bar.mul_(adv) if fresh else w_bar * adv
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w if isinstance(per_w, torch.Tensor) or per_w != 0 else adv
@@ -67,7 +60,7 @@ def reinforce_weight(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Ten
 
 def effective_advantage(r: Ratios, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """A′ = g/w, formed without dividing by w: A − β·per_w − β·const/w (finite where w overflows)."""
-    if not kl_in_weight(cfg):
+    if not cfg.has_kl or cfg.separate_kl:
         return adv.expand_as(r.log_w)
     per_w, const = REGISTRY[cfg.kl].split(r)
     a = adv - cfg.beta * per_w
@@ -81,7 +74,7 @@ def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig)
 
     REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w; with
     ``ratio="sequence"`` (w, r) are the sequence ratio s and ``None``, so g = w̄(s)·A (the KL term,
-    if any, is then separate: ``weight_kl=False``). Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
+    if any, is then separate: ``separate_kl=True``). Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
     A − β·fold with ``fold_kl``; r, or ``None`` for a sequence ratio). The kernel builds the loss
     from exactly these, and the metrics count clipped tokens from them."""
     if cfg.style == "reinforce":
@@ -116,11 +109,9 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
-    ``pg_scale`` multiplies the policy-gradient term only, before the KL term is added
-    (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted). In the REINFORCE
-    style ``weight_kl=False`` also keeps the KL term out of g and out of the clip rule: the loss is
-    −sg(w̄·A)·logp (clipped as usual) plus β times the KL surrogate, differentiable — TRL's CISPO
-    with ``beta != 0``.
+    ``pg_scale`` (a KL term separate from the policy-gradient term: differentiable style without
+    ``fold_kl``, or ``separate_kl``) multiplies the policy-gradient term only, before the KL
+    term is added (``cfg.weight_kl=False``: the multipliers leave the KL term unweighted).
 
     With ``cfg.ratio == "sequence"`` (GSPO) the policy-gradient term uses the sequence
     ratio s = exp(mean_t log w) in place of w, with GSPO-token's derivative
@@ -151,7 +142,7 @@ def token_loss(
                 a_eff = effective_advantage(r, advantages, cfg)
                 m, _ = cfg.clip.effective_ratio(ratio, a_eff, anchor)
                 value = torch.where(overflow, -(a_eff * m * logp), value)
-        if cfg.has_kl and not cfg.weight_kl:  # the KL surrogate beside the REINFORCE term, unweighted
+        if cfg.separate_kl and cfg.has_kl:  # the KL term outside g, as in the differentiable style
             if pg_scale is not None:
                 zero_w = pg_scale == 0
                 value.mul_(pg_scale).masked_fill_(zero_w, 0)
@@ -167,8 +158,10 @@ def token_loss(
         m, value = ratio, grad.clone()
     else:
         m, cut = cfg.clip.effective_ratio(ratio, adv, anchor)
-        if cut is not None:
+        if cut is not None and cut.dtype == torch.bool:  # a hard clip: no gradient through w there
             grad.masked_fill_(cut, 0)
+        elif cut is not None:  # a smooth gate or a kept gradient: the rule's slope ∂m/∂logp
+            grad = torch.mul(cut, adv).neg_()
         value = torch.addcmul(_zero(ratio), m, adv, value=-1)
     if pg_scale is not None:  # a weight of 0 gives exactly 0, even where the term is not finite
         zero_w = pg_scale == 0
@@ -191,8 +184,9 @@ class TokenLoss(torch.autograd.Function):
 
     Second derivatives: in the REINFORCE style every per-token loss is linear in ``logp``
     (ℓ = −sg(g)·logp), so its second derivative is exactly 0 and double backward returns
-    that. In the differentiable style it is not: differentiating the backward again
-    raises a clear error instead of returning a silent 0.
+    that. In the differentiable style, and in the REINFORCE style with a separate KL term
+    (``separate_kl``), it is not: differentiating the backward again raises a clear error
+    instead of returning a silent 0.
     """
 
     generate_vmap_rule = True
@@ -215,9 +209,8 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        # REINFORCE style is linear in logp unless a separate (differentiable) KL term rides along.
-        cfg = inputs[-1]
-        ctx.linear = cfg.style == "reinforce" and not (cfg.has_kl and not cfg.weight_kl)
+        cfg = inputs[-1]  # a separate KL term (separate_kl) is not linear in logp
+        ctx.linear = cfg.style == "reinforce" and not (cfg.separate_kl and cfg.has_kl)
 
     @staticmethod
     def backward(ctx, grad_value, grad_of_grad):
@@ -226,7 +219,7 @@ class TokenLoss(torch.autograd.Function):
         if grad_of_grad is not None and not ctx.linear and not torch.compiler.is_compiling():
             raise RuntimeError(
                 "rpg: second derivatives of a style='differentiable' loss (or of a REINFORCE-style loss with a "
-                "separate KL term, weight_kl=False) are not implemented (its per-token loss is not linear in logp, "
+                "separate KL term, separate_kl=True) are not implemented (its per-token loss is not linear in logp, "
                 "and a silent 0 would be wrong); the REINFORCE-style losses (style='reinforce') are linear in logp "
                 "and support double backward exactly (the second derivative is 0)"
             )

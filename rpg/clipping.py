@@ -42,11 +42,12 @@ are not clipped. Every token keeps a gradient, with a bounded weight.
 **How a rule plugs in.** Every rule subclasses [`ClipRule`][rpg.clipping.ClipRule] and answers
 four questions, so neither the loss kernel nor the metrics branch on its type:
 ``styles`` (which loss styles it applies to), ``effective_ratio(w, Â)`` (the
-differentiable style's ℓ = −m·Â and the tokens whose gradient through w is cut),
-``reinforce_ratio(log_w)`` (the importance weight the REINFORCE weight g uses:
-w itself, or a truncated w̄) and ``reinforce_clipped(w, g)`` (the REINFORCE
-tokens that lose their gradient), plus ``codes(w, direction)`` for the metrics.
-A new rule is one class here and its tests.
+differentiable style's ℓ = −m·Â and ∂m/∂logp: w, w with the clipped tokens cut to
+0, or a slope of the rule's own — SAPO's smooth gate, GPPO's kept gradient),
+``reinforce_ratio(log_w, A)`` (the importance weight the REINFORCE weight g uses:
+w itself, or a truncated w̄, possibly by the sign of A as TOPR's) and
+``reinforce_clipped(w, g)`` (the REINFORCE tokens that lose their gradient), plus
+``codes(w, direction)`` for the metrics. A new rule is one class here and its tests.
 
 Clip codes ([`codes`][rpg.clipping.codes], ``int8`` per token, computed only when metrics are
 read) record which bound bound the token: 0 none, 1 low, 2 high, 3 dual.
@@ -91,14 +92,23 @@ class ClipRule:
     def effective_ratio(
         self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Differentiable style: ``(m, cut)`` with ℓ_pg = −m·Â; ``cut`` (bool or None) has no gradient through w.
+        """Differentiable style: ``(m, d)`` with ℓ_pg = −m·Â, and ∂ℓ_pg/∂logp = −(∂m/∂logp)·Â given by ``d``:
+
+        * ``None``: ∂m/∂logp = w everywhere (m = w);
+        * a bool tensor ``cut``: ∂m/∂logp = w where ``cut`` is False and 0 where it is True (a hard clip
+          or mask: no gradient through w there);
+        * a floating tensor: ∂m/∂logp itself, the *slope* of a smooth gate (SAPO) or a bounded gradient
+          through a clipped value (GPPO). Where m = w the slope is w (∂w/∂logp = w).
 
         ``ratios`` (the batch's `rpg.objectives.Ratios` — log π_θ, log π_old, log w —, or ``None`` for a
         sequence ratio) is there for rules that depend on the tokens' probabilities, not only on the ratio."""
         raise ValueError(f"{type(self).__name__} does not apply to style='differentiable'")
 
-    def reinforce_ratio(self, log_w: torch.Tensor) -> torch.Tensor | None:
-        """REINFORCE style: the importance weight g is evaluated at (a value), or ``None`` for w itself."""
+    def reinforce_ratio(self, log_w: torch.Tensor, adv: torch.Tensor | None = None) -> torch.Tensor | None:
+        """REINFORCE style: the importance weight g is evaluated at (a value), or ``None`` for w itself.
+
+        ``adv`` (the advantage A, ``[B, 1]`` or ``[B, T]``) is there for rules whose weight depends on its
+        sign (TOPR); a returned tensor has the shape of ``log_w``."""
         return None
 
     def reinforce_clipped(self, w: torch.Tensor, g: torch.Tensor, ratios=None) -> torch.Tensor | None:
@@ -226,7 +236,7 @@ class Truncate(ClipRule):
     def effective_ratio(self, w, adv_hat, ratios=None):
         raise ValueError("clip=rpg.Truncate(...) applies to style='reinforce'; use rpg.Clip for the PPO clip")
 
-    def reinforce_ratio(self, log_w):
+    def reinforce_ratio(self, log_w, adv=None):
         return truncate(log_w, self).exp()
 
     def codes(self, w, direction, ratios=None):
@@ -330,7 +340,7 @@ class TrustRegion(ClipRule):
         capped = w > self.cap
         return torch.where(capped & ~out, _scalar(self.cap, w), m), out | capped
 
-    def reinforce_ratio(self, log_w):
+    def reinforce_ratio(self, log_w, adv=None):
         return None if self.cap is None else log_w.clamp(max=math.log(self.cap)).exp()
 
     def reinforce_clipped(self, w, g, ratios=None):
@@ -409,3 +419,171 @@ def codes(w: torch.Tensor, direction: torch.Tensor | None, clip: ClipRule, ratio
     unused) wherever w lies outside [1−low, 1+high].
     """
     return clip.codes(w, direction, ratios)
+
+
+# --- smooth gates, gradient-preserving clips and sign-dependent truncation ---------------------
+# (SAPO, GPPO / CE-GPPO, TOPR: rules whose effective ratio has a slope other than 0 or w, or whose
+# REINFORCE weight depends on the sign of the advantage.)
+
+__all__ += ["SoftGate", "GradientPreservingClip", "SignedTruncate"]
+
+
+def _positive(name: str, value: object) -> float:
+    return _check_bound(name, value, lambda v: 0 < v < _INF, "0 < value < inf")
+
+
+@dataclass(frozen=True)
+class SoftGate(ClipRule):
+    r"""SAPO's smooth ratio gate (Gao et al., arXiv 2511.20347): ℓ = −f(w)·Â with a sigmoid in place of the clip.
+
+    f(w) = (4/τ)·σ(τ·(w − 1)), τ = τ_pos where Â > 0 and τ_neg where Â ≤ 0 (the sign that picks τ is
+    the paper's, TRL's and verl's: ``advantages > 0``). Its slope is
+    ∂f/∂logp = f′(w)·w = 4·σ(τ(w−1))·(1 − σ(τ(w−1)))·w: 1·w at w = 1 (so on-policy the gradient is
+    exactly the policy gradient, −Â·∇logp), decaying smoothly — never cut — as w leaves 1; a larger τ
+    decays faster. f(1) = 2/τ, not 1: the value is not −w·Â even on-policy, the gradient is.
+
+    Differentiable style; ``ratio="token"`` (the paper's) or ``"sequence"`` (TRL's
+    ``importance_sampling_level="sequence"``: the gate acts on GSPO's sequence ratio s). No token is
+    ever clipped, so its clip codes are all 0 (verl's ``sapo`` reports a clip fraction of 0 too).
+
+    Args:
+        tau_pos: τ for Â > 0, > 0 (default 1.0, the paper's, TRL's and verl's).
+        tau_neg: τ for Â ≤ 0, > 0 (default 1.05: the paper sets τ_neg > τ_pos).
+    """
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    styles = ("differentiable",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau_pos", _positive("SoftGate.tau_pos", self.tau_pos))
+        object.__setattr__(self, "tau_neg", _positive("SoftGate.tau_neg", self.tau_neg))
+
+    def effective_ratio(self, w, adv_hat, ratios=None):
+        tau = torch.where(adv_hat > 0, _scalar(self.tau_pos, w), _scalar(self.tau_neg, w))
+        x = tau * (w - 1)
+        s, s_neg = torch.sigmoid(x), torch.sigmoid(-x)
+        m = s * 4 / tau
+        # slope 4·σ(x)·σ(−x)·w: where w overflows σ(−x) = 0 and the limit is 0, not 0·∞
+        slope = torch.where(torch.isfinite(w), 4 * s * s_neg * w, _scalar(0.0, w))
+        return m, slope
+
+    def codes(self, w, direction, ratios=None):
+        return torch.zeros_like(w, dtype=torch.int8)
+
+
+@dataclass(frozen=True)
+class GradientPreservingClip(ClipRule):
+    r"""GPPO / CE-GPPO (Su et al., arXiv 2508.07629, 2509.20712): PPO's clipped value, a bounded gradient kept.
+
+    The value is PPO's, ℓ = −m·Â with m = min(w, 1+ε_high) for Â ≥ 0 and max(w, 1−ε_low) for Â < 0
+    (no dual bound). Where PPO cuts the gradient of a clipped token, this rule keeps one, written
+    in the papers as the bound times w/sg(w) (value at the bound, gradient through w rescaled):
+
+    * Â ≥ 0 and w > 1+ε_high: ∂ℓ/∂logp = −β_high·(1+ε_high)·Â;
+    * Â < 0 and w < 1−ε_low: ∂ℓ/∂logp = −β_low·(1−ε_low)·Â;
+    * otherwise −w·Â, as PPO.
+
+    β_low = β_high = 1 is GPPO (Klear-Reasoner): a clipped token's gradient is the one it would
+    have at the bound, so the gradient is continuous in w. CE-GPPO scales the two sides by its
+    β₁ (``beta_low``: negative advantages below the band) and β₂ (``beta_high``: positive
+    advantages above it); β = 0 on both sides is PPO's clip. The value here stays PPO's clipped
+    value for every β (CE-GPPO's sg-form writes β·bound·Â as the value; only the gradient, the same
+    in both, is its update). Differentiable style, token or sequence ratio.
+
+    Args:
+        low: ε_low, 0 ≤ ε_low < 1 (``None``: no lower bound).
+        high: ε_high ≥ 0 (``None``: no upper bound).
+        beta_low: β₁ ≥ 0, the scale of a clipped negative-advantage token's gradient.
+        beta_high: β₂ ≥ 0, the scale of a clipped positive-advantage token's gradient.
+    """
+
+    low: float | None = 0.2
+    high: float | None = 0.28
+    beta_low: float = 1.0
+    beta_high: float = 1.0
+
+    styles = ("differentiable",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "low", _check_bound("GradientPreservingClip.low", self.low, lambda v: 0 <= v < 1, "0 <= low < 1")
+        )
+        object.__setattr__(
+            self,
+            "high",
+            _check_bound("GradientPreservingClip.high", self.high, lambda v: 0 <= v < _INF, "0 <= high < inf"),
+        )
+        for name in ("beta_low", "beta_high"):
+            value = getattr(self, name)
+            if value is None:
+                raise TypeError(f"GradientPreservingClip.{name} must be a number >= 0, got None")
+            ok = _check_bound(f"GradientPreservingClip.{name}", value, lambda v: 0 <= v < _INF, f"0 <= {name} < inf")
+            object.__setattr__(self, name, ok)
+
+    def effective_ratio(self, w, adv_hat, ratios=None):
+        up = adv_hat >= 0
+        lo = -_INF if self.low is None else 1 - self.low
+        hi = _INF if self.high is None else 1 + self.high
+        m = torch.clamp(
+            w, torch.where(up, _scalar(-_INF, w), _scalar(lo, w)), torch.where(up, _scalar(hi, w), _scalar(_INF, w))
+        )
+        cut = m != w
+        kept = torch.where(up, _scalar(self.beta_high * hi, w), _scalar(self.beta_low * lo, w))
+        return m, torch.where(cut, kept, w)
+
+    def codes(self, w, direction, ratios=None):
+        up, down = direction > 0, direction < 0
+        code = torch.zeros_like(w, dtype=torch.int8)
+        if self.low is not None:
+            code.masked_fill_(down & (w <= 1 - self.low), LOW)
+        if self.high is not None:
+            code.masked_fill_(up & (w >= 1 + self.high), HIGH)
+        return code
+
+
+@dataclass(frozen=True)
+class SignedTruncate(ClipRule):
+    r"""Truncated importance weights whose bounds depend on the sign of the advantage (TOPR, arXiv 2503.14286).
+
+    REINFORCE style: the weight is w̄ = sg(clip(w, ·)) with the bounds of ``positive`` where A > 0
+    and of ``negative`` where A ≤ 0 (each a [`Truncate`][rpg.clipping.Truncate], or ``None`` for w itself),
+    then g = w̄·(A − β·per_w) − β·const as for [`Truncate`][rpg.clipping.Truncate]. The sign is that of the
+    advantage A the call passes (not of the KL-shifted A′). TOPR is
+    ``SignedTruncate(positive=Truncate.at(1.0, 1.0), negative=Truncate.at(0.0, 1.0))``: w̄ = 1
+    (no importance weight) for A > 0 and min(w, 1) for A ≤ 0. Every token keeps its gradient.
+
+    Clip codes count a token whenever its w was truncated by its branch's bounds (the branch read
+    from the sign of the REINFORCE weight g, which is that of A without a KL term).
+    """
+
+    positive: Truncate | None = None
+    negative: Truncate | None = None
+
+    styles = ("reinforce",)
+    ratios = ("token",)
+
+    def __post_init__(self) -> None:
+        for name in ("positive", "negative"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Truncate):
+                raise TypeError(f"SignedTruncate.{name} must be rpg.Truncate or None, got {type(value).__name__}")
+        if self.positive is None and self.negative is None:
+            raise ValueError("SignedTruncate needs a Truncate for at least one sign (positive= or negative=)")
+
+    def effective_ratio(self, w, adv_hat, ratios=None):
+        raise ValueError("clip=rpg.SignedTruncate(...) applies to style='reinforce'")
+
+    def reinforce_ratio(self, log_w, adv=None):
+        if adv is None:
+            raise ValueError("rpg.SignedTruncate needs the advantages to pick a branch")
+        pos = log_w if self.positive is None else truncate(log_w, self.positive)
+        neg = log_w if self.negative is None else truncate(log_w, self.negative)
+        return torch.where(adv > 0, pos, neg).exp()
+
+    def codes(self, w, direction, ratios=None):
+        zero = torch.zeros_like(w, dtype=torch.int8)
+        pos = zero if self.positive is None else self.positive.codes(w, direction)
+        neg = zero if self.negative is None else self.negative.codes(w, direction)
+        return torch.where(direction > 0, pos, neg)

@@ -31,10 +31,11 @@ from .clipping import ClipRule
 from .correction import RolloutCorrection
 from .objectives import KL_TERMS, REGISTRY
 
-__all__ = ["LossConfig", "STYLES", "RATIOS"]
+__all__ = ["LossConfig", "STYLES", "RATIOS", "KL_ANCHORS"]
 
 STYLES = ("differentiable", "reinforce")
 RATIOS = ("token", "sequence")
+KL_ANCHORS = ("ref", "behavior")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class LossConfig:
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"`` or ``"sequence"`` (GSPO: the PG term uses
             s = exp(mean_t log w); in the REINFORCE style g = w̄(s)·A, CISPO on the sequence
-            ratio, with any KL term separate, ``weight_kl=False``).
+            ratio, with any KL term separate, ``separate_kl=True``).
         correction: the [`RolloutCorrection`][rpg.correction.RolloutCorrection] applied when a call passes
             ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
         entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
@@ -61,9 +62,17 @@ class LossConfig:
             the call's ``weights`` — multiply the KL term too (``True``, the default: the whole
             per-token loss, which keeps the KL gradient exact under a behaviour policy) or only
             the policy-gradient term (``False``: TRL's convention for its vLLM weight and token
-            masks; not with ``fold_kl``). In the REINFORCE style ``False`` also takes the KL term out of
-            the weight g: ℓ = −sg(w̄·A)·logp + β·KL-surrogate, the clip rule acting on the first term
-            only (TRL's CISPO with β ≠ 0); the expected gradient is unchanged wherever no clip binds.
+            masks; differentiable style without ``fold_kl``, or ``separate_kl``, where the two terms
+            are separate).
+        kl_anchor: which log-probability the KL term compares ``logp`` with: ``"ref"`` (the default,
+            ``ref_logp``, π_old when it is not given) or ``"behavior"`` (the sampler μ: the call's
+            ``behavior_logp``, π_old when it is not given — a penalty toward the policy that sampled
+            the tokens, as DRO / Kimi-1.5's ½(log π − log μ)² and prime-rl's). With ``"behavior"``
+            a call must not pass ``ref_logp`` (it would be unused).
+        separate_kl: REINFORCE style only: add the KL term as its own term, value β·surrogate and
+            derivative β·∂surrogate/∂logp (as the differentiable style does), instead of folding its
+            derivative into the REINFORCE weight g (the default, where a clip or truncation acts on
+            both). The per-token loss is then −sg(w̄·A)·logp + β·surrogate (DRO's form).
     """
 
     kl: str | None = None
@@ -77,6 +86,8 @@ class LossConfig:
     correction: RolloutCorrection | None = None
     entropy_coef: float = 0.0
     weight_kl: bool = True
+    kl_anchor: str = "ref"
+    separate_kl: bool = False
 
     def __post_init__(self) -> None:
         if self.kl is not None:
@@ -116,13 +127,13 @@ class LossConfig:
             and self.style == "reinforce"
             and self.kl is not None
             and beta != 0
-            and self.weight_kl
+            and not self.separate_kl
         ):
             # REINFORCE on the sequence ratio: g = w̄(s)·A. A KL term's weight is per token, so it cannot
-            # share g; with weight_kl=False it is its own differentiable per-token term.
+            # share g; with separate_kl=True it is its own differentiable per-token term.
             raise ValueError(
                 "ratio='sequence' with style='reinforce' weights the policy-gradient term by the sequence ratio; "
-                "a KL term must then be separate from it: pass weight_kl=False"
+                "a KL term must then be separate from it: pass separate_kl=True"
             )
         max_len = self.max_len
         if max_len is not None:
@@ -133,10 +144,21 @@ class LossConfig:
             raise TypeError(f"correction must be rpg.RolloutCorrection or None, got {type(self.correction).__name__}")
         if not isinstance(self.weight_kl, bool):
             raise TypeError(f"weight_kl must be a bool, got {type(self.weight_kl).__name__}")
-        if not self.weight_kl and self.fold_kl:
+        check_choice("kl_anchor", self.kl_anchor, KL_ANCHORS)
+        if self.kl_anchor != "ref" and self.kl is None:
+            raise ValueError(f"kl_anchor={self.kl_anchor!r} sets the anchor of a KL term: pass kl= as well")
+        if not isinstance(self.separate_kl, bool):
+            raise TypeError(f"separate_kl must be a bool, got {type(self.separate_kl).__name__}")
+        if self.separate_kl and (self.style != "reinforce" or self.kl is None):
             raise ValueError(
-                "weight_kl=False needs the KL term separate from the policy-gradient term; with fold_kl one "
-                "advantage carries both"
+                "separate_kl=True applies to style='reinforce' with a KL term (kl=...); in the differentiable "
+                "style the KL term is already separate unless fold_kl=True"
+            )
+        separate = (self.style == "differentiable" and not self.fold_kl) or self.separate_kl
+        if not self.weight_kl and not separate:
+            raise ValueError(
+                "weight_kl=False needs the KL term separate from the policy-gradient term: style='differentiable' "
+                "without fold_kl, or style='reinforce' with separate_kl=True (otherwise one weight g carries both)"
             )
         if self.clip is not None and self.ratio not in self.clip.ratios:
             raise ValueError(

@@ -67,7 +67,8 @@ def policy_loss(
             KL objective, e.g. distillation).
         mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's iterative
-            reference). Required where β > 0 and π_ref ≠ π_old.
+            reference). Required where β > 0 and π_ref ≠ π_old. Refused under
+            ``kl_anchor="behavior"``, where the KL term's anchor is ``behavior_logp``.
         behavior_logp: ``[B, T]`` log μ of the sampled tokens under the rollout engine
             that sampled them; detached. ``None`` means μ = π_old. When given, every
             token's loss is weighted by the configured [`RolloutCorrection`][rpg.correction.RolloutCorrection]
@@ -154,6 +155,14 @@ def policy_loss(
         scale, keep, _ = correction_weight(old_logp, behavior_logp, mask, correction)
         if not correction.count_rejected:
             agg_mask = keep
+    if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
+        if ref_logp is not None:
+            raise ValueError(
+                "this loss's KL term is anchored on the behaviour policy (kl_anchor='behavior'): it compares "
+                "logp with behavior_logp (old_logp when not given), so ref_logp would be unused; drop ref_logp "
+                "or use kl_anchor='ref'"
+            )
+        ref_logp = behavior_logp
     if weights is not None:
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w

@@ -48,6 +48,8 @@ _FIELDS = (
     "correction",
     "entropy_coef",
     "weight_kl",
+    "kl_anchor",
+    "separate_kl",
 )
 
 
@@ -94,6 +96,10 @@ class PolicyLoss:
         entropy_coef: c_H ≥ 0, the entropy bonus (the call must pass ``entropy=``).
         weight_kl: whether the correction weight and ``weights`` multiply the KL term too
             (default ``True``); ``False`` is TRL's convention (see [`LossConfig`][rpg.config.LossConfig]).
+        kl_anchor: ``"ref"`` (default) or ``"behavior"``: the KL term toward ``behavior_logp`` (μ, π_old
+            when not given) instead of ``ref_logp`` (see [`LossConfig`][rpg.config.LossConfig]).
+        separate_kl: REINFORCE style: the KL term as its own term instead of inside g (see
+            [`LossConfig`][rpg.config.LossConfig]).
     """
 
     __slots__ = ("_args", "_config")
@@ -105,6 +111,8 @@ class PolicyLoss:
         "correction": None,
         "entropy_coef": 0.0,
         "weight_kl": True,
+        "kl_anchor": "ref",
+        "separate_kl": False,
     }
 
     def __init__(
@@ -121,8 +129,24 @@ class PolicyLoss:
         correction: RolloutCorrection | None = None,
         entropy_coef: float = 0.0,
         weight_kl: bool = True,
+        kl_anchor: str = "ref",
+        separate_kl: bool = False,
     ) -> None:
-        cfg = LossConfig(kl, beta, style, clip, agg, fold_kl, max_len, ratio, correction, entropy_coef, weight_kl)
+        cfg = LossConfig(
+            kl,
+            beta,
+            style,
+            clip,
+            agg,
+            fold_kl,
+            max_len,
+            ratio,
+            correction,
+            entropy_coef,
+            weight_kl,
+            kl_anchor,
+            separate_kl,
+        )
         self._init(cfg, cfg.as_dict())
 
     def _init(self, config: LossConfig, args: dict) -> None:
@@ -161,6 +185,8 @@ class PolicyLoss:
     correction = property(lambda self: self._config.correction, doc="The rollout correction, or None.")
     entropy_coef = property(lambda self: self._config.entropy_coef, doc="The entropy bonus coefficient.")
     weight_kl = property(lambda self: self._config.weight_kl, doc="Whether per-token multipliers weight the KL term.")
+    kl_anchor = property(lambda self: self._config.kl_anchor, doc="``'ref'`` or ``'behavior'``: the KL term's anchor.")
+    separate_kl = property(lambda self: self._config.separate_kl, doc="Whether a REINFORCE-style KL term is separate.")
 
     def __getattr__(self, name: str):
         args = object.__getattribute__(self, "_args")

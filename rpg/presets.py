@@ -20,6 +20,11 @@ correction, [`RolloutCorrection`][rpg.correction.RolloutCorrection]) and ``entro
 | ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
 | ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
 | ``RPGLoss`` | the eight RPG losses ([`rpg.losses`][rpg.losses]) | ∇ its divergence |
+| ``SAPOLoss`` | −(4/τ)·σ(τ(w − 1))·A, τ = τ_pos (A > 0) or τ_neg, seq-mean-token-mean | E[r] on-policy; off-policy each IS term scaled by 4σ(1−σ) ≤ 1 |
+| ``TOPRLoss`` | −A·logp (A > 0), −sg(min(w, 1))·A·logp (A ≤ 0) | E[r] on-policy; off-policy positives unweighted, negatives capped |
+| ``GPPOLoss`` | PPO's clipped value; a clipped token keeps the gradient −β·bound·A (CE-GPPO: β₁, β₂) | E[r] where no bound binds |
+| ``DROLoss`` | −A·logp + (β/2)(logp − log μ)², μ = ``behavior_logp`` (π_old) | E_q[A·log π − (β/2)(log π − log μ)²], q the sampler |
+| ``PrimeRLLoss`` | −M·w·A + τ·(logp − log μ)², M DPPO's binary-TV mask | E[r] − τ·E_q[(log π − log μ)²] where no token is masked |
 
 "Gradient follows" is checked by exact enumeration in ``tests/test_presets.py``
 (token level) and ``tests/test_sequence.py`` (two-step sequences). Per-token KL
@@ -32,8 +37,10 @@ ignores that. Only a KL shaped into the reward and summed into returns-to-go
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from .aggregation import AGG_MODES
-from .clipping import Clip, ClipRule, Truncate, TrustRegion
+from .clipping import Clip, ClipRule, GradientPreservingClip, SignedTruncate, SoftGate, Truncate, TrustRegion
 from .config import LossConfig
 from .correction import RolloutCorrection
 from .losses import PolicyLoss
@@ -314,3 +321,217 @@ class DPPOLoss(_Preset):
         clip = TrustRegion(low, high, divergence, cap)
         args = dict(low=clip.low, high=clip.high, divergence=divergence, cap=clip.cap, agg=agg)
         self._set(args, correction, entropy_coef, style="reinforce", clip=clip, agg=agg)
+
+
+# --- token-level families: SAPO, TOPR, GPPO / CE-GPPO, DRO, prime-rl ---------------------------
+
+__all__ += ["SAPOLoss", "TOPRLoss", "GPPOLoss", "DROLoss", "PrimeRLLoss"]
+
+
+class SAPOLoss(_Preset):
+    r"""SAPO (Gao et al., arXiv 2511.20347): a smooth sigmoid gate on the ratio instead of a clip.
+
+    ℓ_t = −f(w_t)·A with f(w) = (4/τ)·σ(τ·(w − 1)), τ = τ_pos where A > 0 and τ_neg where A ≤ 0
+    ([`SoftGate`][rpg.clipping.SoftGate]), averaged per sequence then over sequences
+    (``seq-mean-token-mean``, the paper's, TRL's and verl's). ∂ℓ_t/∂logp_t = −4σ(1−σ)·w·A: the
+    policy-gradient weight w·A times a factor ≤ 1 that is 1 at w = 1 and decays smoothly off it.
+
+    Gradient follows: ∇E[A] exactly on-policy (w = 1); off-policy each token's importance-weighted
+    gradient is scaled by 4σ(τ(w−1))(1−σ(τ(w−1))) < 1, a bias toward small steps that the tests
+    compute by enumeration (not the gradient of E_θ[A]).
+
+    ``ratio="sequence"`` gates GSPO's sequence ratio s = exp(mean_t log w) instead (TRL's
+    ``importance_sampling_level="sequence"`` for ``loss_type="sapo"``); the paper gates token ratios.
+    TRL and verl compute the same token-level loss with the same defaults (τ_pos = 1, τ_neg = 1.05);
+    verl clamps log w to ±20 first (no effect unless |log w| > 20) and always aggregates
+    ``seq-mean-token-mean``. Add a KL term with ``.replace(kl=..., beta=...)``.
+    """
+
+    __slots__ = ()
+    _arg_names = ("tau_pos", "tau_neg", "ratio", "agg", *_EXTRA)
+    _arg_defaults: ClassVar[dict] = {**_EXTRA_DEFAULTS, "ratio": "token"}
+
+    def __init__(
+        self,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        ratio: str = "token",
+        agg: str = "seq-mean-token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        gate = SoftGate(tau_pos, tau_neg)
+        args = dict(tau_pos=gate.tau_pos, tau_neg=gate.tau_neg, ratio=ratio, agg=agg)
+        self._set(args, correction, entropy_coef, clip=gate, ratio=ratio, agg=agg)
+
+
+class TOPRLoss(_Preset):
+    r"""TOPR, Tapered Off-Policy REINFORCE (Le Roux et al., arXiv 2503.14286).
+
+    ℓ_t = −A·logp where A > 0 (no importance weight: supervised learning on the positives) and
+    ℓ_t = −sg(min(w, 1))·A·logp where A ≤ 0 (the negatives' weight truncated to [0, 1]) — a
+    [`SignedTruncate`][rpg.clipping.SignedTruncate] in the REINFORCE style. Every token keeps a gradient.
+
+    Gradient follows: ∇E[A] exactly on-policy (w = 1). Off-policy, for tokens from π_old, its
+    expected gradient is −Σ π_old·(A⁺ + min(w, 1)·A⁻)·∇logp, which is not the gradient of E_θ[A]
+    (the positives lack their weight w, the negatives' is capped); the tests compute it by
+    enumeration. The paper truncates the ratio of whole trajectories to the sampler μ; this is
+    its token-level form, as ROLL's ``topr`` computes it (ROLL branches on the sign of the
+    sequence's score, the paper on the return; here on the advantage passed). Anchor on the
+    sampler with ``old_logp = behavior_logp``. Clip codes count a positive token whenever w ≠ 1
+    (its weight 1 is w truncated) and a negative one whenever w > 1.
+    """
+
+    __slots__ = ()
+    _arg_names = ("agg", *_EXTRA)
+
+    def __init__(
+        self,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        clip = SignedTruncate(positive=Truncate.at(1.0, 1.0), negative=Truncate.at(0.0, 1.0))
+        self._set(dict(agg=agg), correction, entropy_coef, style="reinforce", clip=clip, agg=agg)
+
+
+class GPPOLoss(_Preset):
+    r"""GPPO (Klear-Reasoner, arXiv 2508.07629) and CE-GPPO (arXiv 2509.20712): PPO's clip with the gradient kept.
+
+    ℓ_t = −m·A with PPO's clipped m (min(w, 1+ε_high) for A ≥ 0, max(w, 1−ε_low) for A < 0); where
+    PPO would cut a clipped token's gradient it is instead −β_high·(1+ε_high)·A (A ≥ 0,
+    w > 1+ε_high) or −β_low·(1−ε_low)·A (A < 0, w < 1−ε_low) per ∇logp
+    ([`GradientPreservingClip`][rpg.clipping.GradientPreservingClip]). GPPO is β_low = β_high = 1 (the
+    default: a clipped token's gradient is its gradient at the bound); CE-GPPO is the same loss with
+    its β₁ = ``beta_low`` and β₂ = ``beta_high`` (the paper varies them; β = 0 is PPO). The value is
+    PPO's clipped value for every β; CE-GPPO's sg-form has the value β·bound·A there (same gradient).
+
+    Gradient follows: ∇E[A] exactly (off-policy, importance-weighted) where no bound binds, as PPO;
+    where one binds, the gradient is the bound's (times β), neither PPO's 0 nor the unclipped w·A —
+    computed by enumeration in the tests. Defaults: ε = (0.2, 0.28), token-mean.
+    """
+
+    __slots__ = ()
+    _arg_names = ("low", "high", "beta_low", "beta_high", "agg", *_EXTRA)
+
+    def __init__(
+        self,
+        low: float | None = 0.2,
+        high: float | None = 0.28,
+        beta_low: float = 1.0,
+        beta_high: float = 1.0,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        clip = GradientPreservingClip(low, high, beta_low, beta_high)
+        args = dict(low=clip.low, high=clip.high, beta_low=clip.beta_low, beta_high=clip.beta_high, agg=agg)
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg)
+
+
+class DROLoss(_Preset):
+    r"""DRO / Kimi-1.5's squared penalty (Richemond et al., arXiv 2405.19107; Kimi Team, arXiv 2501.12599).
+
+    ℓ_t = −A·logp + (β/2)·(logp − log μ)², μ the policy that sampled the tokens: the call's
+    ``behavior_logp``, and π_old when it is not given (as verl's ``dro`` and ROLL's ``kimi15``,
+    which anchor on ``old_log_prob``; Tinker's ``dro`` anchors on the sampling log-probs — pass
+    them as ``old_logp``, or as ``behavior_logp``). The policy-gradient part has no importance
+    weight (REINFORCE with w̄ = 1); the penalty is the ``k2`` term anchored on μ
+    (``kl_anchor="behavior"``) and kept outside the REINFORCE weight (``separate_kl``), so value and
+    gradient are exactly the formula's.
+
+    Gradient follows, for tokens drawn from q (π_old, or μ with a correction): exactly
+    ∇ of the DRO objective E_{y∼q}[A·log π_θ(y) − (β/2)(log π_θ(y) − log μ(y))²] (the expectation
+    under the fixed sampler, checked by enumeration); that is ∇E_θ[A] only on-policy (π_θ = q = μ,
+    where the penalty's gradient is 0).
+
+    With ``behavior_logp`` the rollout correction's weight and the call's ``weights`` multiply
+    the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
+    ``weight_penalty=False`` leaves the penalty unweighted — then it is averaged under μ itself.
+
+    Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
+
+    Args:
+        beta: β > 0, the penalty coefficient (verl's ``dro_beta``, ROLL's ``kimi15_tau``, Tinker's
+            ``beta``); required, as in verl (no published default).
+        agg: aggregation (default ``"token-mean"``; Tinker sums).
+        weight_penalty: whether the correction weight and ``weights`` multiply the penalty.
+    """
+
+    __slots__ = ()
+    _arg_names = ("beta", "agg", "weight_penalty", *_EXTRA)
+    _arg_defaults: ClassVar[dict] = {**_EXTRA_DEFAULTS, "weight_penalty": True}
+
+    def __init__(
+        self,
+        beta: float,
+        agg: str = "token-mean",
+        *,
+        weight_penalty: bool = True,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        if not isinstance(weight_penalty, bool):
+            raise TypeError(f"weight_penalty must be a bool, got {type(weight_penalty).__name__}")
+        args = dict(beta=beta, agg=agg, weight_penalty=weight_penalty)
+        self._set(
+            args,
+            correction,
+            entropy_coef,
+            kl="k2",
+            beta=beta,
+            style="reinforce",
+            clip=Truncate.at(1.0, 1.0),
+            agg=agg,
+            kl_anchor="behavior",
+            separate_kl=True,
+            weight_kl=weight_penalty,
+        )
+        if not self._config.beta > 0:
+            raise ValueError(f"DROLoss needs beta > 0 (the squared penalty's coefficient), got {beta!r}")
+
+
+class PrimeRLLoss(_Preset):
+    r"""prime-rl's default loss: DPPO's binary-TV trust-region mask plus a squared penalty toward the sampler.
+
+    ℓ_t = −M_t·w·A + τ·(logp − log μ)², w = π_θ/π_old, M_t the [`TrustRegion`][rpg.clipping.TrustRegion]
+    ``"tv"`` mask (0 where p − q > δ_high for A > 0, or p − q < −δ_low for A ≤ 0, p = π_θ(token),
+    q = π_old(token)), in the differentiable style, and the ``k2`` term with β = 2τ anchored on μ
+    (``kl_anchor="behavior"``: ``behavior_logp``, π_old when not given) on every token, masked or not.
+    prime-rl has no recomputed π_old: its ratio, mask and penalty all anchor on the sampler —
+    pass ``old_logp = behavior_logp`` (bypass). Aggregation: token-mean with the global token count
+    (prime-rl sums and divides by the global number of loss tokens: pass ``batch_num_tokens``).
+
+    Gradient: equal to prime-rl's (``default_loss_fn`` with ``adv_tau = 1``). A masked token's
+    value here is taken at the region's edge (rpg's trust region in the differentiable style),
+    where prime-rl's is 0; the loss values differ by those tokens, the gradients do not. Gradient
+    follows ∇E[A] − τ·∇E_q[(log π_θ − log μ)²] exactly where no token is masked (the penalty's
+    expectation under the sampler q of the tokens). Defaults are prime-rl's: δ = 0.2 both ways,
+    τ = 1e-3. The correction weight and ``weights`` multiply the penalty too (prime-rl's
+    ``loss_weights`` do).
+    """
+
+    __slots__ = ()
+    _arg_names = ("low", "high", "kl_tau", "agg", *_EXTRA)
+
+    def __init__(
+        self,
+        low: float | None = 0.2,
+        high: float | None = 0.2,
+        kl_tau: float = 1e-3,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        from ._util import as_real
+
+        tau = as_real("kl_tau", kl_tau)
+        if not 0 <= tau < float("inf"):
+            raise ValueError(f"kl_tau must be >= 0 and finite, got {kl_tau!r}")
+        clip = TrustRegion(low, high, "tv")
+        args = dict(low=clip.low, high=clip.high, kl_tau=tau, agg=agg)
+        self._set(args, correction, entropy_coef, kl="k2", beta=2 * tau, clip=clip, agg=agg, kl_anchor="behavior")

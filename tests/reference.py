@@ -88,3 +88,53 @@ def per_token(logp, old_logp, adv, mask, *, kl, beta, style, clip, fold_kl=False
             keep = torch.where(a_eff >= 0, wd < hi, (wd > lo) & (wd < dual))
             loss = torch.where(keep, loss, loss.detach())
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+# --- token-level families (SAPO, GPPO / CE-GPPO, TOPR, DRO, prime-rl), as their papers print them ----------
+
+
+def sapo_term(w, adv, tau_pos, tau_neg):
+    """SAPO: −f(w)·A, f(w) = (4/τ)·σ(τ(w − 1)), τ = τ_pos where A > 0 else τ_neg; autograd through σ."""
+    tau = torch.where(adv > 0, torch.full_like(w, tau_pos), torch.full_like(w, tau_neg))
+    return -(4 / tau) * torch.sigmoid(tau * (w - 1)) * adv
+
+
+def sequence_ratio_tokens(logp, old_logp, mask):
+    """GSPO-token's s_t = sg(s)·π_θ/sg(π_θ), s = exp(masked mean of log w): value s, ∂s_t/∂logp_t = s."""
+    log_w = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
+    log_s = (log_w.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)).detach()
+    return (log_s + logp - logp.detach()).exp()
+
+
+def gppo_term(w, adv, low, high, beta_low, beta_high):
+    """GPPO / CE-GPPO in the sg-form: a clipped token is bound + β·bound·(w/sg(w) − 1) (value: the bound)."""
+    hi, lo = 1 + high, 1 - low
+    w_d = w.detach()
+    kept_hi = hi + beta_high * hi * (w / w_d - 1)
+    kept_lo = lo + beta_low * lo * (w / w_d - 1)
+    m = torch.where((adv >= 0) & (w_d > hi), kept_hi, torch.where((adv < 0) & (w_d < lo), kept_lo, w))
+    return -m * adv
+
+
+def topr_term(logp, old_logp, adv):
+    """TOPR: −A·logp for A > 0, −sg(clip(w, 0, 1))·A·logp for A ≤ 0."""
+    w = (logp - old_logp).exp().detach()
+    w_bar = torch.where(adv > 0, torch.ones_like(w), w.clamp(0.0, 1.0))
+    return -(w_bar * adv).detach() * logp
+
+
+def dro_term(logp, anchor_logp, adv, beta):
+    """DRO / Kimi-1.5: −A·logp + (β/2)·(logp − log μ)²."""
+    return -adv * logp + 0.5 * beta * (logp - anchor_logp.detach()) ** 2
+
+
+def prime_rl_term(logp, old_logp, anchor_logp, adv, low, high, tau):
+    """prime-rl's default loss, with rpg's value at the trust region's edge for a masked token:
+    −M·w·A (masked: −(1 ± δ/q)·A, detached) + τ·(logp − log μ)²."""
+    p, q = logp.detach().exp(), old_logp.exp()
+    up = adv > 0
+    masked = torch.where(up, p - q > high, p - q < -low)
+    w = (logp - old_logp).exp()
+    edge = torch.where(up, 1 + high / q, 1 - low / q)
+    pg = torch.where(masked, -(edge * adv).detach(), -w * adv)
+    return pg + tau * (logp - anchor_logp.detach()) ** 2

@@ -147,7 +147,7 @@ def test_weight_kl_false_leaves_the_kl_term_unweighted():
     whole = fn(logp, old, adv, mask, ref_logp=ref, behavior_logp=beh)
     torch.testing.assert_close(whole.per_token, w * (pg.per_token + kl.per_token), rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="weight_kl"):
-        rpg.RPGLoss("rkl", fold_kl=True, correction=EXACT).replace(weight_kl=False)
+        rpg.RPGLoss("rkl", style="reinforce", correction=EXACT).replace(weight_kl=False)
 
 
 def test_default_correction_is_token_truncation_at_two():

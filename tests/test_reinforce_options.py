@@ -1,4 +1,4 @@
-"""Two REINFORCE-style options: a KL term beside the policy-gradient term (``weight_kl=False``) and the
+"""Two REINFORCE-style options: a KL term beside the policy-gradient term (``separate_kl=True``) and the
 sequence ratio (``ratio="sequence"``, CISPO on s = exp(mean_t log w)) — crafted values, exact oracles, errors."""
 
 import pytest
@@ -20,7 +20,7 @@ def test_separate_kl_term_is_the_truncated_reinforce_term_plus_the_kl_surrogate(
     """ℓ = −sg(min(w, cap))·A·logp + β·KL-surrogate; the cap acts on the first term only."""
     logp, old, adv, mask, ref = make_batch(4, 6, seed=2, spread=0.6)
     beta, cap = 0.3, 1.1
-    fn = rpg.PolicyLoss(kl=kl, beta=beta, style="reinforce", clip=rpg.Truncate.at(None, cap), weight_kl=False)
+    fn = rpg.PolicyLoss(kl=kl, beta=beta, style="reinforce", clip=rpg.Truncate.at(None, cap), separate_kl=True)
     out = fn(logp, old, adv, mask, ref_logp=ref)
     x = logp.detach().clone().requires_grad_(True)
     w = (x - old).exp()
@@ -34,7 +34,7 @@ def test_separate_kl_term_is_the_truncated_reinforce_term_plus_the_kl_surrogate(
     torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-13)
     # The KL term inside g (the default): −sg(g)·logp, another value; for urkl, whose derivative carries w,
     # the cap truncates the KL part too (another gradient); k3's derivative 1 − 1/ρ has no w: same gradient.
-    inside = fn.replace(weight_kl=True)(logp, old, adv, mask, ref_logp=ref)
+    inside = fn.replace(separate_kl=False)(logp, old, adv, mask, ref_logp=ref)
     (g_in,) = torch.autograd.grad(inside.per_token.sum(), logp)
     assert (inside.per_token - out.per_token).abs().max() > 1e-3
     if kl == "k3":
@@ -47,7 +47,7 @@ def test_separate_kl_term_is_the_truncated_reinforce_term_plus_the_kl_surrogate(
 def test_separate_kl_term_keeps_the_exact_gradient_off_policy(div):
     """Without a clip, E_old[∇ℓ] = −∇J exactly (π_θ ≠ π_old ≠ π_ref, float64): only the split changed."""
     p = T.random_problem(k=6, seed=4)
-    fn = rpg.RPGLoss(div, style="reinforce", beta=0.4, clip=None).replace(weight_kl=False)
+    fn = rpg.RPGLoss(div, style="reinforce", beta=0.4, clip=None).replace(separate_kl=True)
     got = T.expected_gradient(fn, p.logits, p.old_logits, p.rewards, ref_logits=p.ref_logits)
     want = -T.objective_gradient(div, p.logits, p.ref_logits, p.rewards, 0.4)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
@@ -56,8 +56,10 @@ def test_separate_kl_term_keeps_the_exact_gradient_off_policy(div):
 def test_multipliers_leave_the_separate_kl_term_unweighted():
     logp, old, adv, mask, ref = make_batch(3, 5, seed=5)
     weights = torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    fn = rpg.PolicyLoss(kl="k3", beta=0.2, style="reinforce", clip=rpg.Truncate(None, 0.2), weight_kl=False)
-    pg = fn.replace(kl=None, beta=0.0)(logp, old, adv, mask).per_token
+    fn = rpg.PolicyLoss(
+        kl="k3", beta=0.2, style="reinforce", clip=rpg.Truncate(None, 0.2), separate_kl=True, weight_kl=False
+    )
+    pg = fn.replace(kl=None, beta=0.0, separate_kl=False, weight_kl=True)(logp, old, adv, mask).per_token
     kl = rpg.PolicyLoss(kl="k3", beta=0.2)(logp, old, None, mask, ref_logp=ref).per_token
     got = fn(logp, old, adv, mask, ref_logp=ref, weights=weights).per_token
     torch.testing.assert_close(got, torch.where(mask, weights * pg + kl, torch.zeros_like(got)), rtol=0, atol=1e-14)
@@ -65,9 +67,9 @@ def test_multipliers_leave_the_separate_kl_term_unweighted():
 
 def test_second_derivative_of_a_separate_kl_term_is_refused_not_zero():
     logp, old, adv, mask, ref = make_batch(2, 3, seed=6)
-    fn = rpg.PolicyLoss(kl="k3", beta=0.2, style="reinforce", weight_kl=False)
+    fn = rpg.PolicyLoss(kl="k3", beta=0.2, style="reinforce", separate_kl=True)
     (g,) = torch.autograd.grad(fn(logp, old, adv, mask, ref_logp=ref).loss, logp, create_graph=True)
-    with pytest.raises(RuntimeError, match="weight_kl=False"):
+    with pytest.raises(RuntimeError, match="separate_kl=True"):
         torch.autograd.grad(g.sum(), logp)
 
 
@@ -101,7 +103,7 @@ def test_sequence_ratio_reinforce_is_exact_on_policy_and_biased_off_policy():
 
 
 def test_refused_combinations():
-    with pytest.raises(ValueError, match="weight_kl=False"):
+    with pytest.raises(ValueError, match="separate_kl=True"):
         rpg.PolicyLoss(kl="urkl", beta=0.1, style="reinforce", ratio="sequence")
     with pytest.raises(ValueError, match="fold_kl"):
         rpg.PolicyLoss(kl="urkl", beta=0.1, fold_kl=True, weight_kl=False)
@@ -109,4 +111,4 @@ def test_refused_combinations():
         rpg.PolicyLoss(ratio="sequence", kl="urkl", beta=0.1, fold_kl=True)
     # accepted: no KL term, or a separate one
     rpg.PolicyLoss(style="reinforce", ratio="sequence", clip=rpg.Truncate.at(None, 5.0))
-    rpg.PolicyLoss(kl="k3", beta=0.1, style="reinforce", ratio="sequence", weight_kl=False)
+    rpg.PolicyLoss(kl="k3", beta=0.1, style="reinforce", ratio="sequence", separate_kl=True)

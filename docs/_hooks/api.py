@@ -43,13 +43,20 @@ def _source(module: str) -> pathlib.Path | None:
 
 
 def _exports(tree: ast.Module) -> list[str] | None:
+    """The literal ``__all__``, extended by any later literal ``__all__ += [...]`` (a module may add a block)."""
+    exported = None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
             try:
-                return list(ast.literal_eval(node.value))
+                exported = list(ast.literal_eval(node.value))
             except ValueError:
                 return None
-    return None
+        elif isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "__all__" and exported is not None:
+            try:
+                exported += list(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return exported
 
 
 def _members(module: str) -> list[str] | None:

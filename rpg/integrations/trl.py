@@ -76,7 +76,7 @@ bonuses).
 
 | setting | how |
 |---|---|
-| ``loss_type="cispo"`` with ``beta != 0`` | ``style="reinforce"`` with ``weight_kl=False``: −sg(min(r, cap))·A·logp plus the differentiable KL surrogate (k3, or r·k3 = ``"urkl"``) beside it, outside the cap and TRL's multipliers |
+| ``loss_type="cispo"`` with ``beta != 0`` | ``style="reinforce"`` with ``separate_kl=True``, ``weight_kl=False``: −sg(min(r, cap))·A·logp plus the differentiable KL surrogate (k3, or r·k3 = ``"urkl"``) beside it, outside the cap and TRL's multipliers |
 | ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | ``style="reinforce"``, ``ratio="sequence"``: −sg(min(s, cap))·A·logp on every token |
 | ``loss_type="cispo"`` with ``epsilon`` or ``delta`` set | accepted: TRL's cispo does not read them, and a log line says so |
 | ``delta < 1`` | [`DeltaClip`][rpg.integrations.trl.DeltaClip]: A > 0 capped at r = δ < 1, A < 0 clipped to [1−ε, 1+ε_high] |
@@ -316,7 +316,7 @@ def loss_from_grpo_config(args) -> PolicyLoss:
     | GRPOConfig | rpg |
     |---|---|
     | ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo | PPO clip, ``agg`` seq-mean-token-mean / token-mean / seq-mean-token-sum-norm (``max_len`` = ``max_completion_length``) / token-mean / seq-mean-token-sum |
-    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``weight_kl=False``) |
+    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``separate_kl=True``, ``weight_kl=False``) |
     | ``epsilon``, ``epsilon_high`` | ``Clip(low=epsilon, high=epsilon_high)`` (``epsilon_high`` unset: ``epsilon``) |
     | ``delta`` ≥ 1+ε_high | ``Clip(..., dual=delta)`` |
     | 1 ≤ ``delta`` < 1+ε_high | ``Clip(low=ε, high=delta−1, dual=1+ε_high)`` (the same min/max algebra) |
@@ -472,7 +472,9 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     ratio = "sequence" if sequence else "token"
     if lt == "cispo":
         # −sg(min(r or s, cap))·A·logp, the KL term its own differentiable surrogate beside it
-        # (weight_kl=False in the REINFORCE style), unweighted by TRL's multipliers.
+        # (separate_kl), unweighted by TRL's multipliers (weight_kl=False).
+        if kl is None:
+            return PolicyLoss(style="reinforce", clip=clip, agg=_AGG[lt], ratio=ratio, correction=correction)
         return PolicyLoss(
             kl=kl,
             beta=beta,
@@ -482,6 +484,7 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
             ratio=ratio,
             correction=correction,
             weight_kl=False,
+            separate_kl=True,
         )
     max_len = None
     if lt == "dr_grpo":

@@ -1,12 +1,22 @@
 r"""The RPG losses inside verl, by name, through verl's own ``register_policy_loss``.
 
-Importing this module registers ten policy losses:
+Importing this module registers twelve policy losses:
 
 | ``loss_mode`` | loss |
 |---|---|
 | ``rpg_fkl`` … ``rpg_urkl`` | ``rpg.RPGLoss(D, style="differentiable")`` — Algorithm 1 (dual clip) |
 | ``rpg_rf_fkl`` … ``rpg_rf_urkl`` | ``rpg.RPGLoss(D, style="reinforce")`` — RPG-Style Clip (Algorithm 2) |
 | ``rpg_dppo_tv``, ``rpg_dppo_kl`` | ``rpg.DPPOLoss(δ_low, δ_high, "tv"/"kl", cap=C)`` — verl's ``dppo_*`` |
+| ``rpg_sapo`` | ``rpg.SAPOLoss(tau_pos, tau_neg, agg=loss_agg_mode)`` — verl's ``sapo`` |
+| ``rpg_dro`` | ``rpg.DROLoss(policy_loss.dro_beta, agg=loss_agg_mode)`` — verl's ``dro`` |
+
+``rpg_sapo`` and ``rpg_dro`` read the fields verl's ``sapo`` and ``dro`` read (``tau_pos`` /
+``tau_neg``; ``policy_loss.dro_beta``) and give their loss and gradient (tested on the same
+inputs); the rollout correction's ``rollout_is_weights`` multiply the whole per-token loss, as in
+verl (for ``rpg_dro`` the squared penalty too). Two differences: verl's ``sapo`` always aggregates
+``seq-mean-token-mean`` whatever ``loss_agg_mode`` says, ``rpg_sapo`` uses ``loss_agg_mode`` (set it
+to ``seq-mean-token-mean``, SAPO's); and verl clamps log(π_θ/π_old) to ±20 before the gate (no
+effect unless |log w| > 20). The penalty of ``rpg_dro`` anchors on π_old, as verl's.
 
 **Settings.** The RPG losses read verl's ``ActorConfig``: ``clip_ratio_low`` /
 ``clip_ratio_high`` (falling back to ``clip_ratio``) and ``clip_ratio_c`` as
@@ -142,7 +152,7 @@ from ..clipping import Clip, TrustRegion
 from ..kl import DIVERGENCES
 from ..losses import PolicyLoss, RPGLoss
 from ..objectives import Ratios
-from ..presets import DPPOLoss
+from ..presets import DPPOLoss, DROLoss, SAPOLoss
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -152,7 +162,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "(from a clone of rpg: pip install -e '.[verl]')"
     ) from e
 
-__all__ = ["LOSS_MODES", "DPPO_MODES", "DROPPED_METRICS", "loss_from_config"]
+__all__ = ["LOSS_MODES", "DPPO_MODES", "FAMILY_MODES", "DROPPED_METRICS", "loss_from_config"]
 
 LOSS_MODES = {f"rpg_{d}": (d, "differentiable") for d in DIVERGENCES}
 LOSS_MODES.update({f"rpg_rf_{d}": (d, "reinforce") for d in DIVERGENCES})
@@ -184,8 +194,11 @@ def loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") 
     [`rpg.RPGLoss`][rpg.losses.RPGLoss] for the ``rpg_*`` / ``rpg_rf_*`` modes; for ``rpg_dppo_tv`` /
     ``rpg_dppo_kl``, ``rpg.DPPOLoss(δ_low, δ_high, divergence, cap=clip_ratio_c)`` — the REINFORCE
     style with an [`rpg.TrustRegion`][rpg.clipping.TrustRegion] and no KL term (C falls back to 20.0 as in verl's ``dppo_*``)."""
+    if loss_mode in FAMILY_MODES:
+        return FAMILY_MODES[loss_mode](config, loss_agg_mode)
     if loss_mode not in LOSS_MODES and loss_mode not in DPPO_MODES:
-        raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {', '.join([*LOSS_MODES, *DPPO_MODES])}")
+        valid = ", ".join([*LOSS_MODES, *DPPO_MODES, *FAMILY_MODES])
+        raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {valid}")
     info = _get(config, "global_batch_info", {}) or {}
     max_len = info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None
     low, high = _thresholds(config)
@@ -253,7 +266,9 @@ def _make(loss_mode: str):
         return loss, metrics
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    what = LOSS_MODES.get(loss_mode) or f"TrustRegion({DPPO_MODES[loss_mode]!r})"
+    what = LOSS_MODES.get(loss_mode) or (
+        f"TrustRegion({DPPO_MODES[loss_mode]!r})" if loss_mode in DPPO_MODES else loss_mode.removeprefix("rpg_")
+    )
     policy_loss.__doc__ = f"verl policy loss '{loss_mode}': {what} — see rpg.integrations.verl."
     return policy_loss
 
@@ -286,4 +301,30 @@ def _dppo_mask(region: TrustRegion, log_prob, old_log_prob, advantages, mask, ro
 
 
 for _mode in [*LOSS_MODES, *DPPO_MODES]:
+    register_policy_loss(_mode)(_make(_mode))
+
+
+# --- token-level families verl also ships: SAPO (``sapo``) and DRO (``dro``) ---------------------------
+
+
+def _sapo(config, loss_agg_mode: str) -> PolicyLoss:
+    info = _get(config, "global_batch_info", {}) or {}
+    max_len = info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None
+    loss = SAPOLoss(_get(config, "tau_pos", 1.0), _get(config, "tau_neg", 1.05), agg=loss_agg_mode)
+    return loss if max_len is None else loss.replace(max_len=max_len)
+
+
+def _dro(config, loss_agg_mode: str) -> PolicyLoss:
+    beta = _get(_get(config, "policy_loss", {}) or {}, "dro_beta")
+    if beta is None:
+        raise ValueError("rpg_dro: policy_loss.dro_beta must be a positive value (the squared penalty's β)")
+    info = _get(config, "global_batch_info", {}) or {}
+    max_len = info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None
+    loss = DROLoss(float(beta), agg=loss_agg_mode)
+    return loss if max_len is None else loss.replace(max_len=max_len)
+
+
+FAMILY_MODES = {"rpg_sapo": _sapo, "rpg_dro": _dro}
+
+for _mode in FAMILY_MODES:
     register_policy_loss(_mode)(_make(_mode))

@@ -11,6 +11,7 @@ pytest.importorskip("verl", reason="the verl extra is not installed")
 
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, get_policy_loss_fn
 from verl.workers.config import ActorConfig
+from verl.workers.config.actor import PolicyLossConfig
 
 import rpg
 from rpg.integrations import verl as rpg_verl
@@ -31,6 +32,7 @@ def _config(**overrides):
         clip_ratio_high=0.28,
         clip_ratio_c=3.0,
         kl_loss_coef=BETA,
+        policy_loss=PolicyLossConfig(dro_beta=0.2),  # read by rpg_dro only
     )
     kw.update(overrides)
     return ActorConfig(**kw)
@@ -80,7 +82,7 @@ def test_global_batch_info_and_rollout_weights():
     torch.testing.assert_close(loss, want, rtol=1e-14, atol=1e-14)
 
 
-ALL_MODES = sorted([*rpg_verl.LOSS_MODES, *rpg_verl.DPPO_MODES])
+ALL_MODES = sorted([*rpg_verl.LOSS_MODES, *rpg_verl.DPPO_MODES, *rpg_verl.FAMILY_MODES])
 
 
 @pytest.mark.parametrize("loss_mode", ALL_MODES)
