@@ -79,6 +79,7 @@ bonuses).
 | ``loss_type="cispo"`` with ``beta != 0`` | ``style="reinforce"`` with ``separate_kl=True``, ``weight_kl=False``: −sg(min(r, cap))·A·logp plus the differentiable KL surrogate (k3, or r·k3 = ``"urkl"``) beside it, outside the cap and TRL's multipliers |
 | ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | ``style="reinforce"``, ``ratio="sequence"``: −sg(min(s, cap))·A·logp on every token |
 | ``loss_type="cispo"`` with ``epsilon`` or ``delta`` set | accepted: TRL's cispo does not read them, and a log line says so |
+| ``loss_type="sapo"`` | [`rpg.SAPOLoss`][rpg.presets.SAPOLoss] with GRPOConfig's ``sapo_temperature_pos``/``_neg`` (rounded to float32, the τ TRL computes with), ``ratio`` by ``importance_sampling_level``, ``seq-mean-token-mean``, the KL term beside it; ``epsilon``, ``epsilon_high``, ``delta`` are unused (logged) |
 | ``delta < 1`` | [`DeltaClip`][rpg.integrations.trl.DeltaClip]: A > 0 capped at r = δ < 1, A < 0 clipped to [1−ε, 1+ε_high] |
 | ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | TRL multiplies the one sequence-level term by each token's weight and sums over the response: every token gets the mean of its response's weights (the token-level vLLM weight folded in), which is exactly that |
 
@@ -87,7 +88,7 @@ bonuses).
 | setting | why |
 |---|---|
 | ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's k3 by the sequence ratio s and differentiates s, so every token's KL sends gradient to every token of its response: on-policy (s = 1) its expected gradient follows neither the per-position KL nor the sequence KL (measured in the integrations docs) |
-| ``loss_type`` ``"sapo"``, ``"vespo"`` | not yet an rpg loss |
+| ``loss_type="vespo"`` | its rpg loss is not part of this build |
 
 **Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
 ``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
@@ -120,10 +121,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..aggregation import aggregate
-from ..clipping import DUAL, HIGH, LOW, Clip, ClipRule, Truncate
+from ..clipping import DUAL, HIGH, LOW, Clip, ClipRule, SoftGate, Truncate
 from ..correction import RolloutCorrection, correction_metrics
 from ..losses import PolicyLoss
 from ..objectives import REGISTRY, Ratios
+from ..presets import SAPOLoss
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +139,13 @@ _AGG = {
     "dapo": "token-mean",
     "cispo": "token-mean",
     "luspo": "seq-mean-token-sum",
+    "sapo": "seq-mean-token-mean",
 }
 _NOT_EXPRESSIBLE = {
-    "sapo": "SAPO's per-token loss −A·σ(τ(r−1))·4/τ is a smooth sigmoid gate, not a clip rule of rpg",
-    "vespo": "VESPO's detached per-sequence gamma weight φ(exp Σ_t log r) is not a clip rule of rpg",
+    "vespo": "VESPO's detached per-sequence gamma weight φ(exp Σ_t log r) is not an rpg loss in this build",
 }
+# GRPOConfig's clip fields that a loss_type does not read (TRL ignores them; the trainer logs that).
+_UNUSED_CLIP_FIELDS = {"cispo": ("epsilon", "delta"), "sapo": ("epsilon", "epsilon_high", "delta")}
 _LOSS_TYPES = tuple(_AGG) + tuple(_NOT_EXPRESSIBLE)
 _LEVELS = ("token", "sequence")
 _IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -315,6 +319,7 @@ def loss_from_grpo_config(args) -> PolicyLoss:
 
     | GRPOConfig | rpg |
     |---|---|
+    | ``loss_type="sapo"`` | [`SAPOLoss`][rpg.presets.SAPOLoss] (the soft gate), ``seq-mean-token-mean`` |
     | ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo | PPO clip, ``agg`` seq-mean-token-mean / token-mean / seq-mean-token-sum-norm (``max_len`` = ``max_completion_length``) / token-mean / seq-mean-token-sum |
     | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``separate_kl=True``, ``weight_kl=False``) |
     | ``epsilon``, ``epsilon_high`` | ``Clip(low=epsilon, high=epsilon_high)`` (``epsilon_high`` unset: ``epsilon``) |
@@ -364,15 +369,16 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
             "valid: 'token', 'sequence'"
         )
     trl_correction = correction_from_grpo_config(args)
-    if args.loss_type == "cispo":
-        unused = [f for f in ("epsilon", "delta") if _changed(args, f)]
-        if unused:
-            logger.warning(
-                "GRPOConfig %s set under loss_type='cispo', which does not use %s (TRL's cispo caps the weight at "
-                "epsilon_high only); ignored",
-                ", ".join(f"{f}={getattr(args, f)!r}" for f in unused),
-                "them" if len(unused) > 1 else "it",
-            )
+    unused = [f for f in _UNUSED_CLIP_FIELDS.get(args.loss_type, ()) if _changed(args, f)]
+    if unused:
+        logger.warning(
+            "GRPOConfig %s set under loss_type=%r, which does not use %s (TRL's %s does not read %s); ignored",
+            ", ".join(f"{f}={getattr(args, f)!r}" for f in unused),
+            args.loss_type,
+            "them" if len(unused) > 1 else "it",
+            args.loss_type,
+            ", ".join(_UNUSED_CLIP_FIELDS[args.loss_type]),
+        )
     if loss is None:
         built = _build(args, trl_correction, quantile)
         sequence_pg = built.ratio == "sequence" and built.style == "differentiable"
@@ -439,6 +445,8 @@ def _trl_metric_spec(args, loss: PolicyLoss, from_config: bool) -> tuple:
     For a loss built from GRPOConfig these are TRL's own definitions with GRPOConfig's values; a given
     loss reports its own clip rule's bounds under the names of GRPOConfig's loss_type."""
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if args.loss_type == "sapo":
+        return ("sapo",)  # TRL logs no clip ratio for sapo (nothing is clipped)
     if from_config:
         if args.loss_type == "cispo":
             return ("cispo", eps_high)
@@ -461,6 +469,14 @@ _SEQUENCE_URKL = (
 )
 
 
+def _sapo_taus(args) -> tuple[float, float]:
+    """SAPO's (τ_pos, τ_neg) as TRL computes with them: it picks τ with ``torch.where`` on Python floats, a
+    float32 tensor, so its τ is the float32 rounding of the setting (1.05 → 1.0499999523…)."""
+    return tuple(
+        float(torch.tensor(t, dtype=torch.float32)) for t in (args.sapo_temperature_pos, args.sapo_temperature_neg)
+    )
+
+
 def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     lt = _check_loss_type(args)
     clip = _clip_from_config(args)
@@ -470,6 +486,10 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     if sequence and kl == "urkl":
         raise ValueError(_SEQUENCE_URKL)
     ratio = "sequence" if sequence else "token"
+    if lt == "sapo":
+        # −(4/τ)·σ(τ(r − 1))·A (r or s), τ by the sign of A; the KL term beside it, as for the PPO types.
+        sapo = SAPOLoss(*_sapo_taus(args), ratio, correction=correction)
+        return sapo if kl is None else sapo.replace(kl=kl, beta=beta, weight_kl=False)
     if lt == "cispo":
         # −sg(min(r or s, cap))·A·logp, the KL term its own differentiable surrogate beside it
         # (separate_kl), unweighted by TRL's multipliers (weight_kl=False).
@@ -529,7 +549,15 @@ def _check_agreement(args, loss: PolicyLoss) -> None:
             )
         elif lt == "cispo" and loss.style != "reinforce":
             bad.append("loss_type='cispo' (a REINFORCE-style loss; the loss is differentiable-style)")
+    if lt == "sapo" and (
+        _changed(args, "loss_type") or _changed(args, "sapo_temperature_pos") or _changed(args, "sapo_temperature_neg")
+    ):
+        want_gate = SoftGate(args.sapo_temperature_pos, args.sapo_temperature_neg)
+        if loss.clip not in (want_gate, SoftGate(*_sapo_taus(args))):  # the setting, or TRL's float32 τ
+            bad.append(f"loss_type='sapo' with the gate {want_gate!r} (the loss has clip={loss.clip!r})")
     clip_fields = [f for f in ("epsilon", "epsilon_high", "delta") if _changed(args, f)]
+    if lt == "sapo":  # TRL's sapo reads no clip field (logged as unused)
+        clip_fields = []
     if lt == "cispo":  # TRL's cispo reads epsilon_high only (epsilon and delta: logged as unused)
         clip_fields = ["epsilon_high"] if _changed(args, "loss_type") or "epsilon_high" in clip_fields else []
     if clip_fields and lt not in _NOT_EXPRESSIBLE:
@@ -757,6 +785,8 @@ class RPGGRPOTrainer(GRPOTrainer):
                 log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
             coef = torch.exp(log_w)
             spec = plan.trl_metrics
+            if spec[0] == "sapo":
+                return
             if spec[0] == "cispo":
                 cap = math.inf if spec[1] == "none" else spec[1]
                 if spec[1] == "codes":
