@@ -112,3 +112,38 @@ def test_refused_combinations():
     # accepted: no KL term, or a separate one
     rpg.PolicyLoss(style="reinforce", ratio="sequence", clip=rpg.Truncate.at(None, 5.0))
     rpg.PolicyLoss(kl="k3", beta=0.1, style="reinforce", ratio="sequence", separate_kl=True)
+
+
+SEQUENCE_CISPO = rpg.PolicyLoss(style="reinforce", clip=rpg.Truncate.at(None, 1.05), ratio="sequence")
+CISPO_K3 = rpg.PolicyLoss(
+    kl="k3", beta=0.1, style="reinforce", clip=rpg.Truncate.at(None, 1.1), separate_kl=True, weight_kl=False
+)
+SEQUENCE_CISPO_K3 = CISPO_K3.replace(ratio="sequence")
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [SEQUENCE_CISPO, CISPO_K3, SEQUENCE_CISPO_K3], ids=["sequence", "k3", "sequence-k3"]
+)
+def test_fused_head_equals_from_hidden_plus_loss(loss_fn):
+    from .test_fused import assert_same, make
+
+    assert_same(loss_fn, make(6), options=("weights", "behavior_logp"))
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [SEQUENCE_CISPO, CISPO_K3, SEQUENCE_CISPO_K3], ids=["sequence", "k3", "sequence-k3"]
+)
+def test_compiled_equals_eager(loss_fn):
+    torch._dynamo.reset()
+    logp, old, adv, mask, ref = make_batch(4, 16, seed=7, dtype=torch.float32)
+    logp = logp.detach().requires_grad_(True)
+
+    def step(logp, old, adv, mask, ref):
+        return loss_fn(logp, old, adv, mask, ref_logp=ref).loss
+
+    eager = step(logp, old, adv, mask, ref)
+    (g_eager,) = torch.autograd.grad(eager, logp)
+    got = torch.compile(step, fullgraph=True)(logp, old, adv, mask, ref)
+    (g_got,) = torch.autograd.grad(got, logp)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_eager, rtol=1e-6, atol=1e-6)
