@@ -344,7 +344,10 @@ class SAPOLoss(_Preset):
     ``importance_sampling_level="sequence"`` for ``loss_type="sapo"``); the paper gates token ratios.
     TRL and verl compute the same token-level loss with the same defaults (τ_pos = 1, τ_neg = 1.05);
     verl clamps log w to ±20 first (no effect unless |log w| > 20) and always aggregates
-    ``seq-mean-token-mean``. Add a KL term with ``.replace(kl=..., beta=...)``.
+    ``seq-mean-token-mean``. TRL picks τ with ``torch.where`` on Python floats, i.e. in float32
+    (τ_neg = 1.05 becomes 1.0499999523…): pass that value to reproduce TRL's float64 loss to the
+    last digit. With ``ratio="sequence"`` an aggregation other than ``seq-mean-token-mean``
+    weights each sequence's loss by its length. Add a KL term with ``.replace(kl=..., beta=...)``.
     """
 
     __slots__ = ()
@@ -452,6 +455,9 @@ class DROLoss(_Preset):
     the whole per-token loss, penalty included (verl's ``rollout_is_weights`` do the same);
     ``weight_penalty=False`` leaves the penalty unweighted — then it is averaged under μ itself.
 
+    Kimi-1.5 (its eq. 3) squares the log-ratio of the whole response, (β/2)(Σ_t log π_θ/μ)²; verl,
+    ROLL and Tinker square each token's, as here. The sequence form is not a per-token loss (its
+    gradient at one token depends on the others' log-ratios) and is not offered.
     Its clip codes count every token with w ≠ 1 as truncated (the weight 1 is w truncated to [1, 1]).
 
     Args:

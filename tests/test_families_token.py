@@ -344,11 +344,12 @@ def test_dro_penalty_unweighted_by_the_correction_when_asked():
 # --- torch.compile and the fused head ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("name", ["sapo-sequence", "ce-gppo", "topr", "dro", "prime-rl"])
-def test_compiled_equals_eager(name):
+def test_compiled_equals_eager(name, device):
     torch._dynamo.reset()
     fn = FAMILIES[name][0]
-    logp, old, adv, mask, _ = make_batch(4, 16, seed=7, dtype=torch.float32)
+    logp, old, adv, mask, _ = (x.to(device) for x in make_batch(4, 16, seed=7, dtype=torch.float32))
     logp = logp.detach().requires_grad_(True)
     mu = old - 0.2
 
@@ -435,6 +436,11 @@ def test_configurations_and_reprs():
         (lambda: rpg.SignedTruncate(), ValueError, "at least one"),
         (lambda: rpg.SignedTruncate(positive=rpg.Clip()), TypeError, "positive"),
         (lambda: rpg.PolicyLoss(clip=rpg.SignedTruncate(negative=rpg.Truncate())), ValueError, "reinforce"),
+        (
+            lambda: rpg.TOPRLoss().replace(style="reinforce", ratio="sequence"),
+            ValueError,
+            "differentiable",
+        ),
         (lambda: rpg.DROLoss(0.0), ValueError, "beta > 0"),
         (lambda: rpg.DROLoss(-1.0), ValueError, "beta"),
         (lambda: rpg.DROLoss(0.1, weight_penalty=1), TypeError, "weight_penalty"),
@@ -504,3 +510,47 @@ def test_float32_overflowing_ratio_under_the_gate_and_the_kept_clip():
     out = rpg.GPPOLoss(agg="token-sum")(logp, old, adv)
     (g,) = torch.autograd.grad(out.loss, logp)
     assert out.per_token[0, 0].item() == pytest.approx(-1.28) and g[0, 0].item() == pytest.approx(-1.28)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_padding_garbage_is_inert_and_an_empty_mask_gives_zero(name):
+    loss_fn = FAMILIES[name][0]
+    logp, old, adv, mask, _ = make_batch(4, 6, seed=17, spread=0.5, adv_shape="tok")
+    mu = old - 0.3
+    pad = ~mask
+    results = []
+    for dirty in (False, True):
+        lp = logp.detach().clone()
+        o, a, m = old.clone(), adv.clone(), mu.clone()
+        if dirty:
+            for x, v in ((lp, float("nan")), (o, float("inf")), (a, float("nan")), (m, -float("inf"))):
+                x[pad] = v
+        lp.requires_grad_(True)
+        out = loss_fn(lp, o, a, mask, behavior_logp=m)
+        (g,) = torch.autograd.grad(out.loss, lp)
+        results.append((out.loss, g, out.metrics["clip_frac"]))
+    (l0, g0, c0), (l1, g1, c1) = results
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+    assert c1 == c0
+    empty = torch.zeros_like(mask)
+    out = loss_fn(logp, old, adv, empty, behavior_logp=mu)
+    (g,) = torch.autograd.grad(out.loss, logp)
+    assert out.loss.item() == 0 and (g == 0).all()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_bf16_inputs_are_computed_in_float32(name):
+    loss_fn = FAMILIES[name][0]
+    logp, old, adv, mask, _ = make_batch(3, 5, seed=18, spread=0.4)
+    lp16, old16, adv16 = logp.detach().bfloat16(), old.bfloat16(), adv.bfloat16()
+    lp16.requires_grad_(True)
+    lp32 = lp16.detach().float().requires_grad_(True)
+    a = loss_fn(lp16, old16, adv16, mask)
+    b = loss_fn(lp32, old16.float(), adv16.float(), mask)
+    assert a.loss.dtype == torch.float32
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    (g16,) = torch.autograd.grad(a.loss, lp16)
+    (g32,) = torch.autograd.grad(b.loss, lp32)
+    torch.testing.assert_close(g16.float(), g32.bfloat16().float(), rtol=0, atol=0)
