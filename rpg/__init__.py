@@ -7,8 +7,9 @@ unnormalized KL-regularized objectives in fully differentiable and
 REINFORCE-style forms, RPG-Style Clip, and batching-invariant aggregation —
 each loss with a gradient that is exactly the gradient of its objective — and
 GRPO, Dr. GRPO, DAPO, REINFORCE++, GSPO, CISPO, DPPO, SAPO, TOPR, GPPO / CE-GPPO,
-DRO (Kimi-1.5), prime-rl's loss and on-policy distillation as configurations of the
-same [`PolicyLoss`][rpg.losses.PolicyLoss].
+DRO (Kimi-1.5), prime-rl's loss, GMPO, VESPO, Clip-Cov, KL-Cov and on-policy distillation as
+configurations of the same [`PolicyLoss`][rpg.losses.PolicyLoss] (sequence-level ratios and kernels in
+[`rpg.sequence`][rpg.sequence], token selection rules in [`rpg.selection`][rpg.selection]).
 
 Functional core: [`rpg.kl`][rpg.kl], [`rpg.objectives`][rpg.objectives], [`rpg.clipping`][rpg.clipping],
 [`rpg.aggregation`][rpg.aggregation], [`rpg.correction`][rpg.correction], [`rpg.advantages`][rpg.advantages], [`rpg.logprobs`][rpg.logprobs]; the loss as
@@ -29,6 +30,8 @@ from . import (
     metrics,
     objectives,
     presets,
+    selection,
+    sequence,
     testing,
 )
 from .aggregation import AGG_MODES, aggregate
@@ -43,18 +46,22 @@ from .metrics import LossOutput
 from .objectives import DIVERGENCES, ESTIMATORS, KL_TERMS
 from .presets import (
     CISPOLoss,
+    ClipCovLoss,
     DAPOLoss,
     DPPOLoss,
     DrGRPOLoss,
     DROLoss,
+    GMPOLoss,
     GPPOLoss,
     GRPOLoss,
     GSPOLoss,
+    KLCovLoss,
     OnPolicyDistillationLoss,
     PrimeRLLoss,
     REINFORCEPlusPlusLoss,
     SAPOLoss,
     TOPRLoss,
+    VESPOLoss,
 )
 from .reference import ReferenceUpdate
 
@@ -113,4 +120,10 @@ __all__ = [
     "SignedTruncate",
     "SoftGate",
     "TOPRLoss",
+    "GMPOLoss",
+    "VESPOLoss",
+    "ClipCovLoss",
+    "KLCovLoss",
+    "selection",
+    "sequence",
 ]

@@ -26,6 +26,7 @@ import torch
 
 from .config import LossConfig
 from .objectives import REGISTRY, Ratios
+from .sequence import sequence_token_loss
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,7 @@ def token_loss(
     mask: torch.Tensor,
     cfg: LossConfig,
     pg_scale: torch.Tensor | None = None,
+    seq_log_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(value, grad)`` for ``cfg``, before masking and weighting; both fresh ``[B, T]`` tensors.
 
@@ -119,6 +121,8 @@ def token_loss(
     Written to allocate few tensors (on CPU a fresh tensor costs more than the math).
     """
     r = ratios(logp, old_logp, ref_logp)
+    if cfg.ratio in ("geometric", "product"):  # GMPO, VESPO: rpg.sequence
+        return sequence_token_loss(r, advantages, mask, cfg, pg_scale, seq_log_weight)
     logp = r.logp
     ratio, direction, anchor = clip_view(r, advantages, mask, cfg)
     if cfg.style == "reinforce":
@@ -192,9 +196,11 @@ class TokenLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg):
+    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None):
         pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
-        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None)
+        value, grad = token_loss(
+            logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None, seq_log_weight
+        )
         padding = ~mask
         if scale is not None and not pg_only:  # value and grad are fresh tensors: in place is safe
             value.mul_(scale)
@@ -209,7 +215,7 @@ class TokenLoss(torch.autograd.Function):
         # backward() below with a gradient for output 1 — where it raises, or is exactly 0.
         ctx.save_for_backward(output[1])
         ctx.set_materialize_grads(False)
-        cfg = inputs[-1]  # a separate KL term (separate_kl) is not linear in logp
+        cfg = inputs[6]  # ratio="product" is linear too (ℓ = −sg(g)·logp); a separate KL term is not
         ctx.linear = cfg.style == "reinforce" and not (cfg.separate_kl and cfg.has_kl)
 
     @staticmethod
@@ -224,11 +230,13 @@ class TokenLoss(torch.autograd.Function):
                 "and support double backward exactly (the second derivative is 0)"
             )
         if grad_value is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad_value * grad, None, None, None, None, None, None
+        return grad_value * grad, None, None, None, None, None, None, None
 
 
-def per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig) -> torch.Tensor:
+def per_token_loss(
+    logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig, seq_log_weight=None
+) -> torch.Tensor:
     """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only)."""
-    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg)[0]
+    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight)[0]

@@ -27,14 +27,16 @@ from dataclasses import dataclass
 
 from ._util import as_int, as_real, check_choice
 from .aggregation import AGG_MODES
-from .clipping import ClipRule
+from .clipping import Clip, ClipRule
 from .correction import RolloutCorrection
 from .objectives import KL_TERMS, REGISTRY
+from .selection import SelectionRule
+from .sequence import SequenceKernel
 
 __all__ = ["LossConfig", "STYLES", "RATIOS", "KL_ANCHORS"]
 
 STYLES = ("differentiable", "reinforce")
-RATIOS = ("token", "sequence")
+RATIOS = ("token", "sequence", "geometric", "product")
 KL_ANCHORS = ("ref", "behavior")
 
 
@@ -51,9 +53,13 @@ class LossConfig:
         fold_kl: fold the KL into the clipped advantage (differentiable style, only
             for terms where that is exact: rkl, urkl).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
-        ratio: ``"token"`` or ``"sequence"`` (GSPO: the PG term uses
-            s = exp(mean_t log w); in the REINFORCE style g = w̄(s)·A, CISPO on the sequence
-            ratio, with any KL term separate, ``separate_kl=True``).
+        ratio: ``"token"``; ``"sequence"`` (GSPO: the PG term uses
+            s = exp(mean_t log w), clipped; in the REINFORCE style g = w̄(s)·A, CISPO on the
+            sequence ratio, with any KL term separate, ``separate_kl=True``); ``"geometric"`` (GMPO: s =
+            exp(mean_t log m_t) of the clip's per-token effective ratios m_t; differentiable style,
+            ``clip`` an [`rpg.Clip`][rpg.clipping.Clip] or ``None``); ``"product"`` (the sequence
+            ratio W = Π_t w_t, no length normalisation, as the REINFORCE weight's importance
+            weight; REINFORCE style, no clip) — see [`rpg.sequence`][rpg.sequence].
         correction: the [`RolloutCorrection`][rpg.correction.RolloutCorrection] applied when a call passes
             ``behavior_logp`` (``None``: ``RolloutCorrection()`` then).
         entropy_coef: c_H ≥ 0; the loss subtracts c_H·agg(entropy) (the call's
@@ -88,6 +94,8 @@ class LossConfig:
     weight_kl: bool = True
     kl_anchor: str = "ref"
     separate_kl: bool = False
+    kernel: SequenceKernel | None = None
+    select: SelectionRule | None = None
 
     def __post_init__(self) -> None:
         if self.kl is not None:
@@ -135,6 +143,31 @@ class LossConfig:
                 "ratio='sequence' with style='reinforce' weights the policy-gradient term by the sequence ratio; "
                 "a KL term must then be separate from it: pass separate_kl=True"
             )
+        if self.ratio == "geometric" and (self.style != "differentiable" or self.fold_kl):
+            raise ValueError("ratio='geometric' (GMPO) applies to style='differentiable' without fold_kl")
+        if self.ratio == "product" and self.style != "reinforce":
+            raise ValueError(
+                "ratio='product' (the sequence ratio W = prod_t w_t as the REINFORCE weight's importance weight, "
+                "VESPO) applies to style='reinforce'"
+            )
+        if self.kernel is not None and not isinstance(self.kernel, SequenceKernel):
+            raise TypeError(
+                f"kernel must be a weight kernel (rpg.sequence.Gamma) or None, got {type(self.kernel).__name__}"
+            )
+        if self.kernel is not None and self.ratio != "product":
+            raise ValueError(
+                f"kernel={self.kernel!r} weights the sequence ratio: it needs ratio='product', not {self.ratio!r}"
+            )
+        if self.select is not None and not isinstance(self.select, SelectionRule):
+            raise TypeError(
+                "select must be a selection rule (rpg.selection.CovarianceDrop, rpg.selection.CovariancePenalty) "
+                f"or None, got {type(self.select).__name__}"
+            )
+        if self.select is not None and (self.style != "differentiable" or self.ratio != "token" or self.fold_kl):
+            raise ValueError(
+                f"select={self.select!r} (Clip-Cov / KL-Cov) applies to style='differentiable' with ratio='token' "
+                "and without fold_kl"
+            )
         max_len = self.max_len
         if max_len is not None:
             max_len = as_int("max_len", max_len)
@@ -160,7 +193,16 @@ class LossConfig:
                 "weight_kl=False needs the KL term separate from the policy-gradient term: style='differentiable' "
                 "without fold_kl, or style='reinforce' with separate_kl=True (otherwise one weight g carries both)"
             )
-        if self.clip is not None and self.ratio not in self.clip.ratios:
+        if self.clip is not None and self.ratio == "geometric" and not isinstance(self.clip, Clip):
+            raise ValueError(
+                f"ratio='geometric' (GMPO) clips each token's log-ratio with an rpg.Clip's bounds; got clip={self.clip!r}"
+            )
+        if self.clip is not None and self.ratio == "product":
+            raise ValueError(
+                "ratio='product' takes no clip rule (a kernel, e.g. rpg.sequence.Gamma, bounds the sequence "
+                f"weight); got clip={self.clip!r}"
+            )
+        if self.clip is not None and self.ratio not in (*self.clip.ratios, "geometric"):
             raise ValueError(
                 f"clip={self.clip!r} applies to ratio={' or '.join(map(repr, self.clip.ratios))}, not {self.ratio!r}"
             )

@@ -45,7 +45,7 @@ import torch
 from ._util import check_bound as _check_bound
 from ._util import check_choice
 
-__all__ = ["RolloutCorrection", "LEVELS", "MODES", "correction_weight", "correction_metrics"]
+__all__ = ["RolloutCorrection", "LEVELS", "MODES", "correction_weight", "correction_metrics", "m2_rejected"]
 
 LEVELS = ("token", "sequence")
 MODES = ("truncate", "mask")
@@ -93,6 +93,15 @@ class RolloutCorrection:
             convention) or leave them (``False``: the mask shrinks; verl's and
             slime's convention — pass global counts computed after rejection, see
             [`keep`][rpg.correction.RolloutCorrection.keep]).
+        m2_upper: τ > 0 of M2PO's second-moment filter (Zheng et al., arXiv 2510.01161; AReaL's
+            ``m2_threshold``), or ``None``. Over the call's response tokens, the tokens with the
+            largest (log ρ_t)² = (log π_old − log μ)² are rejected, largest first, until the mean of
+            (log ρ)² over the tokens kept is below τ (strictly, as AReaL; if no such set exists only
+            the token of smallest (log ρ)² is kept). A batch statistic: each call (micro-batch)
+            filters its own tokens, as AReaL does, so shards do not add up to the full batch's
+            filter. AReaL removes the rejected tokens from its loss mask: ``count_rejected=False``.
+            Combine with any weight (``mode``); M2PO alone is ``mode="truncate", lower=1.0,
+            upper=1.0`` (weight 1).
 
     With ``behavior_logp`` given and no ``correction=`` on the loss, the loss uses
     ``RolloutCorrection()``. Invalid settings raise ``ValueError`` / ``TypeError``.
@@ -107,6 +116,7 @@ class RolloutCorrection:
     token_lower: float | None = None
     token_upper: float | None = None
     count_rejected: bool = True
+    m2_upper: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("RolloutCorrection.level", self.level, LEVELS)
@@ -119,12 +129,14 @@ class RolloutCorrection:
             a, b = _pair("RolloutCorrection", lo, hi, getattr(self, lo), getattr(self, hi))
             object.__setattr__(self, lo, a)
             object.__setattr__(self, hi, b)
+        m2 = _check_bound("RolloutCorrection.m2_upper", self.m2_upper, lambda v: 0 < v < _INF, "0 < m2_upper < inf")
+        object.__setattr__(self, "m2_upper", m2)
 
     @property
     def rejects(self) -> bool:
         """Whether this correction can reject tokens (mask mode with a bound, or a filter)."""
         return (self.mode == "mask" and (self.lower is not None or self.upper is not None)) or any(
-            v is not None for v in (self.geo_lower, self.geo_upper, self.token_lower, self.token_upper)
+            v is not None for v in (self.geo_lower, self.geo_upper, self.token_lower, self.token_upper, self.m2_upper)
         )
 
     def weight(self, old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -151,6 +163,29 @@ def _outside(log_x: torch.Tensor, lo: float | None, hi: float | None) -> torch.T
     if hi is not None:
         out |= log_x > math.log(hi)
     return out
+
+
+def m2_rejected(log_rho: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    r"""M2PO's filter: bool ``[B, T]``, the response tokens rejected so that mean (log ρ)² of the rest < τ.
+
+    Sort the response tokens by (log ρ)² descending; reject the first k, k the smallest index whose
+    suffix mean (the mean over the tokens not rejected) is below ``threshold``; if none is, keep only
+    the last (smallest). Computed without a host-device sync (sort, cumulative sums, ``argmax``)."""
+    flat_mask = mask.reshape(-1)
+    m2 = (log_rho * log_rho).reshape(-1)
+    neg_inf = torch.full((), -_INF, dtype=m2.dtype, device=m2.device)
+    _, order = torch.sort(torch.where(flat_mask, m2, neg_inf), descending=True)
+    valid = flat_mask[order]
+    vals = torch.where(valid, m2[order], torch.zeros((), dtype=m2.dtype, device=m2.device))
+    suffix = vals.flip(0).cumsum(0).flip(0)
+    n_suffix = valid.flip(0).to(m2.dtype).cumsum(0).flip(0)
+    ok = valid & (suffix / n_suffix.clamp_min(1) < threshold)
+    n_valid = valid.sum()
+    first = torch.where(ok.any(), torch.argmax(ok.to(torch.uint8)), (n_valid - 1).clamp_min(0))
+    rejected_sorted = valid & (torch.arange(m2.numel(), device=m2.device) < first)
+    rejected = torch.zeros_like(flat_mask)
+    rejected[order] = rejected_sorted
+    return rejected.view_as(mask)
 
 
 def log_ratios(old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor):
@@ -196,6 +231,8 @@ def correction_weight(
     if c.token_lower is not None or c.token_upper is not None:
         bad = _outside(log_rho, c.token_lower, c.token_upper) & mask
         rejected |= bad.any(-1, keepdim=True)
+    if c.m2_upper is not None:
+        rejected |= m2_rejected(log_rho, mask, c.m2_upper)
     rejected = rejected & mask
     keep = mask & ~rejected
     zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)

@@ -9,7 +9,8 @@ function. Per token (all ``[B, T]``):
 with ℓ the configured per-token loss (its closed-form derivative computed in the
 same pass), ρ̄ the rollout correction's weight (1 without ``behavior_logp``), ω
 the caller's ``weights`` (1 without), H the ``entropy`` and c_H ``entropy_coef``;
-all of ω, ρ̄ are constants (no gradient), and padding is 0. ``loss`` aggregates
+all of ω, ρ̄ are constants (no gradient), and padding is 0. (With ``ratio="product"`` ρ̄ enters
+the sequence ratio instead: [`rpg.sequence`][rpg.sequence].) ``loss`` aggregates
 ``per_token`` with the configured mode and counts.
 
     out = rpg.policy_loss(logp, old_logp, advantages, mask, kl="urkl", beta=1e-3, style="reinforce")
@@ -26,6 +27,8 @@ from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
 from .metrics import LossOutput, MetricInputs
+from .selection import penalty
+from .sequence import correction_log_weight
 
 __all__ = ["policy_loss"]
 
@@ -53,6 +56,7 @@ def policy_loss(
     *,
     weights: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     config: LossConfig | None = None,
     **settings,
 ) -> LossOutput:
@@ -83,6 +87,9 @@ def policy_loss(
             ``rpg.logprobs.from_hidden(..., return_entropy=True)``); the loss subtracts
             ``entropy_coef``·agg(entropy) with the loss's own aggregation and counts,
             unweighted. Required when ``entropy_coef > 0``; reported as ``entropy/mean``.
+        generator: the ``torch.Generator`` a random selection rule draws from (Clip-Cov's
+            [`CovarianceDrop`][rpg.selection.CovarianceDrop]); ``None``: torch's default generator.
+            Unused by every other configuration.
         config: a [`LossConfig`][rpg.config.LossConfig]; or pass its fields as keyword ``settings``.
 
     Returns:
@@ -138,6 +145,8 @@ def policy_loss(
         )
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     dtype = compute_dtype(logp.dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
@@ -148,13 +157,16 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
 
-    scale, agg_mask, correction = None, mask, None
+    scale, agg_mask, correction, seq_log_weight = None, mask, None, None
     if behavior_logp is not None:
         behavior_logp = behavior_logp.detach().to(dtype)
         correction = config.correction if config.correction is not None else RolloutCorrection()
         scale, keep, _ = correction_weight(old_logp, behavior_logp, mask, correction)
         if not correction.count_rejected:
             agg_mask = keep
+        if config.ratio == "product":  # the correction enters the sequence ratio W (rpg.sequence)
+            seq_log_weight = correction_log_weight(scale, mask, correction.level)
+            scale = None
     if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
         if ref_logp is not None:
             raise ValueError(
@@ -167,7 +179,16 @@ def policy_loss(
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w
 
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config)
+    penalize = None
+    if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
+        drop, penalize = config.select.select(logp.detach(), old_logp, advantages, mask, config.clip, generator)
+        if drop is not None:
+            scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
+
+    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, mask, scale, config, seq_log_weight)
+    if penalize is not None:  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
+        extra = penalty(logp, old_logp, penalize & mask, config.select.coef)
+        per_token = per_token + (extra if scale is None else torch.where(penalize, extra * scale, zero))
     if agg_mask is not mask:  # rejected tokens leave the loss entirely (also an unweighted KL term)
         per_token = torch.where(agg_mask, per_token, zero)
     if entropy is not None and config.entropy_coef > 0:

@@ -32,7 +32,14 @@ them). A chunk may therefore cut through a sequence. The exception is a
 sequence-level ratio (GSPO, ``ratio="sequence"``), whose derivative at one
 token depends on every token of its sequence: there chunks hold whole
 sequences, and a sequence longer than ``chunk_size`` tokens makes its chunk
-that long (the memory then grows with the sequence length).
+that long (the memory then grows with the sequence length). GMPO and VESPO
+(``ratio="geometric"``, ``"product"``) are sequence-level alike. A selection
+rule over the call's tokens (Clip-Cov, KL-Cov: ``select``) ranks the whole
+batch's log-probs, so there one chunk holds the whole batch (the memory is that
+of the unfused path's logits), and the call's ``generator=`` is rewound between
+the derivative's call and the value's so both select the same tokens; M2PO's
+filter (``RolloutCorrection(m2_upper=...)``) depends on constants only, and each
+chunk's call sees the whole batch.
 
 Positions outside the mask take no part in the loss, so on CPU they are
 skipped: no logits are computed for padding (``skip_masked``; on an
@@ -141,6 +148,17 @@ def _sequence_coupled(loss_fn) -> bool:
     if ratio is None and isinstance(config, dict):
         ratio = config.get("ratio")
     return ratio not in (None, "token")
+
+
+def _batch_coupled(loss_fn, with_behavior: bool) -> tuple[bool, bool]:
+    """``(counts_local, one_chunk)``: whether the loss's derivative at a token depends on other rows'
+    tokens — through a selection rule over the call's tokens (Clip-Cov, KL-Cov: on their log-probs, so one
+    chunk holds the batch) or, with ``behavior_logp``, M2PO's filter (on constants only, so any chunk
+    works as long as each call sees the whole batch)."""
+    select = getattr(loss_fn, "select", None) is not None
+    correction = getattr(loss_fn, "correction", None)
+    m2 = with_behavior and getattr(correction, "m2_upper", None) is not None
+    return select or m2, select
 
 
 def _weight_blocks(weight: torch.Tensor, dtype: torch.dtype):
@@ -448,6 +466,7 @@ class FusedLinearLoss:
         weights: torch.Tensor | None = None,
         batch_num_tokens: int | float | torch.Tensor | None = None,
         global_batch_size: int | float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ):
         """Loss of the head's log-probs; see the class docstring."""
         check_floating("hidden", hidden)
@@ -539,6 +558,15 @@ class FusedLinearLoss:
         chunk = self.chunk_size or _default_chunk(
             hidden.device.type, v, hdim, 2 if want_entropy else 1, whole_vocabulary
         )
+        batch_coupled, one_chunk = _batch_coupled(self.loss_fn, behavior_logp is not None)
+        if one_chunk:  # the selection ranks the whole batch's log-probs: one chunk holds them all
+            chunk = max(n, 1)
+        rng, rng_state = None, None
+        if getattr(self.loss_fn, "select", None) is not None:
+            # the derivative's call and the value's call must draw the same tokens
+            rng = generator if generator is not None else torch.default_generator
+            rng_state = rng.get_state()
+            extra["generator"] = rng
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
         plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
         with torch.no_grad():
@@ -552,6 +580,8 @@ class FusedLinearLoss:
                 # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
                 given = batch_num_tokens is not None and global_batch_size is not None
                 counts = dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
+                if batch_coupled and counts is not None:  # the whole batch in every call, with the given counts
+                    counts["_whole"] = True
                 self._fused_chunks(
                     flat_h,
                     weight,
@@ -590,6 +620,8 @@ class FusedLinearLoss:
         call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
         if entropy is not None:
             call["entropy"] = entropy
+        if rng is not None:
+            rng.set_state(rng_state)
         with torch.no_grad():
             out = self.loss_fn(logp, old_logp, advantages, mask, **call)
         if grads is not None:
@@ -724,8 +756,9 @@ class FusedLinearLoss:
         (``old_logp``, entropy 0) whose derivative is not used.
         """
         b, t = shape
-        if counts is None:
+        if counts is None or counts.get("_whole"):
             b0, b1 = 0, b
+            counts = None if counts is None else {k: x for k, x in counts.items() if k != "_whole"}
         shift = b0 * t
         local = slice(where.start - shift, where.stop - shift) if isinstance(where, slice) else where - shift
         rows = slice(b0, b1)
@@ -733,7 +766,7 @@ class FusedLinearLoss:
         lp[local] = logp
         lp = lp.view(b1 - b0, t).requires_grad_(True)
         leaves = [lp]
-        call = {k: x[rows] for k, x in extra.items()}
+        call = {k: x[rows] if isinstance(x, torch.Tensor) else x for k, x in extra.items()}
         if counts is not None:
             call.update(counts)
         if ent is not None:

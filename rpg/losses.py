@@ -33,6 +33,8 @@ from .correction import RolloutCorrection
 from .functional import policy_loss
 from .metrics import LossOutput
 from .objectives import DIVERGENCES
+from .selection import SelectionRule
+from .sequence import SequenceKernel
 
 __all__ = ["LossOutput", "PolicyLoss", "RPGLoss", "STYLES", "RATIOS"]
 
@@ -50,6 +52,8 @@ _FIELDS = (
     "weight_kl",
     "kl_anchor",
     "separate_kl",
+    "kernel",
+    "select",
 )
 
 
@@ -100,6 +104,8 @@ class PolicyLoss:
             when not given) instead of ``ref_logp`` (see [`LossConfig`][rpg.config.LossConfig]).
         separate_kl: REINFORCE style: the KL term as its own term instead of inside g (see
             [`LossConfig`][rpg.config.LossConfig]).
+        kernel: a sequence weight kernel for ``ratio="product"`` ([`rpg.sequence.Gamma`][rpg.sequence.Gamma]).
+        select: a token selection rule ([`rpg.selection`][rpg.selection]: Clip-Cov, KL-Cov).
     """
 
     __slots__ = ("_args", "_config")
@@ -113,6 +119,8 @@ class PolicyLoss:
         "weight_kl": True,
         "kl_anchor": "ref",
         "separate_kl": False,
+        "kernel": None,
+        "select": None,
     }
 
     def __init__(
@@ -131,21 +139,25 @@ class PolicyLoss:
         weight_kl: bool = True,
         kl_anchor: str = "ref",
         separate_kl: bool = False,
+        kernel: SequenceKernel | None = None,
+        select: SelectionRule | None = None,
     ) -> None:
         cfg = LossConfig(
-            kl,
-            beta,
-            style,
-            clip,
-            agg,
-            fold_kl,
-            max_len,
-            ratio,
-            correction,
-            entropy_coef,
-            weight_kl,
-            kl_anchor,
-            separate_kl,
+            kl=kl,
+            beta=beta,
+            style=style,
+            clip=clip,
+            agg=agg,
+            fold_kl=fold_kl,
+            max_len=max_len,
+            ratio=ratio,
+            correction=correction,
+            entropy_coef=entropy_coef,
+            weight_kl=weight_kl,
+            kl_anchor=kl_anchor,
+            separate_kl=separate_kl,
+            kernel=kernel,
+            select=select,
         )
         self._init(cfg, cfg.as_dict())
 
@@ -187,6 +199,8 @@ class PolicyLoss:
     weight_kl = property(lambda self: self._config.weight_kl, doc="Whether per-token multipliers weight the KL term.")
     kl_anchor = property(lambda self: self._config.kl_anchor, doc="``'ref'`` or ``'behavior'``: the KL term's anchor.")
     separate_kl = property(lambda self: self._config.separate_kl, doc="Whether a REINFORCE-style KL term is separate.")
+    kernel = property(lambda self: self._config.kernel, doc="The sequence weight kernel, or None.")
+    select = property(lambda self: self._config.select, doc="The token selection rule, or None.")
 
     def __getattr__(self, name: str):
         args = object.__getattribute__(self, "_args")
@@ -239,6 +253,7 @@ class PolicyLoss:
         *,
         weights: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> LossOutput:
         r"""Compute the loss ([`rpg.policy_loss`][rpg.functional.policy_loss] with this configuration).
 
@@ -256,6 +271,7 @@ class PolicyLoss:
             global_batch_size: sequence count of the full batch (``seq-mean-*``).
             weights: ``[B, T]`` constant per-token multipliers (see [`rpg.policy_loss`][rpg.functional.policy_loss]).
             entropy: ``[B, T]`` differentiable entropy for the ``entropy_coef`` bonus.
+            generator: ``torch.Generator`` for a random selection rule (Clip-Cov); ``None``: torch's default.
 
         Returns:
             [`LossOutput`][rpg.metrics.LossOutput]. bf16/fp16 inputs are computed in float32;
@@ -272,6 +288,7 @@ class PolicyLoss:
             global_batch_size,
             weights=weights,
             entropy=entropy,
+            generator=generator,
             config=self._config,
         )
 

@@ -19,6 +19,10 @@ correction, [`RolloutCorrection`][rpg.correction.RolloutCorrection]) and ``entro
 | ``GSPOLoss`` | −min(sA, clip(s)A), s = exp(mean_t log w), per sequence | E[r] on-policy, equal lengths only |
 | ``CISPOLoss`` | −sg(clip(w))·A·logp | E[r], truncated IS |
 | ``OnPolicyDistillationLoss`` | −sg(w(A − β log ρ))·logp, ρ = π_θ/π_teacher | ∇ KL(π_θ‖π_teacher) per token, off-policy |
+| ``GMPOLoss`` | −s·A, s = exp(mean_t clip(log w)) (tokens clipped before the mean), per sequence | E[r] on-policy, equal lengths only; off-policy its geometric-mean surrogate |
+| ``VESPOLoss`` | −sg(φ(W)·A)·logp, W = Π_t w, φ the Gamma kernel | E[r] on-policy; biased off-policy |
+| ``ClipCovLoss`` | −min(wA, clip(w)A), 0 at random high-Cov(A, logp) tokens | PPO's minus the dropped tokens |
+| ``KLCovLoss`` | −wA + coef·\|log w\| at the top-covariance tokens | E[r] on-policy; plus the penalty off-policy |
 | ``RPGLoss`` | the eight RPG losses ([`rpg.losses`][rpg.losses]) | ∇ its divergence |
 | ``SAPOLoss`` | −(4/τ)·σ(τ(w − 1))·A, τ = τ_pos (A > 0) or τ_neg, seq-mean-token-mean | E[r] on-policy; off-policy each IS term scaled by 4σ(1−σ) ≤ 1 |
 | ``TOPRLoss`` | −A·logp (A > 0), −sg(min(w, 1))·A·logp (A ≤ 0) | E[r] on-policy; off-policy positives unweighted, negatives capped |
@@ -37,13 +41,17 @@ ignores that. Only a KL shaped into the reward and summed into returns-to-go
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
+from ._util import check_bound as _check_bound
 from .aggregation import AGG_MODES
 from .clipping import Clip, ClipRule, GradientPreservingClip, SignedTruncate, SoftGate, Truncate, TrustRegion
 from .config import LossConfig
 from .correction import RolloutCorrection
 from .losses import PolicyLoss
+from .selection import CovarianceDrop, CovariancePenalty
+from .sequence import Gamma
 
 __all__ = [
     "GRPOLoss",
@@ -54,6 +62,10 @@ __all__ = [
     "CISPOLoss",
     "OnPolicyDistillationLoss",
     "DPPOLoss",
+    "GMPOLoss",
+    "VESPOLoss",
+    "ClipCovLoss",
+    "KLCovLoss",
 ]
 
 _EXTRA = ("correction", "entropy_coef")
@@ -541,3 +553,166 @@ class PrimeRLLoss(_Preset):
         clip = TrustRegion(low, high, "tv")
         args = dict(low=clip.low, high=clip.high, kl_tau=tau, agg=agg)
         self._set(args, correction, entropy_coef, kl="k2", beta=2 * tau, clip=clip, agg=agg, kl_anchor="behavior")
+
+
+def _log_eps(name: str, value, sign: int) -> float | None:
+    """A GMPO bound ε on log w (``None``: off) as [`Clip`][rpg.clipping.Clip]'s ε on w: e^ε − 1 (upper), 1 − e^−ε (lower)."""
+    value = _check_bound(f"GMPOLoss.{name}", value, lambda v: 0 <= v < math.inf, f"0 <= {name} < inf")
+    if value is None:
+        return None
+    return math.expm1(value) if sign > 0 else -math.expm1(-value)
+
+
+class GMPOLoss(_Preset):
+    r"""GMPO (Zhao et al., arXiv 2507.20673): the geometric mean of the sequence's clipped token ratios.
+
+    Per sequence, with each token's log-ratio clipped in log space before the mean, sign-aware
+    (A > 0: log w ≤ ε_high; A < 0: log w ≥ −ε_low),
+
+        s_b = exp((1/n_b)·Σ_t clip(log w_bt)),     ℓ_b = −s_b·A_b,
+
+    averaged over sequences (``agg="seq-mean-token-mean"``, fixed: another aggregation would re-weight
+    sequences by length; ``PolicyLoss(ratio="geometric", agg=...)`` expresses those). The framework's
+    ``ratio="geometric"`` with ``Clip(1 − e^−ε_low, e^ε_high − 1, dual=None)`` ([`rpg.sequence`][rpg.sequence]);
+    ``per_token`` holds ℓ_b at each token and the gradient of a clipped token is 0, so the loss's
+    gradient is exactly ∇ of the mean of ℓ_b. ``low`` and ``high`` are ε on log w, as the paper writes
+    the range (e^−ε_low, e^ε_high) and as verl's ``geo_mean`` reads ``clip_ratio_low/high``. Defaults:
+    the paper's ε = 0.4 (verl's generic ``clip_ratio`` default, 0.2, is what its ``geo_mean`` gets
+    when nothing is set: pass ``low=0.2, high=0.2`` for that).
+
+    Equal to verl's ``geo_mean`` (loss and gradient, tested) for a per-sequence advantage, except that
+    verl averages over all B rows of the call (an empty row counts, with loss 0) where rpg averages over
+    the rows with a token (pass ``global_batch_size=B`` for verl's), and that verl multiplies a
+    sequence's loss by the geometric mean of its rollout weights where rpg's ``weights`` and correction
+    multiply each token's term. For a token-level A each token's sign picks its branch (A = 0: the upper
+    one; verl counts an A = 0 token's log-ratio as 0).
+
+    Its expected gradient is ∇E[r] only on-policy for responses of equal length (the 1/n_b weights a
+    short response's tokens more); off-policy the geometric mean is not the sequence importance weight
+    (measured by enumeration in the tests).
+    """
+
+    __slots__ = ()
+    _arg_names = ("low", "high", *_EXTRA)
+
+    def __init__(
+        self,
+        low: float | None = 0.4,
+        high: float | None = 0.4,
+        agg: str = "seq-mean-token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        if agg != "seq-mean-token-mean":
+            raise ValueError(
+                f"GMPOLoss aggregates per sequence: agg must be 'seq-mean-token-mean', got {agg!r} "
+                f"(another of {AGG_MODES} would re-weight each sequence's loss by its length)"
+            )
+        clip = Clip(_log_eps("low", low, -1), _log_eps("high", high, 1), dual=None)
+        args = dict(low=None if low is None else float(low), high=None if high is None else float(high))
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg, ratio="geometric")
+
+
+class VESPOLoss(_Preset):
+    r"""VESPO (arXiv 2602.10693): REINFORCE weighted by a Gamma kernel of the whole sequence's ratio.
+
+        log W_b = Σ_t log w_bt,   φ(W) = W^k·e^{−λ(W − 1)},   ℓ_bt = −sg(φ(W_b)·A_bt)·logp_bt,
+
+    (k, λ) = (``k_pos``, ``lambda_pos``) for A ≥ 0 and (``k_neg``, ``lambda_neg``) for A < 0, φ(1) = 1,
+    evaluated in log space ([`rpg.sequence.Gamma`][rpg.sequence.Gamma]; no length normalisation, so
+    long responses neither overflow nor give NaN). The framework's ``style="reinforce",
+    ratio="product", kernel=Gamma(...)``. Defaults are TRL's (``loss_type="vespo"``): k = (2, 3),
+    λ = (3, 2), ``agg="token-mean"`` (TRL divides by its ``num_items_in_batch``: pass it as
+    ``batch_num_tokens``). Every aggregation applies (the loss is per token).
+
+    Equal to TRL 1.16's ``_compute_loss`` with ``loss_type="vespo"`` (loss and gradient, tested) where
+    TRL's clamps do not bind (see [`Gamma`][rpg.sequence.Gamma]). With a behaviour policy (``behavior_logp``)
+    the [`RolloutCorrection`][rpg.correction.RolloutCorrection]'s weight enters the sequence ratio instead of
+    multiplying the tokens' losses, W = Π_t w_t·ρ̄(y) (ρ̄(y) = Π_t ρ̄_t at the token level): φ of the ratio
+    against the rollout engine, as TRL computes it with its token-level vLLM correction (tested for
+    ``token_truncate`` and ``token_mask``).
+    Its expected gradient: on-policy (W = 1, φ = 1) exactly −∇E[R(y)] under ``seq-mean-token-sum``; off
+    policy the kernel biases it toward on-policy samples (measured by enumeration in the tests) —
+    ``PolicyLoss(style="reinforce", ratio="product")`` (φ(W) = W) is the exact off-policy gradient.
+    """
+
+    __slots__ = ()
+    _arg_names = ("k_pos", "lambda_pos", "k_neg", "lambda_neg", "agg", *_EXTRA)
+
+    def __init__(
+        self,
+        k_pos: float = 2.0,
+        lambda_pos: float = 3.0,
+        k_neg: float = 3.0,
+        lambda_neg: float = 2.0,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        kernel = Gamma(k_pos, lambda_pos, k_neg, lambda_neg)
+        args = dict(k_pos=kernel.k_pos, lambda_pos=kernel.lambda_pos, k_neg=kernel.k_neg, lambda_neg=kernel.lambda_neg)
+        args["agg"] = agg
+        self._set(args, correction, entropy_coef, style="reinforce", ratio="product", kernel=kernel, agg=agg)
+
+
+class ClipCovLoss(_Preset):
+    r"""Clip-Cov (Cui et al., arXiv 2505.22617): the PPO clip, and a few high-covariance tokens lose their loss.
+
+    ℓ_t = −min(w·A, clip(w, 1−ε, 1+ε)·A), times 0 at K = max(⌊fraction·N⌋, 1) tokens drawn at random
+    among those not already clipped whose covariance (A_t − mean A)·(logp_t − mean logp) lies in
+    (``low``, ``high``) — [`CovarianceDrop`][rpg.selection.CovarianceDrop]. The call's ``generator=`` drives the
+    draw (``None``: torch's default generator). Defaults are verl's ``clip_cov`` (and the paper's):
+    ε = 0.2, fraction 2e-4, band (1, 5), ``agg="token-mean"``; every aggregation applies. Equal to
+    verl's ``clip_cov`` and SkyRL's (loss and gradient, same seed; tested). The selection uses the
+    statistics of one call (see [`rpg.selection`][rpg.selection] for micro-batches). Its expected gradient is
+    PPO's where no token is selected; selected tokens are removed from it on purpose (biased).
+    """
+
+    __slots__ = ()
+    _arg_names = ("clip", "fraction", "low", "high", "agg", *_EXTRA)
+
+    def __init__(
+        self,
+        clip: ClipRule | None = Clip(0.2, 0.2, dual=None),
+        fraction: float = 2e-4,
+        low: float = 1.0,
+        high: float = 5.0,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        rule = CovarianceDrop(fraction, low, high)
+        args = dict(clip=clip, fraction=rule.fraction, low=rule.low, high=rule.high, agg=agg)
+        self._set(args, correction, entropy_coef, clip=clip, agg=agg, select=rule)
+
+
+class KLCovLoss(_Preset):
+    r"""KL-Cov (Cui et al., arXiv 2505.22617): −w·A, plus coef·|log w| on the top-covariance tokens.
+
+    ℓ_t = −w·A + coef·|log π_θ − log π_old|·[t among the K = max(⌊fraction·N⌋, 1) tokens of largest
+    covariance (A_t − mean A)·(logp_t − mean logp)] — [`CovariancePenalty`][rpg.selection.CovariancePenalty]; no
+    clip. Defaults are verl's ``kl_cov``: fraction 2e-4, coef 1, ``agg="token-mean"`` (every aggregation
+    applies). Equal to verl's and SkyRL's ``kl_cov`` (loss and gradient; tested). The selection uses the
+    statistics of one call (see [`rpg.selection`][rpg.selection]). Its expected gradient is ∇E[A] (the
+    importance-sampled policy gradient) plus the penalty's coef·sign(log w)·∇logp on the selected tokens,
+    which is 0 on-policy and pulls π_θ back toward π_old off-policy.
+    """
+
+    __slots__ = ()
+    _arg_names = ("fraction", "coef", "agg", *_EXTRA)
+
+    def __init__(
+        self,
+        fraction: float = 2e-4,
+        coef: float = 1.0,
+        agg: str = "token-mean",
+        *,
+        correction: RolloutCorrection | None = None,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        rule = CovariancePenalty(fraction, coef)
+        args = dict(fraction=rule.fraction, coef=rule.coef, agg=agg)
+        self._set(args, correction, entropy_coef, agg=agg, select=rule)

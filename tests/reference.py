@@ -138,3 +138,87 @@ def prime_rl_term(logp, old_logp, anchor_logp, adv, low, high, tau):
     edge = torch.where(up, 1 + high / q, 1 - low / q)
     pg = torch.where(masked, -(edge * adv).detach(), -w * adv)
     return pg + tau * (logp - anchor_logp.detach()) ** 2
+
+
+# --- sequence-level and selection families (rpg.sequence, rpg.selection), as their docstrings print them ---
+
+
+def gmpo_per_token(logp, old_logp, adv, mask, clip):
+    """GMPO-token: ℓ_t = −sg(s)·exp(log m_t − sg(log m_t))·A_t, s = exp(mean_t log m_t), log m_t the
+    sign-aware clipped log-ratio (A ≥ 0: min(log w, log(1+ε_high)); A < 0: max(log w, log(1−ε_low)),
+    then min with log c_dual)."""
+    import math
+
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    adv = adv.expand_as(logp)
+    log_w = logp - old_logp.detach()
+    log_m = log_w
+    if clip is not None:
+        up = log_w if clip.high is None else torch.minimum(log_w, torch.tensor(math.log1p(clip.high), dtype=logp.dtype))
+        down = (
+            log_w if clip.low is None else torch.maximum(log_w, torch.tensor(math.log1p(-clip.low), dtype=logp.dtype))
+        )
+        if clip.dual is not None:
+            down = torch.minimum(down, torch.tensor(math.log(clip.dual), dtype=logp.dtype))
+        log_m = torch.where(adv >= 0, up, down)
+    zero = torch.zeros((), dtype=logp.dtype)
+    s = (torch.where(mask, log_m, zero).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)).exp()
+    loss = -s.detach() * (log_m - log_m.detach()).exp() * adv
+    return torch.where(mask, loss, zero)
+
+
+def vespo_per_token(logp, old_logp, adv, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, kernel=True):
+    """ℓ_t = −sg(φ(W)·A_t)·logp_t, W = Π_t w_t, φ(W) = W^k·e^{−λ(W−1)} (or W itself without the kernel)."""
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    adv = adv.expand_as(logp)
+    zero = torch.zeros((), dtype=logp.dtype)
+    big_w = torch.where(mask, logp - old_logp, zero).sum(-1, keepdim=True).exp().detach()
+    if kernel:
+        k = torch.where(adv >= 0, k_pos, k_neg)
+        lam = torch.where(adv >= 0, lambda_pos, lambda_neg)
+        phi = big_w**k * torch.exp(-lam * (big_w - 1))
+    else:
+        phi = big_w.expand_as(logp)
+    loss = -(phi * adv).detach() * logp
+    return torch.where(mask, loss, zero)
+
+
+def clip_cov_per_token(logp, old_logp, adv, mask, clip, drop):
+    """Clip-Cov with a given drop set: the PPO term, times 0 at the dropped tokens."""
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    w = (logp - old_logp.detach()).exp()
+    loss = ppo_term(w, adv.expand_as(logp), clip) * (~drop).to(logp.dtype)
+    return torch.where(mask, loss, torch.zeros((), dtype=logp.dtype))
+
+
+def kl_cov_per_token(logp, old_logp, adv, mask, penalize, coef):
+    """KL-Cov with a given selection: −w·A + coef·|logp − old_logp| at the selected tokens."""
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    log_w = logp - old_logp.detach()
+    loss = -log_w.exp() * adv + coef * log_w.abs() * penalize.to(logp.dtype)
+    return torch.where(mask, loss, torch.zeros((), dtype=logp.dtype))
+
+
+def m2_keep(log_rho, mask, threshold):
+    """M2PO's filter as AReaL prints it: sort (log ρ)² descending, drop the first k with k the first index
+    whose suffix mean is below the threshold (all but the last if none is)."""
+    m2 = (log_rho**2)[mask]
+    order = torch.argsort(m2, descending=True)
+    sorted_m2 = m2[order]
+    n = sorted_m2.numel()
+    k = n - 1
+    for i in range(n):
+        if sorted_m2[i:].mean() < threshold:
+            k = i
+            break
+    keep_sorted = torch.ones(n, dtype=torch.bool)
+    keep_sorted[:k] = False
+    keep_flat = torch.empty(n, dtype=torch.bool)
+    keep_flat[order] = keep_sorted
+    out = torch.zeros_like(mask)
+    out[mask] = keep_flat
+    return out

@@ -159,10 +159,12 @@ def test_on_policy_distillation_no_advantages():
 @pytest.mark.parametrize("ratio", rpg.RATIOS)
 def test_every_aggregation(agg, ratio):
     kl = "k3" if ratio == "token" else None  # GSPO's sequence ratio without a KL term
+    product = ratio == "product"  # VESPO's: REINFORCE style, no clip
     loss_fn = rpg.PolicyLoss(
         kl=kl,
         beta=0.1 if kl else 0.0,
-        clip=rpg.Clip(0.2, 0.28, 3.0 if kl else None),
+        clip=None if product else rpg.Clip(0.2, 0.28, 3.0 if kl else None),
+        style="reinforce" if product else "differentiable",
         agg=agg,
         ratio=ratio,
         max_len=9 if agg == "seq-mean-token-sum-norm" else None,

@@ -1,6 +1,6 @@
 r"""The RPG losses inside verl, by name, through verl's own ``register_policy_loss``.
 
-Importing this module registers twelve policy losses:
+Importing this module registers fifteen policy losses:
 
 | ``loss_mode`` | loss |
 |---|---|
@@ -9,6 +9,7 @@ Importing this module registers twelve policy losses:
 | ``rpg_dppo_tv``, ``rpg_dppo_kl`` | ``rpg.DPPOLoss(δ_low, δ_high, "tv"/"kl", cap=C)`` — verl's ``dppo_*`` |
 | ``rpg_sapo`` | ``rpg.SAPOLoss(tau_pos, tau_neg, agg=loss_agg_mode)`` — verl's ``sapo`` |
 | ``rpg_dro`` | ``rpg.DROLoss(policy_loss.dro_beta, agg=loss_agg_mode)`` — verl's ``dro`` |
+| ``rpg_gmpo``, ``rpg_clip_cov``, ``rpg_kl_cov`` | ``rpg.GMPOLoss``, ``rpg.ClipCovLoss``, ``rpg.KLCovLoss`` — verl's ``geo_mean``, ``clip_cov``, ``kl_cov`` (see [`family_loss_from_config`][rpg.integrations.verl.family_loss_from_config]) |
 
 ``rpg_sapo`` and ``rpg_dro`` read the fields verl's ``sapo`` and ``dro`` read (``tau_pos`` /
 ``tau_neg``; ``policy_loss.dro_beta``) and give their loss and gradient (tested on the same
@@ -152,7 +153,7 @@ from ..clipping import Clip, TrustRegion
 from ..kl import DIVERGENCES
 from ..losses import PolicyLoss, RPGLoss
 from ..objectives import Ratios
-from ..presets import DPPOLoss, DROLoss, SAPOLoss
+from ..presets import ClipCovLoss, DPPOLoss, DROLoss, GMPOLoss, KLCovLoss, SAPOLoss
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -162,7 +163,15 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "(from a clone of rpg: pip install -e '.[verl]')"
     ) from e
 
-__all__ = ["LOSS_MODES", "DPPO_MODES", "FAMILY_MODES", "DROPPED_METRICS", "loss_from_config"]
+__all__ = [
+    "LOSS_MODES",
+    "DPPO_MODES",
+    "FAMILY_MODES",
+    "DROPPED_METRICS",
+    "loss_from_config",
+    "GEO_COV_MODES",
+    "family_loss_from_config",
+]
 
 LOSS_MODES = {f"rpg_{d}": (d, "differentiable") for d in DIVERGENCES}
 LOSS_MODES.update({f"rpg_rf_{d}": (d, "reinforce") for d in DIVERGENCES})
@@ -328,3 +337,89 @@ FAMILY_MODES = {"rpg_sapo": _sapo, "rpg_dro": _dro}
 
 for _mode in FAMILY_MODES:
     register_policy_loss(_mode)(_make(_mode))
+
+
+# --- GMPO, Clip-Cov and KL-Cov under their own names (verl: geo_mean, clip_cov, kl_cov) ---------------
+
+GEO_COV_MODES = {"rpg_gmpo": "geo_mean", "rpg_clip_cov": "clip_cov", "rpg_kl_cov": "kl_cov"}
+
+
+def family_loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-mean") -> PolicyLoss:
+    r"""The rpg loss for ``rpg_gmpo`` / ``rpg_clip_cov`` / ``rpg_kl_cov``, read from verl's ``ActorConfig``
+    as verl's ``geo_mean`` / ``clip_cov`` / ``kl_cov`` read it.
+
+    * ``rpg_gmpo``: [`rpg.GMPOLoss`][rpg.presets.GMPOLoss] with ``clip_ratio_low`` / ``clip_ratio_high``
+      (falling back to ``clip_ratio``) as ε on log w; its aggregation is per sequence whatever
+      ``loss_agg_mode`` says (verl's ``geo_mean`` ignores it too).
+    * ``rpg_clip_cov``: [`rpg.ClipCovLoss`][rpg.presets.ClipCovLoss] with ``Clip(low, high, dual=None)`` and
+      ``policy_loss.clip_cov_ratio`` / ``clip_cov_lb`` / ``clip_cov_ub`` (defaults 2e-4, 1, 5).
+    * ``rpg_kl_cov``: [`rpg.KLCovLoss`][rpg.presets.KLCovLoss] with ``policy_loss.kl_cov_ratio`` /
+      ``ppo_kl_coef`` (defaults 2e-4, 1).
+    """
+    if loss_mode not in GEO_COV_MODES:
+        raise ValueError(f"unknown rpg loss_mode {loss_mode!r}; valid: {', '.join(GEO_COV_MODES)}")
+    low, high = _thresholds(config)
+    policy = _get(config, "policy_loss", {}) or {}
+    if loss_mode == "rpg_gmpo":
+        return GMPOLoss(low, high)
+    if loss_mode == "rpg_clip_cov":
+        return ClipCovLoss(
+            Clip(low, high, dual=None),
+            fraction=_get(policy, "clip_cov_ratio", 2e-4),
+            low=_get(policy, "clip_cov_lb", 1.0),
+            high=_get(policy, "clip_cov_ub", 5.0),
+            agg=loss_agg_mode,
+        )
+    return KLCovLoss(_get(policy, "kl_cov_ratio", 2e-4), _get(policy, "ppo_kl_coef", 1.0), agg=loss_agg_mode)
+
+
+def _make_family(loss_mode: str):
+    def policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config=None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if config is None:
+            raise ValueError(f"{loss_mode}: verl passes the ActorConfig as config=; got None")
+        loss_fn = family_loss_from_config(loss_mode, config, loss_agg_mode)
+        info = _get(config, "global_batch_info", {}) or {}
+        mask = response_mask.bool()
+        weights = rollout_is_weights
+        if loss_mode == "rpg_gmpo":
+            # geo_mean: a mean over the call's B rows, and each row's rollout weight the geometric mean of
+            # its tokens' (verl's, with its 1e-10); given global counts, rpg's global mean instead.
+            dp_size, counts = _global_counts(info, "seq-mean-token-mean", loss_mode)
+            if counts["global_batch_size"] is None:
+                counts["global_batch_size"] = log_prob.shape[0]
+            counts["batch_num_tokens"] = None
+            if weights is not None:  # verl's formula: its float mask, its 1e-10 and 1e-8
+                n = response_mask.sum(-1, keepdim=True)
+                zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+                log_w = torch.where(mask, torch.log(weights.detach() + 1e-10) * response_mask, zero)
+                weights = torch.exp(log_w.sum(-1, keepdim=True) / (n + 1e-8)).expand_as(weights)
+        else:
+            dp_size, counts = _global_counts(info, loss_agg_mode, loss_mode)
+        out = loss_fn(log_prob, old_log_prob, advantages, mask, weights=weights, **counts)
+        m = out.local_metrics
+        with torch.no_grad():
+            log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
+            ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
+        metrics = {"actor/ppo_kl": ppo_kl}
+        if loss_fn.clip is not None:
+            metrics["actor/pg_clipfrac"] = m["clip_frac/low"] + m["clip_frac/high"]
+        metrics.update({f"actor/rpg/{k}": v for k, v in m.items() if k not in DROPPED_METRICS})
+        return out.loss * dp_size, metrics
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
+    policy_loss.__doc__ = (
+        f"verl policy loss '{loss_mode}': rpg's {GEO_COV_MODES[loss_mode]} — see rpg.integrations.verl."
+    )
+    return policy_loss
+
+
+for _mode in GEO_COV_MODES:
+    register_policy_loss(_mode)(_make_family(_mode))

@@ -276,7 +276,7 @@ def test_import_verl_loads_the_plugin():
         "print(sorted(k for k in R if k.startswith('rpg_')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(ALL_MODES)
+    assert out.stdout.strip() == str(sorted([*ALL_MODES, *rpg_verl.GEO_COV_MODES]))
 
 
 def test_advantage_estimators_agree_with_verls():
