@@ -168,7 +168,9 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
     * ``"geometric"`` (differentiable): value −s_b·A_bt, derivative −s_b·A_bt where token t is not
       clipped (0 where it is), plus the KL term per token.
     * ``"product"`` (REINFORCE): g_bt = φ(W_b)·A_bt − β·(w_bt·per_w + const) (the KL term's
-      REINFORCE weight per token, as for ``style="reinforce"``), value −g·logp, derivative −g.
+      REINFORCE weight per token, as for ``style="reinforce"``), value −g·logp, derivative −g; with
+      ``separate_kl`` the KL term is instead added beside it as β·surrogate (``pg_scale`` on the first
+      term only).
 
     ``r`` is the batch's `rpg.objectives.Ratios`; ``pg_scale`` as in ``rpg._kernel.token_loss``;
     ``seq_log_weight`` (``[B, 1]`` or ``None``) is added to log W: the rollout correction's log-weight
@@ -199,11 +201,17 @@ def sequence_token_loss(r, advantages: torch.Tensor, mask: torch.Tensor, cfg, pg
     else:
         weight = log_big_w.exp().expand_as(r.log_w)
     g = torch.where(adv == 0, torch.zeros((), dtype=adv.dtype, device=adv.device), weight * adv)
-    if cfg.has_kl:
+    if cfg.has_kl and not cfg.separate_kl:
         per_w, const = REGISTRY[cfg.kl].split(r)
         if isinstance(per_w, torch.Tensor) or per_w != 0:
             g = g - cfg.beta * r.w * per_w
         if isinstance(const, torch.Tensor) or const != 0:
             g = g - cfg.beta * const
-    value = -(g * r.logp)
-    return value, -g
+    value, grad = -(g * r.logp), -g
+    if cfg.has_kl and cfg.separate_kl:  # the KL term beside −sg(φ(W)·A)·logp (TRL's VESPO with β ≠ 0)
+        if pg_scale is not None:  # weight_kl=False: the multipliers act on the policy term only
+            zero_w = pg_scale == 0
+            value.mul_(pg_scale).masked_fill_(zero_w, 0)
+            grad.mul_(pg_scale).masked_fill_(zero_w, 0)
+        REGISTRY[cfg.kl].accumulate(value, grad, cfg.beta, r)
+    return value, grad

@@ -147,3 +147,23 @@ def test_compiled_equals_eager(loss_fn):
     (g_got,) = torch.autograd.grad(got, logp)
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g_got, g_eager, rtol=1e-6, atol=1e-6)
+
+
+def test_product_ratio_with_a_separate_kl_term_is_the_vespo_term_plus_the_surrogate():
+    """ratio='product' (VESPO) with separate_kl: −sg(φ(W)·A)·logp·weight + β·surrogate, the weights on the first."""
+    logp, old, adv, mask, ref = make_batch(4, 6, seed=8, spread=0.3)
+    weights = torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    vespo = rpg.VESPOLoss()
+    fn = vespo.replace(kl="urkl", beta=0.2, separate_kl=True, weight_kl=False)
+    pg = vespo(logp, old, adv, mask).per_token
+    kl = rpg.PolicyLoss(kl="urkl", beta=0.2)(logp, old, None, mask, ref_logp=ref).per_token
+    out = fn(logp, old, adv, mask, ref_logp=ref, weights=weights)
+    zero = torch.zeros_like(kl)
+    torch.testing.assert_close(out.per_token, torch.where(mask, weights * pg + kl, zero), rtol=0, atol=1e-14)
+    (g,) = torch.autograd.grad(out.per_token.sum(), logp)
+    (g_pg,) = torch.autograd.grad((weights * pg).sum(), logp)
+    (g_kl,) = torch.autograd.grad(kl.sum(), logp)
+    torch.testing.assert_close(g, torch.where(mask, g_pg + g_kl, zero), rtol=0, atol=1e-14)
+    # inside g (the default) the KL derivative is part of the REINFORCE weight: another value
+    inside = vespo.replace(kl="urkl", beta=0.2)(logp, old, adv, mask, ref_logp=ref).per_token
+    assert (inside - torch.where(mask, pg + kl, zero)).abs().max() > 1e-3

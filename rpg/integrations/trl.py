@@ -80,6 +80,7 @@ bonuses).
 | ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | ``style="reinforce"``, ``ratio="sequence"``: −sg(min(s, cap))·A·logp on every token |
 | ``loss_type="cispo"`` with ``epsilon`` or ``delta`` set | accepted: TRL's cispo does not read them, and a log line says so |
 | ``loss_type="sapo"`` | [`rpg.SAPOLoss`][rpg.presets.SAPOLoss] with GRPOConfig's ``sapo_temperature_pos``/``_neg`` (rounded to float32, the τ TRL computes with), ``ratio`` by ``importance_sampling_level``, ``seq-mean-token-mean``, the KL term beside it; ``epsilon``, ``epsilon_high``, ``delta`` are unused (logged) |
+| ``loss_type="vespo"`` | [`rpg.VESPOLoss`][rpg.presets.VESPOLoss] with GRPOConfig's ``vespo_k_*``/``vespo_lambda_*`` (λ ≥ 1e-4, as TRL): −sg(φ(W)·A)·logp, W = Π_t r_t times the vLLM weight (which enters W instead of multiplying the loss, as in TRL), the KL term beside it (``separate_kl``); ``epsilon``, ``epsilon_high``, ``delta`` are unused (logged). Equal to TRL where its clamps (log r to ±20, W to [1e-8, e^20]) do not bind |
 | ``delta < 1`` | [`DeltaClip`][rpg.integrations.trl.DeltaClip]: A > 0 capped at r = δ < 1, A < 0 clipped to [1−ε, 1+ε_high] |
 | ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | TRL multiplies the one sequence-level term by each token's weight and sums over the response: every token gets the mean of its response's weights (the token-level vLLM weight folded in), which is exactly that |
 
@@ -88,13 +89,13 @@ bonuses).
 | setting | why |
 |---|---|
 | ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's k3 by the sequence ratio s and differentiates s, so every token's KL sends gradient to every token of its response: on-policy (s = 1) its expected gradient follows neither the per-position KL nor the sequence KL (measured in the integrations docs) |
-| ``loss_type="vespo"`` | its rpg loss is not part of this build |
 
 **Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
 ``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
 excluded — TRL's k3 or r·k3), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
 ``clip_ratio/region_mean`` (token-weighted), ``clip_ratio/low_min``, ``clip_ratio/high_max`` (min / max
 over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio`` for cispo,
+``vespo/phi_seq_mean`` (the mean over sequences of φ(W)) for vespo,
 ``policy_loss`` (the rpg loss of the micro-batch before the accumulation scale and the entropy bonus;
 TRL logs it only with an entropy bonus), ``entropy_coef`` and ``aux_loss``. For a loss built from
 GRPOConfig the clip ratios are TRL's definitions with GRPOConfig's ε, ε_high, δ; a given loss reports
@@ -125,7 +126,8 @@ from ..clipping import DUAL, HIGH, LOW, Clip, ClipRule, SoftGate, Truncate
 from ..correction import RolloutCorrection, correction_metrics
 from ..losses import PolicyLoss
 from ..objectives import REGISTRY, Ratios
-from ..presets import SAPOLoss
+from ..presets import SAPOLoss, VESPOLoss
+from ..sequence import Gamma, correction_log_weight
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +142,15 @@ _AGG = {
     "cispo": "token-mean",
     "luspo": "seq-mean-token-sum",
     "sapo": "seq-mean-token-mean",
+    "vespo": "token-mean",
 }
-_NOT_EXPRESSIBLE = {
-    "vespo": "VESPO's detached per-sequence gamma weight φ(exp Σ_t log r) is not an rpg loss in this build",
-}
+_NOT_EXPRESSIBLE: dict[str, str] = {}  # every TRL loss_type has its rpg loss
 # GRPOConfig's clip fields that a loss_type does not read (TRL ignores them; the trainer logs that).
-_UNUSED_CLIP_FIELDS = {"cispo": ("epsilon", "delta"), "sapo": ("epsilon", "epsilon_high", "delta")}
+_UNUSED_CLIP_FIELDS = {
+    "cispo": ("epsilon", "delta"),
+    "sapo": ("epsilon", "epsilon_high", "delta"),
+    "vespo": ("epsilon", "epsilon_high", "delta"),
+}
 _LOSS_TYPES = tuple(_AGG) + tuple(_NOT_EXPRESSIBLE)
 _LEVELS = ("token", "sequence")
 _IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -320,6 +325,7 @@ def loss_from_grpo_config(args) -> PolicyLoss:
     | GRPOConfig | rpg |
     |---|---|
     | ``loss_type="sapo"`` | [`SAPOLoss`][rpg.presets.SAPOLoss] (the soft gate), ``seq-mean-token-mean`` |
+    | ``loss_type="vespo"`` | [`VESPOLoss`][rpg.presets.VESPOLoss] (``ratio="product"``, the Gamma kernel), token-mean |
     | ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo | PPO clip, ``agg`` seq-mean-token-mean / token-mean / seq-mean-token-sum-norm (``max_len`` = ``max_completion_length``) / token-mean / seq-mean-token-sum |
     | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``separate_kl=True``, ``weight_kl=False``) |
     | ``epsilon``, ``epsilon_high`` | ``Clip(low=epsilon, high=epsilon_high)`` (``epsilon_high`` unset: ``epsilon``) |
@@ -356,7 +362,7 @@ class _Plan:
     trl_metrics: tuple = ()  # how TRL's own metric names are computed: see _trl_metric_spec
 
 
-def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = False) -> _Plan:
+def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = False, log: bool = True) -> _Plan:
     """Map GRPOConfig (and an optional rpg loss) onto what the trainer computes; refuse what is not exact."""
     quantile = args.top_entropy_quantile if args.top_entropy_quantile < 1.0 else None
     if quantile is not None and not 0 <= quantile:
@@ -370,7 +376,7 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
         )
     trl_correction = correction_from_grpo_config(args)
     unused = [f for f in _UNUSED_CLIP_FIELDS.get(args.loss_type, ()) if _changed(args, f)]
-    if unused:
+    if unused and log:
         logger.warning(
             "GRPOConfig %s set under loss_type=%r, which does not use %s (TRL's %s does not read %s); ignored",
             ", ".join(f"{f}={getattr(args, f)!r}" for f in unused),
@@ -447,6 +453,8 @@ def _trl_metric_spec(args, loss: PolicyLoss, from_config: bool) -> tuple:
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "sapo":
         return ("sapo",)  # TRL logs no clip ratio for sapo (nothing is clipped)
+    if args.loss_type == "vespo":
+        return ("vespo",) if loss.loss_config.kernel is not None else ("sapo",)  # vespo/phi_seq_mean
     if from_config:
         if args.loss_type == "cispo":
             return ("cispo", eps_high)
@@ -477,6 +485,16 @@ def _sapo_taus(args) -> tuple[float, float]:
     )
 
 
+def _vespo_params(args) -> tuple[float, float, float, float]:
+    """VESPO's (k_pos, λ_pos, k_neg, λ_neg) from GRPOConfig (TRL clamps λ ≥ 1e-4: so does this)."""
+    return (
+        float(args.vespo_k_pos),
+        max(float(args.vespo_lambda_pos), 1e-4),
+        float(args.vespo_k_neg),
+        max(float(args.vespo_lambda_neg), 1e-4),
+    )
+
+
 def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     lt = _check_loss_type(args)
     clip = _clip_from_config(args)
@@ -484,12 +502,19 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     beta = float(args.beta)
     kl = None if beta == 0 else ("urkl" if args.use_bias_correction_kl else "k3")
     if sequence and kl == "urkl":
-        raise ValueError(_SEQUENCE_URKL)
+        raise ValueError(_SEQUENCE_URKL)  # every loss_type: TRL's KL term is the same
     ratio = "sequence" if sequence else "token"
     if lt == "sapo":
         # −(4/τ)·σ(τ(r − 1))·A (r or s), τ by the sign of A; the KL term beside it, as for the PPO types.
         sapo = SAPOLoss(*_sapo_taus(args), ratio, correction=correction)
         return sapo if kl is None else sapo.replace(kl=kl, beta=beta, weight_kl=False)
+    if lt == "vespo":
+        # −sg(φ(W)·A)·logp, W = Π_t r_t times the token-level vLLM weights (the correction enters W, as
+        # TRL's get_gamma_weights adds their logs); the KL term beside it, unweighted.
+        vespo = VESPOLoss(*_vespo_params(args), correction=correction)
+        if kl is None:
+            return vespo
+        return vespo.replace(kl=kl, beta=beta, separate_kl=True, weight_kl=False)
     if lt == "cispo":
         # −sg(min(r or s, cap))·A·logp, the KL term its own differentiable surrogate beside it
         # (separate_kl), unweighted by TRL's multipliers (weight_kl=False).
@@ -556,8 +581,17 @@ def _check_agreement(args, loss: PolicyLoss) -> None:
         if loss.clip not in (want_gate, SoftGate(*_sapo_taus(args))):  # the setting, or TRL's float32 τ
             bad.append(f"loss_type='sapo' with the gate {want_gate!r} (the loss has clip={loss.clip!r})")
     clip_fields = [f for f in ("epsilon", "epsilon_high", "delta") if _changed(args, f)]
-    if lt == "sapo":  # TRL's sapo reads no clip field (logged as unused)
+    if lt in ("sapo", "vespo"):  # TRL's sapo and vespo read no clip field (logged as unused)
         clip_fields = []
+    vespo_fields = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+    if lt == "vespo" and (_changed(args, "loss_type") or any(_changed(args, f) for f in vespo_fields)):
+        want_kernel = Gamma(*_vespo_params(args))
+        cfg = loss.loss_config
+        if cfg.ratio != "product" or cfg.kernel != want_kernel or loss.style != "reinforce":
+            bad.append(
+                f"loss_type='vespo' (ratio='product' with the kernel {want_kernel!r}; the loss has "
+                f"ratio={cfg.ratio!r}, kernel={cfg.kernel!r})"
+            )
     if lt == "cispo":  # TRL's cispo reads epsilon_high only (epsilon and delta: logged as unused)
         clip_fields = ["epsilon_high"] if _changed(args, "loss_type") or "epsilon_high" in clip_fields else []
     if clip_fields and lt not in _NOT_EXPRESSIBLE:
@@ -599,6 +633,9 @@ class RPGGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, loss: PolicyLoss | None = None, **kwargs) -> None:
         if loss is not None and not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None:  # refuse before TRL loads the models (a reference model with beta != 0)
+            _plan(config, loss, has_rollout_logprobs=kwargs.get("rollout_func") is not None, log=False)
         super().__init__(*args, **kwargs)
         plan = _plan(self.args, loss, has_rollout_logprobs=getattr(self, "rollout_func", None) is not None)
         self._rpg_plan = plan
@@ -732,7 +769,9 @@ class RPGGRPOTrainer(GRPOTrainer):
             key = name if name.startswith("rollout_corr/") else f"rpg/{name}"
             self._metrics[mode][key].append(value)
         loss = out.loss
-        self._rpg_log_trl_metrics(mode, logp, old, advantages, mask, entropies, inputs.get("ref_per_token_logps"))
+        self._rpg_log_trl_metrics(
+            mode, logp, old, advantages, mask, entropies, inputs.get("ref_per_token_logps"), behavior
+        )
         steps = self.current_gradient_accumulation_steps if training else 1
         window = plan.loss.agg == "token-mean" and not plan.bnpo_counts and inputs.get("num_items_in_batch") is not None
         policy_loss = loss.detach() if window else loss.detach() * steps  # TRL's: before the accumulation scale
@@ -752,7 +791,7 @@ class RPGGRPOTrainer(GRPOTrainer):
         for name, value in values.items():
             self._metrics[mode][name].append(float(value))
 
-    def _rpg_log_trl_metrics(self, mode, logp, old, advantages, mask, entropies, ref) -> None:
+    def _rpg_log_trl_metrics(self, mode, logp, old, advantages, mask, entropies, ref, behavior=None) -> None:
         """GRPOTrainer's loss metrics under its names and reductions (token-weighted means reduced over
         processes; per-sequence min/max gathered): ``entropy``, ``kl``, ``clip_ratio/*`` or ``cispo_clip_ratio``."""
         plan, loss = self._rpg_plan, self._rpg_plan.loss
@@ -787,6 +826,9 @@ class RPGGRPOTrainer(GRPOTrainer):
             spec = plan.trl_metrics
             if spec[0] == "sapo":
                 return
+            if spec[0] == "vespo":  # φ(W) per sequence, TRL's "vespo/phi_seq_mean" (one value per row)
+                metrics["vespo/phi_seq_mean"].append(global_mean(self._rpg_vespo_phi(r, adv, mask, behavior)))
+                return
             if spec[0] == "cispo":
                 cap = math.inf if spec[1] == "none" else spec[1]
                 if spec[1] == "codes":
@@ -812,6 +854,18 @@ class RPGGRPOTrainer(GRPOTrainer):
             metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
             metrics["clip_ratio/low_min"].append(_nanmin(self.accelerator.gather(seq_mean(low))))
             metrics["clip_ratio/high_max"].append(_nanmax(self.accelerator.gather(seq_mean(high))))
+
+    def _rpg_vespo_phi(self, r, adv, mask, behavior):
+        """``[B, 1]`` φ(W) of the loss's kernel, W = Π_t r_t (times the correction's weight, as the loss)."""
+        cfg = self._rpg_plan.loss.loss_config
+        m = mask.bool()
+        log_big_w = torch.where(m, r.log_w, torch.zeros((), dtype=r.log_w.dtype)).sum(-1, keepdim=True)
+        if behavior is not None:
+            correction = cfg.correction if cfg.correction is not None else RolloutCorrection()
+            weight = correction.weight(r.old_logp, behavior.detach().to(r.old_logp.dtype), m)
+            log_big_w = log_big_w + correction_log_weight(weight, m, correction.level)
+        up = adv[:, :1] >= 0 if adv.size(1) > 1 else adv >= 0
+        return cfg.kernel.log_phi(log_big_w, up).exp()
 
     def _rpg_codes(self, r, adv, mask):
         """A given loss's own clip codes (rpg's view of the ratio and the sign), for TRL's clip metric names."""

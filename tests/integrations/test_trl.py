@@ -101,7 +101,7 @@ def test_loss_must_be_an_rpg_loss():
 @pytest.mark.parametrize(
     "loss,kw,match",
     [
-        (None, {"loss_type": "vespo"}, "gamma weight"),
+        (None, {"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
         (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
     ],
     ids=["not-expressible", "conflicts-with-the-loss"],

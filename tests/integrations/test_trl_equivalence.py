@@ -246,6 +246,26 @@ MAPPED = {
         "entropy_coef": 0.01,
     },
     "sapo-epsilon-delta-unused": {"loss_type": "sapo", "epsilon": 0.3, "epsilon_high": 0.4, "delta": 0.9},
+    # VESPO: rpg.VESPOLoss (W = Π_t r_t, the Gamma kernel), with TRL's parameters and a KL term beside it
+    "vespo": {"loss_type": "vespo"},
+    "vespo-params-kl": {
+        "loss_type": "vespo",
+        "vespo_k_pos": 1.5,
+        "vespo_lambda_pos": 2.0,
+        "vespo_k_neg": 2.5,
+        "vespo_lambda_neg": 1.0,
+        "beta": 0.04,
+    },
+    "vespo-sequence-k3-quantile-opsm": {
+        "loss_type": "vespo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "top_entropy_quantile": 0.5,
+        "off_policy_mask_threshold": 0.05,
+        "entropy_coef": 0.01,
+    },
+    "vespo-epsilon-unused": {"loss_type": "vespo", "epsilon": 0.3, "delta": 2.0},
     # a token-varying weight on a sequence-level term: the weight's mean over the response
     "sequence-entropy-quantile": {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5, **EPS},
     "sequence-entropy-quantile-grpo-k3": {
@@ -304,6 +324,8 @@ VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mas
         {"loss_type": "cispo", "beta": 0.04, "epsilon_high": 1.1},
         {"loss_type": "sapo", "beta": 0.04, "off_policy_mask_threshold": 0.05},
         {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
+        {"loss_type": "vespo", "beta": 0.04, "entropy_coef": 0.01},
     ],
     ids=[
         "dapo",
@@ -316,6 +338,8 @@ VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mas
         "cispo-kl",
         "sapo-kl-opsm",
         "sapo-sequence",
+        "vespo",
+        "vespo-kl-entropy",
     ],
 )
 def test_vllm_importance_sampling_correction_is_trls(mode, kw):
@@ -414,7 +438,6 @@ def test_adaptive_entropy_controller_is_trls():
 
 
 REFUSED = {
-    "vespo": ({"loss_type": "vespo"}, "gamma weight"),
     "sequence-bias-corrected-kl": ({"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
     "cispo-sequence-bias-corrected-kl": (
         {"loss_type": "cispo", "importance_sampling_level": "sequence", "beta": 0.04},
@@ -443,6 +466,8 @@ CONFLICTS = {
     "loss_type": ({"loss_type": "grpo"}, rpg.DAPOLoss(), "loss_type='grpo'"),
     "sapo": ({"loss_type": "sapo"}, rpg.DAPOLoss(), "SoftGate"),
     "sapo-temperature": ({"sapo_temperature_pos": 2.0, "loss_type": "sapo"}, rpg.SAPOLoss(), "tau_pos=2.0"),
+    "vespo": ({"loss_type": "vespo"}, rpg.DAPOLoss(), "kernel"),
+    "vespo-params": ({"loss_type": "vespo", "vespo_k_pos": 1.0}, rpg.VESPOLoss(), "k_pos=1.0"),
     "delta": ({"delta": 2.0}, rpg.DAPOLoss(), "delta=2.0"),
     "beta": ({"beta": 0.04}, rpg.RPGLoss("urkl", beta=1e-3), "beta=0.04"),
     "k3": (
@@ -507,6 +532,8 @@ METRIC_SETTINGS = {
         "sequence-entropy-quantile-grpo-k3",
         "sapo-temperatures-kl",
         "sapo-sequence-k3-quantile",
+        "vespo-params-kl",
+        "vespo-sequence-k3-quantile-opsm",
     )
 }
 METRIC_SETTINGS["cispo-sequence-cap-below-1"] = {
@@ -534,7 +561,7 @@ def test_trls_metric_names_are_logged_with_trls_values(kw, training):
         assert got[key] == pytest.approx(values, rel=0, abs=1e-12, nan_ok=True), key
     # the clip ratios are not vacuous on these inputs
     clipped = [want[k][0] for k in want if k.startswith("clip_ratio/") or k == "cispo_clip_ratio"]
-    assert args.loss_type == "sapo" or (clipped and max(clipped) > 0)  # sapo clips nothing (TRL logs none)
+    assert args.loss_type in ("sapo", "vespo") or (clipped and max(clipped) > 0)  # they clip nothing
 
 
 def test_policy_loss_is_logged_without_an_entropy_bonus_too():
@@ -556,3 +583,34 @@ def test_rollout_correction_metrics_are_logged_under_rollout_corr():
             keys = set(ours._metrics["train"])
             assert {"rollout_corr/kl", "rollout_corr/rollout_is_mean"} <= keys, (mode, level, keys)
             assert not any(k.startswith("rpg/rollout_corr/") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "kw,unused",
+    [
+        ({"loss_type": "cispo", "epsilon": 0.3, "delta": 2.0}, "epsilon=0.3, delta=2.0"),
+        ({"loss_type": "sapo", "epsilon_high": 0.4}, "epsilon_high=0.4"),
+        ({"loss_type": "vespo", "delta": 1.5}, "delta=1.5"),
+    ],
+    ids=["cispo", "sapo", "vespo"],
+)
+def test_clip_fields_a_loss_type_does_not_read_are_accepted_with_a_log_line(kw, unused, caplog):
+    with caplog.at_level("WARNING", logger="rpg.integrations.trl"):
+        _plan(_config(**kw))
+    (record,) = caplog.records
+    assert unused in record.getMessage() and "ignored" in record.getMessage()
+    with caplog.at_level("WARNING", logger="rpg.integrations.trl"):
+        caplog.clear()
+        _plan(_config(loss_type=kw["loss_type"]))
+    assert not caplog.records  # nothing set: nothing logged
+
+
+def test_a_cap_given_as_truncate_offsets_agrees_with_trls_epsilon_high():
+    """CISPOLoss(clip=Truncate(None, 4.0)) caps w at 5, as GRPOConfig(loss_type='cispo', epsilon_high=5.0):
+    the agreement check compares what the rules do, not their fields."""
+    args = _config(loss_type="cispo", epsilon_high=5.0)
+    assert _plan(args, rpg.CISPOLoss(clip=rpg.Truncate(None, 4.0))).loss.clip == rpg.Truncate(None, 4.0)
+    with pytest.raises(ValueError, match=r"epsilon_high=5\.0"):
+        _plan(args, rpg.CISPOLoss(clip=rpg.Truncate(None, 3.0)))
+    # PPO-style rules likewise: Clip(0.2, δ − 1, dual=1 + ε_high) is what delta in [1, 1 + ε_high) builds
+    _plan(_config(delta=1.1, epsilon_high=0.28), rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.1, dual=1.28)))

@@ -102,10 +102,10 @@ def test_a_sample_of_the_grid_is_matched_or_refused_never_different():
     counts, reasons, bad = run(sample)
     assert not bad, bad[:5]
     assert counts["matched"] > 200 and counts["differs"] == 0 and counts["error"] == 0, counts
-    # The refusals are the ones documented: TRL's sequence-ratio-weighted KL (and, where their rpg losses are
-    # absent, sapo / vespo); nothing else.
-    allowed = ("importance_sampling_level='sequence' with beta != 0", "RPGGRPOTrainer cannot reproduce loss_type")
-    assert all(r.startswith(allowed) for r in reasons), reasons
+    # The one refusal is the documented one: TRL's sequence-ratio-weighted KL, which TRL computes wrongly.
+    assert set(reasons) == {"importance_sampling_level='sequence' with beta != 0 and use_bias_correction_kl=True"}, (
+        reasons
+    )
 
 
 def test_grid_refuses_every_sequence_ratio_weighted_kl():
