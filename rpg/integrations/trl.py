@@ -446,15 +446,17 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
 
 def _trl_metric_spec(args, loss: PolicyLoss, from_config: bool) -> tuple:
     """Which of TRL's loss metrics to log and how: ``("ppo", ε_low, ε_high, δ)`` (clip_ratio/*),
-    ``("cispo", cap)`` (cispo_clip_ratio) or ``("codes",)`` (a given loss's own rule, through its clip codes).
+    ``("cispo", cap)`` (cispo_clip_ratio), ``(kind, "codes")`` (a given loss's own rule, through its clip
+    codes), ``(kind, "none")`` (a given loss without a clip: nothing clipped), ``("vespo",)``
+    (vespo/phi_seq_mean) or ``("unclipped",)`` (sapo: TRL logs no clip metric).
 
     For a loss built from GRPOConfig these are TRL's own definitions with GRPOConfig's values; a given
     loss reports its own clip rule's bounds under the names of GRPOConfig's loss_type."""
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "sapo":
-        return ("sapo",)  # TRL logs no clip ratio for sapo (nothing is clipped)
+        return ("unclipped",)  # TRL logs no clip ratio for sapo (nothing is clipped)
     if args.loss_type == "vespo":
-        return ("vespo",) if loss.loss_config.kernel is not None else ("sapo",)  # vespo/phi_seq_mean
+        return ("vespo",) if loss.loss_config.kernel is not None else ("unclipped",)  # vespo/phi_seq_mean
     if from_config:
         if args.loss_type == "cispo":
             return ("cispo", eps_high)
@@ -824,7 +826,7 @@ class RPGGRPOTrainer(GRPOTrainer):
                 log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
             coef = torch.exp(log_w)
             spec = plan.trl_metrics
-            if spec[0] == "sapo":
+            if spec[0] == "unclipped":
                 return
             if spec[0] == "vespo":  # φ(W) per sequence, TRL's "vespo/phi_seq_mean" (one value per row)
                 metrics["vespo/phi_seq_mean"].append(global_mean(self._rpg_vespo_phi(r, adv, mask, behavior)))
