@@ -81,11 +81,16 @@ def _fold(cfg: LossConfig, r: Ratios) -> torch.Tensor:
 def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):
     """Which ratio, which sign and which token probabilities the clip sees: ``(ratio, direction, ratios)``.
 
-    REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w.
-    Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
+    REINFORCE style: (w, g, r), g the REINFORCE weight, whose sign is that of A′ = g/w; with
+    ``ratio="sequence"`` (w, r) are the sequence ratio s and ``None``, so g = w̄(s)·A (the KL term,
+    if any, is then separate: ``separate_kl=True``). Differentiable style: (w, or GSPO's sequence ratio s; Â, the advantage analogue — A, or
     A − β·fold with ``fold_kl``; r, or ``None`` for a sequence ratio). The kernel builds the loss
     from exactly these, and the metrics count clipped tokens from them."""
     if cfg.style == "reinforce":
+        if cfg.ratio == "sequence":  # CISPO on the sequence ratio: g = w̄(s)·A for every token
+            log_s = sequence_log_ratio(r.log_w, mask).expand_as(r.log_w)
+            seq = Ratios(r.logp, r.old_logp, r.ref_logp, log_w=log_s)
+            return seq.w, reinforce_weight(seq, adv, cfg), None
         return r.w, reinforce_weight(r, adv, cfg), r
     if cfg.fold_kl and cfg.has_kl:
         adv = adv - cfg.beta * _fold(cfg, r)

@@ -54,7 +54,8 @@ class LossConfig:
             for terms where that is exact: rkl, urkl).
         max_len: the constant L of ``seq-mean-token-sum-norm`` (default: T).
         ratio: ``"token"``; ``"sequence"`` (GSPO: the PG term uses
-            s = exp(mean_t log w), clipped; differentiable style); ``"geometric"`` (GMPO: s =
+            s = exp(mean_t log w), clipped; in the REINFORCE style g = w̄(s)·A, CISPO on the
+            sequence ratio, with any KL term separate, ``separate_kl=True``); ``"geometric"`` (GMPO: s =
             exp(mean_t log m_t) of the clip's per-token effective ratios m_t; differentiable style,
             ``clip`` an [`rpg.Clip`][rpg.clipping.Clip] or ``None``); ``"product"`` (the sequence
             ratio W = Π_t w_t, no length normalisation, as the REINFORCE weight's importance
@@ -127,11 +128,23 @@ class LossConfig:
                 f"is exact only for {' and '.join(map(repr, exact))} (for 'fkl'/'ufkl' it drops "
                 "beta*E_old[c*grad logp] != 0)"
             )
-        if self.ratio in ("sequence", "geometric") and (self.style != "differentiable" or self.fold_kl):
+        if self.ratio == "sequence" and self.fold_kl:
+            raise ValueError("ratio='sequence' (GSPO) applies without fold_kl")
+        if (
+            self.ratio == "sequence"
+            and self.style == "reinforce"
+            and self.kl is not None
+            and beta != 0
+            and not self.separate_kl
+        ):
+            # REINFORCE on the sequence ratio: g = w̄(s)·A. A KL term's weight is per token, so it cannot
+            # share g; with separate_kl=True it is its own differentiable per-token term.
             raise ValueError(
-                f"ratio={self.ratio!r} ({'GSPO' if self.ratio == 'sequence' else 'GMPO'}) applies to "
-                "style='differentiable' without fold_kl"
+                "ratio='sequence' with style='reinforce' weights the policy-gradient term by the sequence ratio; "
+                "a KL term must then be separate from it: pass separate_kl=True"
             )
+        if self.ratio == "geometric" and (self.style != "differentiable" or self.fold_kl):
+            raise ValueError("ratio='geometric' (GMPO) applies to style='differentiable' without fold_kl")
         if self.ratio == "product" and self.style != "reinforce":
             raise ValueError(
                 "ratio='product' (the sequence ratio W = prod_t w_t as the REINFORCE weight's importance weight, "

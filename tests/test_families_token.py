@@ -443,7 +443,7 @@ def test_configurations_and_reprs():
         (lambda: rpg.SignedTruncate(positive=rpg.Clip()), TypeError, "positive"),
         (lambda: rpg.PolicyLoss(clip=rpg.SignedTruncate(negative=rpg.Truncate())), ValueError, "reinforce"),
         (
-            lambda: rpg.TOPRLoss().replace(style="reinforce", ratio="sequence"),
+            lambda: rpg.TOPRLoss().replace(style="reinforce", ratio="geometric"),
             ValueError,
             "differentiable",
         ),

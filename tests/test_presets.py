@@ -216,7 +216,11 @@ def test_metric_global_means_sum_over_micro_batches():
     [
         (lambda: rpg.PolicyLoss(kl="k4"), ValueError, "valid options"),
         (lambda: rpg.PolicyLoss(ratio="seq"), ValueError, "'token', 'sequence'"),
-        (lambda: rpg.PolicyLoss(ratio="sequence", style="reinforce"), ValueError, "sequence"),
+        (
+            lambda: rpg.PolicyLoss(ratio="sequence", style="reinforce", kl="k3", beta=0.1),
+            ValueError,
+            "separate_kl=True",
+        ),
         (lambda: rpg.PolicyLoss(kl="k3", beta=0.1, fold_kl=True), ValueError, "fold_kl"),
         (lambda: rpg.GRPOLoss(beta=-1.0), ValueError, "beta"),
         (lambda: rpg.DrGRPOLoss(max_len=0), ValueError, "max_len"),

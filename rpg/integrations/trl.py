@@ -72,26 +72,44 @@ applied only when the previous optimizer step's world-mean entropy was at most
 with its own ``entropy_coef > 0`` and GRPOConfig's bonus together are refused (two
 bonuses).
 
-**Refused, with the reason** (loss built from GRPOConfig):
+**Settings beyond a single rpg preset** (loss built from GRPOConfig, all reproduced exactly):
+
+| setting | how |
+|---|---|
+| ``loss_type="cispo"`` with ``beta != 0`` | ``style="reinforce"`` with ``separate_kl=True``, ``weight_kl=False``: −sg(min(r, cap))·A·logp plus the differentiable KL surrogate (k3, or r·k3 = ``"urkl"``) beside it, outside the cap and TRL's multipliers |
+| ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | ``style="reinforce"``, ``ratio="sequence"``: −sg(min(s, cap))·A·logp on every token |
+| ``loss_type="cispo"`` with ``epsilon`` or ``delta`` set | accepted: TRL's cispo does not read them, and a log line says so |
+| ``loss_type="sapo"`` | [`rpg.SAPOLoss`][rpg.presets.SAPOLoss] with GRPOConfig's ``sapo_temperature_pos``/``_neg`` (rounded to float32, the τ TRL computes with), ``ratio`` by ``importance_sampling_level``, ``seq-mean-token-mean``, the KL term beside it; ``epsilon``, ``epsilon_high``, ``delta`` are unused (logged) |
+| ``loss_type="vespo"`` | [`rpg.VESPOLoss`][rpg.presets.VESPOLoss] with GRPOConfig's ``vespo_k_*``/``vespo_lambda_*`` (λ ≥ 1e-4, as TRL): −sg(φ(W)·A)·logp, W = Π_t r_t times the vLLM weight (which enters W instead of multiplying the loss, as in TRL), the KL term beside it (``separate_kl``); ``epsilon``, ``epsilon_high``, ``delta`` are unused (logged). Equal to TRL where its clamps (log r to ±20, W to [1e-8, e^20]) do not bind |
+| ``delta < 1`` | [`DeltaClip`][rpg.integrations.trl.DeltaClip]: A > 0 capped at r = δ < 1, A < 0 clipped to [1−ε, 1+ε_high] |
+| ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | TRL multiplies the one sequence-level term by each token's weight and sums over the response: every token gets the mean of its response's weights (the token-level vLLM weight folded in), which is exactly that |
+
+**Refused, with the reason** (loss built from GRPOConfig), because TRL's computation is itself wrong:
 
 | setting | why |
 |---|---|
-| ``loss_type="sapo"`` | a smooth sigmoid gate −A·σ(τ(r−1))·4/τ, not a clip rule of rpg |
-| ``loss_type="vespo"`` | a detached per-sequence gamma weight of Σ_t log r, not a clip rule of rpg |
-| ``delta < 1`` | caps positive-advantage tokens at r = δ < 1; rpg's upper clip bound is ≥ 1 |
-| ``loss_type="cispo"`` with ``beta != 0`` | a REINFORCE policy term beside a differentiable KL term; an rpg loss has one style |
-| ``loss_type="cispo"`` with ``importance_sampling_level="sequence"`` | rpg's sequence ratio is for the differentiable style |
-| ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's KL by the sequence ratio, whose gradient reaches every token of the response |
-| ``importance_sampling_level="sequence"`` with ``top_entropy_quantile < 1`` or a ``token_*`` vLLM mode | a token-varying weight on a sequence-level term: TRL spreads its sequence mean over the response, rpg weights each token's own gradient |
+| ``importance_sampling_level="sequence"`` with ``beta != 0`` and ``use_bias_correction_kl`` | TRL weights each token's k3 by the sequence ratio s and differentiates s, so every token's KL sends gradient to every token of its response: on-policy (s = 1) its expected gradient follows neither the per-position KL nor the sequence KL (measured in the integrations docs) |
+
+**Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
+``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
+excluded — TRL's k3 or r·k3), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean`` (token-weighted), ``clip_ratio/low_min``, ``clip_ratio/high_max`` (min / max
+over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio`` for cispo,
+``vespo/phi_seq_mean`` (the mean over sequences of φ(W)) for vespo,
+``policy_loss`` (the rpg loss of the micro-batch before the accumulation scale and the entropy bonus;
+TRL logs it only with an entropy bonus), ``entropy_coef`` and ``aux_loss``. For a loss built from
+GRPOConfig the clip ratios are TRL's definitions with GRPOConfig's ε, ε_high, δ; a given loss reports
+its own clip rule's clipped tokens under the same names. rpg's own metrics are logged as
+``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
 
 A Mixture-of-Experts router loss is added as TRL does, and logged as ``aux_loss``.
-Every entry of ``out.metrics`` is logged as ``rpg/<name>`` (TRL averages
-logged values over micro-batches, so they are per-call means).
+(TRL averages logged values over micro-batches, so rpg's are per-call means.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -104,11 +122,16 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..aggregation import aggregate
-from ..clipping import Clip, Truncate
-from ..correction import RolloutCorrection
+from ..clipping import DUAL, HIGH, LOW, Clip, ClipRule, SoftGate, Truncate
+from ..correction import RolloutCorrection, correction_metrics
 from ..losses import PolicyLoss
+from ..objectives import REGISTRY, Ratios
+from ..presets import SAPOLoss, VESPOLoss
+from ..sequence import Gamma, correction_log_weight
 
-__all__ = ["RPGGRPOTrainer", "loss_from_grpo_config", "correction_from_grpo_config"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["RPGGRPOTrainer", "loss_from_grpo_config", "correction_from_grpo_config", "DeltaClip"]
 
 # TRL loss_type -> the rpg aggregation that reproduces it (with the counts the trainer passes).
 _AGG = {
@@ -118,10 +141,15 @@ _AGG = {
     "dapo": "token-mean",
     "cispo": "token-mean",
     "luspo": "seq-mean-token-sum",
+    "sapo": "seq-mean-token-mean",
+    "vespo": "token-mean",
 }
-_NOT_EXPRESSIBLE = {
-    "sapo": "SAPO's per-token loss −A·σ(τ(r−1))·4/τ is a smooth sigmoid gate, not a clip rule of rpg",
-    "vespo": "VESPO's detached per-sequence gamma weight φ(exp Σ_t log r) is not a clip rule of rpg",
+_NOT_EXPRESSIBLE: dict[str, str] = {}  # every TRL loss_type has its rpg loss
+# GRPOConfig's clip fields that a loss_type does not read (TRL ignores them; the trainer logs that).
+_UNUSED_CLIP_FIELDS = {
+    "cispo": ("epsilon", "delta"),
+    "sapo": ("epsilon", "epsilon_high", "delta"),
+    "vespo": ("epsilon", "epsilon_high", "delta"),
 }
 _LOSS_TYPES = tuple(_AGG) + tuple(_NOT_EXPRESSIBLE)
 _LEVELS = ("token", "sequence")
@@ -151,16 +179,8 @@ def _clip_from_config(args):
     eps_low = args.epsilon
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "cispo":
-        # TRL: −sg(min(r, epsilon_high))·A·logp — epsilon_high is an absolute cap, no lower bound.
-        if args.delta is not None:
-            raise ValueError(
-                "GRPOConfig.delta applies to the PPO-clip loss types; TRL's cispo does not use it: unset it"
-            )
-        if args.epsilon_high is not None and _changed(args, "epsilon"):
-            raise ValueError(
-                "GRPOConfig.epsilon (the lower PPO clip) plays no part in TRL's cispo, which caps the weight at "
-                "epsilon_high only: unset epsilon"
-            )
+        # TRL: −sg(min(r, epsilon_high))·A·logp — epsilon_high is an absolute cap, no lower bound; TRL's
+        # cispo reads neither epsilon nor delta (the trainer logs that they are unused).
         if not eps_high > 0:
             raise ValueError(f"loss_type='cispo' caps the weight at epsilon_high, which must be > 0, got {eps_high!r}")
         return Truncate.at(None, eps_high)
@@ -172,18 +192,96 @@ def _clip_from_config(args):
     delta = args.delta
     if delta is None:
         return Clip(low, eps_high, dual=None)
-    # TRL: −min(min(r, δ)·A, clip(r, 1−ε, 1+ε_high)·A).
+    # TRL: −min(min(r, δ)·A, clip(r, 1−ε, 1+ε_high)·A), i.e. ℓ = −m·A with
+    # A > 0: m = min(r, δ, 1+ε_high); A < 0: m = min(max(r, 1−ε), max(δ, 1+ε_high)).
+    if not delta > 0:
+        raise ValueError(f"GRPOConfig.delta must be > 0 (an upper bound on the ratio), got {delta!r}")
     if delta >= 1 + eps_high and delta > 1:
         # A < 0: min(max(r, 1−ε), δ); A > 0 unchanged: the dual clip with c = δ.
         return Clip(low, eps_high, dual=delta)
     if 1 <= delta < 1 + eps_high:
         # A > 0: min(r, δ); A < 0: clip(r, 1−ε, 1+ε_high): upper bound δ, dual bound 1+ε_high.
         return Clip(low, delta - 1, dual=1 + eps_high)
-    raise ValueError(
-        f"GRPOConfig.delta={delta!r} caps positive-advantage tokens at r = {delta!r} < 1 (TRL's min(r, delta)), "
-        "below the ratio 1 of an on-policy token; rpg.Clip's upper bound 1+epsilon_high is >= 1, so this is not "
-        "expressible exactly. Use delta >= 1 (delta >= 1+epsilon_high is the dual clip)"
-    )
+    # δ < 1: the upper bound for A > 0 lies below 1, which rpg.Clip's ε_high ≥ 0 cannot state.
+    return DeltaClip(None if low is None else 1 - low, delta, 1 + eps_high)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaClip(ClipRule):
+    r"""TRL's PPO clip with ``delta < 1``, as absolute bounds on the ratio (differentiable style).
+
+    TRL's per-token loss −min(min(w, δ)·A, clip(w, 1−ε, 1+ε_high)·A) is ℓ = −m·A with
+
+    * A ≥ 0: m = min(w, δ) — clipped (no gradient through w) when w > δ;
+    * A < 0: m = min(max(w, 1−ε), 1+ε_high) — clipped below ``lower`` = 1−ε and above ``dual`` = 1+ε_high
+      (the cap δ on min(w, δ)·A makes clip(w)·A the minimum there).
+
+    With δ < 1 even an on-policy token (w = 1) with A > 0 is clipped: its value is −δ·A and its gradient 0.
+    [`rpg.Clip`][rpg.clipping.Clip] holds the same rule for δ ≥ 1 (ε_high ≥ 0 there);
+    ``loss_from_grpo_config`` builds this one for δ < 1. Metrics codes: 1 low, 2 high (w ≥ δ, A > 0),
+    3 dual (w ≥ 1+ε_high, A < 0).
+
+    Args:
+        lower: the bound 1−ε for A < 0, or ``None`` (ε ≥ 1: never binds).
+        upper: δ, 0 < δ, the bound for A ≥ 0.
+        dual: 1+ε_high, the upper bound for A < 0.
+    """
+
+    lower: float | None
+    upper: float
+    dual: float
+
+    styles = ("differentiable",)
+
+    def __post_init__(self) -> None:
+        if self.lower is not None and not 0 <= self.lower < math.inf:
+            raise ValueError(f"DeltaClip.lower must be >= 0 or None, got {self.lower!r}")
+        if not 0 < self.upper < math.inf:
+            raise ValueError(f"DeltaClip.upper must be > 0, got {self.upper!r}")
+        if not self.dual >= 1:
+            raise ValueError(f"DeltaClip.dual must be >= 1, got {self.dual!r}")
+
+    def _bounds(self, up: torch.Tensor, like: torch.Tensor):
+        def full(v):
+            return torch.full((), v, dtype=like.dtype, device=like.device)
+
+        lower = -math.inf if self.lower is None else self.lower
+        return torch.where(up, full(-math.inf), full(lower)), torch.where(up, full(self.upper), full(self.dual))
+
+    def effective_ratio(self, w, adv_hat, ratios=None):
+        m = torch.clamp(w, *self._bounds(adv_hat >= 0, w))
+        return m, m != w
+
+    def codes(self, w, direction, ratios=None):
+        up, down = direction > 0, direction < 0
+        code = torch.zeros_like(w, dtype=torch.int8)
+        if self.lower is not None:
+            code.masked_fill_(down & (w <= self.lower), LOW)
+        code.masked_fill_(up & (w >= self.upper), HIGH)
+        code.masked_fill_(down & (w >= self.dual), DUAL)
+        return code
+
+
+def _effective_bounds(clip) -> tuple:
+    """What a clip rule does, as ratio values (``None``: off), so rules of different classes compare.
+
+    PPO-style rules ([`Clip`][rpg.clipping.Clip], [`DeltaClip`][rpg.integrations.trl.DeltaClip]):
+    ``("ppo", lower for A < 0, upper for A > 0, upper for A < 0)``; [`Truncate`][rpg.clipping.Truncate]:
+    ``("truncate", lower, upper)``; no clip: ``("none",)``; another rule: ``("other", rule)``."""
+    if clip is None:
+        return ("none",)
+    if isinstance(clip, Clip):
+        return (
+            "ppo",
+            None if clip.low is None else 1 - clip.low,
+            None if clip.high is None else 1 + clip.high,
+            clip.dual,
+        )
+    if isinstance(clip, DeltaClip):
+        return ("ppo", clip.lower, clip.upper, clip.dual)
+    if isinstance(clip, Truncate):
+        return ("truncate", *clip.ratio_bounds())
+    return ("other", clip)
 
 
 def correction_from_grpo_config(args) -> RolloutCorrection | None:
@@ -226,13 +324,16 @@ def loss_from_grpo_config(args) -> PolicyLoss:
 
     | GRPOConfig | rpg |
     |---|---|
+    | ``loss_type="sapo"`` | [`SAPOLoss`][rpg.presets.SAPOLoss] (the soft gate), ``seq-mean-token-mean`` |
+    | ``loss_type="vespo"`` | [`VESPOLoss`][rpg.presets.VESPOLoss] (``ratio="product"``, the Gamma kernel), token-mean |
     | ``loss_type`` grpo / bnpo / dr_grpo / dapo / luspo | PPO clip, ``agg`` seq-mean-token-mean / token-mean / seq-mean-token-sum-norm (``max_len`` = ``max_completion_length``) / token-mean / seq-mean-token-sum |
-    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean |
+    | ``loss_type="cispo"`` | ``style="reinforce"``, ``clip=Truncate.at(None, epsilon_high)``, token-mean; a KL term separate (``separate_kl=True``, ``weight_kl=False``) |
     | ``epsilon``, ``epsilon_high`` | ``Clip(low=epsilon, high=epsilon_high)`` (``epsilon_high`` unset: ``epsilon``) |
     | ``delta`` ≥ 1+ε_high | ``Clip(..., dual=delta)`` |
     | 1 ≤ ``delta`` < 1+ε_high | ``Clip(low=ε, high=delta−1, dual=1+ε_high)`` (the same min/max algebra) |
+    | ``delta`` < 1 | ``DeltaClip(1−ε, delta, 1+ε_high)`` |
     | ``beta``, ``use_bias_correction_kl`` | ``kl="urkl"`` (r·k3) or ``"k3"``, ``beta`` |
-    | ``importance_sampling_level`` | ``ratio`` |
+    | ``importance_sampling_level`` | ``ratio`` (cispo too: ``style="reinforce"``, ``ratio="sequence"``) |
     | vLLM correction | ``correction`` ([`correction_from_grpo_config`][rpg.integrations.trl.correction_from_grpo_config]) |
 
     with ``weight_kl=False`` (TRL's multipliers leave the KL term). The counts and masks
@@ -253,9 +354,15 @@ class _Plan:
     opsm_threshold: float | None  # TRL's off-policy sequence mask, or None
     entropy_bonus: bool  # TRL's (adaptive) entropy bonus
     sequence_from_config: bool  # TRL's sequence-level ratio: [B, T] advantages are not reproduced
+    # A sequence-level policy term (differentiable style, ratio="sequence") under token-varying weights:
+    # TRL multiplies the one per-sequence term by each token's weight and sums over the response, so the
+    # term's gradient is spread over the response with the weights' mean. Passing every token the masked
+    # mean of its response's weights (and the token-level vLLM weight folded into them) is exactly that.
+    mean_weights: bool = False
+    trl_metrics: tuple = ()  # how TRL's own metric names are computed: see _trl_metric_spec
 
 
-def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = False) -> _Plan:
+def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = False, log: bool = True) -> _Plan:
     """Map GRPOConfig (and an optional rpg loss) onto what the trainer computes; refuse what is not exact."""
     quantile = args.top_entropy_quantile if args.top_entropy_quantile < 1.0 else None
     if quantile is not None and not 0 <= quantile:
@@ -268,8 +375,19 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
             "valid: 'token', 'sequence'"
         )
     trl_correction = correction_from_grpo_config(args)
+    unused = [f for f in _UNUSED_CLIP_FIELDS.get(args.loss_type, ()) if _changed(args, f)]
+    if unused and log:
+        logger.warning(
+            "GRPOConfig %s set under loss_type=%r, which does not use %s (TRL's %s does not read %s); ignored",
+            ", ".join(f"{f}={getattr(args, f)!r}" for f in unused),
+            args.loss_type,
+            "them" if len(unused) > 1 else "it",
+            args.loss_type,
+            ", ".join(_UNUSED_CLIP_FIELDS[args.loss_type]),
+        )
     if loss is None:
         built = _build(args, trl_correction, quantile)
+        sequence_pg = built.ratio == "sequence" and built.style == "differentiable"
         return _Plan(
             built,
             args.loss_type == "bnpo",
@@ -277,7 +395,9 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
             quantile,
             opsm,
             bonus,
-            args.importance_sampling_level == "sequence",
+            sequence_pg,
+            mean_weights=sequence_pg,
+            trl_metrics=_trl_metric_spec(args, built, from_config=True),
         )
     if not isinstance(loss, PolicyLoss):
         raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
@@ -319,7 +439,62 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
             f"and the loss (entropy_coef={loss.entropy_coef!r}) set an entropy bonus: keep one"
         )
     bnpo = args.loss_type == "bnpo" and loss.agg == "token-mean"
-    return _Plan(loss, bnpo, behavior, quantile, opsm, bonus, False)
+    return _Plan(
+        loss, bnpo, behavior, quantile, opsm, bonus, False, trl_metrics=_trl_metric_spec(args, loss, from_config=False)
+    )
+
+
+def _trl_metric_spec(args, loss: PolicyLoss, from_config: bool) -> tuple:
+    """Which of TRL's loss metrics to log and how: ``("ppo", ε_low, ε_high, δ)`` (clip_ratio/*),
+    ``("cispo", cap)`` (cispo_clip_ratio), ``(kind, "codes")`` (a given loss's own rule, through its clip
+    codes), ``(kind, "none")`` (a given loss without a clip: nothing clipped), ``("vespo",)``
+    (vespo/phi_seq_mean) or ``("unclipped",)`` (sapo: TRL logs no clip metric).
+
+    For a loss built from GRPOConfig these are TRL's own definitions with GRPOConfig's values; a given
+    loss reports its own clip rule's bounds under the names of GRPOConfig's loss_type."""
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if args.loss_type == "sapo":
+        return ("unclipped",)  # TRL logs no clip ratio for sapo (nothing is clipped)
+    if args.loss_type == "vespo":
+        return ("vespo",) if loss.loss_config.kernel is not None else ("unclipped",)  # vespo/phi_seq_mean
+    if from_config:
+        if args.loss_type == "cispo":
+            return ("cispo", eps_high)
+        return ("ppo", args.epsilon, eps_high, args.delta)
+    kind = "cispo" if args.loss_type == "cispo" else "ppo"
+    bounds = _effective_bounds(loss.clip)
+    if bounds[0] == "none":
+        return (kind, "none")
+    if kind == "cispo" and bounds[0] == "truncate":
+        return ("cispo", math.inf if bounds[2] is None else bounds[2])
+    return (kind, "codes")
+
+
+_SEQUENCE_URKL = (
+    "importance_sampling_level='sequence' with beta != 0 and use_bias_correction_kl=True: TRL multiplies each "
+    "token's k3 by the sequence ratio s = exp(mean_t log r) and differentiates s too, so every token's KL sends "
+    "gradient to every token of its response. The expected gradient of that term is neither the KL's nor any "
+    "per-token KL's (it follows no objective; the docs give its measured bias). Set use_bias_correction_kl=False "
+    "(TRL's k3, reproduced exactly), or importance_sampling_level='token' (r·k3, the reverse-KL gradient)"
+)
+
+
+def _sapo_taus(args) -> tuple[float, float]:
+    """SAPO's (τ_pos, τ_neg) as TRL computes with them: it picks τ with ``torch.where`` on Python floats, a
+    float32 tensor, so its τ is the float32 rounding of the setting (1.05 → 1.0499999523…)."""
+    return tuple(
+        float(torch.tensor(t, dtype=torch.float32)) for t in (args.sapo_temperature_pos, args.sapo_temperature_neg)
+    )
+
+
+def _vespo_params(args) -> tuple[float, float, float, float]:
+    """VESPO's (k_pos, λ_pos, k_neg, λ_neg) from GRPOConfig (TRL clamps λ ≥ 1e-4: so does this)."""
+    return (
+        float(args.vespo_k_pos),
+        max(float(args.vespo_lambda_pos), 1e-4),
+        float(args.vespo_k_neg),
+        max(float(args.vespo_lambda_neg), 1e-4),
+    )
 
 
 def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
@@ -328,43 +503,36 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
     sequence = args.importance_sampling_level == "sequence"
     beta = float(args.beta)
     kl = None if beta == 0 else ("urkl" if args.use_bias_correction_kl else "k3")
-    if sequence:
-        if kl == "urkl":
-            raise ValueError(
-                "importance_sampling_level='sequence' with beta != 0 and use_bias_correction_kl=True: TRL weights each "
-                "token's KL by the sequence ratio exp(mean_t log r), whose gradient reaches every token of the "
-                "response; rpg's KL terms are per token. Set use_bias_correction_kl=False (k3, exact) or beta=0"
-            )
-        token_weights = [
-            name
-            for name, on in (
-                ("top_entropy_quantile < 1", quantile is not None),
-                (
-                    f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode!r}",
-                    correction is not None and correction.level == "token",
-                ),
-            )
-            if on
-        ]
-        if token_weights:
-            raise ValueError(
-                f"importance_sampling_level='sequence' with {' and '.join(token_weights)}: a weight that varies over "
-                "the tokens of a response multiplies TRL's sequence-level term, whose gradient TRL spreads over the "
-                "response as the weight's mean; rpg weights each token's own gradient. Not exactly expressible: use "
-                "importance_sampling_level='token', or a sequence_* vLLM mode"
-            )
+    if sequence and kl == "urkl":
+        raise ValueError(_SEQUENCE_URKL)  # every loss_type: TRL's KL term is the same
+    ratio = "sequence" if sequence else "token"
+    if lt == "sapo":
+        # −(4/τ)·σ(τ(r − 1))·A (r or s), τ by the sign of A; the KL term beside it, as for the PPO types.
+        sapo = SAPOLoss(*_sapo_taus(args), ratio, correction=correction)
+        return sapo if kl is None else sapo.replace(kl=kl, beta=beta, weight_kl=False)
+    if lt == "vespo":
+        # −sg(φ(W)·A)·logp, W = Π_t r_t times the token-level vLLM weights (the correction enters W, as
+        # TRL's get_gamma_weights adds their logs); the KL term beside it, unweighted.
+        vespo = VESPOLoss(*_vespo_params(args), correction=correction)
+        if kl is None:
+            return vespo
+        return vespo.replace(kl=kl, beta=beta, separate_kl=True, weight_kl=False)
     if lt == "cispo":
-        if beta != 0:
-            raise ValueError(
-                "loss_type='cispo' with beta != 0: TRL adds a differentiable KL term to CISPO's REINFORCE policy term, "
-                "and an rpg loss has one style for both; not exactly expressible. Set beta=0"
-            )
-        if sequence:
-            raise ValueError(
-                "loss_type='cispo' with importance_sampling_level='sequence': rpg's sequence ratio applies to the "
-                "differentiable style, and CISPO is REINFORCE-style; not exactly expressible"
-            )
-        return PolicyLoss(style="reinforce", clip=clip, agg=_AGG[lt], correction=correction)
+        # −sg(min(r or s, cap))·A·logp, the KL term its own differentiable surrogate beside it
+        # (separate_kl), unweighted by TRL's multipliers (weight_kl=False).
+        if kl is None:
+            return PolicyLoss(style="reinforce", clip=clip, agg=_AGG[lt], ratio=ratio, correction=correction)
+        return PolicyLoss(
+            kl=kl,
+            beta=beta,
+            style="reinforce",
+            clip=clip,
+            agg=_AGG[lt],
+            ratio=ratio,
+            correction=correction,
+            weight_kl=False,
+            separate_kl=True,
+        )
     max_len = None
     if lt == "dr_grpo":
         max_len = args.max_completion_length
@@ -378,7 +546,7 @@ def _build(args, correction: RolloutCorrection | None, quantile) -> PolicyLoss:
         clip=clip,
         agg=_AGG[lt],
         max_len=max_len,
-        ratio="sequence" if sequence else "token",
+        ratio=ratio,
         correction=correction,
         weight_kl=False,
     )
@@ -388,14 +556,6 @@ def _close(a, b) -> bool:
     if a is None or b is None:
         return a is b
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
-
-
-def _same_clip(a, b, fields) -> bool:
-    if type(a) is not type(b):
-        return False
-    return all(_close(getattr(a, f), getattr(b, f)) for f in fields) and getattr(a, "absolute", False) == getattr(
-        b, "absolute", False
-    )
 
 
 def _check_agreement(args, loss: PolicyLoss) -> None:
@@ -416,20 +576,41 @@ def _check_agreement(args, loss: PolicyLoss) -> None:
             )
         elif lt == "cispo" and loss.style != "reinforce":
             bad.append("loss_type='cispo' (a REINFORCE-style loss; the loss is differentiable-style)")
+    if lt == "sapo" and (
+        _changed(args, "loss_type") or _changed(args, "sapo_temperature_pos") or _changed(args, "sapo_temperature_neg")
+    ):
+        want_gate = SoftGate(args.sapo_temperature_pos, args.sapo_temperature_neg)
+        if loss.clip not in (want_gate, SoftGate(*_sapo_taus(args))):  # the setting, or TRL's float32 τ
+            bad.append(f"loss_type='sapo' with the gate {want_gate!r} (the loss has clip={loss.clip!r})")
     clip_fields = [f for f in ("epsilon", "epsilon_high", "delta") if _changed(args, f)]
-    if lt == "cispo" and _changed(args, "loss_type"):
-        clip_fields = clip_fields or ["epsilon_high"]
+    if lt in ("sapo", "vespo"):  # TRL's sapo and vespo read no clip field (logged as unused)
+        clip_fields = []
+    vespo_fields = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+    if lt == "vespo" and (_changed(args, "loss_type") or any(_changed(args, f) for f in vespo_fields)):
+        want_kernel = Gamma(*_vespo_params(args))
+        cfg = loss.loss_config
+        if cfg.ratio != "product" or cfg.kernel != want_kernel or loss.style != "reinforce":
+            bad.append(
+                f"loss_type='vespo' (ratio='product' with the kernel {want_kernel!r}; the loss has "
+                f"ratio={cfg.ratio!r}, kernel={cfg.kernel!r})"
+            )
+    if lt == "cispo":  # TRL's cispo reads epsilon_high only (epsilon and delta: logged as unused)
+        clip_fields = ["epsilon_high"] if _changed(args, "loss_type") or "epsilon_high" in clip_fields else []
     if clip_fields and lt not in _NOT_EXPRESSIBLE:
-        want = _clip_from_config(args)
-        if isinstance(want, Truncate):
-            ok = _same_clip(loss.clip, want, ("low", "high"))
-        elif "delta" in clip_fields:
-            ok = _same_clip(loss.clip, want, ("low", "high", "dual"))
-        else:
-            ok = _same_clip(loss.clip, want, ("low", "high"))
+        # Compare what the rules do (their bounds as ratio values), not their fields: Truncate(None, 4.0)
+        # and Truncate.at(None, 5.0) are the same cap.
+        want_clip = _clip_from_config(args)
+        want, have = _effective_bounds(want_clip), _effective_bounds(loss.clip)
+        if want[0] == "ppo" and "delta" not in clip_fields:
+            want, have = want[:3], have[:3]  # GRPOConfig without delta leaves A < 0's upper bound to the loss
+        ok = (
+            want[0] == have[0]
+            and len(want) == len(have)
+            and all(_close(a, b) for a, b in zip(want[1:], have[1:], strict=True))
+        )
         if not ok:
             values = ", ".join(f"{f}={getattr(args, f)!r}" for f in clip_fields)
-            bad.append(f"{values} (clip {want!r}; the loss has {loss.clip!r})")
+            bad.append(f"{values} (clip {want_clip!r}; the loss has {loss.clip!r})")
     if _changed(args, "beta") and not _close(float(args.beta), loss.beta):
         bad.append(f"beta={args.beta!r} (the loss has beta={loss.beta!r})")
     if _changed(args, "use_bias_correction_kl") and args.beta != 0 and loss.kl != "k3":
@@ -454,6 +635,9 @@ class RPGGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, loss: PolicyLoss | None = None, **kwargs) -> None:
         if loss is not None and not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None:  # refuse before TRL loads the models (a reference model with beta != 0)
+            _plan(config, loss, has_rollout_logprobs=kwargs.get("rollout_func") is not None, log=False)
         super().__init__(*args, **kwargs)
         plan = _plan(self.args, loss, has_rollout_logprobs=getattr(self, "rollout_func", None) is not None)
         self._rpg_plan = plan
@@ -508,7 +692,6 @@ class RPGGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        need_entropy = plan.entropy_bonus or plan.entropy_quantile is not None or plan.loss.entropy_coef > 0
         extra = (
             "pixel_values",
             "image_grid_thw",
@@ -521,12 +704,13 @@ class RPGGRPOTrainer(GRPOTrainer):
             "mm_token_type_ids",
             "image_position_ids",
         )
+        # Entropies always, as TRL: its "entropy" metric is logged for every config.
         logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
             completion_ids.size(1),
-            compute_entropy=need_entropy,
+            compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs[k] for k in extra if inputs.get(k) is not None},
         )
@@ -560,7 +744,17 @@ class RPGGRPOTrainer(GRPOTrainer):
             kept = kept & high
             weights = high.to(logp.dtype) if weights is None else weights * high
         training = self.model.training
+        mode = "train" if training else "eval"
         tokens, sequences = self._rpg_counts(inputs, mask, training)
+        if plan.mean_weights and behavior is not None and self.rpg_loss.correction.level == "token":
+            # A token-level vLLM weight on a sequence-level term: folded into the weights (averaged below).
+            correction = self.rpg_loss.correction
+            rho = correction.weight(old.detach(), behavior.detach(), mask.bool())
+            weights = rho if weights is None else weights * rho
+            self._rpg_log_correction(mode, old, behavior, mask, correction)
+            behavior = None
+        if plan.mean_weights and weights is not None:
+            weights = _response_mean(weights, mask)
         out = self.rpg_loss(
             logp,
             old,
@@ -573,14 +767,130 @@ class RPGGRPOTrainer(GRPOTrainer):
             weights=weights,
             entropy=entropies,
         )
-        mode = "train" if training else "eval"
         for name, value in out.metrics.items():  # per-call means: TRL averages logged values over micro-batches
-            self._metrics[mode][f"rpg/{name}"].append(value)
+            key = name if name.startswith("rollout_corr/") else f"rpg/{name}"
+            self._metrics[mode][key].append(value)
         loss = out.loss
+        self._rpg_log_trl_metrics(
+            mode, logp, old, advantages, mask, entropies, inputs.get("ref_per_token_logps"), behavior
+        )
+        steps = self.current_gradient_accumulation_steps if training else 1
+        window = plan.loss.agg == "token-mean" and not plan.bnpo_counts and inputs.get("num_items_in_batch") is not None
+        policy_loss = loss.detach() if window else loss.detach() * steps  # TRL's: before the accumulation scale
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         if plan.entropy_bonus:
             loss = loss - self._rpg_entropy_bonus(entropies, kept, training)
         if self.aux_loss_enabled:  # MoE load balancing, scaled for accumulation as TRL does
-            steps = self.current_gradient_accumulation_steps if training else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    def _rpg_log_correction(self, mode, old, behavior, mask, correction) -> None:
+        """rpg's ``rollout_corr/`` metrics where the trainer applies the correction's weight itself."""
+        m = mask.bool()
+        denom = m.sum().to(old.dtype).clamp(min=1)
+        values = correction_metrics(old.detach().double(), behavior.detach().double(), m, correction, denom)
+        for name, value in values.items():
+            self._metrics[mode][name].append(float(value))
+
+    def _rpg_log_trl_metrics(self, mode, logp, old, advantages, mask, entropies, ref, behavior=None) -> None:
+        """GRPOTrainer's loss metrics under its names and reductions (token-weighted means reduced over
+        processes; per-sequence min/max gathered): ``entropy``, ``kl``, ``clip_ratio/*`` or ``cispo_clip_ratio``."""
+        plan, loss = self._rpg_plan, self._rpg_plan.loss
+        with torch.no_grad():
+            adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+            adv = adv.to(logp.dtype)
+
+            # TRL's reductions, dtypes included (indicators in float32, counts as mask.sum().float()), so
+            # the logged numbers are TRL's to the last bit on the same inputs.
+            def global_mean(x):  # a [B, 1] value counts once per sequence, a [B, T] one per token
+                if x.size(1) == 1:
+                    part = torch.stack([x.sum(), torch.tensor(float(x.size(0)), device=x.device)])
+                else:
+                    part = torch.stack([(x * mask).sum(), mask.sum().float()])
+                total = self.accelerator.reduce(part, reduction="sum")
+                return (total[0] / total[1].clamp(min=1.0)).item()
+
+            def seq_mean(x):
+                return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+            metrics = self._metrics[mode]
+            metrics["entropy"].append(global_mean(entropies.detach()))
+            r = Ratios(logp.detach(), old.detach(), None if ref is None else ref.detach())
+            if loss.kl is not None and loss.beta != 0:  # the loss's KL term, β excluded (TRL's per_token_kl)
+                value = torch.zeros_like(r.log_w)
+                REGISTRY[loss.kl].accumulate(value, torch.zeros_like(value), 1.0, r)
+                metrics["kl"].append(global_mean(value))
+            log_w = r.log_w
+            if loss.ratio == "sequence":
+                log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+            coef = torch.exp(log_w)
+            spec = plan.trl_metrics
+            if spec[0] == "unclipped":
+                return
+            if spec[0] == "vespo":  # φ(W) per sequence, TRL's "vespo/phi_seq_mean" (one value per row)
+                metrics["vespo/phi_seq_mean"].append(global_mean(self._rpg_vespo_phi(r, adv, mask, behavior)))
+                return
+            if spec[0] == "cispo":
+                cap = math.inf if spec[1] == "none" else spec[1]
+                if spec[1] == "codes":
+                    clipped = self._rpg_codes(r, adv, mask) == HIGH
+                else:
+                    clipped = (coef > cap) & (adv > 0)
+                metrics["cispo_clip_ratio"].append(global_mean(clipped.float()))
+                return
+            if spec[1] == "codes":
+                code = self._rpg_codes(r, adv, mask)
+                low, high = code == LOW, code == HIGH
+            elif spec[1] == "none":
+                low = high = torch.zeros_like(coef, dtype=torch.bool)
+            else:
+                eps_low, eps_high, delta = spec[1:]
+                if delta is not None:  # TRL counts with min(r, δ)
+                    coef = torch.clamp(coef, max=delta)
+                low = (coef < 1 - eps_low) & (adv < 0)
+                high = (coef > 1 + eps_high) & (adv > 0)
+            low, high = low.float(), high.float()
+            metrics["clip_ratio/low_mean"].append(global_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
+            metrics["clip_ratio/low_min"].append(_nanmin(self.accelerator.gather(seq_mean(low))))
+            metrics["clip_ratio/high_max"].append(_nanmax(self.accelerator.gather(seq_mean(high))))
+
+    def _rpg_vespo_phi(self, r, adv, mask, behavior):
+        """``[B, 1]`` φ(W) of the loss's kernel, W = Π_t r_t (times the correction's weight, as the loss)."""
+        cfg = self._rpg_plan.loss.loss_config
+        m = mask.bool()
+        log_big_w = torch.where(m, r.log_w, torch.zeros((), dtype=r.log_w.dtype)).sum(-1, keepdim=True)
+        if behavior is not None:
+            correction = cfg.correction if cfg.correction is not None else RolloutCorrection()
+            weight = correction.weight(r.old_logp, behavior.detach().to(r.old_logp.dtype), m)
+            log_big_w = log_big_w + correction_log_weight(weight, m, correction.level)
+        up = adv[:, :1] >= 0 if adv.size(1) > 1 else adv >= 0
+        return cfg.kernel.log_phi(log_big_w, up).exp()
+
+    def _rpg_codes(self, r, adv, mask):
+        """A given loss's own clip codes (rpg's view of the ratio and the sign), for TRL's clip metric names."""
+        from .._kernel import clip_view
+
+        cfg = self._rpg_plan.loss.loss_config
+        return cfg.clip.codes(*clip_view(r, adv, mask.bool(), cfg))
+
+
+def _response_mean(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: every token's weight replaced by the masked mean of its response's weights."""
+    m = mask.to(weights.dtype)
+    mean = (weights * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return mean.expand_as(weights)
+
+
+def _nanmin(x: torch.Tensor) -> float:
+    """min ignoring NaN (NaN if all are), as TRL's ``nanmin``."""
+    x = x[~torch.isnan(x)]
+    return x.min().item() if x.numel() else float("nan")
+
+
+def _nanmax(x: torch.Tensor) -> float:
+    """max ignoring NaN (NaN if all are), as TRL's ``nanmax``."""
+    x = x[~torch.isnan(x)]
+    return x.max().item() if x.numel() else float("nan")

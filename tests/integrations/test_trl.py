@@ -101,7 +101,7 @@ def test_loss_must_be_an_rpg_loss():
 @pytest.mark.parametrize(
     "loss,kw,match",
     [
-        (None, {"loss_type": "sapo"}, "sigmoid gate"),
+        (None, {"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
         (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
     ],
     ids=["not-expressible", "conflicts-with-the-loss"],
@@ -312,3 +312,56 @@ def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
     inputs["old_per_token_logps"] = logp + 0.1 * torch.randn(b, c, generator=g)  # off-policy: clips bind
     want, got = theirs._compute_loss(theirs.model, inputs), ours._compute_loss(ours.model, inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"loss_type": "dapo", "epsilon_high": 0.28, "num_iterations": 2},
+        {"loss_type": "cispo", "epsilon_high": 1.0, "entropy_coef": 0.01, "num_iterations": 2},
+    ],
+    ids=["dapo", "cispo-entropy-bonus"],
+)
+def test_logged_metrics_are_a_superset_of_trls_with_trls_values(tmp_path, kw):
+    """Both trainers, same tiny model, data and seed, one optimizer step: RPGGRPOTrainer logs every key
+    GRPOTrainer logs (TRL's dashboards and callbacks keep working), with the same values."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpg.integrations.trl import RPGGRPOTrainer
+
+    tokenizer = _tokenizer()
+    logs = {}
+    for cls in (GRPOTrainer, RPGGRPOTrainer):
+        args = GRPOConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=6,
+            max_steps=1,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            bf16=False,
+            **kw,
+        )
+        trainer = cls(
+            model=_model(len(tokenizer)),
+            reward_funcs=count_a,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"]}),
+        )
+        trainer.train()
+        (entry,) = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+        logs[cls] = entry
+    theirs, ours = logs[GRPOTrainer], logs[RPGGRPOTrainer]
+    assert set(theirs) <= set(ours), set(theirs) - set(ours)
+    assert any(k.startswith("rpg/") for k in ours)
+    # The same completions, rewards and loss: the loss metrics agree (float32 model, summation order).
+    assert ours["reward"] == theirs["reward"]
+    for key in ("loss", "entropy", "clip_ratio/region_mean", "cispo_clip_ratio", "policy_loss"):
+        if key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key

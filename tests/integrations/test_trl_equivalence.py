@@ -96,8 +96,9 @@ def _ours(args, logits, ids, loss=None, training=True):
     s = _stub(args, logits, ids, training)
     s._rpg_plan = _plan(args, loss)
     s.rpg_loss = s._rpg_plan.loss
-    for name in ("_rpg_counts", "_rpg_entropy_bonus"):
-        setattr(s, name, types.MethodType(getattr(RPGGRPOTrainer, name), s))
+    for name in vars(RPGGRPOTrainer):
+        if name.startswith("_rpg_") and callable(getattr(RPGGRPOTrainer, name)):
+            setattr(s, name, types.MethodType(getattr(RPGGRPOTrainer, name), s))
     return s
 
 
@@ -209,6 +210,73 @@ MAPPED = {
         "use_bias_correction_kl": False,
     },
     "steps_per_generation": {"steps_per_generation": 4, **EPS},
+    # δ < 1: the cap for A > 0 lies below 1 (DeltaClip); below and above the lower bound 1 − ε
+    "delta-below-1": {"delta": 0.9, **EPS},
+    "delta-below-1-epsilon": {"loss_type": "grpo", "delta": 0.7, "epsilon": 0.5, "beta": 0.04},
+    "delta-below-1-sequence": {"loss_type": "luspo", "delta": 0.95, "importance_sampling_level": "sequence"},
+    # CISPO with a KL term: REINFORCE policy term, differentiable KL beside it (weight_kl=False)
+    "cispo-kl-bias-corrected": {"loss_type": "cispo", "beta": 0.04, "epsilon_high": 1.1},
+    "cispo-kl-k3": {"loss_type": "cispo", "beta": 0.1, "epsilon_high": 1.1, "use_bias_correction_kl": False},
+    # CISPO on the sequence ratio: −sg(min(s, cap))·A·logp
+    "cispo-sequence": {"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 1.05},
+    "cispo-sequence-kl-k3": {
+        "loss_type": "cispo",
+        "importance_sampling_level": "sequence",
+        "epsilon_high": 1.05,
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "top_entropy_quantile": 0.5,
+    },
+    # epsilon and delta are unused by TRL's cispo: accepted (and logged)
+    "cispo-epsilon-delta": {"loss_type": "cispo", "epsilon": 0.3, "delta": 2.0, "epsilon_high": 1.1},
+    # SAPO: rpg.SAPOLoss (the soft gate), with TRL's temperatures, KL terms and sequence ratio
+    "sapo": {"loss_type": "sapo"},
+    "sapo-temperatures-kl": {
+        "loss_type": "sapo",
+        "sapo_temperature_pos": 2.0,
+        "sapo_temperature_neg": 0.5,
+        "beta": 0.04,
+    },
+    "sapo-sequence-k3-quantile": {
+        "loss_type": "sapo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "top_entropy_quantile": 0.5,
+        "entropy_coef": 0.01,
+    },
+    "sapo-epsilon-delta-unused": {"loss_type": "sapo", "epsilon": 0.3, "epsilon_high": 0.4, "delta": 0.9},
+    # VESPO: rpg.VESPOLoss (W = Π_t r_t, the Gamma kernel), with TRL's parameters and a KL term beside it
+    "vespo": {"loss_type": "vespo"},
+    "vespo-params-kl": {
+        "loss_type": "vespo",
+        "vespo_k_pos": 1.5,
+        "vespo_lambda_pos": 2.0,
+        "vespo_k_neg": 2.5,
+        "vespo_lambda_neg": 1.0,
+        "beta": 0.04,
+    },
+    "vespo-sequence-k3-quantile-opsm": {
+        "loss_type": "vespo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "top_entropy_quantile": 0.5,
+        "off_policy_mask_threshold": 0.05,
+        "entropy_coef": 0.01,
+    },
+    "vespo-epsilon-unused": {"loss_type": "vespo", "epsilon": 0.3, "delta": 2.0},
+    # a token-varying weight on a sequence-level term: the weight's mean over the response
+    "sequence-entropy-quantile": {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5, **EPS},
+    "sequence-entropy-quantile-grpo-k3": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "top_entropy_quantile": 0.3,
+        "beta": 0.04,
+        "use_bias_correction_kl": False,
+        "off_policy_mask_threshold": 0.05,
+        "entropy_coef": 0.01,
+    },
 }
 
 
@@ -244,8 +312,35 @@ VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mas
         {"loss_type": "grpo", "beta": 0.04},
         {"loss_type": "cispo", "epsilon_high": 5.0},
         {"loss_type": "bnpo", "off_policy_mask_threshold": 0.02, "entropy_coef": 0.01},
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence", "delta": 0.9, **EPS},
+        {
+            "loss_type": "cispo",
+            "importance_sampling_level": "sequence",
+            "beta": 0.04,
+            "use_bias_correction_kl": False,
+            "epsilon_high": 1.05,
+        },
+        {"loss_type": "cispo", "beta": 0.04, "epsilon_high": 1.1},
+        {"loss_type": "sapo", "beta": 0.04, "off_policy_mask_threshold": 0.05},
+        {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
+        {"loss_type": "vespo", "beta": 0.04, "entropy_coef": 0.01},
     ],
-    ids=["dapo", "grpo-kl", "cispo", "bnpo-opsm-entropy"],
+    ids=[
+        "dapo",
+        "grpo-kl",
+        "cispo",
+        "bnpo-opsm-entropy",
+        "sequence-quantile",
+        "sequence-delta<1",
+        "cispo-seq-k3",
+        "cispo-kl",
+        "sapo-kl-opsm",
+        "sapo-sequence",
+        "vespo",
+        "vespo-kl-entropy",
+    ],
 )
 def test_vllm_importance_sampling_correction_is_trls(mode, kw):
     # clip_max 1.5: truncation and rejection both happen on these inputs; clip_min in half the cases
@@ -343,20 +438,10 @@ def test_adaptive_entropy_controller_is_trls():
 
 
 REFUSED = {
-    "sapo": ({"loss_type": "sapo"}, "sigmoid gate"),
-    "vespo": ({"loss_type": "vespo"}, "gamma weight"),
-    "delta-below-1": ({"delta": 0.9}, "delta=0.9"),
-    "cispo-kl": ({"loss_type": "cispo", "beta": 0.04}, "one style"),
-    "cispo-sequence": ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "REINFORCE-style"),
-    "cispo-delta": ({"loss_type": "cispo", "delta": 2.0}, "delta"),
     "sequence-bias-corrected-kl": ({"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
-    "sequence-entropy-quantile": (
-        {"importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
-        "top_entropy_quantile",
-    ),
-    "sequence-token-correction": (
-        {"importance_sampling_level": "sequence", "use_vllm": True, "vllm_importance_sampling_mode": "token_mask"},
-        "token_mask",
+    "cispo-sequence-bias-corrected-kl": (
+        {"loss_type": "cispo", "importance_sampling_level": "sequence", "beta": 0.04},
+        "every token of its response",
     ),
 }
 
@@ -379,7 +464,10 @@ def test_built_losses_are_the_documented_configurations():
 CONFLICTS = {
     "epsilon_high": ({"epsilon_high": 0.28}, rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.2, dual=None)), "epsilon_high=0.28"),
     "loss_type": ({"loss_type": "grpo"}, rpg.DAPOLoss(), "loss_type='grpo'"),
-    "sapo": ({"loss_type": "sapo"}, rpg.DAPOLoss(), "sigmoid"),
+    "sapo": ({"loss_type": "sapo"}, rpg.DAPOLoss(), "SoftGate"),
+    "sapo-temperature": ({"sapo_temperature_pos": 2.0, "loss_type": "sapo"}, rpg.SAPOLoss(), "tau_pos=2.0"),
+    "vespo": ({"loss_type": "vespo"}, rpg.DAPOLoss(), "kernel"),
+    "vespo-params": ({"loss_type": "vespo", "vespo_k_pos": 1.0}, rpg.VESPOLoss(), "k_pos=1.0"),
     "delta": ({"delta": 2.0}, rpg.DAPOLoss(), "delta=2.0"),
     "beta": ({"beta": 0.04}, rpg.RPGLoss("urkl", beta=1e-3), "beta=0.04"),
     "k3": (
@@ -424,3 +512,105 @@ def test_a_given_correction_needs_behaviour_log_probs_and_trls_counts():
     with pytest.raises(ValueError, match="rollout engine's log-probs"):
         _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()))
     assert _plan(_config(), rpg.DAPOLoss(correction=rpg.RolloutCorrection()), has_rollout_logprobs=True).behavior
+
+
+METRIC_SETTINGS = {
+    name: MAPPED[name]
+    for name in (
+        "dapo",
+        "grpo-kl-bias-corrected",
+        "bnpo-kl",
+        "dr_grpo",
+        "luspo-sequence",
+        "cispo-cap-below-1",
+        "cispo-kl-bias-corrected",
+        "delta-dual-grpo-kl",
+        "delta-below-1+eps_high",
+        "delta-below-1-epsilon",
+        "sequence-kl-k3",
+        "entropy-bonus-quantile",
+        "sequence-entropy-quantile-grpo-k3",
+        "sapo-temperatures-kl",
+        "sapo-sequence-k3-quantile",
+        "vespo-params-kl",
+        "vespo-sequence-k3-quantile-opsm",
+    )
+}
+METRIC_SETTINGS["cispo-sequence-cap-below-1"] = {
+    "loss_type": "cispo",
+    "importance_sampling_level": "sequence",
+    "epsilon_high": 0.95,
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kw", METRIC_SETTINGS.values(), ids=METRIC_SETTINGS.keys())
+def test_trls_metric_names_are_logged_with_trls_values(kw, training):
+    """Every metric TRL's _compute_loss logs is logged by the trainer under the same name, with the same value
+    (same reductions) on the same inputs; rpg's own come as rpg/... ."""
+    args = _config(**kw)
+    logits, ids, inputs = _inputs(args)
+    theirs, ours = _stub(args, logits, ids, training), _ours(args, logits, ids, training=training)
+    GRPOTrainer._compute_loss(theirs, None, dict(inputs))
+    RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+    mode = "train" if training else "eval"
+    want, got = theirs._metrics[mode], ours._metrics[mode]
+    assert set(want) <= set(got), set(want) - set(got)
+    assert any(k.startswith("rpg/") for k in got)
+    for key, values in want.items():
+        assert got[key] == pytest.approx(values, rel=0, abs=1e-12, nan_ok=True), key
+    # the clip ratios are not vacuous on these inputs
+    clipped = [want[k][0] for k in want if k.startswith("clip_ratio/") or k == "cispo_clip_ratio"]
+    assert args.loss_type in ("sapo", "vespo") or (clipped and max(clipped) > 0)  # they clip nothing
+
+
+def test_policy_loss_is_logged_without_an_entropy_bonus_too():
+    args = _config(loss_type="grpo", beta=0.04)
+    logits, ids, inputs = _inputs(args)
+    ours = _ours(args, logits, ids)
+    loss = RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+    # TRL's policy_loss is the micro-batch loss before the accumulation scale
+    assert ours._metrics["train"]["policy_loss"] == pytest.approx([loss.item() * args.gradient_accumulation_steps])
+
+
+def test_rollout_correction_metrics_are_logged_under_rollout_corr():
+    for mode in ("token_truncate", "sequence_mask"):
+        for level in ("token", "sequence"):
+            args = _config(use_vllm=True, vllm_importance_sampling_mode=mode, importance_sampling_level=level)
+            logits, ids, inputs = _inputs(args)
+            ours = _ours(args, logits, ids)
+            RPGGRPOTrainer._compute_loss(ours, None, dict(inputs))
+            keys = set(ours._metrics["train"])
+            assert {"rollout_corr/kl", "rollout_corr/rollout_is_mean"} <= keys, (mode, level, keys)
+            assert not any(k.startswith("rpg/rollout_corr/") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "kw,unused",
+    [
+        ({"loss_type": "cispo", "epsilon": 0.3, "delta": 2.0}, "epsilon=0.3, delta=2.0"),
+        ({"loss_type": "sapo", "epsilon_high": 0.4}, "epsilon_high=0.4"),
+        ({"loss_type": "vespo", "delta": 1.5}, "delta=1.5"),
+    ],
+    ids=["cispo", "sapo", "vespo"],
+)
+def test_clip_fields_a_loss_type_does_not_read_are_accepted_with_a_log_line(kw, unused, caplog):
+    with caplog.at_level("WARNING", logger="rpg.integrations.trl"):
+        _plan(_config(**kw))
+    (record,) = caplog.records
+    assert unused in record.getMessage() and "ignored" in record.getMessage()
+    with caplog.at_level("WARNING", logger="rpg.integrations.trl"):
+        caplog.clear()
+        _plan(_config(loss_type=kw["loss_type"]))
+    assert not caplog.records  # nothing set: nothing logged
+
+
+def test_a_cap_given_as_truncate_offsets_agrees_with_trls_epsilon_high():
+    """CISPOLoss(clip=Truncate(None, 4.0)) caps w at 5, as GRPOConfig(loss_type='cispo', epsilon_high=5.0):
+    the agreement check compares what the rules do, not their fields."""
+    args = _config(loss_type="cispo", epsilon_high=5.0)
+    assert _plan(args, rpg.CISPOLoss(clip=rpg.Truncate(None, 4.0))).loss.clip == rpg.Truncate(None, 4.0)
+    with pytest.raises(ValueError, match=r"epsilon_high=5\.0"):
+        _plan(args, rpg.CISPOLoss(clip=rpg.Truncate(None, 3.0)))
+    # PPO-style rules likewise: Clip(0.2, δ − 1, dual=1 + ε_high) is what delta in [1, 1 + ε_high) builds
+    _plan(_config(delta=1.1, epsilon_high=0.28), rpg.DAPOLoss(clip=rpg.Clip(0.2, 0.1, dual=1.28)))
