@@ -787,9 +787,7 @@ class RPGGRPOTrainer(GRPOTrainer):
 
     def _rpg_log_correction(self, mode, old, behavior, mask, correction) -> None:
         """rpg's ``rollout_corr/`` metrics where the trainer applies the correction's weight itself."""
-        m = mask.bool()
-        denom = m.sum().to(old.dtype).clamp(min=1)
-        values = correction_metrics(old.detach().double(), behavior.detach().double(), m, correction, denom)
+        values = correction_metrics(old.detach().double(), behavior.detach().double(), mask.bool(), correction)
         for name, value in values.items():
             self._metrics[mode][name].append(float(value))
 
