@@ -36,3 +36,29 @@ def test_fused_ignore_index_positions_are_padding_for_the_value_checks(bad):
     bad_old[0, 0] = math.nan
     with pytest.raises(ValueError, match="old_logp"):
         fn(hidden, weight, tokens, bad_old, adv, ref_logp=ref)
+
+
+def test_metrics_have_no_nan_where_old_logp_is_minus_inf_under_a_behavior_policy():
+    """``old_logp = −∞`` at a response token is accepted with ``behavior_logp`` (π_old = 0 where μ
+    sampled: ρ = 0) and the loss is finite; its metrics must not be NaN. Under μ the KL estimators
+    weigh a token by ρ·w = π_θ/μ (finite), so kl/ref_* (π_ref given, finite there) stay finite and
+    equal their value computed with the token's ρ·w directly; kl/old_* are +∞ (KL(π_θ‖π_old) with
+    π_old = 0 where π_θ > 0); ratio/ess with k infinite weights among n tokens is its limit k/n."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(2, 3, generator=g, dtype=F64) - 0.2
+    old = logp - 0.1
+    beh = old - 0.3
+    ref = old - 0.2
+    old_inf = old.clone()
+    old_inf[0, 1] = -math.inf
+    adv = torch.tensor([1.0, -1.0], dtype=F64)
+    out = rpg.PolicyLoss(kl="k3", beta=0.1)(logp, old_inf, adv, ref_logp=ref, behavior_logp=beh)
+    assert torch.isfinite(out.loss)
+    for name, m in (("metrics", out.metrics), ("summable_metrics", out.summable_metrics)):
+        assert not any(math.isnan(v) for v in m.values()), (name, {k: v for k, v in m.items() if math.isnan(v)})
+    m = out.metrics
+    assert m["kl/old_k1"] == math.inf and m["kl/old_k3"] == math.inf
+    assert m["ratio/ess"] == pytest.approx(1 / 6, rel=1e-12)
+    # kl/ref_k1 = mean over tokens of (π_θ/μ)·log(π_θ/π_ref), the π_old = 0 token included
+    want = ((logp - beh).exp() * (logp - ref)).mean().item()
+    assert m["kl/ref_k1"] == pytest.approx(want, rel=1e-12)
