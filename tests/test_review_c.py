@@ -62,3 +62,22 @@ def test_metrics_have_no_nan_where_old_logp_is_minus_inf_under_a_behavior_policy
     # kl/ref_k1 = mean over tokens of (π_θ/μ)·log(π_θ/π_ref), the π_old = 0 token included
     want = ((logp - beh).exp() * (logp - ref)).mean().item()
     assert m["kl/ref_k1"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("arg", ["batch_num_tokens", "global_batch_size"])
+def test_a_one_element_count_tensor_gives_a_scalar_loss_and_readable_metrics(arg):
+    """A one-element count tensor (``[1]``, e.g. the result of an all-reduce) is accepted as a
+    scalar count: the loss stays a 0-dim tensor equal to the one with the plain number, and the
+    metrics are readable (they raised a stacking error)."""
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(2, 3, generator=g, dtype=F64) - 0.1
+    old = logp - 0.05
+    adv = torch.tensor([1.0, -1.0], dtype=F64)
+    fn = rpg.DAPOLoss() if arg == "batch_num_tokens" else rpg.GRPOLoss(beta=0.0)
+    count = 12 if arg == "batch_num_tokens" else 4
+    want = fn(logp, old, adv, **{arg: count})
+    got = fn(logp, old, adv, **{arg: torch.tensor([count])})
+    assert got.loss.shape == ()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-14, atol=0)
+    assert got.metrics == want.metrics
+    assert got.summable_metrics == pytest.approx(want.summable_metrics, rel=1e-14)
