@@ -81,3 +81,19 @@ def test_a_one_element_count_tensor_gives_a_scalar_loss_and_readable_metrics(arg
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-14, atol=0)
     assert got.metrics == want.metrics
     assert got.summable_metrics == pytest.approx(want.summable_metrics, rel=1e-14)
+
+
+def test_a_user_subclass_with_a_non_function_init_can_be_defined():
+    """The unknown-argument wrapper applies to plain ``__init__`` functions only: a user subclass
+    whose ``__init__`` is another callable descriptor (a ``functools.partialmethod``) is defined
+    and works as Python defines it (the wrapper raised at class creation)."""
+    import functools
+
+    class NoKL(rpg.GRPOLoss):
+        __init__ = functools.partialmethod(rpg.GRPOLoss.__init__, beta=0.0)
+
+    loss = NoKL()
+    assert isinstance(loss, rpg.GRPOLoss) and loss.beta == 0.0
+    assert NoKL(clip=None).loss_config.clip is None
+    with pytest.raises(TypeError, match="epsilon"):  # the parent's wrapper still names the argument
+        NoKL(epsilon=0.2)
