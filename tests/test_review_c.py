@@ -97,3 +97,31 @@ def test_a_user_subclass_with_a_non_function_init_can_be_defined():
     assert NoKL(clip=None).loss_config.clip is None
     with pytest.raises(TypeError, match="epsilon"):  # the parent's wrapper still names the argument
         NoKL(epsilon=0.2)
+
+
+@pytest.mark.parametrize("kl", ["rkl", "urkl"])
+@pytest.mark.parametrize("style", ["differentiable", "reinforce"])
+def test_logp_and_ref_logp_both_minus_inf_at_a_token_give_the_limit_not_nan(kl, style):
+    """``logp = −∞`` and ``ref_logp = −∞`` are each accepted at a response token (documented
+    limits). At the same token (π_θ = π_ref = 0, the token sampled by π_old > 0) the reverse-KL
+    terms E_old[w·log(π_θ/π_ref)] (+ c − w) have weight w = π_θ/π_old = 0 and c = π_ref/π_old = 0:
+    the token's term is 0 and so is its gradient. It was NaN (0·∞), loss and gradient."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(2, 3, generator=g, dtype=F64) - 0.2
+    old, adv = logp - 0.1, torch.tensor([1.0, -1.0], dtype=F64)
+    ref = old - 0.2
+    at = torch.zeros(2, 3, dtype=torch.bool)
+    at[0, 1] = True
+    lp = logp.masked_fill(at, -math.inf).requires_grad_(True)
+    out = rpg.PolicyLoss(kl=kl, beta=0.1, style=style)(lp, old, adv, ref_logp=ref.masked_fill(at, -math.inf))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(lp.grad).all()
+    assert out.per_token[0, 1].item() == 0.0 and lp.grad[0, 1].item() == 0.0
+    assert not any(math.isnan(v) for v in out.metrics.values())
+    # under μ, old_logp = −∞ too: the kl/old and kl/ref estimators (weight π_θ/μ = 0) are finite
+    beh = old - 0.3
+    out = rpg.PolicyLoss(kl=kl, beta=0.1, style=style)(
+        lp.detach(), old.masked_fill(at, -math.inf), adv, ref_logp=ref, behavior_logp=beh
+    )
+    assert torch.isfinite(out.loss)
+    assert all(math.isfinite(v) for k, v in out.metrics.items() if k.startswith(("kl/old", "kl/ref"))), out.metrics
