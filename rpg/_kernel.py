@@ -22,6 +22,8 @@ that value is not finite, and the token takes the value at the bound instead,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LossConfig
@@ -104,7 +106,10 @@ def ratios(logp, old_logp, ref_logp) -> Ratios:
 
     (A −∞ ``ref_logp`` needs no such care: every term then takes its limit or its true infinite
     value as computed, except ufkl's c·(ρ − 1 − log ρ), whose record handles it.)"""
-    return Ratios(logp.clamp_min(torch.finfo(logp.dtype).min), old_logp, ref_logp)
+    lo = torch.finfo(logp.dtype).min
+    if ref_logp is not None:  # π_θ = π_ref = 0 at a token: the same finite stand-in, log(π_θ/π_ref) = 0, not ∞ − ∞
+        ref_logp = torch.where(logp == -math.inf, ref_logp.clamp_min(lo), ref_logp)
+    return Ratios(logp.clamp_min(lo), old_logp, ref_logp)
 
 
 def token_loss(

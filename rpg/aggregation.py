@@ -80,7 +80,7 @@ def denominator(count, default: torch.Tensor, like: torch.Tensor):
     if count is not None and not isinstance(count, torch.Tensor):
         count = as_real("count", count)
         return count if count > 0 else 1.0
-    count = (default if count is None else count.to(like.device, non_blocking=True)).to(like.dtype)
+    count = (default if count is None else count.reshape(()).to(like.device, non_blocking=True)).to(like.dtype)
     return torch.where(count > 0, count, torch.ones_like(count))
 
 

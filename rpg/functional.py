@@ -81,7 +81,7 @@ def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
     |---|---|---|
     | ``logp`` | NaN; a value > 0 beyond rounding (logits or probabilities) | −∞ (a token π_θ cannot emit: every term takes its limit) |
     | ``old_logp`` | NaN, ±∞ (the tokens were sampled where π_old > 0), a value > 0 | −∞ only with ``behavior_logp`` (π_old = 0 where μ sampled: ρ = π_old/μ = 0) |
-    | ``ref_logp`` | NaN, +∞, a value > 0 | −∞ (π_ref = 0: each KL term takes its true, often infinite, value) |
+    | ``ref_logp`` | NaN, +∞, a value > 0 | −∞ (π_ref = 0: each KL term takes its true, often infinite, value; where ``logp`` is −∞ too, log(π_θ/π_ref) is taken as 0) |
     | ``behavior_logp`` | NaN, ±∞ (μ sampled the token, so μ > 0), a value > 0 | — |
 
     Inside [`unnormalized_policies`][rpg.functional.unnormalized_policies] (``rpg.unnormalized_policies()``)

@@ -521,7 +521,6 @@ class FusedLinearLoss:
         if mask is not None:
             check_mask_values(mask)
         response = None if mask is None else mask.bool()
-        check_logprobs(None, old_logp, ref_logp, behavior_logp, response)
 
         tokens = tokens.long()
         keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
@@ -529,9 +528,10 @@ class FusedLinearLoss:
             ignored = tokens == self.ignore_index
             keep = keep & ~ignored
             tokens = tokens.masked_fill(ignored, 0)
-            mask = keep  # the loss sees the ignored positions as padding
+            mask = response = keep  # the loss (and its value checks) see the ignored positions as padding
         else:
             ignored = None
+        check_logprobs(None, old_logp, ref_logp, behavior_logp, response)
         invalid = None
         if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
             # host-device sync: an out-of-range id gives NaN instead

@@ -140,8 +140,8 @@ def _suggest(cls: type, name: str, valid: list[str]) -> str:
 def _checked_init(init):
     """``init`` with Python's bare argument errors replaced by one that lists the valid arguments and
     suggests the nearest (peers' names such as ``epsilon`` → ``clip=rpg.Clip(...)``, then close spellings)."""
-    if getattr(init, "_rpg_checked", False):
-        return init
+    if getattr(init, "_rpg_checked", False) or not inspect.isfunction(init):
+        return init  # another descriptor (e.g. a user's functools.partialmethod) keeps Python's behaviour
     sig = inspect.signature(init)
 
     @functools.wraps(init)

@@ -216,19 +216,25 @@ def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
         w_min = w_max = zero
     sum_w, sum_w2 = total(w), total(w * w)
     ess = torch.where(has, sum_w * sum_w / (n * sum_w2).clamp_min(torch.finfo(w.dtype).tiny), zero)
+    n_inf = total(torch.isinf(w).to(w.dtype))  # π_old = 0 under μ: k infinite weights, ESS → k/n
+    ess = torch.where(n_inf > 0, n_inf / local, ess)
     sums["ratio/mean"] = sum_w
     other.update({"ratio/min": w_min, "ratio/max": w_max, "ratio/ess": ess})
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
         sums[f"clip_frac/{name}"] = zero if code is None else total((code == bound).to(w.dtype))
     sums["clip_frac"] = sums["clip_frac/low"] + sums["clip_frac/high"] + sums["clip_frac/dual"]
     # KL(π_θ‖π_X) estimated as E_old[w·log r] and E_old[w·k3] = the rkl and urkl surrogates' values
-    # (their limits hold at a −∞ log-prob), times the exact ρ = π_old/μ when the tokens came from μ.
-    rho = None if behavior_logp is None else torch.where(mask, old_logp - behavior_logp, zero).exp()
-    for prefix, rr in (("kl/old", ratios(logp, old_logp, None)), ("kl/ref", r)):
+    # (their limits hold at a −∞ log-prob), times the exact ρ = π_old/μ when the tokens came from μ:
+    # then the ratios are taken to μ directly (ρ·w = π_θ/μ, ρ·c = π_X/μ), finite where π_old = 0.
+    for prefix, x in (("kl/old", old_logp), ("kl/ref", ref_logp)):
+        if behavior_logp is None:
+            rr = ratios(logp, old_logp, None) if x is old_logp else r
+        else:
+            rr = ratios(logp, behavior_logp, old_logp if x is None else x)
         for est, term in (("k1", "rkl"), ("k3", "urkl")):
             value = torch.zeros_like(w)
             REGISTRY[term].accumulate(value, torch.zeros_like(w), 1.0, rr)
-            sums[f"{prefix}_{est}"] = total(value if rho is None else value * rho)
+            sums[f"{prefix}_{est}"] = total(value)
     if cfg.has_kl:
         value = torch.zeros_like(w)
         cfg.kl_term.accumulate(value, torch.zeros_like(w), 1.0, r)
