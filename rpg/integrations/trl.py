@@ -115,7 +115,7 @@ import math
 import torch
 
 try:
-    from trl import GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' (from a clone of rpg: pip install -e '.[trl]')"
@@ -482,9 +482,10 @@ _SEQUENCE_URKL = (
 def _sapo_taus(args) -> tuple[float, float]:
     """SAPO's (τ_pos, τ_neg) as TRL computes with them: it picks τ with ``torch.where`` on Python floats, a
     float32 tensor, so its τ is the float32 rounding of the setting (1.05 → 1.0499999523…)."""
-    return tuple(
+    pos, neg = (
         float(torch.tensor(t, dtype=torch.float32)) for t in (args.sapo_temperature_pos, args.sapo_temperature_neg)
     )
+    return pos, neg
 
 
 def _vespo_params(args) -> tuple[float, float, float, float]:
@@ -632,6 +633,8 @@ class RPGGRPOTrainer(GRPOTrainer):
     receives, how it is normalised, and which GRPOConfig settings are refused.
     """
 
+    args: GRPOConfig  # Trainer annotates TrainingArguments; GRPOTrainer is given a GRPOConfig
+
     def __init__(self, *args, loss: PolicyLoss | None = None, **kwargs) -> None:
         if loss is not None and not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
@@ -671,7 +674,7 @@ class RPGGRPOTrainer(GRPOTrainer):
             zero = torch.zeros((), dtype=entropies.dtype, device=entropies.device)
             window = torch.stack([torch.where(kept, entropies.detach(), zero).sum(), count.to(entropies.dtype)])
             stats = self._entropy_window_stats
-            self._entropy_window_stats = window if stats is None else stats + window
+            self._entropy_window_stats = window if stats is None else stats + window  # type: ignore[assignment]
             if self.accelerator.sync_gradients:  # optimizer step: world mean over the window, then move the coef
                 total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
                 world = (total[0] / total[1].clamp(min=1.0)).item()
