@@ -32,7 +32,7 @@ import torch
 import rpg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PKG = ROOT / "rpg"
+PKG = pathlib.Path(rpg.__file__).resolve().parent  # the checkout's rpg/, or the installed wheel's
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
@@ -40,6 +40,9 @@ GENERATED = sorted((ROOT / "docs" / "img").glob("*.md")) + sorted((ROOT / "docs"
 
 
 def _rel(path: pathlib.Path) -> str:
+    """A page's path from the repository root; a module's as ``rpg/...`` (checkout or installed wheel)."""
+    if path.is_relative_to(PKG):
+        return str(pathlib.Path("rpg") / path.relative_to(PKG))
     return str(path.relative_to(ROOT))
 
 
