@@ -144,6 +144,7 @@ same by hand.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -239,7 +240,19 @@ def _global_counts(info: dict, loss_agg_mode: str, loss_mode: str) -> tuple[int,
     return dp_size, counts
 
 
-def _make(loss_mode: str):
+def _verl_loss(loss_mode: str, build, prepare, describe: str, verl_metrics=None):
+    """verl's policy-loss signature around an rpg loss.
+
+    ``build(config, loss_agg_mode)`` makes the loss; ``prepare(loss_fn, info, loss_agg_mode, log_prob,
+    old_log_prob, advantages, response_mask, rollout_is_weights)`` returns ``(dp_size, counts, weights,
+    metrics)``: the global counts, the ``weights=`` and any verl metric the mode defines itself. The loss
+    is multiplied by ``dp_size`` (verl's ``agg_loss``). Metrics are per-call means (verl averages them over
+    micro-batches): verl's own ``actor/*`` names with verl's definitions for the mode —
+    ``verl_metrics(loss, rpg_metrics, log_w, advantages, mask)`` where given, else ``actor/ppo_kl`` and, when the
+    loss clips and ``prepare`` gave none, the clip fractions (PPO's ``pg_clipfrac`` and the dual clip's
+    ``pg_clipfrac_lower``) — and rpg's own under ``actor/rpg/``.
+    """
+
     def policy_loss(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
@@ -251,35 +264,48 @@ def _make(loss_mode: str):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if config is None:
             raise ValueError(f"{loss_mode}: verl passes the ActorConfig as config=; got None")
-        loss_fn = loss_from_config(loss_mode, config, loss_agg_mode)
+        loss_fn = build(config, loss_agg_mode)
         info = _get(config, "global_batch_info", {}) or {}
-        dp_size, counts = _global_counts(info, loss_agg_mode, loss_mode)
         mask = response_mask.bool()
-        weights = rollout_is_weights
-        metrics = {}
-        if loss_mode in DPPO_MODES:
-            weights, metrics = _dppo_mask(loss_fn.clip, log_prob, old_log_prob, advantages, mask, weights)
+        dp_size, counts, weights, metrics = prepare(
+            loss_fn, info, loss_agg_mode, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights
+        )
         out = loss_fn(log_prob, old_log_prob, advantages, mask, weights=weights, **counts)
-        loss = out.loss * dp_size
-        m = out.metrics  # per-call means: verl averages policy metrics over micro-batches itself
-        with torch.no_grad():  # verl's ppo_kl: mean(old − new), KL(π_old‖π_θ), over this call's tokens
+        m = out.metrics
+        with torch.no_grad():
             log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
-            ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
-        if not metrics:
-            metrics = {
-                "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
-                "actor/pg_clipfrac_lower": m["clip_frac/dual"],
-            }
-        metrics["actor/ppo_kl"] = ppo_kl
+            if verl_metrics is not None:
+                metrics.update(verl_metrics(loss_fn, m, log_w, advantages, mask))
+            else:
+                if not metrics and "clip_frac/low" in m:
+                    metrics["actor/pg_clipfrac"] = m["clip_frac/low"] + m["clip_frac/high"]
+                    metrics["actor/pg_clipfrac_lower"] = m["clip_frac/dual"]
+                metrics["actor/ppo_kl"] = _masked_mean(-log_w, mask)  # mean(old − new): KL(π_old‖π_θ) by k1
         metrics.update({f"actor/rpg/{k}": v for k, v in m.items() if k not in DROPPED_METRICS})
-        return loss, metrics
+        return out.loss * dp_size, metrics
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
+    policy_loss.__doc__ = f"verl policy loss '{loss_mode}': {describe} — see rpg.integrations.verl."
+    return policy_loss
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return (torch.where(mask, x, torch.zeros((), dtype=x.dtype)).sum() / mask.sum().clamp_min(1)).item()
+
+
+def _make(loss_mode: str):
+    def prepare(loss_fn, info, loss_agg_mode, log_prob, old_log_prob, advantages, response_mask, weights):
+        dp_size, counts = _global_counts(info, loss_agg_mode, loss_mode)
+        metrics: dict[str, Any] = {}
+        if loss_mode in DPPO_MODES:
+            mask = response_mask.bool()
+            weights, metrics = _dppo_mask(loss_fn.clip, log_prob, old_log_prob, advantages, mask, weights)
+        return dp_size, counts, weights, metrics
+
     what = LOSS_MODES.get(loss_mode) or (
         f"TrustRegion({DPPO_MODES[loss_mode]!r})" if loss_mode in DPPO_MODES else loss_mode.removeprefix("rpg_")
     )
-    policy_loss.__doc__ = f"verl policy loss '{loss_mode}': {what} — see rpg.integrations.verl."
-    return policy_loss
+    return _verl_loss(loss_mode, lambda config, agg: loss_from_config(loss_mode, config, agg), prepare, str(what))
 
 
 def _dppo_mask(region: TrustRegion, log_prob, old_log_prob, advantages, mask, rollout_is_weights):
@@ -374,51 +400,51 @@ def family_loss_from_config(loss_mode: str, config, loss_agg_mode: str = "token-
 
 
 def _make_family(loss_mode: str):
-    def policy_loss(
-        old_log_prob: torch.Tensor,
-        log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        response_mask: torch.Tensor,
-        loss_agg_mode: str = "token-mean",
-        config=None,
-        rollout_is_weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        if config is None:
-            raise ValueError(f"{loss_mode}: verl passes the ActorConfig as config=; got None")
-        loss_fn = family_loss_from_config(loss_mode, config, loss_agg_mode)
-        info = _get(config, "global_batch_info", {}) or {}
-        mask = response_mask.bool()
-        weights = rollout_is_weights
-        if loss_mode == "rpg_gmpo":
-            # geo_mean: a mean over the call's B rows, and each row's rollout weight the geometric mean of
-            # its tokens' (verl's, with its 1e-10); given global counts, rpg's global mean instead.
-            dp_size, counts = _global_counts(info, "seq-mean-token-mean", loss_mode)
-            if counts["global_batch_size"] is None:
-                counts["global_batch_size"] = log_prob.shape[0]
-            counts["batch_num_tokens"] = None
-            if weights is not None:  # verl's formula: its float mask, its 1e-10 and 1e-8
-                n = response_mask.sum(-1, keepdim=True)
-                zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
-                log_w = torch.where(mask, torch.log(weights.detach() + 1e-10) * response_mask, zero)
-                weights = torch.exp(log_w.sum(-1, keepdim=True) / (n + 1e-8)).expand_as(weights)
-        else:
+    def prepare(loss_fn, info, loss_agg_mode, log_prob, old_log_prob, advantages, response_mask, weights):
+        if loss_mode != "rpg_gmpo":
             dp_size, counts = _global_counts(info, loss_agg_mode, loss_mode)
-        out = loss_fn(log_prob, old_log_prob, advantages, mask, weights=weights, **counts)
-        m = out.local_metrics
-        with torch.no_grad():
-            log_w = torch.where(mask, log_prob.detach() - old_log_prob, torch.zeros((), dtype=log_prob.dtype))
-            ppo_kl = (-log_w.sum() / mask.sum().clamp_min(1)).item()
-        metrics = {"actor/ppo_kl": ppo_kl}
-        if loss_fn.clip is not None:
-            metrics["actor/pg_clipfrac"] = m["clip_frac/low"] + m["clip_frac/high"]
-        metrics.update({f"actor/rpg/{k}": v for k, v in m.items() if k not in DROPPED_METRICS})
-        return out.loss * dp_size, metrics
+            return dp_size, counts, weights, {}
+        # geo_mean: a mean over the call's B rows, and each row's rollout weight the geometric mean of
+        # its tokens' (verl's, with its 1e-10); given global counts, rpg's global mean instead.
+        dp_size, counts = _global_counts(info, "seq-mean-token-mean", loss_mode)
+        if counts["global_batch_size"] is None:
+            counts["global_batch_size"] = log_prob.shape[0]
+        counts["batch_num_tokens"] = None
+        if weights is not None:  # verl's formula: its float mask, its 1e-10 and 1e-8
+            n = response_mask.sum(-1, keepdim=True)
+            zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+            log_w = torch.where(response_mask.bool(), torch.log(weights.detach() + 1e-10) * response_mask, zero)
+            weights = torch.exp(log_w.sum(-1, keepdim=True) / (n + 1e-8)).expand_as(weights)
+        return dp_size, counts, weights, {}
 
-    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    policy_loss.__doc__ = (
-        f"verl policy loss '{loss_mode}': rpg's {FAMILY_MODES[loss_mode]} — see rpg.integrations.verl."
+    return _verl_loss(
+        loss_mode,
+        lambda config, agg: family_loss_from_config(loss_mode, config, agg),
+        prepare,
+        f"rpg's {FAMILY_MODES[loss_mode]}",
+        _FAMILY_METRICS[loss_mode],
     )
-    return policy_loss
+
+
+def _gmpo_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``geo_mean``: a token is clipped where log w leaves [−ε_low, ε_high] (either sign of A), counted
+    in ``pg_clipfrac`` where A > 0 and in ``pg_clipfrac_lower`` where A < 0; ``ppo_kl`` = mean(−log w)."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    clip = loss_fn.clip  # Clip(1 − e^−ε_low, e^ε_high − 1): log w outside [log(1 − low), log(1 + high)]
+    clipped = mask & ((log_w < math.log1p(-clip.low)) | (log_w > math.log1p(clip.high)))
+    return {
+        "actor/pg_clipfrac": _masked_mean((clipped & (adv > 0)).to(log_w.dtype), mask),
+        "actor/ppo_kl": _masked_mean(-log_w, mask),
+        "actor/pg_clipfrac_lower": _masked_mean((clipped & (adv < 0)).to(log_w.dtype), mask),
+    }
+
+
+def _kl_cov_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``kl_cov``: ``ppo_kl`` is the mean |log w| (its penalty's), and no clip fraction."""
+    return {"actor/ppo_kl": _masked_mean(log_w.abs(), mask)}
+
+
+_FAMILY_METRICS = {"rpg_gmpo": _gmpo_metrics, "rpg_clip_cov": None, "rpg_kl_cov": _kl_cov_metrics}
 
 
 for _mode in FAMILY_MODES:

@@ -302,3 +302,33 @@ def test_vespo_equals_trls_compute_loss(params, vllm):
     assert g_want.abs().max() > 0
     _close(got, want)
     _close(g_got, g_want)
+
+
+@pytest.mark.parametrize("mode", ["geo_mean", "kl_cov"])
+def test_registered_family_metrics_are_verls(mode):
+    """The ``actor/*`` metrics rpg_gmpo / rpg_kl_cov log carry verl's geo_mean / kl_cov definitions (verl's
+    clip fractions by the sign of A, kl_cov's mean |log w|): the same keys and values on the same inputs."""
+    pytest.importorskip("verl")
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from rpg.integrations import verl as rpg_verl  # noqa: F401
+
+    logp, old, adv, mask = _batch(30, adv_scale=3.0)
+    policy = dict(loss_mode=mode, kl_cov_ratio=0.1, ppo_kl_coef=0.5)
+    config = _verl_config(policy_loss=policy, clip_ratio_low=0.3, clip_ratio_high=0.25)
+    got = {}
+    for name in (mode, {"geo_mean": "rpg_gmpo", "kl_cov": "rpg_kl_cov"}[mode]):
+        _, metrics = get_policy_loss_fn(name)(
+            old_log_prob=old,
+            log_prob=logp,
+            advantages=adv[:, None].expand(B, T),
+            response_mask=mask.double(),
+            config=config,
+        )
+        got[name] = {k: v for k, v in metrics.items() if not k.startswith("actor/rpg/")}
+    theirs, ours = got.values()
+    assert theirs.keys() == ours.keys()
+    for key in theirs:  # verl's masked_mean divides by Σ mask + 1e-8
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
+    if mode == "geo_mean":
+        assert 0 < theirs["actor/pg_clipfrac"] and 0 < theirs["actor/pg_clipfrac_lower"]  # both sides clip here
