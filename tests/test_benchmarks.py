@@ -9,6 +9,7 @@ import pytest
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script,args",
     [

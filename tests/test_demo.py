@@ -17,6 +17,7 @@ from rpg.demo.training import Recipe, train
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_seeds_in_parallel_and_matches_a_serial_run(tmp_path):
     """The default path (two worker processes, one thread each) gives the numbers of the same runs in-process."""
     out = subprocess.run(
@@ -46,6 +47,7 @@ def test_quick_demo_runs_seeds_in_parallel_and_matches_a_serial_run(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_same_seed_and_thread_count_same_numbers():
     """The claim of docs/demo.md: the same seed at the same thread count gives the same numbers, digit for
     digit (the ops and the order of every sum are then fixed). Across thread counts it is not claimed: torch
@@ -121,6 +123,7 @@ def test_oracle_view():
     assert min(row[2] for row in k3["forward"]) > 1e-2  # ... and off-policy neither
 
 
+@pytest.mark.slow
 def test_offpolicy_and_distill_quick(tmp_path):
     cli.main(["offpolicy", "--quick", "--workers", "1", "--out", str(tmp_path)])
     text = (tmp_path / "demo_offpolicy.md").read_text()

@@ -81,6 +81,7 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "agg,style,mean_allreduce", CONFIGS, ids=[f"{a}-{s}-{'mean' if m else 'sum'}-allreduce" for a, s, m in CONFIGS]
 )

@@ -31,6 +31,7 @@ def test_exact_gradients_example(capsys):
             assert (fkl_err if "f" in div else rkl_err) < 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")))
 def test_every_example_runs(script, capsys):
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")

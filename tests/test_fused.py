@@ -480,6 +480,7 @@ def test_bad_settings(bad):
         FusedLinearLoss("dapo")
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs():
     """benchmarks/fused_head.py runs end to end at a toy size (its equality check included), so it cannot rot."""
     import pathlib

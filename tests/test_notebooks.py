@@ -16,6 +16,7 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path):
     nbformat = pytest.importorskip("nbformat", reason="the notebooks extra is not installed")
@@ -50,6 +51,7 @@ def test_stored_outputs_are_clean(path):
             assert not DIRTY.search(text), (i, text[:300])
 
 
+@pytest.mark.slow
 def test_a_notebook_executes_with_nbconvert(tmp_path):
     """The `notebooks` extra runs them the usual way: `jupyter nbconvert --to notebook --execute`."""
     pytest.importorskip("nbconvert", reason="the notebooks extra is not installed")
