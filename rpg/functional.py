@@ -25,7 +25,14 @@ from collections.abc import Iterator
 import torch
 
 from ._kernel import per_token_loss
-from ._util import accept_unnormalized, check_floating, check_logprob, check_mask_values, compute_dtype
+from ._util import (
+    accept_unnormalized,
+    check_finite,
+    check_floating,
+    check_logprob,
+    check_mask_values,
+    compute_dtype,
+)
 from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
@@ -139,8 +146,9 @@ def policy_loss(
             (besides ``entropy``).
         old_logp: ``[B, T]`` log π_old, the proximal policy the ratio w = π_θ/π_old and
             the clip anchor on; detached.
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; detached. ``None`` means 0 (a pure
-            KL objective, e.g. distillation).
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; detached; finite at response tokens
+            (NaN or ±∞ there raise ``ValueError``). ``None`` means 0 (a pure KL objective, e.g.
+            distillation).
         mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's iterative
             reference). Required where β > 0 and π_ref ≠ π_old. Refused under
@@ -152,8 +160,8 @@ def policy_loss(
         batch_num_tokens: token count of the full batch (``token-mean``).
         global_batch_size: sequence count of the full batch (``seq-mean-*``).
         weights: ``[B, T]`` constant per-token multipliers of the loss before
-            aggregation (never receive gradient; ignored at padding, so NaN there is
-            inert; a weight of 0 makes a token's loss exactly 0 but it still counts in
+            aggregation (never receive gradient; finite at response tokens, ignored at
+            padding, so NaN there is inert; a weight of 0 makes a token's loss exactly 0 but it still counts in
             the denominators — to drop a token from them, drop it from ``mask``).
         entropy: ``[B, T]`` per-token entropy, differentiable (e.g.
             ``rpg.logprobs.from_hidden(..., return_entropy=True)``); the loss subtracts
@@ -172,7 +180,10 @@ def policy_loss(
         ValueError: naming the argument, for a shape that is not ``logp``'s (``logp`` itself is
             checked first), a non-bool ``mask`` with a value other than 0/1 (soft weights go in
             ``weights``), and the log-prob values ``check_logprobs`` refuses at response tokens:
-            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning.
+            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning; NaN
+            or ±∞ in ``advantages`` or ``weights`` at a response token (a per-sequence advantage counts at
+            its row's tokens; padding is never read). Checked as the log-probs are: eagerly on a CPU,
+            as an asynchronous device assertion on an accelerator, skipped under ``torch.compile``.
         TypeError: for an input of the wrong type.
     """
     if config is None:
@@ -228,6 +239,9 @@ def policy_loss(
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
     check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask)
+    check_finite("advantages", advantages, mask)
+    if weights is not None:
+        check_finite("weights", weights, mask)
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):
