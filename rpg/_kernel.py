@@ -101,6 +101,19 @@ def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig)
     return r.w, adv, r
 
 
+def clip_codes(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """``int8`` clip code per token for the metrics (0 none, 1 low, 2 high, 3 dual), from the loss's own
+    view ([`clip_view`][rpg._kernel.clip_view]); a rule whose bounds follow the sign of the advantage
+    (``branch_on_advantage``: [`SignedTruncate`][rpg.clipping.SignedTruncate]) reads A itself, as the
+    kernel does, not the sign of the REINFORCE weight g (they differ where a KL term outweighs A)."""
+    if cfg.clip is None:
+        raise ValueError("clip_codes needs a clip rule (cfg.clip is None)")
+    ratio, direction, anchor = clip_view(r, adv, mask, cfg)
+    if cfg.clip.branch_on_advantage:
+        direction = adv.expand_as(ratio)
+    return cfg.clip.codes(ratio, direction, anchor)
+
+
 def ratios(logp, old_logp, ref_logp) -> Ratios:
     """:class:`Ratios` with a −∞ ``logp`` moved to the dtype's most negative finite value.
 

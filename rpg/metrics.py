@@ -27,8 +27,9 @@ tokens where ``mask`` is 1, in float64:
   with verl's definitions (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
   ``rollout_rs_masked_fraction``, …; [`rpg.correction.correction_metrics`][rpg.correction.correction_metrics]).
 
-Clip fractions come from the same `clip_view` the loss kernel uses, so
-they cannot disagree with the loss.
+Clip fractions come from the same `clip_view` the loss kernel uses (a rule whose
+bounds follow the sign of the advantage, [`SignedTruncate`][rpg.clipping.SignedTruncate],
+reads that sign, as the kernel does), so they cannot disagree with the loss.
 
 **Stale buffers.** The metrics are computed lazily from the call's own input
 tensors. If one of them was modified in place after the call (a reused
@@ -80,7 +81,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernel import clip_view, ratios
+from ._kernel import clip_codes, ratios
 from .aggregation import denominator
 from .clipping import DUAL, HIGH, LOW
 from .config import LossConfig
@@ -189,7 +190,7 @@ def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
     r = ratios(logp, old_logp, ref_logp)
     code = None
     if cfg.clip is not None:  # the same view of the ratio and sign as the loss kernel
-        code = cfg.clip.codes(*clip_view(r, advantages, mask, cfg))  # (ratio, direction, anchor)
+        code = clip_codes(r, advantages, mask, cfg)
     if logp.device.type != "mps":  # float64 where the device has it: k3 of a log-ratio of 100 is finite
         logp, old_logp = logp.double(), old_logp.double()
         ref_logp = None if ref_logp is None else ref_logp.double()
