@@ -152,7 +152,8 @@ def policy_loss(
         mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's iterative
             reference). Required where β > 0 and π_ref ≠ π_old. Refused under
-            ``kl_anchor="behavior"``, where the KL term's anchor is ``behavior_logp``.
+            ``kl_anchor="behavior"`` with β > 0, where the KL term's anchor is ``behavior_logp``
+            (with β = 0 there is no KL term: accepted and unused by the loss, as by every loss).
         behavior_logp: ``[B, T]`` log μ of the sampled tokens under the rollout engine
             that sampled them; detached. ``None`` means μ = π_old. When given, every
             token's loss is weighted by the configured [`RolloutCorrection`][rpg.correction.RolloutCorrection]
@@ -269,13 +270,14 @@ def policy_loss(
                 kl_scale = scale
             scale = None
     if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
-        if ref_logp is not None:
+        if ref_logp is not None and config.has_kl:
             raise ValueError(
                 "this loss's KL term is anchored on the behaviour policy (kl_anchor='behavior'): it compares "
                 "logp with behavior_logp (old_logp when not given), so ref_logp would be unused; drop ref_logp "
                 "or use kl_anchor='ref'"
             )
-        ref_logp = behavior_logp
+        if ref_logp is None:  # (β = 0: no KL term, so a ref_logp is accepted and unused, as by any loss)
+            ref_logp = behavior_logp
     if weights is not None:
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w

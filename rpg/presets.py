@@ -568,7 +568,8 @@ class PrimeRLLoss(_Preset):
     where prime-rl's is 0; the loss values differ by those tokens, the gradients do not. Gradient
     follows ∇E[A] − τ·∇E_q[(log π_θ − log μ)²] exactly where no token is masked (the penalty's
     expectation under the sampler q of the tokens). Defaults are prime-rl's: δ = 0.2 both ways,
-    τ = 1e-3. Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
+    τ = 1e-3; ``kl_tau=0`` drops the penalty (then a ``ref_logp`` is accepted and unused, as by every loss
+    with β = 0; with τ > 0 it is refused: the penalty's anchor is the sampler). Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
     off-policy, per token, none (closest: E[r]). The correction weight and ``weights`` multiply the penalty too (prime-rl's
     ``loss_weights`` do).
     """
