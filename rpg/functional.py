@@ -282,15 +282,18 @@ def policy_loss(
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w
 
-    penalize = None
+    penalize, drop = None, None
     if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
         drop, penalize = config.select.select(logp.detach(), old_logp, advantages, agg_mask, config.clip, generator)
-        if drop is not None:
-            scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
+    # Clip-Cov drops the policy-gradient term of its tokens only: a KL term covers every response token
+    # (verl adds its KL loss over the whole response mask, apart from the clip_cov policy loss).
+    pg_keep = None if drop is None else ~drop
 
     # Rejected tokens that leave the mask (count_rejected=False) leave the sequence ratios and the selection's
     # statistics too: the response is the kept tokens, as in verl, whose rejection shrinks the response mask.
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale)
+    per_token = per_token_loss(
+        logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale, pg_keep
+    )
     if (
         penalize is not None and config.select is not None
     ):  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
@@ -323,5 +326,6 @@ def policy_loss(
         correction,
         None if entropy is None else entropy.detach(),
         mask,
+        None if config.select is None else (drop if drop is not None else penalize),
     )
     return LossOutput(loss, per_token, inputs)
