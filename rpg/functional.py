@@ -206,6 +206,7 @@ def policy_loss(
         _check_shape("mask", mask, shape)
     _optional_logp("ref_logp", ref_logp, shape)
     _optional_logp("behavior_logp", behavior_logp, shape)
+    check_advantages = advantages is not None  # (None: zeros, nothing to check)
     if advantages is None:
         advantages = torch.zeros(shape[:1], dtype=logp.dtype, device=logp.device)
     if not isinstance(advantages, torch.Tensor) or advantages.is_complex() or advantages.dtype == torch.bool:
@@ -240,7 +241,8 @@ def policy_loss(
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
     check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask)
-    check_finite("advantages", advantages, mask)
+    if check_advantages:
+        check_finite("advantages", advantages, mask)
     if weights is not None:
         check_finite("weights", weights, mask)
     check_count("batch_num_tokens", batch_num_tokens)
