@@ -101,6 +101,19 @@ def clip_view(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig)
     return r.w, adv, r
 
 
+def clip_codes(r: Ratios, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """``int8`` clip code per token for the metrics (0 none, 1 low, 2 high, 3 dual), from the loss's own
+    view ([`clip_view`][rpg._kernel.clip_view]); a rule whose bounds follow the sign of the advantage
+    (``branch_on_advantage``: [`SignedTruncate`][rpg.clipping.SignedTruncate]) reads A itself, as the
+    kernel does, not the sign of the REINFORCE weight g (they differ where a KL term outweighs A)."""
+    if cfg.clip is None:
+        raise ValueError("clip_codes needs a clip rule (cfg.clip is None)")
+    ratio, direction, anchor = clip_view(r, adv, mask, cfg)
+    if cfg.clip.branch_on_advantage:
+        direction = adv.expand_as(ratio)
+    return cfg.clip.codes(ratio, direction, anchor)
+
+
 def ratios(logp, old_logp, ref_logp) -> Ratios:
     """:class:`Ratios` with a −∞ ``logp`` moved to the dtype's most negative finite value.
 
@@ -211,11 +224,14 @@ class TokenLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None, kl_scale=None):
+    def forward(
+        logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight=None, kl_scale=None, pg_keep=None
+    ):
         pg_only = scale is not None and not cfg.weight_kl and cfg.has_kl
-        value, grad = token_loss(
-            logp, old_logp, ref_logp, advantages, mask, cfg, scale if pg_only else None, seq_log_weight, kl_scale
-        )
+        pg_scale = scale if pg_only else None
+        if pg_keep is not None:  # tokens whose policy-gradient term is dropped (Clip-Cov); a KL term stays
+            pg_scale = pg_keep.to(logp.dtype) if pg_scale is None else torch.where(pg_keep, pg_scale, _zero(logp))
+        value, grad = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg, pg_scale, seq_log_weight, kl_scale)
         padding = ~mask
         if scale is not None and not pg_only:  # value and grad are fresh tensors: in place is safe
             value.mul_(scale)
@@ -252,16 +268,27 @@ class TokenLoss(torch.autograd.Function):
                 "in logp and support double backward exactly (the second derivative is 0)"
             )
         if grad_value is None:
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad_value * grad, None, None, None, None, None, None, None, None
+        return grad_value * grad, None, None, None, None, None, None, None, None, None
 
 
 def per_token_loss(
-    logp, old_logp, ref_logp, advantages, mask, scale, cfg: LossConfig, seq_log_weight=None, kl_scale=None
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    scale,
+    cfg: LossConfig,
+    seq_log_weight=None,
+    kl_scale=None,
+    pg_keep=None,
 ) -> torch.Tensor:
     """The differentiable ``[B, T]`` per-token loss (the kernel's value, gradient to ``logp`` only).
 
     ``seq_log_weight`` and ``kl_scale``: ``ratio="product"``'s rollout correction, in the sequence ratio
-    and on the per-token KL term ([`sequence_token_loss`][rpg.sequence.sequence_token_loss])."""
-    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight, kl_scale)[0]
+    and on the per-token KL term ([`sequence_token_loss`][rpg.sequence.sequence_token_loss]). ``pg_keep``:
+    bool ``[B, T]``, False where the policy-gradient term alone is dropped (Clip-Cov's selection; the
+    KL term, if any, stays there, and ``scale`` still multiplies it)."""
+    return TokenLoss.apply(logp, old_logp, ref_logp, advantages, mask, scale, cfg, seq_log_weight, kl_scale, pg_keep)[0]

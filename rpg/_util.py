@@ -190,6 +190,36 @@ def check_logprob(name: str, x: torch.Tensor, mask: torch.Tensor | None, *, neg_
     raise ValueError(f"{name} is -inf at {int(torch.count_nonzero(keep & (x == -math.inf)))} response token(s){hint}")
 
 
+def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """Refuse NaN or ±inf in ``x`` at the response tokens of ``mask`` (bool ``[B, T]``); ``x`` is ``[B]``,
+    ``[B, 1]`` or ``[B, T]`` (a per-sequence value counts at its row's tokens). Padding is never looked at.
+    On a CPU one reduction over ``x`` when it is finite everywhere, else a masked copy; see
+    [`value_check_mode`][rpg._util.value_check_mode] for where it runs."""
+    if not x.is_floating_point():
+        return
+    mode = value_check_mode(x)
+    if mode is None or x.numel() == 0 or mask.numel() == 0:
+        return
+    x = x.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    if mode == "raise" and bool(torch.isfinite(x).all()):
+        return  # finite everywhere, padding included: one pass, no masked copy
+    bad = mask & ~torch.isfinite(x)  # broadcasts a per-sequence value over its row
+    if mode == "assert":
+        torch._assert_async(~bad.any(), f"rpg: {name} must be finite (no NaN, no ±inf) at response tokens")
+        return
+    if not bool(bad.any()):
+        return
+    for what, at in (("NaN", torch.isnan(x)), ("+inf", x == math.inf), ("-inf", x == -math.inf)):
+        count = int(torch.count_nonzero(mask & at))
+        if count:
+            raise ValueError(
+                f"{name} is {what} at {count} response token(s); it must be finite where mask is set "
+                "(replace or drop such responses; padding is never read)"
+            )
+
+
 def check_mask_values(mask: torch.Tensor) -> None:
     """Refuse a non-bool ``mask`` with a value other than 0 or 1 (soft weights belong in ``weights=``)."""
     if mask.dtype == torch.bool or mask.numel() == 0:

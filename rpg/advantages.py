@@ -46,7 +46,7 @@ import math
 
 import torch
 
-from ._util import as_int, as_real, check_choice, check_floating, compute_dtype
+from ._util import as_int, as_real, check_choice, check_floating, compute_dtype, value_check_mode
 
 __all__ = [
     "grpo",
@@ -60,18 +60,22 @@ __all__ = [
 
 
 def _check_finite(name: str, x: torch.Tensor, keep: torch.Tensor | None = None, what: str = "") -> None:
-    """Raise ``ValueError`` if ``x`` (where ``keep``) holds NaN or ±inf; no host-device sync on accelerators."""
-    if not x.is_floating_point():
+    """Raise ``ValueError`` if ``x`` (where ``keep``) holds NaN or ±inf; no host-device sync on accelerators.
+
+    Runs where the losses' input checks run ([`value_check_mode`][rpg._util.value_check_mode]): eagerly on a
+    CPU, as a device assertion elsewhere, skipped under ``torch.compile`` and ``torch.func`` transforms."""
+    mode = value_check_mode(x)
+    if not x.is_floating_point() or mode is None:
         return
     ok = torch.isfinite(x)
     if keep is not None:
         ok = ok | ~keep
     msg = f"{name} must be finite{what}; replace or drop NaN/inf entries before computing advantages"
-    if x.device.type == "cpu":
+    if mode == "raise":
         if not bool(ok.all()):
             bad = x[~ok]
             raise ValueError(f"{msg} (got {bad.numel()} non-finite, e.g. {bad[0].item()!r})")
-    elif x.device.type != "meta" and not torch.compiler.is_compiling():
+    else:
         torch._assert_async(ok.all(), msg)
 
 

@@ -89,6 +89,9 @@ class ClipRule:
 
     styles: tuple[str, ...] = ("differentiable", "reinforce")
     ratios: tuple[str, ...] = ("token", "sequence")
+    branch_on_advantage: bool = False
+    """Whether the rule picks its bounds by the sign of the advantage A the call passes (not of the
+    REINFORCE weight g): then its ``codes`` read A as their ``direction`` (``rpg._kernel.clip_codes``)."""
 
     def effective_ratio(
         self, w: torch.Tensor, adv_hat: torch.Tensor, ratios=None
@@ -595,9 +598,10 @@ class SignedTruncate(ClipRule):
     ``SignedTruncate(positive=Truncate.at(1.0, 1.0), negative=Truncate.at(0.0, 1.0))``: w̄ = 1
     (no importance weight) for A > 0 and min(w, 1) for A ≤ 0. Every token keeps its gradient.
 
-    Clip codes count a token whenever its w was truncated by its branch's bounds (the branch read
-    from the sign of the REINFORCE weight g, which is that of A without a KL term); a branch pinned
-    at one value (TOPR's positives, w̄ = 1) uses no importance weight and counts nothing.
+    Clip codes count a token whenever its w was truncated by its branch's bounds, the branch read from
+    the sign of A as the loss reads it (``codes``' ``direction`` is A; with a KL term the REINFORCE
+    weight g can have the other sign, and its sign would name the wrong branch); a branch pinned at
+    one value (TOPR's positives, w̄ = 1) uses no importance weight and counts nothing.
     """
 
     positive: Truncate | None = None
@@ -605,6 +609,7 @@ class SignedTruncate(ClipRule):
 
     styles = ("reinforce",)
     ratios = ("token",)
+    branch_on_advantage = True
 
     def __post_init__(self) -> None:
         for name in ("positive", "negative"):

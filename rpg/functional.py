@@ -25,7 +25,14 @@ from collections.abc import Iterator
 import torch
 
 from ._kernel import per_token_loss
-from ._util import accept_unnormalized, check_floating, check_logprob, check_mask_values, compute_dtype
+from ._util import (
+    accept_unnormalized,
+    check_finite,
+    check_floating,
+    check_logprob,
+    check_mask_values,
+    compute_dtype,
+)
 from .aggregation import aggregate_masked, check_count
 from .config import LossConfig
 from .correction import RolloutCorrection, correction_weight
@@ -139,12 +146,14 @@ def policy_loss(
             (besides ``entropy``).
         old_logp: ``[B, T]`` log π_old, the proximal policy the ratio w = π_θ/π_old and
             the clip anchor on; detached.
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; detached. ``None`` means 0 (a pure
-            KL objective, e.g. distillation).
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; detached; finite at response tokens
+            (NaN or ±∞ there raise ``ValueError``). ``None`` means 0 (a pure KL objective, e.g.
+            distillation).
         mask: ``[B, T]`` bool or 0/1; nonzero marks response tokens. ``None``: all.
         ref_logp: ``[B, T]`` log π_ref; ``None`` means π_ref = π_old (RPG's iterative
             reference). Required where β > 0 and π_ref ≠ π_old. Refused under
-            ``kl_anchor="behavior"``, where the KL term's anchor is ``behavior_logp``.
+            ``kl_anchor="behavior"`` with β > 0, where the KL term's anchor is ``behavior_logp``
+            (with β = 0 there is no KL term: accepted and unused by the loss, as by every loss).
         behavior_logp: ``[B, T]`` log μ of the sampled tokens under the rollout engine
             that sampled them; detached. ``None`` means μ = π_old. When given, every
             token's loss is weighted by the configured [`RolloutCorrection`][rpg.correction.RolloutCorrection]
@@ -152,8 +161,8 @@ def policy_loss(
         batch_num_tokens: token count of the full batch (``token-mean``).
         global_batch_size: sequence count of the full batch (``seq-mean-*``).
         weights: ``[B, T]`` constant per-token multipliers of the loss before
-            aggregation (never receive gradient; ignored at padding, so NaN there is
-            inert; a weight of 0 makes a token's loss exactly 0 but it still counts in
+            aggregation (never receive gradient; finite at response tokens, ignored at
+            padding, so NaN there is inert; a weight of 0 makes a token's loss exactly 0 but it still counts in
             the denominators — to drop a token from them, drop it from ``mask``).
         entropy: ``[B, T]`` per-token entropy, differentiable (e.g.
             ``rpg.logprobs.from_hidden(..., return_entropy=True)``); the loss subtracts
@@ -172,7 +181,10 @@ def policy_loss(
         ValueError: naming the argument, for a shape that is not ``logp``'s (``logp`` itself is
             checked first), a non-bool ``mask`` with a value other than 0/1 (soft weights go in
             ``weights``), and the log-prob values ``check_logprobs`` refuses at response tokens:
-            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning.
+            a value above 0 (logits or probabilities), NaN, +∞, and −∞ where it has no meaning; NaN
+            or ±∞ in ``advantages`` or ``weights`` at a response token (a per-sequence advantage counts at
+            its row's tokens; padding is never read). Checked as the log-probs are: eagerly on a CPU,
+            as an asynchronous device assertion on an accelerator, skipped under ``torch.compile``.
         TypeError: for an input of the wrong type.
     """
     if config is None:
@@ -194,6 +206,7 @@ def policy_loss(
         _check_shape("mask", mask, shape)
     _optional_logp("ref_logp", ref_logp, shape)
     _optional_logp("behavior_logp", behavior_logp, shape)
+    check_advantages = advantages is not None  # (None: zeros, nothing to check)
     if advantages is None:
         advantages = torch.zeros(shape[:1], dtype=logp.dtype, device=logp.device)
     if not isinstance(advantages, torch.Tensor) or advantages.is_complex() or advantages.dtype == torch.bool:
@@ -228,6 +241,10 @@ def policy_loss(
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
     check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask)
+    if check_advantages:
+        check_finite("advantages", advantages, mask)
+    if weights is not None:
+        check_finite("weights", weights, mask)
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -255,26 +272,30 @@ def policy_loss(
                 kl_scale = scale
             scale = None
     if config.kl_anchor == "behavior":  # the KL term's anchor is the sampler μ (π_old when not given)
-        if ref_logp is not None:
+        if ref_logp is not None and config.has_kl:
             raise ValueError(
                 "this loss's KL term is anchored on the behaviour policy (kl_anchor='behavior'): it compares "
                 "logp with behavior_logp (old_logp when not given), so ref_logp would be unused; drop ref_logp "
                 "or use kl_anchor='ref'"
             )
-        ref_logp = behavior_logp
+        if ref_logp is None:  # (β = 0: no KL term, so a ref_logp is accepted and unused, as by any loss)
+            ref_logp = behavior_logp
     if weights is not None:
         w = torch.where(mask, weights.detach().to(dtype), zero)
         scale = w if scale is None else scale * w
 
-    penalize = None
+    penalize, drop = None, None
     if config.select is not None:  # Clip-Cov / KL-Cov: tokens chosen from this call's batch statistics
         drop, penalize = config.select.select(logp.detach(), old_logp, advantages, agg_mask, config.clip, generator)
-        if drop is not None:
-            scale = torch.where(drop, zero, torch.ones_like(logp) if scale is None else scale)
+    # Clip-Cov drops the policy-gradient term of its tokens only: a KL term covers every response token
+    # (verl adds its KL loss over the whole response mask, apart from the clip_cov policy loss).
+    pg_keep = None if drop is None else ~drop
 
     # Rejected tokens that leave the mask (count_rejected=False) leave the sequence ratios and the selection's
     # statistics too: the response is the kept tokens, as in verl, whose rejection shrinks the response mask.
-    per_token = per_token_loss(logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale)
+    per_token = per_token_loss(
+        logp, old_logp, ref_logp, advantages, agg_mask, scale, config, seq_log_weight, kl_scale, pg_keep
+    )
     if (
         penalize is not None and config.select is not None
     ):  # KL-Cov's coef·|log w| on the selected tokens, weighted as their loss
@@ -307,5 +328,6 @@ def policy_loss(
         correction,
         None if entropy is None else entropy.detach(),
         mask,
+        None if config.select is None else (drop if drop is not None else penalize),
     )
     return LossOutput(loss, per_token, inputs)

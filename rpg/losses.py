@@ -23,7 +23,8 @@ per-token weights + entropy bonus + aggregation. Named losses are
 configurations of it; their ``repr`` shows the arguments they were built with
 and ``.config`` the framework settings. Loss objects are immutable (a setting
 cannot drift from what was validated), compare equal when their configurations
-are equal, and hash accordingly; ``loss.replace(beta=0.1)`` gives a new one.
+are equal, and hash accordingly; ``loss.replace(beta=0.1)`` gives a new one (a named loss keeps
+its class where it can express the change: [`PolicyLoss.replace`][rpg.losses.PolicyLoss.replace]).
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def _checked_init(init):
 
     __init__._rpg_checked = True
     return __init__
+
+
+def _own_arguments(cls: type) -> tuple[str, ...]:
+    """The keyword-passable arguments of ``cls.__init__`` (what ``replace`` may rebuild a named loss with)."""
+    params = inspect.signature(cls).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind in kinds)
 
 
 _WARNED_NO_REF: set = set()
@@ -353,11 +361,47 @@ class PolicyLoss:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def replace(self, **changes) -> PolicyLoss:
-        """A new loss with framework settings changed (validated); a [`PolicyLoss`][rpg.losses.PolicyLoss] with the new config."""
-        unknown = set(changes) - set(_FIELDS)
+        """A new loss with settings changed (validated): framework settings (the fields of
+        [`LossConfig`][rpg.config.LossConfig]) and, on a named loss, its own arguments.
+
+        A named loss stays its class where it can express the result: ``GRPOLoss().replace(beta=0.1)`` is
+        ``GRPOLoss(beta=0.1)`` (its repr, argument names and missing-reference warning included). A
+        framework setting keeps its framework meaning: the named loss is rebuilt with that argument
+        changed and kept only if its configuration is exactly the replaced one; otherwise (a setting the
+        named loss fixes or has no argument for, e.g. ``GRPOLoss().replace(kl="rkl")``, or
+        ``CISPOLoss().replace(clip=rpg.Clip())``, whose preset would read the ``Clip`` as truncation
+        bounds) the result is the [`PolicyLoss`][rpg.losses.PolicyLoss] of the replaced configuration. A
+        named loss's own argument (``PrimeRLLoss().replace(kl_tau=0.01)``,
+        ``GRPOLoss().replace(importance_weighted_kl=True)``) rebuilds it with that argument; framework
+        settings in the same call then apply to the rebuilt configuration."""
+        own = _own_arguments(type(self)) if type(self) is not PolicyLoss else ()
+        unknown = set(changes) - set(_FIELDS) - set(own)
         if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(_FIELDS)}")
-        return PolicyLoss.from_config(self._config.replace(**changes))
+            extra = [k for k in own if k not in _FIELDS]
+            also = f"; {type(self).__name__}'s own arguments: {', '.join(extra)}" if extra else ""
+            raise TypeError(f"unknown settings {sorted(unknown)}; valid: {', '.join(_FIELDS)}{also}")
+        if not own:
+            return PolicyLoss.from_config(self._config.replace(**changes))
+        base: PolicyLoss = self
+        named = {k: v for k, v in changes.items() if k in own and k not in _FIELDS}
+        if named:  # the named loss's own arguments: rebuilt by its __init__ (which validates them)
+            base = type(self)(**{**self._own_args(own), **named})
+        framework = {k: v for k, v in changes.items() if k not in named}
+        if not framework:
+            return base
+        target = base._config.replace(**framework)
+        if set(framework) <= set(own):  # can the named loss express it? only if it builds exactly `target`
+            try:
+                rebuilt = type(self)(**{**base._own_args(own), **framework})
+            except (TypeError, ValueError):  # the named loss refuses the setting (e.g. GMPO's fixed agg)
+                rebuilt = None
+            if rebuilt is not None and rebuilt._config == target:
+                return rebuilt
+        return PolicyLoss.from_config(target)
+
+    def _own_args(self, own: tuple[str, ...]) -> dict:
+        """The arguments this loss was built with, among its class's ``__init__`` arguments ``own``."""
+        return {k: self._args[k] for k in own if k in self._args}
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, PolicyLoss):

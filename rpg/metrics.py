@@ -12,6 +12,9 @@ tokens where ``mask`` is 1, in float64:
   advantage sign it acts on (low and dual for A′ < 0, high for A′ > 0 — the
   count verl and TRL got wrong for months), under [`Truncate`][rpg.clipping.Truncate]
   wherever w was truncated; 0 without a clip.
+* ``select_frac`` — with a selection rule ([`rpg.selection`][rpg.selection]): the fraction of tokens it
+  took, dropped from the policy-gradient term by Clip-Cov (verl logs this as its ``pg_clipfrac``) or
+  penalised by KL-Cov; absent otherwise.
 * ``kl/old_k1``, ``kl/old_k3`` and ``kl/ref_k1``, ``kl/ref_k3`` — estimates of
   KL(π_θ ‖ π_old) (the drift since sampling) and KL(π_θ ‖ π_ref), importance
   weighted so that they are unbiased for tokens drawn from π_old:
@@ -27,8 +30,9 @@ tokens where ``mask`` is 1, in float64:
   with verl's definitions (``kl``, ``k3_kl``, ``ppl_ratio``, ``chi2_token``, ``rollout_is_eff_sample_size``,
   ``rollout_rs_masked_fraction``, …; [`rpg.correction.correction_metrics`][rpg.correction.correction_metrics]).
 
-Clip fractions come from the same `clip_view` the loss kernel uses, so
-they cannot disagree with the loss.
+Clip fractions come from the same `clip_view` the loss kernel uses (a rule whose
+bounds follow the sign of the advantage, [`SignedTruncate`][rpg.clipping.SignedTruncate],
+reads that sign, as the kernel does), so they cannot disagree with the loss.
 
 **Stale buffers.** The metrics are computed lazily from the call's own input
 tensors. If one of them was modified in place after the call (a reused
@@ -80,7 +84,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._kernel import clip_view, ratios
+from ._kernel import clip_codes, ratios
 from .aggregation import denominator
 from .clipping import DUAL, HIGH, LOW
 from .config import LossConfig
@@ -104,6 +108,7 @@ class MetricInputs(NamedTuple):
     correction: RolloutCorrection | None = None
     entropy: torch.Tensor | None = None
     response_mask: torch.Tensor | None = None  # the call's mask, before any rejection (``mask`` is the loss's)
+    selected: torch.Tensor | None = None  # the selection rule's tokens (Clip-Cov dropped, KL-Cov penalised)
 
 
 def _version(t: torch.Tensor):
@@ -183,13 +188,24 @@ def compute_metrics(inputs: MetricInputs) -> dict[str, float]:
 
 def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
     """``(metrics, summable)`` in one pass and one host-device sync."""
-    logp, old_logp, ref_logp, advantages, mask, cfg, batch_num_tokens, behavior_logp, correction, entropy, response = (
-        inputs
-    )
+    (
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        cfg,
+        batch_num_tokens,
+        behavior_logp,
+        correction,
+        entropy,
+        response,
+        selected,
+    ) = inputs
     r = ratios(logp, old_logp, ref_logp)
     code = None
     if cfg.clip is not None:  # the same view of the ratio and sign as the loss kernel
-        code = cfg.clip.codes(*clip_view(r, advantages, mask, cfg))  # (ratio, direction, anchor)
+        code = clip_codes(r, advantages, mask, cfg)
     if logp.device.type != "mps":  # float64 where the device has it: k3 of a log-ratio of 100 is finite
         logp, old_logp = logp.double(), old_logp.double()
         ref_logp = None if ref_logp is None else ref_logp.double()
@@ -223,6 +239,8 @@ def _compute(inputs: MetricInputs) -> tuple[dict[str, float], dict[str, float]]:
     for bound, name in ((LOW, "low"), (HIGH, "high"), (DUAL, "dual")):
         sums[f"clip_frac/{name}"] = zero if code is None else total((code == bound).to(w.dtype))
     sums["clip_frac"] = sums["clip_frac/low"] + sums["clip_frac/high"] + sums["clip_frac/dual"]
+    if selected is not None:
+        sums["select_frac"] = total(selected.to(w.dtype))
     # KL(π_θ‖π_X) estimated as E_old[w·log r] and E_old[w·k3] = the rkl and urkl surrogates' values
     # (their limits hold at a −∞ log-prob), times the exact ρ = π_old/μ when the tokens came from μ:
     # then the ratios are taken to μ directly (ρ·w = π_θ/μ, ρ·c = π_X/μ), finite where π_old = 0.

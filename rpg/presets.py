@@ -568,7 +568,8 @@ class PrimeRLLoss(_Preset):
     where prime-rl's is 0; the loss values differ by those tokens, the gradients do not. Gradient
     follows ∇E[A] − τ·∇E_q[(log π_θ − log μ)²] exactly where no token is masked (the penalty's
     expectation under the sampler q of the tokens). Defaults are prime-rl's: δ = 0.2 both ways,
-    τ = 1e-3. Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
+    τ = 1e-3; ``kl_tau=0`` drops the penalty (then a ``ref_logp`` is accepted and unused, as by every loss
+    with β = 0; with τ > 0 it is refused: the penalty's anchor is the sampler). Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, no ``ref_logp``): on-policy E[r];
     off-policy, per token, none (closest: E[r]). The correction weight and ``weights`` multiply the penalty too (prime-rl's
     ``loss_weights`` do).
     """
@@ -717,7 +718,10 @@ class ClipCovLoss(_Preset):
     ε = 0.2, fraction 2e-4, band (1, 5), ``agg="token-mean"``; every aggregation applies. Equal to
     verl's ``clip_cov`` and SkyRL's (loss and gradient, same seed; tested). The selection uses the
     statistics of one call (see [`rpg.selection`][rpg.selection] for micro-batches). Its expected gradient is
-    PPO's where no token is selected; selected tokens are removed from it on purpose (biased).
+    PPO's where no token is selected; selected tokens are removed from it on purpose (biased). The preset
+    has no KL term; one added with ``.replace(kl=..., beta=...)`` stays on every token, the dropped ones
+    included (verl adds its KL loss apart from ``clip_cov``). ``out.metrics["select_frac"]`` is the fraction
+    dropped (verl's ``pg_clipfrac`` for ``clip_cov``).
 
     Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults, a generator seeded 0 at every call; the
     selection is made on the enumerated batch, each response once, where it drops one token): on-policy none
@@ -752,7 +756,8 @@ class KLCovLoss(_Preset):
     applies). Equal to verl's and SkyRL's ``kl_cov`` (loss and gradient; tested). The selection uses the
     statistics of one call (see [`rpg.selection`][rpg.selection]). Its expected gradient is ∇E[A] (the
     importance-sampled policy gradient) plus the penalty's coef·sign(log w)·∇logp on the selected tokens,
-    which is 0 on-policy and pulls π_θ back toward π_old off-policy.
+    which is 0 on-policy and pulls π_θ back toward π_old off-policy. ``out.metrics["select_frac"]`` is the
+    fraction of tokens penalised.
 
     Audited ([`rpg.testing.audit`][rpg.testing.audit], the defaults; the selection is made on the enumerated
     batch, each response once, where it penalises one token): on-policy E[r]; off-policy, per token, none

@@ -10,8 +10,10 @@ act on a few of them, K = max(⌊fraction·N⌋, 1) with N the call's response t
 * [`CovarianceDrop`][rpg.selection.CovarianceDrop] (Clip-Cov): among the tokens the clip rule has not
   already cut (and with A ≠ 0 for it, as verl's ``clip_cov``; for a rule with a slope instead of a cut —
   a smooth gate, a gradient-preserving clip — the tokens its clip metrics count as clipped) whose cov lies strictly inside
-  (``low``, ``high``), K drawn uniformly at random without replacement lose their whole loss (weight 0:
-  value and gradient; they still count in the denominators);
+  (``low``, ``high``), K drawn uniformly at random without replacement lose their policy-gradient term
+  (value and gradient 0; they still count in the denominators). A KL term (β > 0) stays on every response
+  token, the selected ones included: verl adds its KL loss over the whole response mask, apart from the
+  ``clip_cov`` policy loss;
 * [`CovariancePenalty`][rpg.selection.CovariancePenalty] (KL-Cov): the K tokens of largest cov get
   ``coef``·|log π_θ − log π_old| added to their loss (verl's and SkyRL's ``kl_cov``: the absolute k1;
   its derivative is coef·sign(log w)).
@@ -77,7 +79,10 @@ class SelectionRule:
 
 @dataclass(frozen=True)
 class CovarianceDrop(SelectionRule):
-    r"""Clip-Cov: K random tokens with ``low`` < cov < ``high`` (not already clipped) lose their loss.
+    r"""Clip-Cov: K random tokens with ``low`` < cov < ``high`` (not already clipped) lose their policy-gradient term.
+
+    A KL term of the loss (β > 0) is kept at every token, as verl computes it apart from ``clip_cov``.
+    The fraction of tokens dropped is reported as ``select_frac``.
 
     Args:
         fraction: 0 < fraction ≤ 1, K = max(⌊fraction·N⌋, 1) (verl's ``clip_cov_ratio``, default 2e-4).

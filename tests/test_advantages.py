@@ -427,3 +427,14 @@ def test_property_one_nonfinite_reward_is_always_refused(groups, size, data):
     for call in calls:
         with pytest.raises(ValueError, match="rewards must be finite"):
             call()
+
+
+def test_estimators_check_where_the_losses_check_and_run_under_torch_func():
+    """The finite check runs as the losses' input checks do: eagerly on a CPU (raising), skipped under a
+    torch.func transform, where a data-dependent branch cannot run (the estimator then still computes)."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 2.0], [0.5, -1.0, 3.0, 1.0]], dtype=torch.float64)
+    for fn in (lambda r: adv.grpo(r, 2), lambda r: adv.rloo(r, 2)):
+        got = torch.func.vmap(fn)(rewards)
+        torch.testing.assert_close(got, torch.stack([fn(r) for r in rewards]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        adv.grpo(torch.tensor([1.0, math.nan]), 2)

@@ -3,7 +3,7 @@
 Scanned: README.md, docs/*.md, benchmarks/README.md, the notebooks' markdown and code cells, and every
 docstring of the package (modules, classes, functions, methods; read with ``ast``, so private helpers too).
 
-* A metric name quoted in them (``ratio/...``, ``clip_frac...``, ``kl/...``, ``entropy/...``,
+* A metric name quoted in them (``ratio/...``, ``clip_frac...``, ``select_frac``, ``kl/...``, ``entropy/...``,
   ``rollout_corr/...``, also as TRL's ``rpg/<name>``, and ``a|b`` shorthand) is a key some loss's
   ``out.metrics`` has.
 * A dotted ``rpg.xxx`` name (in code blocks, inline code, ``from rpg.x import y`` and mkdocstrings
@@ -70,7 +70,7 @@ def _sources() -> list[tuple[str, str]]:
 # --- metric names --------------------------------------------------------------------------------
 
 METRIC = re.compile(
-    r"""[`'"](?:rpg/)?((?:ratio|kl|entropy|rollout_corr)\w*/[\w|]+|clip_frac\w*(?:/[\w|]+)?)(?=[`'"\\])"""
+    r"""[`'"](?:rpg/)?((?:ratio|kl|entropy|rollout_corr)\w*/[\w|]+|(?:clip|select)_frac\w*(?:/[\w|]+)?)(?=[`'"\\])"""
 )
 
 
@@ -114,6 +114,7 @@ def produced() -> set[str]:
             corr = rpg.RolloutCorrection(level=level, mode=mode, lower=0.5, upper=2.0, geo_lower=0.8)
             fn = rpg.GRPOLoss(beta=0.04, correction=corr)
             keys |= set(fn(logp, old, adv, None, ref_logp=ref, behavior_logp=beh, entropy=ent).metrics)
+    keys |= set(rpg.KLCovLoss(0.1)(logp, old, adv, None).metrics)  # a selection rule: select_frac
     return keys
 
 

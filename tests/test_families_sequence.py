@@ -740,3 +740,43 @@ def test_product_ratio_with_a_kl_term_is_exact_under_a_behaviour_policy_on_one_t
     assert scenarios
     a = T.audit(fn, objective="rkl", scenarios=scenarios)
     assert a.bias(where=scenarios[0].name) < 1e-10
+
+
+def test_clip_cov_with_a_kl_term_keeps_the_kl_at_the_dropped_tokens():
+    """verl's clip_cov zeroes the policy-gradient loss of the selected tokens (its ``corr``); the KL loss is a
+    separate term over the whole response mask. So with β > 0 a dropped token keeps its β·KL: per token,
+    clip_cov_per_token + β·KL-term, value and gradient (the batch of test_clip_cov_hand_computed, where
+    token (0, 0) alone is selected), with and without weights."""
+    old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], dtype=F64)
+    logp = torch.tensor([[-0.5, -2.0], [-1.0, -1.0]], dtype=F64).requires_grad_(True)
+    ref = torch.tensor([[-1.5, -1.2], [-0.7, -1.0]], dtype=F64)
+    adv = torch.tensor([4.0, -4.0], dtype=F64)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    rule = CovarianceDrop(0.25, 1.0, 5.0)  # cov = A·(logp − mean logp) = (4·0.625 = 2.5, …): only (0, 0) in (1, 5)
+    weights = torch.tensor([[0.5, 2.0], [1.0, 0.25]], dtype=F64)
+    for w in (None, weights):
+        fn = rpg.PolicyLoss(clip=None, select=rule, kl="urkl", beta=0.5)
+        out = fn(logp, old, adv, mask, ref_logp=ref, weights=w, generator=_gen())
+        drop = torch.tensor([[True, False], [False, False]])
+        kl = rpg.policy_loss(logp, old, None, mask, ref_logp=ref, kl="urkl", beta=0.5).per_token
+        want = R.clip_cov_per_token(logp, old, adv, mask, None, drop) + kl
+        want = want if w is None else want * w
+        assert want[0, 0].item() != 0.0  # the dropped token's KL term
+        torch.testing.assert_close(out.per_token, want, rtol=0, atol=1e-14)
+        torch.testing.assert_close(_grad(out.loss, logp), _grad(want.mean(), logp), rtol=0, atol=1e-14)
+        assert out.metrics["select_frac"] == pytest.approx(0.25, abs=1e-15)
+
+
+def test_select_frac_counts_the_selected_tokens():
+    """``select_frac``: the fraction of the call's tokens the selection rule took (Clip-Cov dropped, KL-Cov
+    penalised); verl logs Clip-Cov's as its pg_clipfrac. Absent without a selection rule."""
+    logp, old, adv, mask, _ = make_batch(6, 8, seed=13, spread=0.5, adv_shape="tok")
+    n = int(mask.sum())
+    k = rpg.selection.count(0.1, mask)
+    out = rpg.KLCovLoss(0.1)(logp, old, 3 * adv, mask)
+    assert out.metrics["select_frac"] == pytest.approx(k / n, abs=1e-15)
+    fn = rpg.ClipCovLoss(clip=None, fraction=0.1, low=-1e9, high=1e9)
+    out = fn(logp, old, 3 * adv, mask, generator=_gen())
+    assert out.metrics["select_frac"] == pytest.approx(k / n, abs=1e-15)
+    assert out.summable_metrics["select_frac"] == pytest.approx(k / n, abs=1e-15)
+    assert "select_frac" not in rpg.DAPOLoss()(logp, old, adv, mask).metrics

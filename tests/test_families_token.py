@@ -621,3 +621,45 @@ def test_gppo_dual_clip_equals_the_authors_code():
     assert "dual=3.0" in repr(loss) and loss.clip == rpg.GradientPreservingClip(0.2, 0.28, 0.25, 1.0, dual=3.0)
     with pytest.raises(ValueError, match="dual"):
         rpg.GradientPreservingClip(dual=1.0)
+
+
+def test_topr_with_a_kl_term_counts_clipped_tokens_by_the_sign_of_the_advantage():
+    """TOPR truncates by the sign of the advantage A (arXiv 2503.14286); with a KL term the REINFORCE weight
+    g = w̄·(A − β·log ρ) (urkl) can have the other sign, and clip_frac must follow the truncation the loss
+    applies, not sign(g). Crafted (old = −2, β = 1), token by token:
+
+    | A | log w | log ρ | branch (A) | w̄ | g | truncated |
+    |---|---|---|---|---|---|---|
+    | +0.1 | 0.5 | +1 | positive (w̄ = 1, no IS weight) | 1 | −0.9 | no |
+    | −0.1 | 0.5 | −1 | negative (min(w, 1)) | 1 | +0.9 | yes: w > 1 |
+    | +0.1 | 0.3 | +1 | positive | 1 | −0.9 | no |
+    | −1 | −0.5 | 0 | negative | e^−0.5 | −e^−0.5 | no |
+
+    so clip_frac = clip_frac/high = 1/4 (sign(g) would pick the other branch at the first three tokens and
+    read 2/4)."""
+    old = torch.full((1, 4), -2.0, dtype=F64)
+    log_w = torch.tensor([[0.5, 0.5, 0.3, -0.5]], dtype=F64)
+    log_rho = torch.tensor([[1.0, -1.0, 1.0, 0.0]], dtype=F64)
+    adv = torch.tensor([[0.1, -0.1, 0.1, -1.0]], dtype=F64)
+    logp = (old + log_w).requires_grad_(True)
+    ref = logp.detach() - log_rho
+    fn = rpg.TOPRLoss().replace(kl="urkl", beta=1.0)
+    out = fn(logp, old, adv, None, ref_logp=ref)
+    g = torch.tensor([[-0.9, 0.9, -0.9, -math.exp(-0.5)]], dtype=F64)  # the premise: sign(g) ≠ sign(A) at three
+    torch.testing.assert_close(torch.autograd.grad(out.loss, logp)[0], -g / 4, rtol=0, atol=1e-14)
+    m = out.metrics
+    assert m["clip_frac/high"] == pytest.approx(0.25, abs=1e-15) and m["clip_frac/low"] == 0.0
+    assert m["clip_frac"] == pytest.approx(0.25, abs=1e-15)
+    # without the KL term the two signs agree and so do the counts
+    assert rpg.TOPRLoss()(logp, old, adv, None).metrics["clip_frac"] == pytest.approx(0.25, abs=1e-15)
+
+
+def test_prime_rl_without_its_penalty_accepts_and_ignores_a_reference():
+    """kl_tau = 0 is no KL term: a ref_logp is accepted and unused, as by every loss with β = 0
+    (GRPOLoss(beta=0) too); with τ > 0 the penalty is anchored on the sampler and a ref_logp is refused."""
+    logp, old, adv, mask, ref = make_batch(3, 5, seed=4)
+    for fn in (rpg.PrimeRLLoss(kl_tau=0.0), rpg.GRPOLoss(beta=0.0)):
+        with_ref = fn(logp, old, adv, mask, ref_logp=ref)
+        torch.testing.assert_close(with_ref.loss, fn(logp, old, adv, mask).loss, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kl_anchor='behavior'"):
+        rpg.PrimeRLLoss()(logp, old, adv, mask, ref_logp=ref)

@@ -331,8 +331,10 @@ def test_a_preset_with_a_fixed_reference_warns_once_without_ref_logp(make, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_checks_cost_no_host_device_sync_on_cuda():
     """On an accelerator the checks are asynchronous device assertions: a call (with every log-prob input
-    and a float mask) runs under CUDA's sync-debug mode "error", which raises on any host-device sync."""
+    and a float mask, advantages and weights) runs under CUDA's sync-debug mode "error", which raises on any
+    host-device sync."""
     d = {k: v.detach().cuda() for k, v in batch(torch.float32).items()}
+    d["weights"] = torch.rand(B, T, device="cuda")
     d["logp"].requires_grad_(True)
     d["mask"] = d["mask"].float()
     torch.cuda.synchronize()
@@ -359,3 +361,63 @@ def test_unnormalized_policies_accept_log_measures_above_zero_and_nothing_else()
             call(poke(above, "logp", math.inf))
     with pytest.raises(ValueError, match="logp has values > 0"):  # restored on exit
         call(above)
+
+
+# --- advantages and weights: NaN and infinities at response tokens ---------------------------------
+
+
+def _with(d, name, value, where):
+    x = (torch.rand(B, T, dtype=F64) if name == "weights" and name not in d else d[name]).detach().clone()
+    x[where] = value
+    return {**d, name: x}
+
+
+@pytest.mark.parametrize("value,word", [(math.nan, "NaN"), (math.inf, r"\+inf"), (-math.inf, "-inf")])
+@pytest.mark.parametrize(
+    "name,where,count",
+    [("advantages", 0, T), ("advantages", (0, 1), 1), ("weights", (0, 1), 1)],
+    ids=["advantages[B]", "advantages[B,T]", "weights"],
+)
+def test_a_non_finite_advantage_or_weight_at_a_response_token_is_refused(name, where, count, value, word):
+    """One NaN advantage would make the loss NaN silently: refused like the log-probs, naming the argument."""
+    d = batch()
+    if where != 0:  # a token-level advantage
+        d["advantages"] = d["advantages"][:, None].expand(B, T).clone()
+    d = _with(d, name, value, where)
+    with pytest.raises(ValueError, match=rf"{name} is {word} at {count} response token"):
+        call(d)
+    if name == "advantages":  # the advantage estimators refuse their own non-finite inputs already
+        with pytest.raises(ValueError, match="rewards must be finite"):
+            rpg.advantages.grpo(torch.tensor([1.0, value, 0.0, 1.0]), 2)
+
+
+def test_a_non_finite_advantage_or_weight_at_padding_is_inert():
+    """Padding is never read: a NaN/inf advantage of an all-padding row, or at a padded token, and a NaN/inf
+    weight at padding pass, and the loss equals the clean call's."""
+    d = batch()
+    d["mask"] = d["mask"].clone()
+    d["mask"][2] = False  # row 2 is all padding
+    d["weights"] = torch.rand(B, T, dtype=F64)
+    want = call(d).loss
+    for v in (math.nan, math.inf, -math.inf):
+        got = call(_with(_with(d, "advantages", v, 2), "weights", v, (1, 4))).loss
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        tok = {**d, "advantages": d["advantages"][:, None].expand(B, T).clone()}
+        got = call(_with(tok, "advantages", v, (1, 4))).loss
+        torch.testing.assert_close(got, call(tok).loss, rtol=0, atol=0)
+
+
+def test_advantage_and_weight_checks_are_skipped_inside_trusted_inputs_and_under_compile():
+    d = _with(batch(torch.float32), "advantages", math.nan, 0)
+    with trusted_inputs():
+        assert torch.isnan(call(d).loss)  # unchecked: the caller vouched for the inputs
+    torch._dynamo.reset()
+    d = batch(torch.float32)
+    w = torch.rand(B, T)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(logp, old, adv, mask, weights):
+        return LOSS(logp, old, adv, mask, weights=weights).loss
+
+    got = f(d["logp"], d["old_logp"], d["advantages"], d["mask"], w)
+    torch.testing.assert_close(got, LOSS(d["logp"], d["old_logp"], d["advantages"], d["mask"], weights=w).loss)

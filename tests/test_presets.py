@@ -262,3 +262,77 @@ def test_kl_metrics_are_unbiased_off_policy():
     for key, term in terms.items():
         assert out.metrics[key] == pytest.approx(term.mean().item(), rel=1e-12)  # what the metric computes
         assert (old.exp() * term).sum().item() == pytest.approx(truth[key].item(), rel=1e-10)  # its expectation
+
+
+# --- replace: a preset stays itself where it can express the result -------------------------------
+
+EVERY_PRESET = [
+    *PRESETS,
+    rpg.DPPOLoss(),
+    rpg.SAPOLoss(),
+    rpg.TOPRLoss(),
+    rpg.GPPOLoss(),
+    rpg.DROLoss(0.1),
+    rpg.PrimeRLLoss(),
+    rpg.GMPOLoss(),
+    rpg.VESPOLoss(),
+    rpg.ClipCovLoss(),
+    rpg.KLCovLoss(),
+]
+
+
+@pytest.mark.parametrize("loss_fn", EVERY_PRESET, ids=lambda f: type(f).__name__)
+def test_replace_keeps_the_preset_class_for_its_own_arguments(loss_fn):
+    """``entropy_coef`` and ``correction`` are arguments of every preset: replacing one gives the preset
+    built with it (same class, repr and configuration), not a plain PolicyLoss."""
+    corr = rpg.RolloutCorrection(upper=3.0)
+    new = loss_fn.replace(entropy_coef=0.01, correction=corr)
+    assert type(new) is type(loss_fn)
+    assert new.loss_config == loss_fn.loss_config.replace(entropy_coef=0.01, correction=corr)
+    assert repr(new) == repr(loss_fn)[:-1] + (", " if repr(loss_fn)[-2] != "(" else "") + (
+        f"correction={corr!r}, entropy_coef=0.01)"
+    )
+
+
+def test_replace_on_grpo_keeps_its_arguments_and_its_missing_reference_warning(monkeypatch):
+    import warnings
+
+    from rpg import losses as rpg_losses
+
+    new = rpg.GRPOLoss().replace(beta=0.1)
+    assert type(new) is rpg.GRPOLoss and new == rpg.GRPOLoss(beta=0.1) and new.importance_weighted_kl is False
+    assert repr(new) == repr(rpg.GRPOLoss(beta=0.1))
+    monkeypatch.setattr(rpg_losses, "_WARNED_NO_REF", set())
+    logp, old, adv, mask, _ = make_batch(seed=3)
+    with pytest.warns(UserWarning, match=r"GRPOLoss\(beta=0.1\) was called without ref_logp"):
+        new(logp, old, adv, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rpg.GRPOLoss().replace(beta=0.0)(logp, old, adv, mask)  # no KL term: silent
+
+
+def test_replace_takes_a_presets_own_argument_names():
+    assert type(rpg.PrimeRLLoss().replace(kl_tau=0.01)) is rpg.PrimeRLLoss
+    assert rpg.PrimeRLLoss().replace(kl_tau=0.01) == rpg.PrimeRLLoss(kl_tau=0.01)
+    iw = rpg.GRPOLoss(beta=0.1).replace(importance_weighted_kl=True)
+    assert type(iw) is rpg.GRPOLoss and iw == rpg.GRPOLoss(beta=0.1, importance_weighted_kl=True)
+    assert rpg.ClipCovLoss().replace(fraction=0.01).select == rpg.ClipCovLoss(fraction=0.01).select
+    with pytest.raises(ValueError, match="kl_tau"):
+        rpg.PrimeRLLoss().replace(kl_tau=-1.0)  # the preset validates its own argument
+    with pytest.raises(TypeError, match=r"unknown settings \['epsilon'\]"):
+        rpg.GRPOLoss().replace(epsilon=0.2)
+
+
+def test_replace_gives_a_policy_loss_where_the_preset_cannot_express_the_result():
+    """A framework setting the preset fixes (GRPO's KL term, GMPO's aggregation, CISPO's Clip read as RPG-Style
+    Clip rather than truncation bounds) gives the PolicyLoss of exactly the replaced configuration."""
+    for loss_fn, change in [
+        (rpg.GRPOLoss(), dict(kl="rkl")),
+        (rpg.GMPOLoss(), dict(agg="token-mean")),
+        (rpg.CISPOLoss(), dict(clip=rpg.Clip(0.2, 0.2, None))),
+        (rpg.TOPRLoss(), dict(kl="urkl", beta=0.5)),
+        (rpg.PrimeRLLoss(), dict(beta=0.5)),  # τ = β/2 is the preset's own argument: replace(kl_tau=...)
+    ]:
+        new = loss_fn.replace(**change)
+        assert type(new) is rpg.PolicyLoss, (loss_fn, change)
+        assert new.loss_config == loss_fn.loss_config.replace(**change)
