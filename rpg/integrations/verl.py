@@ -68,7 +68,11 @@ verl log. ``actor/rpg/ratio/ess`` is the effective sample size of each micro-bat
 ratios, averaged over micro-batches (not the ESS of the whole batch).
 For DPPO, ``actor/pg_clipfrac`` is the fraction of masked tokens and
 ``actor/pg_clipfrac_lower`` the fraction of kept tokens whose weight reached C,
-as verl's ``dppo_*`` log them.
+as verl's ``dppo_*`` log them; for ``rpg_gmpo``, ``rpg_clip_cov`` and ``rpg_kl_cov``
+they carry the definitions of verl's ``geo_mean`` (a token whose log w leaves
+[−ε_low, ε_high], counted in ``pg_clipfrac`` where A > 0 and ``pg_clipfrac_lower`` where
+A < 0), ``clip_cov`` (``pg_clipfrac``: the share of tokens whose gradient it dropped,
+rpg's ``select_frac``) and ``kl_cov`` (``ppo_kl``: the mean |log w|, no clip fraction).
 
 **Recipe** (the switches that matter):
 
@@ -444,7 +448,13 @@ def _kl_cov_metrics(loss_fn, m, log_w, advantages, mask):
     return {"actor/ppo_kl": _masked_mean(log_w.abs(), mask)}
 
 
-_FAMILY_METRICS = {"rpg_gmpo": _gmpo_metrics, "rpg_clip_cov": None, "rpg_kl_cov": _kl_cov_metrics}
+def _clip_cov_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``clip_cov``: ``pg_clipfrac`` is the share of tokens whose gradient it dropped (rpg's
+    ``select_frac``), not PPO's clip fraction; ``ppo_kl`` = mean(−log w)."""
+    return {"actor/pg_clipfrac": m["select_frac"], "actor/ppo_kl": _masked_mean(-log_w, mask)}
+
+
+_FAMILY_METRICS = {"rpg_gmpo": _gmpo_metrics, "rpg_clip_cov": _clip_cov_metrics, "rpg_kl_cov": _kl_cov_metrics}
 
 
 for _mode in FAMILY_MODES:

@@ -304,20 +304,22 @@ def test_vespo_equals_trls_compute_loss(params, vllm):
     _close(g_got, g_want)
 
 
-@pytest.mark.parametrize("mode", ["geo_mean", "kl_cov"])
+@pytest.mark.parametrize("mode", ["geo_mean", "kl_cov", "clip_cov"])
 def test_registered_family_metrics_are_verls(mode):
-    """The ``actor/*`` metrics rpg_gmpo / rpg_kl_cov log carry verl's geo_mean / kl_cov definitions (verl's
-    clip fractions by the sign of A, kl_cov's mean |log w|): the same keys and values on the same inputs."""
+    """The ``actor/*`` metrics rpg_gmpo / rpg_kl_cov / rpg_clip_cov log carry verl's geo_mean / kl_cov /
+    clip_cov definitions (geo_mean's clip fractions by the sign of A, kl_cov's mean |log w|, clip_cov's
+    share of dropped tokens): the same keys and values on the same inputs (clip_cov: the same seed)."""
     pytest.importorskip("verl")
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     from rpg.integrations import verl as rpg_verl  # noqa: F401
 
     logp, old, adv, mask = _batch(30, adv_scale=3.0)
-    policy = dict(loss_mode=mode, kl_cov_ratio=0.1, ppo_kl_coef=0.5)
+    policy = dict(loss_mode=mode, kl_cov_ratio=0.1, ppo_kl_coef=0.5, clip_cov_ratio=0.1, clip_cov_lb=0.2)
     config = _verl_config(policy_loss=policy, clip_ratio_low=0.3, clip_ratio_high=0.25)
     got = {}
-    for name in (mode, {"geo_mean": "rpg_gmpo", "kl_cov": "rpg_kl_cov"}[mode]):
+    for name in (mode, {"geo_mean": "rpg_gmpo", "kl_cov": "rpg_kl_cov", "clip_cov": "rpg_clip_cov"}[mode]):
+        torch.manual_seed(3)
         _, metrics = get_policy_loss_fn(name)(
             old_log_prob=old,
             log_prob=logp,
@@ -330,5 +332,7 @@ def test_registered_family_metrics_are_verls(mode):
     assert theirs.keys() == ours.keys()
     for key in theirs:  # verl's masked_mean divides by Σ mask + 1e-8
         assert ours[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
+    if mode != "kl_cov":
+        assert 0 < theirs["actor/pg_clipfrac"]  # tokens are clipped / dropped here
     if mode == "geo_mean":
-        assert 0 < theirs["actor/pg_clipfrac"] and 0 < theirs["actor/pg_clipfrac_lower"]  # both sides clip here
+        assert 0 < theirs["actor/pg_clipfrac_lower"]
