@@ -124,6 +124,20 @@ class ClipRule:
         raise NotImplementedError
 
 
+def _band_codes(w, direction, low: float | None, high: float | None, dual: float | None) -> torch.Tensor:
+    """PPO's band codes: LOW where ``direction`` < 0 and w ≤ 1 − low, HIGH where > 0 and w ≥ 1 + high, DUAL
+    where < 0 and w ≥ dual (a bound that is ``None`` is off)."""
+    up, down = direction > 0, direction < 0
+    code = torch.zeros_like(w, dtype=torch.int8)
+    if low is not None:
+        code.masked_fill_(down & (w <= 1 - low), LOW)
+    if high is not None:
+        code.masked_fill_(up & (w >= 1 + high), HIGH)
+    if dual is not None:
+        code.masked_fill_(down & (w >= dual), DUAL)
+    return code
+
+
 @dataclass(frozen=True)
 class Clip(ClipRule):
     r"""Clip bounds for the importance ratio w = π_θ/π_old.
@@ -188,15 +202,7 @@ class Clip(ClipRule):
         return torch.where(up, up_cut, down_cut)
 
     def codes(self, w, direction, ratios=None):
-        up, down = direction > 0, direction < 0
-        code = torch.zeros_like(w, dtype=torch.int8)
-        if self.low is not None:
-            code.masked_fill_(down & (w <= 1 - self.low), LOW)
-        if self.high is not None:
-            code.masked_fill_(up & (w >= 1 + self.high), HIGH)
-        if self.dual is not None:
-            code.masked_fill_(down & (w >= self.dual), DUAL)
-        return code
+        return _band_codes(w, direction, self.low, self.high, self.dual)
 
 
 @dataclass(frozen=True)
@@ -576,15 +582,7 @@ class GradientPreservingClip(ClipRule):
         return m, slope
 
     def codes(self, w, direction, ratios=None):
-        up, down = direction > 0, direction < 0
-        code = torch.zeros_like(w, dtype=torch.int8)
-        if self.low is not None:
-            code.masked_fill_(down & (w <= 1 - self.low), LOW)
-        if self.high is not None:
-            code.masked_fill_(up & (w >= 1 + self.high), HIGH)
-        if self.dual is not None:
-            code.masked_fill_(down & (w >= self.dual), DUAL)
-        return code
+        return _band_codes(w, direction, self.low, self.high, self.dual)
 
 
 @dataclass(frozen=True)
