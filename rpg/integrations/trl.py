@@ -107,6 +107,7 @@ from ..aggregation import aggregate
 from ..clipping import Clip, Truncate
 from ..correction import RolloutCorrection
 from ..losses import PolicyLoss
+from . import _trl_fused
 
 __all__ = ["RPGGRPOTrainer", "loss_from_grpo_config", "correction_from_grpo_config"]
 
@@ -449,15 +450,39 @@ class RPGGRPOTrainer(GRPOTrainer):
     ``loss=None`` builds the loss from ``args`` ([`loss_from_grpo_config`][rpg.integrations.trl.loss_from_grpo_config]), reproducing TRL's own.
     All other arguments are ``GRPOTrainer``'s. See the module docstring for what the loss
     receives, how it is normalised, and which GRPOConfig settings are refused.
+
+    ``fused_head=True`` computes the training step's log-probs, entropies, loss and head gradients
+    from the backbone's last hidden states and the LM head through
+    [`FusedLinearLoss`][rpg.fused.FusedLinearLoss], without the logits (old and reference log-probs:
+    [`from_hidden`][rpg.logprobs.from_hidden]); same loss and gradients, for every setting the trainer
+    accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias;
+    LoRA on it without dropout): other heads, logit scaling/soft-capping, MoE router losses and
+    multimodal inputs are refused.
     """
 
-    def __init__(self, *args, loss: PolicyLoss | None = None, **kwargs) -> None:
+    # --- fused head (rpg/integrations/_trl_fused.py): constructor argument ---
+    def __init__(self, *args, loss: PolicyLoss | None = None, fused_head: bool = False, **kwargs) -> None:
         if loss is not None and not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         super().__init__(*args, **kwargs)
         plan = _plan(self.args, loss, has_rollout_logprobs=getattr(self, "rollout_func", None) is not None)
         self._rpg_plan = plan
         self.rpg_loss = plan.loss
+        self._rpg_fused = fused_head
+        self._rpg_fused_chunk_size = None  # FusedLinearLoss's default chunk
+        if fused_head:
+            _trl_fused.check_model(self.model)
+            if self.ref_model is not None:
+                _trl_fused.check_model(self.ref_model)
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if getattr(self, "_rpg_fused", False):  # old/reference log-probs through from_hidden
+            return _trl_fused.per_token_logps_and_entropies(self, model, *args, **kwargs)
+        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    # --- end of the fused head's constructor hook ---
 
     def _rpg_counts(self, inputs, mask: torch.Tensor, training: bool):
         """``(batch_num_tokens, global_batch_size)`` of this process's gradient-accumulation window."""
@@ -503,6 +528,8 @@ class RPGGRPOTrainer(GRPOTrainer):
         return coef * mean
 
     def _compute_loss(self, model, inputs):
+        if getattr(self, "_rpg_fused", False):  # fused head: rpg/integrations/_trl_fused.py
+            return _trl_fused.compute_loss(self, model, inputs)
         plan = self._rpg_plan
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]

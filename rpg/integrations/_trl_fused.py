@@ -1,0 +1,385 @@
+r"""``RPGGRPOTrainer(..., fused_head=True)``: the training step through [`FusedLinearLoss`][rpg.fused.FusedLinearLoss].
+
+The policy's log-probs, entropies and loss come from the backbone's last hidden states and the LM
+head's weight (and bias) in one chunked pass — the ``[B, T, V]`` logits are never formed and the
+gradients of the hidden states and the head are computed during the forward pass. The old-policy
+and reference log-probs (computed under ``torch.no_grad()`` while TRL scores a generation batch)
+go through the chunked [`rpg.logprobs.from_hidden`][rpg.logprobs.from_hidden].
+
+The trainer's whole micro-batch loss — the rpg loss with TRL's counts, masks and weights, and TRL's
+(adaptive) entropy bonus — is one function of the per-token log-probs and entropies
+(``_StepLoss``), so the fused pass differentiates exactly what the unfused trainer differentiates.
+Two of TRL's masks need every token's value before the loss: the off-policy sequence mask (a
+sequence's mean of ``sampling − logp``) and the high-entropy token mask (a quantile of the batch's
+entropies). With either set, one extra head pass under ``torch.no_grad()`` (``from_hidden``, no
+logits kept) computes those values first.
+
+**The head.** ``model.get_output_embeddings()`` of the (unwrapped, PEFT base) model must be a plain
+linear map ``x·Wᵀ + b``: a ``torch.nn.Linear`` (tied to the input embeddings or not, with or without
+a bias); a PEFT LoRA ``Linear`` on it (``W + scaling·B·A``, the bias plus ``scaling·b_B`` with
+``lora_bias``; a ``[V, H]`` tensor is formed, not logits), when its LoRA dropout is 0 or the model is
+in eval mode, and without a LoRA variant such as DoRA; or PEFT's ``modules_to_save`` copy of it.
+Disabled or merged adapters use the base weight, as PEFT's forward does. The backbone is the
+model's ``base_model`` (``model.model`` for Llama/Qwen-style models). Anything else is refused
+with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs and
+MoE router losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..aggregation import aggregate
+from ..fused import FusedLinearLoss
+from ..logprobs import from_hidden
+
+try:  # PEFT is optional: without it a PEFT-wrapped head cannot be read and is refused as a non-linear module
+    from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+except ImportError:  # pragma: no cover - exercised only without peft
+    PeftModel = LoraLinear = BaseTunerLayer = ModulesToSaveWrapper = None
+
+_MULTIMODAL = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+# Config fields by which Hugging Face models scale or soft-cap their logits after the head.
+_LOGIT_MODIFIERS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def _hf_model(model):
+    """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate)."""
+    if PeftModel is not None and isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def check_model(model) -> None:
+    """Refuse, with the reason, a model whose head or logits the fused path cannot reproduce exactly."""
+    hf = _hf_model(model)
+    get = getattr(hf, "get_output_embeddings", None)
+    if get is None or get() is None:
+        raise ValueError(
+            f"fused_head=True needs the model's LM head: {type(hf).__name__}.get_output_embeddings() returned none"
+        )
+    backbone = getattr(hf, "base_model", None)
+    if backbone is None or backbone is hf:
+        raise ValueError(
+            f"fused_head=True runs the model's backbone without its head, and {type(hf).__name__} has no base_model"
+        )
+    config = getattr(hf, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _LOGIT_MODIFIERS:
+        value = getattr(text, name, None)
+        if value is not None and not (name != "final_logit_softcapping" and value == 1):
+            raise ValueError(
+                f"fused_head=True computes logits as hidden·Wᵀ + b; this model's config sets {name}={value!r}, "
+                "which transforms them after the head. Use fused_head=False"
+            )
+    if getattr(text, "output_router_logits", False):
+        raise ValueError(
+            "fused_head=True does not compute the MoE router load-balancing loss (output_router_logits=True): "
+            "use fused_head=False"
+        )
+    head_tensors(get(), training=True)  # refuses a head that is not a linear map (in training)
+
+
+def head_tensors(module, training: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` with ``module(x) == x·Wᵀ + b`` (differentiable in the module's parameters), or ``ValueError``.
+
+    ``training``: whether LoRA dropout would be active (``None``: the module's own mode).
+    """
+    if ModulesToSaveWrapper is not None and isinstance(module, ModulesToSaveWrapper):
+        active = module.active_adapters
+        if module.disable_adapters or not active or any(a not in module.modules_to_save for a in active):
+            return head_tensors(module.original_module, training)
+        return head_tensors(module.modules_to_save[active[0]], training)
+    if LoraLinear is not None and isinstance(module, LoraLinear):
+        return _lora_tensors(module, module.training if training is None else training)
+    if BaseTunerLayer is not None and isinstance(module, BaseTunerLayer):
+        raise ValueError(
+            f"fused_head=True supports LoRA (peft.tuners.lora.Linear) on the LM head; got {type(module).__name__}, "
+            "whose output is not read as one weight matrix here. Use fused_head=False"
+        )
+    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        return module.weight, module.bias
+    hint = "" if PeftModel is not None else " (a PEFT-wrapped head needs peft installed to be read)"
+    raise ValueError(
+        f"fused_head=True needs an LM head that is a plain linear map (torch.nn.Linear, or LoRA on one); "
+        f"got {type(module).__name__}{hint}. Use fused_head=False"
+    )
+
+
+def _lora_tensors(module, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, bias = head_tensors(module.get_base_layer(), training)
+    if module.disable_adapters or module.merged:  # PEFT's forward then runs the base layer alone
+        return weight, bias
+    if getattr(module, "fan_in_fan_out", False):
+        raise ValueError("fused_head=True: a LoRA head with fan_in_fan_out=True is not a torch.nn.Linear layout")
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}):
+            raise ValueError(
+                f"fused_head=True: the LoRA adapter {name!r} on the LM head uses a variant "
+                f"({type(module.lora_variant[name]).__name__}, e.g. DoRA), which is not a sum of weight matrices"
+            )
+        dropout = module.lora_dropout[name]
+        if training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            raise ValueError(
+                f"fused_head=True: the LoRA adapter {name!r} on the LM head has lora_dropout={dropout.p}, which drops "
+                "entries of each hidden state before B·A, so the head is not one weight matrix in training. "
+                "Use lora_dropout=0 for the head's adapter, or fused_head=False"
+            )
+        a, b_layer, scale = module.lora_A[name], module.lora_B[name], module.scaling[name]
+        weight = weight + (b_layer.weight @ a.weight) * scale
+        if b_layer.bias is not None:
+            bias = b_layer.bias * scale if bias is None else bias + b_layer.bias * scale
+    return weight, bias
+
+
+def _backbone_hidden(trainer, model, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
+    """``[B, T, H]`` last hidden states at the positions that predict the ``T`` completion tokens."""
+    hf = _hf_model(trainer.accelerator.unwrap_model(model))
+    with trainer.accelerator.autocast():
+        out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, -completion_length - 1 : -1]
+
+
+def _head(trainer, model):
+    return head_tensors(_hf_model(trainer.accelerator.unwrap_model(model)).get_output_embeddings())
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+def _refuse_extras(kwargs) -> None:
+    given = [k for k in _MULTIMODAL if kwargs.get(k) is not None]
+    if given:
+        raise ValueError(
+            f"fused_head=True supports text-only models; the batch has {', '.join(given)}. Use fused_head=False"
+        )
+
+
+def per_token_logps_and_entropies(
+    trainer,
+    model,
+    input_ids,
+    attention_mask,
+    logits_to_keep,
+    batch_size=None,
+    compute_entropy=False,
+    compute_aux_loss=False,
+    **kwargs,
+):
+    """TRL's ``_get_per_token_logps_and_entropies`` through ``from_hidden``: ``(logp, entropy | None, None)``.
+
+    Used for the old-policy and reference log-probs (under ``torch.no_grad()``); differentiable otherwise
+    (``from_hidden``'s exact gradient). Positions whose attention mask is 0 get 0, as in TRL.
+    """
+    _refuse_extras(kwargs)
+    if compute_aux_loss:
+        raise ValueError("fused_head=True does not compute the MoE router load-balancing loss")
+    t = logits_to_keep
+    batch_size = batch_size or input_ids.size(0)
+    weight, bias = _head(trainer, model)
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        hidden = _backbone_hidden(trainer, model, ids, am, t)
+        labels = ids[:, -t:].masked_fill(am[:, -t:] == 0, -100)
+        with _no_autocast(hidden.device):
+            got = from_hidden(
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                temperature=trainer.temperature,
+                return_entropy=compute_entropy,
+                ignore_index=-100,
+            )
+        logp, entropy = got if compute_entropy else (got, None)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+
+class _StepLoss:
+    """The trainer's micro-batch loss as one function of the per-token ``logp`` (and ``entropy``).
+
+    ``loss(logp, old, A, mask, ...)`` of the rpg loss with the window's counts, minus TRL's entropy
+    bonus c·Σ H·m′ / (max(Σ m′, 1)·GA) over the micro-batch's kept tokens m′. On-policy (no
+    ``old_per_token_logps``) π_old = sg(π_θ), and a token vLLM could not score (``behavior_logp``
+    NaN) gets ρ = 1, as in the unfused trainer. Every term is a sum over tokens with coefficients
+    fixed before the call, so [`FusedLinearLoss`][rpg.fused.FusedLinearLoss]'s chunks add up to it.
+
+    ``entropy_coef`` (> 0 when the loss needs the entropies) and ``ratio`` tell ``FusedLinearLoss``
+    what to compute and how to chunk. ``kept`` (the full ``[B, T]`` m′) is held when it is not the
+    call's mask, and then every call must cover the whole batch. The last call without gradient —
+    ``FusedLinearLoss``'s value call on the full batch — is kept in ``final`` for the bookkeeping.
+    """
+
+    def __init__(self, loss, *, on_policy, counts, bonus_coef, bonus_count, bonus_steps, kept, metric_entropy):
+        self.loss = loss
+        self.ratio = loss.ratio
+        self.on_policy = on_policy
+        self.counts = counts
+        self.bonus_coef = bonus_coef  # None: no TRL bonus
+        self.bonus_count = bonus_count  # Σ m′ over the micro-batch
+        self.bonus_steps = bonus_steps
+        self.kept = kept
+        self.metric_entropy = metric_entropy
+        self.entropy_coef = 1.0 if (bonus_coef is not None or loss.entropy_coef > 0) else 0.0
+        self.final = None
+
+    def __call__(self, logp, old, advantages, mask, *, behavior_logp=None, entropy=None, **kw):
+        kw.pop("batch_num_tokens", None)
+        kw.pop("global_batch_size", None)
+        if self.on_policy:
+            old = logp.detach()
+        if behavior_logp is not None:
+            behavior_logp = torch.where(torch.isnan(behavior_logp), old, behavior_logp)
+        value_call = not logp.requires_grad
+        loss_entropy = entropy
+        if loss_entropy is None and value_call and self.metric_entropy is not None:
+            loss_entropy = self.metric_entropy  # the unfused trainer passes the entropies it computed
+        tokens, sequences = self.counts
+        out = self.loss(
+            logp,
+            old,
+            advantages,
+            mask,
+            batch_num_tokens=tokens,
+            global_batch_size=sequences,
+            behavior_logp=behavior_logp,
+            entropy=loss_entropy,
+            **kw,
+        )
+        if self.bonus_coef is not None:
+            if self.kept is None:
+                kept = mask.bool()
+            elif self.kept.shape == mask.shape:
+                kept = self.kept
+            else:  # pragma: no cover - the trainer passes no counts to FusedLinearLoss in this case
+                raise RuntimeError("_StepLoss with a held token mask was called on a row shard")
+            count = self.bonus_count.clamp(min=1) * self.bonus_steps
+            mean = aggregate(entropy, kept, "token-mean", batch_num_tokens=count)
+            out.loss = out.loss - self.bonus_coef * mean
+        if value_call:
+            self.final = (logp, entropy)
+        return out
+
+
+def compute_loss(trainer, model, inputs):
+    """``RPGGRPOTrainer._compute_loss`` with the fused head (see the module docstring)."""
+    plan = trainer._rpg_plan
+    _refuse_extras(inputs)
+    if trainer.aux_loss_enabled:
+        raise ValueError("fused_head=True does not compute the MoE router load-balancing loss")
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    t = completion_ids.size(1)
+    hidden = _backbone_hidden(trainer, model, input_ids, attention_mask, t)
+    weight, bias = _head(trainer, model)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    advantages = inputs["advantages"]
+    if plan.sequence_from_config and advantages.dim() == 2 and advantages.size(1) > 1:
+        raise ValueError(
+            "per-token advantages [B, T] with importance_sampling_level='sequence': TRL differentiates the "
+            "sequence ratio through every token's term, rpg's sequence ratio is GSPO-token; not reproduced"
+        )
+    old = inputs.get("old_per_token_logps")
+    behavior = None
+    if plan.behavior:
+        behavior = inputs.get("sampling_per_token_logps")
+        if behavior is None:
+            raise ValueError(
+                "the loss's rollout correction needs sampling_per_token_logps, which TRL did not provide "
+                "(use_vllm=True, or a rollout_func that returns logprobs)"
+            )
+    # The masks that need every token's value first: one head pass without gradient.
+    pre_logp = pre_entropy = None
+    if plan.opsm_threshold is not None or plan.entropy_quantile is not None:
+        with torch.no_grad(), _no_autocast(hidden.device):
+            pre_logp, pre_entropy = from_hidden(
+                hidden.detach(),
+                weight.detach(),
+                completion_ids,
+                bias=None if bias is None else bias.detach(),
+                temperature=trainer.temperature,
+                return_entropy=True,
+            )
+    weights = None
+    if plan.opsm_threshold is not None:
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        sampling = inputs.get("sampling_per_token_logps", pre_logp if old is None else old)
+        keep = trainer.get_off_policy_mask(adv, pre_logp, sampling, mask, plan.opsm_threshold)
+        weights = keep.to(pre_logp.dtype).expand_as(pre_logp)
+    kept = mask.bool()
+    held = None
+    if plan.entropy_quantile is not None:
+        high = trainer.get_high_entropy_mask(pre_entropy, mask, 1 - plan.entropy_quantile)
+        kept = kept & high
+        held = kept
+        weights = high.to(pre_logp.dtype) if weights is None else weights * high
+    training = trainer.model.training
+    tokens, sequences = trainer._rpg_counts(inputs, mask, training)
+    coef = None
+    if plan.entropy_bonus:
+        coef = trainer.entropy_coef
+        if trainer.use_adaptive_entropy and not trainer._last_world_entropy <= trainer.args.entropy_target:
+            coef = 0.0  # as the unfused trainer: the gate uses the previous optimizer step's entropy
+    step_loss = _StepLoss(
+        trainer.rpg_loss,
+        on_policy=old is None,
+        counts=(tokens, sequences),
+        bonus_coef=coef,
+        bonus_count=torch.count_nonzero(kept),
+        bonus_steps=trainer.current_gradient_accumulation_steps if training else 1,
+        kept=held,
+        metric_entropy=pre_entropy if plan.entropy_quantile is not None else None,
+    )
+    # A held token mask only fits whole-batch calls: then FusedLinearLoss gets no counts (the loss has them).
+    shard = held is None or coef is None
+    fused = FusedLinearLoss(step_loss, chunk_size=trainer._rpg_fused_chunk_size)
+    with _no_autocast(hidden.device):
+        out = fused(
+            hidden,
+            weight,
+            completion_ids,
+            torch.zeros_like(mask, dtype=hidden.dtype) if old is None else old,
+            advantages,
+            mask,
+            bias=bias,
+            temperature=trainer.temperature,
+            ref_logp=inputs.get("ref_per_token_logps"),
+            behavior_logp=behavior,
+            weights=weights,
+            batch_num_tokens=tokens if shard else None,
+            global_batch_size=sequences if shard else None,
+        )
+    mode = "train" if training else "eval"
+    for name, value in out.local_metrics.items():  # TRL averages logged values over micro-batches
+        trainer._metrics[mode][f"rpg/{name}"].append(value)
+    if plan.entropy_bonus:  # the adaptive controller's bookkeeping on this micro-batch's entropies
+        trainer._rpg_entropy_bonus(step_loss.final[1].detach(), kept, training)
+    return out.loss
