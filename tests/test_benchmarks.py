@@ -20,3 +20,13 @@ def test_benchmark_runs(script, args):
     out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| rpg " in out.stdout and "|---|" in out.stdout
+
+
+def test_trl_step_benchmark_runs():
+    pytest.importorskip("trl", reason="the trl extra is not installed")
+    args = ["--batch", "2", "--prompt-len", "4", "--completion-len", "8", "--h", "16", "--v", "64", "--runs", "1"]
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "trl_step.py"), *args], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| RPGGRPOTrainer(fused_head=True) |" in out.stdout and "|---|" in out.stdout

@@ -21,8 +21,9 @@ a bias); a PEFT LoRA ``Linear`` on it (``W + scaling·B·A``, the bias plus ``sc
 in eval mode, and without a LoRA variant such as DoRA; or PEFT's ``modules_to_save`` copy of it.
 Disabled or merged adapters use the base weight, as PEFT's forward does. The backbone is the
 model's ``base_model`` (``model.model`` for Llama/Qwen-style models). Anything else is refused
-with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs and
-MoE router losses.
+with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs,
+MoE router losses and runs on several processes (the backbone is called outside the distributed
+wrapper's forward).
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def _hf_model(model):
     if PeftModel is not None and isinstance(model, PeftModel):
         return model.get_base_model()
     return model
+
+
+def check_trainer(trainer) -> None:
+    """Refuse a setup the fused path does not run exactly: several processes (the backbone and head are called
+    on the unwrapped model, outside a DDP/FSDP/DeepSpeed wrapper's forward, which that wrapper's gradient
+    synchronisation relies on)."""
+    processes = trainer.accelerator.num_processes
+    if processes > 1:
+        raise ValueError(
+            f"fused_head=True runs on one process; this run has {processes}: the backbone and the LM head are "
+            "called outside the distributed wrapper's forward, whose gradient synchronisation needs it. "
+            "Use fused_head=False"
+        )
 
 
 def check_model(model) -> None:

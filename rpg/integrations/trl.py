@@ -473,6 +473,7 @@ class RPGGRPOTrainer(GRPOTrainer):
         self._rpg_fused = fused_head
         self._rpg_fused_chunk_size = None  # FusedLinearLoss's default chunk
         if fused_head:
+            _trl_fused.check_trainer(self)
             _trl_fused.check_model(self.model)
             if self.ref_model is not None:
                 _trl_fused.check_model(self.ref_model)

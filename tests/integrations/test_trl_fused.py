@@ -296,6 +296,9 @@ def test_heads_the_fused_path_cannot_read_are_refused():
     batch = {"prompt_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"text-only.*pixel_values"):
         _trl_fused.compute_loss(s, None, batch)
+    s.accelerator.num_processes = 2
+    with pytest.raises(ValueError, match="one process; this run has 2"):
+        _trl_fused.check_trainer(s)
     with pytest.raises(TypeError, match="fused_head must be a bool"):
         RPGGRPOTrainer(model=None, fused_head="yes")
 
