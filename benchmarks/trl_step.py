@@ -189,8 +189,9 @@ def main() -> None:
 
     steps = {name: make_trainer(name, args, out_dir) for name in IMPLS}
     losses = {name: step().item() for name, step in steps.items()}  # also the warm-up
+    tol = 1e-4 if args.dtype == "float32" else 2e-2  # bf16: the paths round the logits differently
     for name, value in losses.items():
-        if abs(value - losses[STOCK]) > 1e-4 * max(1.0, abs(losses[STOCK])):
+        if abs(value - losses[STOCK]) > tol * max(1.0, abs(losses[STOCK])):
             raise SystemExit(f"{name}: loss {value} differs from stock TRL's {losses[STOCK]}")
     samples = {name: [] for name in IMPLS}
     for _ in range(args.runs):
