@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--peak-runs", type=int, default=1, help="fresh processes per trainer for the peak")
+    ap.add_argument("--peak-runs", type=int, default=1, help="fresh processes per trainer for the peak (0: none)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -216,15 +216,14 @@ def main() -> None:
     for name in IMPLS:
         time_ratio = [a / b for a, b in zip(samples[name], samples[STOCK], strict=True)]
         peak_ratio = [a / b for a, b in zip(peaks[name], peaks[STOCK], strict=True)]
-        s = samples[name]
+        s, p = samples[name], [x / 2**20 for x in peaks[name]]
         rows.append(
             [
                 name,
                 f"{statistics.median(s) * 1e3:.0f} ({min(s) * 1e3:.0f}–{max(s) * 1e3:.0f})",
                 _ratio_text(time_ratio),
-                f"{statistics.median(peaks[name]) / 2**20:.0f} ({min(peaks[name]) / 2**20:.0f}–"
-                f"{max(peaks[name]) / 2**20:.0f})",
-                _ratio_text(peak_ratio),
+                f"{statistics.median(p):.0f} ({min(p):.0f}–{max(p):.0f})" if p else "—",
+                _ratio_text(peak_ratio) if p else "—",
             ]
         )
     device = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"

@@ -28,19 +28,28 @@ wrapper's forward).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..aggregation import aggregate
 from ..fused import FusedLinearLoss
 from ..logprobs import from_hidden
 
-try:  # PEFT is optional: without it a PEFT-wrapped head cannot be read and is refused as a non-linear module
-    from peft import PeftModel
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
-except ImportError:  # pragma: no cover - exercised only without peft
-    PeftModel = LoraLinear = BaseTunerLayer = ModulesToSaveWrapper = None
+
+@functools.cache
+def _peft():
+    """PEFT's classes ``(PeftModel, lora.Linear, BaseTunerLayer, ModulesToSaveWrapper)``, or ``None`` without peft
+    (a PEFT-wrapped head then cannot be read and is refused as a module that is not a linear map)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover - exercised only without peft
+        return None
+    return PeftModel, LoraLinear, BaseTunerLayer, ModulesToSaveWrapper
+
 
 _MULTIMODAL = (
     "pixel_values",
@@ -66,7 +75,8 @@ _LOGIT_MODIFIERS = (
 
 def _hf_model(model):
     """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate)."""
-    if PeftModel is not None and isinstance(model, PeftModel):
+    peft = _peft()
+    if peft is not None and isinstance(model, peft[0]):
         return model.get_base_model()
     return model
 
@@ -119,21 +129,23 @@ def head_tensors(module, training: bool | None = None) -> tuple[torch.Tensor, to
 
     ``training``: whether LoRA dropout would be active (``None``: the module's own mode).
     """
-    if ModulesToSaveWrapper is not None and isinstance(module, ModulesToSaveWrapper):
+    peft = _peft()
+    _, lora_linear, tuner_layer, modules_to_save = peft if peft is not None else (None, None, None, None)
+    if modules_to_save is not None and isinstance(module, modules_to_save):
         active = module.active_adapters
         if module.disable_adapters or not active or any(a not in module.modules_to_save for a in active):
             return head_tensors(module.original_module, training)
         return head_tensors(module.modules_to_save[active[0]], training)
-    if LoraLinear is not None and isinstance(module, LoraLinear):
+    if lora_linear is not None and isinstance(module, lora_linear):
         return _lora_tensors(module, module.training if training is None else training)
-    if BaseTunerLayer is not None and isinstance(module, BaseTunerLayer):
+    if tuner_layer is not None and isinstance(module, tuner_layer):
         raise ValueError(
             f"fused_head=True supports LoRA (peft.tuners.lora.Linear) on the LM head; got {type(module).__name__}, "
             "whose output is not read as one weight matrix here. Use fused_head=False"
         )
     if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
         return module.weight, module.bias
-    hint = "" if PeftModel is not None else " (a PEFT-wrapped head needs peft installed to be read)"
+    hint = "" if peft is not None else " (a PEFT-wrapped head needs peft installed to be read)"
     raise ValueError(
         f"fused_head=True needs an LM head that is a plain linear map (torch.nn.Linear, or LoRA on one); "
         f"got {type(module).__name__}{hint}. Use fused_head=False"

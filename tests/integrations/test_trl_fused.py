@@ -250,6 +250,7 @@ def _lora(model, **kw):
     return peft.get_peft_model(model, config)
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # q_proj has no bias; lm_head has one
 def test_fused_head_with_lora_on_the_head_equals_the_unfused_path():
     model = _lora(_model(bias=True), lora_dropout=0.0, lora_bias=True)
     with torch.no_grad():  # LoRA's B starts at 0: move it so the adapter acts
