@@ -34,6 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import table
 
+# --masks: TRL's entropy bonus, high-entropy token mask and off-policy sequence mask, all on.
+MASKS = {"entropy_coef": 0.01, "top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.5}
 IMPLS = ("TRL GRPOTrainer", "RPGGRPOTrainer", "RPGGRPOTrainer(fused_head=True)")
 STOCK, FUSED = IMPLS[0], IMPLS[2]
 
@@ -106,6 +108,7 @@ def make_trainer(name, args, out_dir):
         beta=0.0,
         epsilon_high=0.28,
         save_strategy="no",
+        **(MASKS if args.masks else {}),
     )
     kw = dict(
         model=make_model(args),
@@ -169,6 +172,7 @@ def main() -> None:
     ap.add_argument("--peak-runs", type=int, default=1, help="fresh processes per trainer for the peak (0: none)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--masks", action="store_true", help=f"also set GRPOConfig {MASKS}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -205,6 +209,7 @@ def main() -> None:
     flags = []
     for k in ("batch", "prompt_len", "completion_len", "h", "v", "layers", "dtype", "threads", "device"):
         flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    flags += ["--masks"] if args.masks else []
     peaks = {name: [] for name in IMPLS}
     for _ in range(args.peak_runs):
         for name in IMPLS:  # interleaved fresh processes
@@ -230,10 +235,11 @@ def main() -> None:
     n = args.batch * args.completion_len
     import trl
 
+    masks = "".join(f", {k}={v}" for k, v in MASKS.items()) if args.masks else ""
     print(
         f"GRPO training step (compute_loss + backward + AdamW), Llama {args.layers} layers, H={args.h}, V={args.v}, "
         f"{args.dtype}, B={args.batch}, prompt {args.prompt_len} + completion T={args.completion_len} tokens "
-        f"({n} completion positions; float32 logits would be {n * args.v * 4 / 2**20:.0f} MiB), DAPO, off-policy; "
+        f"({n} completion positions; float32 logits would be {n * args.v * 4 / 2**20:.0f} MiB), DAPO, off-policy{masks}; "
         f"{device}, torch {torch.__version__}, trl {trl.__version__}; time: median of {args.runs} interleaved runs "
         f"(min–max); peak: above the pre-step memory, {args.peak_runs} fresh process(es) each\n"
     )

@@ -36,6 +36,6 @@ def test_trl_step_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert "| RPGGRPOTrainer(fused_head=True) |" in out and "|---|" in out
     # What each fresh process of the peak measurement runs:
     args = types.SimpleNamespace(
-        batch=2, prompt_len=4, completion_len=8, h=16, v=64, layers=1, dtype="float32", device="cpu"
+        batch=2, prompt_len=4, completion_len=8, h=16, v=64, layers=1, dtype="float32", device="cpu", masks=True
     )
     assert trl_step.peak_child(trl_step.FUSED, args, str(tmp_path)) >= 0
