@@ -214,6 +214,23 @@ def test_fused_head_on_policy_eval_and_default_chunk(kw, mk):
     _compare(_config(**kw), **mk)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"loss_type": "grpo", "beta": 0.04}, {"entropy_coef": 0.01, "top_entropy_quantile": 0.5}],
+    ids=["kl", "bonus"],
+)
+def test_fused_head_without_gradient_gives_the_same_loss(kw):
+    """Evaluation runs compute_loss under torch.no_grad(): FusedLinearLoss's lean path, no gradient work."""
+    args = _config(temperature=0.8, **kw)
+    model = _model(bias=True)
+    inputs = _inputs(args, model)
+    with torch.no_grad():
+        want = RPGGRPOTrainer._compute_loss(_stub(args, model, False, False), model, dict(inputs))
+        got = RPGGRPOTrainer._compute_loss(_stub(args, model, True, False), model, dict(inputs))
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_fused_head_runs_the_adaptive_entropy_controller_as_the_unfused_trainer():
     args = _config(
         loss_type="grpo",
