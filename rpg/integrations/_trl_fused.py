@@ -18,7 +18,8 @@ logits kept) computes those values first.
 linear map ``x·Wᵀ + b``: a ``torch.nn.Linear`` (tied to the input embeddings or not, with or without
 a bias); a PEFT LoRA ``Linear`` on it (``W + scaling·B·A``, the bias plus ``scaling·b_B`` with
 ``lora_bias``; a ``[V, H]`` tensor is formed, not logits), when its LoRA dropout is 0 or the model is
-in eval mode, and without a LoRA variant such as DoRA; or PEFT's ``modules_to_save`` copy of it.
+in eval mode, and without a LoRA variant such as DoRA (TRL 1.16's ``GRPOTrainer`` refuses LoRA on
+``lm_head`` itself); or PEFT's ``modules_to_save`` copy of it.
 Disabled or merged adapters use the base weight, as PEFT's forward does. The backbone is the
 model's ``base_model`` (``model.model`` for Llama/Qwen-style models). Anything else is refused
 with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs,

@@ -321,7 +321,7 @@ def test_heads_the_fused_path_cannot_read_are_refused():
         RPGGRPOTrainer(model=None, fused_head="yes")
 
 
-def _train(tmp_path, fused):
+def _train(tmp_path, fused, peft_config=None, beta=0.0):
     from datasets import Dataset
 
     from tests.integrations.test_trl import _model as tiny_model
@@ -343,7 +343,7 @@ def _train(tmp_path, fused):
         use_cpu=True,
         save_strategy="no",
         seed=0,
-        beta=0.0,
+        beta=beta,
         entropy_coef=0.01,
         bf16=False,
         fp16=False,
@@ -355,8 +355,9 @@ def _train(tmp_path, fused):
         train_dataset=dataset,
         processing_class=tokenizer,
         fused_head=fused,
+        peft_config=peft_config,
     )
-    return trainer, model
+    return trainer, trainer.model
 
 
 def test_a_training_run_with_the_fused_head_learns(tmp_path):
@@ -382,5 +383,33 @@ def test_a_training_run_with_the_fused_head_learns(tmp_path):
     # The same run unfused (same seed, same completions) ends at the same parameters (float32 round-off).
     unfused, reference = _train(tmp_path, False)
     unfused.train()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_lora_training_run_with_the_fused_head_equals_the_unfused_one(tmp_path):
+    """LoRA in the backbone and a trained copy of the head (PEFT's modules_to_save; TRL itself refuses LoRA on
+    lm_head), β > 0: TRL's reference is the model with its adapters disabled, scored here through from_hidden
+    with the original head."""
+    peft = pytest.importorskip("peft")
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    trainer, model = _train(tmp_path, True, peft.LoraConfig(**config), beta=0.04)
+    calls = []
+    real = _trl_fused.per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        calls.append(bool(a[1].get_base_model().lm_head.disable_adapters))
+        return real(*a, **kw)
+
+    _trl_fused.per_token_logps_and_entropies = spy
+    try:
+        trainer.train()
+    finally:
+        _trl_fused.per_token_logps_and_entropies = real
+    assert True in calls and False in calls  # reference (adapters off) and old log-probs (on)
+    unfused, reference = _train(tmp_path, False, peft.LoraConfig(**config), beta=0.04)
+    unfused.train()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save" in n for n, _ in trained) and any("lora_B" in n for n, _ in trained)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
