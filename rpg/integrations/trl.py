@@ -455,9 +455,9 @@ class RPGGRPOTrainer(GRPOTrainer):
     from the backbone's last hidden states and the LM head through
     [`FusedLinearLoss`][rpg.fused.FusedLinearLoss], without the logits (old and reference log-probs:
     [`from_hidden`][rpg.logprobs.from_hidden]); same loss and gradients, for every setting the trainer
-    accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias;
-    LoRA on it without dropout): other heads, logit scaling/soft-capping, MoE router losses and
-    multimodal inputs are refused.
+    accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias,
+    or PEFT's ``modules_to_save`` copy of one): other heads, logit scaling/soft-capping, MoE router
+    losses, multimodal inputs and runs on several processes are refused.
     """
 
     # --- fused head (rpg/integrations/_trl_fused.py): constructor argument ---
