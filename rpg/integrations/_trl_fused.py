@@ -6,13 +6,16 @@ gradients of the hidden states and the head are computed during the forward pass
 and reference log-probs (computed under ``torch.no_grad()`` while TRL scores a generation batch)
 go through the chunked [`rpg.logprobs.from_hidden`][rpg.logprobs.from_hidden].
 
-The trainer's whole micro-batch loss — the rpg loss with TRL's counts, masks and weights, and TRL's
-(adaptive) entropy bonus — is one function of the per-token log-probs and entropies
-(``_StepLoss``), so the fused pass differentiates exactly what the unfused trainer differentiates.
-Two of TRL's masks need every token's value before the loss: the off-policy sequence mask (a
-sequence's mean of ``sampling − logp``) and the high-entropy token mask (a quantile of the batch's
-entropies). With either set, one extra head pass under ``torch.no_grad()`` (``from_hidden``, no
-logits kept) computes those values first.
+The loss's inputs and the logged metrics are the unfused trainer's own (``_trl_step``: TRL's masks,
+counts, vLLM correction, metric names); the trainer's whole micro-batch loss — the rpg loss with
+those inputs, and TRL's (adaptive) entropy bonus — is one function of the per-token log-probs and
+entropies (``_StepLoss``), so the fused pass differentiates exactly what the unfused trainer
+differentiates, and its final values (log-probs, entropies, which are always computed: TRL logs
+``entropy`` for every config) give the metrics. Two of TRL's masks need every token's value before
+the loss: the off-policy sequence mask (a sequence's mean of ``sampling − logp``) and the
+high-entropy token mask (a quantile of the batch's entropies), as does an on-policy batch with a
+rollout correction (π_old = π_θ in ρ). Then one extra head pass under ``torch.no_grad()``
+(``from_hidden``, no logits kept) computes those values first.
 
 **The head.** ``model.get_output_embeddings()`` of the (unwrapped, PEFT base) model must be a plain
 linear map ``x·Wᵀ + b``: a ``torch.nn.Linear`` (tied to the input embeddings or not, with or without
@@ -239,7 +242,7 @@ def per_token_logps_and_entropies(
 class _StepLoss:
     """The trainer's micro-batch loss as one function of the per-token ``logp`` and ``entropy``.
 
-    ``loss(logp, old, A, mask, ...)`` of the rpg loss with the [`Step`][rpg.integrations._trl_step.Step]'s
+    ``loss(logp, old, A, mask, ...)`` of the rpg loss with the ``Step``'s
     counts, minus TRL's entropy bonus c·Σ H·m′ / (max(Σ m′, 1)·GA) over the micro-batch's kept tokens m′.
     On-policy (``step.old`` is ``None``) π_old = sg(π_θ) at each call, as in the unfused trainer. Every
     term is a sum over tokens with coefficients fixed before the call, so
@@ -249,7 +252,7 @@ class _StepLoss:
     config); ``ratio``, ``select`` and ``correction`` tell it how to chunk. When m′ is not the call's mask
     (``held``: TRL's high-entropy mask with a bonus) every call must cover the whole batch. The value call (no
     gradient: ``FusedLinearLoss``'s last, on the full batch) is kept in ``final``:
-    ``(logp, entropy, policy_loss)``, the last the rpg loss before the bonus.
+    ``(logp, entropy, policy_loss)``, ``policy_loss`` being the rpg loss without the bonus.
     """
 
     entropy_coef = 1.0

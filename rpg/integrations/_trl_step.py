@@ -4,18 +4,17 @@ One preparation and one set of metrics serve both ways the trainer computes the 
 from the model's logits, or with ``fused_head=True`` from the last hidden states and the LM head
 (``_trl_fused``):
 
-* [`prepare`][rpg.integrations._trl_step.prepare] turns TRL's batch into the loss's inputs (a
-  [`Step`][rpg.integrations._trl_step.Step]): the mask (× ``tool_mask``), the old, reference and
-  behaviour log-probs (a token vLLM could not score, NaN, gets ρ = 1), TRL's off-policy sequence
-  mask and high-entropy token mask as ``weights``, the window's counts, and for a sequence-level
-  term the weights' mean over each response with a token-level vLLM weight folded in. The two masks
-  need the policy's log-probs and entropies before the loss: the logits path passes its own, the
-  fused path a pass without gradient ([`needs_policy_values`][rpg.integrations._trl_step.needs_policy_values]).
-* [`bonus`][rpg.integrations._trl_step.bonus] is TRL's entropy bonus c·Σ H·m′ / (max(Σ m′, 1)·GA),
-  [`entropy_controller`][rpg.integrations._trl_step.entropy_controller] its adaptive coefficient.
-* [`log_metrics`][rpg.integrations._trl_step.log_metrics] logs GRPOTrainer's metric names with its
-  reductions (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
-  ``policy_loss``), rpg's own as ``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
+* ``prepare`` turns TRL's batch into the loss's inputs (a ``Step``): the mask (× ``tool_mask``), the
+  old, reference and behaviour log-probs (a token vLLM could not score, NaN, gets ρ = 1), TRL's
+  off-policy sequence mask and high-entropy token mask as ``weights``, the window's counts, and for a
+  sequence-level term the weights' mean over each response with a token-level vLLM weight folded in.
+  The two masks need the policy's log-probs and entropies before the loss: the logits path passes its
+  own, the fused path those of a pass without gradient (``needs_policy_values``).
+* ``bonus`` is TRL's entropy bonus c·Σ H·m′ / (max(Σ m′, 1)·GA), ``entropy_controller`` its adaptive
+  coefficient.
+* ``log_metrics`` logs GRPOTrainer's metric names with its reductions (``entropy``, ``kl``,
+  ``clip_ratio/*``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``), rpg's own as
+  ``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
 
 ``trainer`` is the ``RPGGRPOTrainer`` (its ``_rpg_plan``, counts, accelerator and ``_metrics``).
 """
@@ -97,7 +96,7 @@ def completion_mask(inputs) -> torch.Tensor:
 
 
 def needs_policy_values(plan, inputs) -> bool:
-    """Whether [`prepare`][rpg.integrations._trl_step.prepare] reads the policy's log-probs or entropies:
+    """Whether ``prepare`` reads the policy's log-probs or entropies:
     TRL's off-policy sequence mask, its high-entropy mask, or an on-policy batch (π_old = π_θ) with a
     rollout correction (ρ = 1 at an unscored token, and a token-level weight folded into the weights)."""
     on_policy_correction = plan.behavior and inputs.get("old_per_token_logps") is None
@@ -108,7 +107,7 @@ def prepare(trainer, inputs, logp: torch.Tensor | None, entropy: torch.Tensor | 
     """The loss's inputs from TRL's batch (see the module docstring).
 
     ``logp``, ``entropy``: the policy's values ``[B, T]`` without gradient, or ``None`` where
-    [`needs_policy_values`][rpg.integrations._trl_step.needs_policy_values] is false.
+    ``needs_policy_values`` is false.
     """
     plan = trainer._rpg_plan
     mask, advantages = completion_mask(inputs), inputs["advantages"]
