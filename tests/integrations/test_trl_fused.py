@@ -195,6 +195,26 @@ def test_fused_head_equals_the_unfused_trainer(i, kw):
     _compare(_config(temperature=temperature, **kw), tied=tied, bias=bias)
 
 
+def test_fused_head_equals_the_unfused_trainer_on_a_sample_of_the_grpo_config_grid():
+    """test_trl_grid's grid (loss type × clip × δ × KL × ratio level × vLLM mode × entropy options), a fixed
+    sample of the settings the trainer accepts: the same loss, gradients and metrics, fused or not."""
+    import random
+
+    from tests.integrations.test_trl_grid import grid
+
+    compared = 0
+    for i, kw in enumerate(random.Random(1).sample(list(grid()), 160)):
+        try:
+            args = _config(temperature=VARIANTS[i % len(VARIANTS)][0], **kw)
+            _plan(args, log=False)
+        except (ValueError, TypeError):  # GRPOConfig rejects it, or the trainer refuses it (test_trl_grid)
+            continue
+        _, tied, bias = VARIANTS[i % len(VARIANTS)]
+        _compare(args, tied=tied, bias=bias, nan_token=args.use_vllm)
+        compared += 1
+    assert compared >= 100, compared
+
+
 VLLM_SETTINGS = {
     "grpo-kl": {"loss_type": "grpo", "beta": 0.04},
     "bnpo-opsm-bonus-quantile": {
