@@ -1,12 +1,14 @@
-"""RPGGRPOTrainer(fused_head=True): the same loss and every parameter's gradient as the unfused trainer.
+"""RPGGRPOTrainer(fused_head=True): the same loss, every parameter's gradient and every logged metric as unfused.
 
 Both paths run RPGGRPOTrainer's real ``_compute_loss`` on a stub ``self`` (one process, the attributes
-GRPOTrainer derives from a real ``GRPOConfig``) with a tiny float64 Llama: the unfused one with the
-model's full logits, the fused one from its backbone's hidden states and its head. The grid covers every
-GRPOConfig setting the trainer maps (``MAPPED`` of test_trl_equivalence, which checks those against TRL's
-own loss), the vLLM correction modes, the adaptive entropy bonus, eval mode, tool masks and on-policy
-batches, over temperatures, tied/untied embeddings and a head with a bias. A real training run learns, and
-heads that are not linear maps are refused.
+GRPOTrainer derives from a real ``GRPOConfig``, every ``_rpg_*`` method bound) with a tiny float64 Llama: the
+unfused one with the model's full logits, the fused one from its backbone's hidden states and its head. Inputs
+are real log-probs (≤ 0). The grid covers every GRPOConfig setting the trainer maps (``MAPPED`` of
+test_trl_equivalence, which checks those against TRL's own loss), a sample of test_trl_grid's grid, the vLLM
+correction modes with an unscored token (off- and on-policy), given rpg losses, the adaptive entropy bonus,
+eval mode, tool masks and on-policy batches, over temperatures, tied/untied embeddings and a head with a bias;
+each compares the loss (1e-12), the gradients (1e-10) and the logged metrics (the same keys, values to 1e-9).
+Real training runs end at the unfused run's parameters, and what the fused path cannot reproduce is refused.
 """
 
 import contextlib
