@@ -121,13 +121,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "rpg.integrations.trl needs TRL: pip install 'rpg-losses[trl]' (from a clone of rpg: pip install -e '.[trl]')"
     ) from e
 
-from ..aggregation import aggregate
 from ..clipping import DUAL, HIGH, LOW, Clip, ClipRule, SoftGate, Truncate
-from ..correction import RolloutCorrection, correction_metrics
+from ..correction import RolloutCorrection
 from ..losses import PolicyLoss
-from ..objectives import REGISTRY, Ratios
 from ..presets import SAPOLoss, VESPOLoss
-from ..sequence import Gamma, correction_log_weight
+from ..sequence import Gamma
+from . import _trl_fused, _trl_step
 
 logger = logging.getLogger(__name__)
 
@@ -631,13 +630,23 @@ class RPGGRPOTrainer(GRPOTrainer):
     ``loss=None`` builds the loss from ``args`` ([`loss_from_grpo_config`][rpg.integrations.trl.loss_from_grpo_config]), reproducing TRL's own.
     All other arguments are ``GRPOTrainer``'s. See the module docstring for what the loss
     receives, how it is normalised, and which GRPOConfig settings are refused.
+
+    ``fused_head=True`` computes the training step's log-probs, entropies, loss and head gradients
+    from the backbone's last hidden states and the LM head through
+    [`FusedLinearLoss`][rpg.fused.FusedLinearLoss], without the logits (old and reference log-probs:
+    [`from_hidden`][rpg.logprobs.from_hidden]); same loss and gradients, for every setting the trainer
+    accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias,
+    or PEFT's ``modules_to_save`` copy of one): other heads, logit scaling/soft-capping, MoE router
+    losses, multimodal inputs and runs on several processes are refused.
     """
 
     args: GRPOConfig  # Trainer annotates TrainingArguments; GRPOTrainer is given a GRPOConfig
 
-    def __init__(self, *args, loss: PolicyLoss | None = None, **kwargs) -> None:
+    def __init__(self, *args, loss: PolicyLoss | None = None, fused_head: bool = False, **kwargs) -> None:
         if loss is not None and not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:  # refuse before TRL loads the models (a reference model with beta != 0)
             _plan(config, loss, has_rollout_logprobs=kwargs.get("rollout_func") is not None, log=False)
@@ -645,6 +654,18 @@ class RPGGRPOTrainer(GRPOTrainer):
         plan = _plan(self.args, loss, has_rollout_logprobs=getattr(self, "rollout_func", None) is not None)
         self._rpg_plan = plan
         self.rpg_loss = plan.loss
+        self._rpg_fused = fused_head
+        self._rpg_fused_chunk_size = None  # FusedLinearLoss's default chunk
+        if fused_head:
+            _trl_fused.check_trainer(self)
+            _trl_fused.check_model(self.model)
+            if self.ref_model is not None:
+                _trl_fused.check_model(self.ref_model)
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if getattr(self, "_rpg_fused", False):  # old/reference log-probs through from_hidden
+            return _trl_fused.per_token_logps_and_entropies(self, model, *args, **kwargs)
+        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def _rpg_counts(self, inputs, mask: torch.Tensor, training: bool):
         """``(batch_num_tokens, global_batch_size)`` of this process's gradient-accumulation window."""
@@ -661,237 +682,30 @@ class RPGGRPOTrainer(GRPOTrainer):
             tokens = tokens * steps / self.args.steps_per_generation
         return tokens, sequences
 
-    def _rpg_entropy_bonus(self, entropies, kept, training: bool):
-        """TRL's bonus term c·Ĥ (subtract it): Ĥ = Σ H·m′ / (max(Σ m′, 1)·GA) over this micro-batch, and the
-        adaptive controller's bookkeeping (GRPOTrainer's state and update, so its checkpoints load)."""
-        steps = self.current_gradient_accumulation_steps if training else 1
-        count = torch.count_nonzero(kept)
-        mean = aggregate(entropies, kept, "token-mean", batch_num_tokens=count.clamp(min=1) * steps)
-        coef = self.entropy_coef
-        if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
-            coef = 0.0  # the gate uses the previous optimizer step's entropy (inf before the first)
-        if self.use_adaptive_entropy and training:
-            zero = torch.zeros((), dtype=entropies.dtype, device=entropies.device)
-            window = torch.stack([torch.where(kept, entropies.detach(), zero).sum(), count.to(entropies.dtype)])
-            stats = self._entropy_window_stats
-            self._entropy_window_stats = window if stats is None else stats + window  # type: ignore[assignment]
-            if self.accelerator.sync_gradients:  # optimizer step: world mean over the window, then move the coef
-                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                world = (total[0] / total[1].clamp(min=1.0)).item()
-                a = self.args
-                if world <= a.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
-                else:
-                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
-                self._last_world_entropy = world
-                self._entropy_window_stats = None
-        if training and self.accelerator.sync_gradients:
-            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
-        return coef * mean
-
     def _compute_loss(self, model, inputs):
-        plan = self._rpg_plan
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        extra = (
-            "pixel_values",
-            "image_grid_thw",
-            "num_images",
-            "pixel_attention_mask",
-            "spatial_shapes",
-            "num_tiles",
-            "image_sizes",
-            "token_type_ids",
-            "mm_token_type_ids",
-            "image_position_ids",
-        )
+        if getattr(self, "_rpg_fused", False):  # fused head: rpg/integrations/_trl_fused.py
+            return _trl_fused.compute_loss(self, model, inputs)
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         # Entropies always, as TRL: its "entropy" metric is logged for every config.
         logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
-            input_ids,
-            attention_mask,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             completion_ids.size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs[k] for k in extra if inputs.get(k) is not None},
+            **{k: inputs[k] for k in _trl_step.MULTIMODAL if inputs.get(k) is not None},
         )
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        advantages = inputs["advantages"]
-        if plan.sequence_from_config and advantages.dim() == 2 and advantages.size(1) > 1:
-            raise ValueError(
-                "per-token advantages [B, T] with importance_sampling_level='sequence': TRL differentiates the "
-                "sequence ratio through every token's term, rpg's sequence ratio is GSPO-token; not reproduced"
-            )
-        old = inputs.get("old_per_token_logps")
-        old = logp.detach() if old is None else old
-        behavior = None
-        if plan.behavior:
-            behavior = inputs.get("sampling_per_token_logps")
-            if behavior is None:
-                raise ValueError(
-                    "the loss's rollout correction needs sampling_per_token_logps, which TRL did not provide "
-                    "(use_vllm=True, or a rollout_func that returns logprobs)"
-                )
-            behavior = torch.where(torch.isnan(behavior), old, behavior)  # unscored token: ρ = 1, as in TRL
-        weights = None
-        if plan.opsm_threshold is not None:
-            adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-            sampling = inputs.get("sampling_per_token_logps", old)
-            keep = self.get_off_policy_mask(adv, logp, sampling, mask, plan.opsm_threshold)
-            weights = keep.to(logp.dtype).expand_as(logp)
-        kept = mask.bool()
-        if plan.entropy_quantile is not None:
-            high = self.get_high_entropy_mask(entropies, mask, 1 - plan.entropy_quantile)
-            kept = kept & high
-            weights = high.to(logp.dtype) if weights is None else weights * high
-        training = self.model.training
-        mode = "train" if training else "eval"
-        tokens, sequences = self._rpg_counts(inputs, mask, training)
-        if plan.mean_weights and behavior is not None and self.rpg_loss.correction.level == "token":
-            # A token-level vLLM weight on a sequence-level term: folded into the weights (averaged below).
-            correction = self.rpg_loss.correction
-            rho = correction.weight(old.detach(), behavior.detach(), mask.bool())
-            weights = rho if weights is None else weights * rho
-            self._rpg_log_correction(mode, old, behavior, mask, correction)
-            behavior = None
-        if plan.mean_weights and weights is not None:
-            weights = _response_mean(weights, mask)
-        out = self.rpg_loss(
-            logp,
-            old,
-            advantages,
-            mask,
-            ref_logp=inputs.get("ref_per_token_logps"),
-            behavior_logp=behavior,
-            batch_num_tokens=tokens,
-            global_batch_size=sequences,
-            weights=weights,
-            entropy=entropies,
-        )
-        for name, value in out.metrics.items():  # per-call means: TRL averages logged values over micro-batches
-            key = name if name.startswith("rollout_corr/") else f"rpg/{name}"
-            self._metrics[mode][key].append(value)
+        step = _trl_step.prepare(self, inputs, logp.detach(), entropies.detach())
+        old = logp.detach() if step.old is None else step.old
+        out = self.rpg_loss(logp, old, step.advantages, step.mask, entropy=entropies, **step.loss_kwargs())
+        _trl_step.log_metrics(self, step, out, logp, old, entropies, out.loss)
         loss = out.loss
-        self._rpg_log_trl_metrics(
-            mode, logp, old, advantages, mask, entropies, inputs.get("ref_per_token_logps"), behavior
-        )
-        steps = self.current_gradient_accumulation_steps if training else 1
-        window = plan.loss.agg == "token-mean" and not plan.bnpo_counts and inputs.get("num_items_in_batch") is not None
-        policy_loss = loss.detach() if window else loss.detach() * steps  # TRL's: before the accumulation scale
-        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-        if plan.entropy_bonus:
-            loss = loss - self._rpg_entropy_bonus(entropies, kept, training)
+        if step.bonus_coef is not None:
+            count = torch.count_nonzero(step.kept)
+            loss = loss - _trl_step.bonus(step.bonus_coef, entropies, step.kept, count, step.steps)
+            _trl_step.entropy_controller(self, step, entropies)
         if self.aux_loss_enabled:  # MoE load balancing, scaled for accumulation as TRL does
-            loss = loss + self.router_aux_loss_coef * aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+            loss = loss + self.router_aux_loss_coef * aux_loss / step.steps
+            self._metrics[step.mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
-
-    def _rpg_log_correction(self, mode, old, behavior, mask, correction) -> None:
-        """rpg's ``rollout_corr/`` metrics where the trainer applies the correction's weight itself."""
-        values = correction_metrics(old.detach().double(), behavior.detach().double(), mask.bool(), correction)
-        for name, value in values.items():
-            self._metrics[mode][name].append(float(value))
-
-    def _rpg_log_trl_metrics(self, mode, logp, old, advantages, mask, entropies, ref, behavior=None) -> None:
-        """GRPOTrainer's loss metrics under its names and reductions (token-weighted means reduced over
-        processes; per-sequence min/max gathered): ``entropy``, ``kl``, ``clip_ratio/*`` or ``cispo_clip_ratio``."""
-        plan, loss = self._rpg_plan, self._rpg_plan.loss
-        with torch.no_grad():
-            adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-            adv = adv.to(logp.dtype)
-
-            # TRL's reductions, dtypes included (indicators in float32, counts as mask.sum().float()), so
-            # the logged numbers are TRL's to the last bit on the same inputs.
-            def global_mean(x):  # a [B, 1] value counts once per sequence, a [B, T] one per token
-                if x.size(1) == 1:
-                    part = torch.stack([x.sum(), torch.tensor(float(x.size(0)), device=x.device)])
-                else:
-                    part = torch.stack([(x * mask).sum(), mask.sum().float()])
-                total = self.accelerator.reduce(part, reduction="sum")
-                return (total[0] / total[1].clamp(min=1.0)).item()
-
-            def seq_mean(x):
-                return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
-
-            metrics = self._metrics[mode]
-            metrics["entropy"].append(global_mean(entropies.detach()))
-            r = Ratios(logp.detach(), old.detach(), None if ref is None else ref.detach())
-            if loss.kl is not None and loss.beta != 0:  # the loss's KL term, β excluded (TRL's per_token_kl)
-                value = torch.zeros_like(r.log_w)
-                REGISTRY[loss.kl].accumulate(value, torch.zeros_like(value), 1.0, r)
-                metrics["kl"].append(global_mean(value))
-            log_w = r.log_w
-            if loss.ratio == "sequence":
-                log_w = (log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-            coef = torch.exp(log_w)
-            spec = plan.trl_metrics
-            if spec[0] == "unclipped":
-                return
-            if spec[0] == "vespo":  # φ(W) per sequence, TRL's "vespo/phi_seq_mean" (one value per row)
-                metrics["vespo/phi_seq_mean"].append(global_mean(self._rpg_vespo_phi(r, adv, mask, behavior)))
-                return
-            if spec[0] == "cispo":
-                cap = math.inf if spec[1] == "none" else spec[1]
-                if spec[1] == "codes":
-                    clipped = self._rpg_codes(r, adv, mask) == HIGH
-                else:
-                    clipped = (coef > cap) & (adv > 0)
-                metrics["cispo_clip_ratio"].append(global_mean(clipped.float()))
-                return
-            if spec[1] == "codes":
-                code = self._rpg_codes(r, adv, mask)
-                low, high = code == LOW, code == HIGH
-            elif spec[1] == "none":
-                low = high = torch.zeros_like(coef, dtype=torch.bool)
-            else:
-                eps_low, eps_high, delta = spec[1:]
-                if delta is not None:  # TRL counts with min(r, δ)
-                    coef = torch.clamp(coef, max=delta)
-                low = (coef < 1 - eps_low) & (adv < 0)
-                high = (coef > 1 + eps_high) & (adv > 0)
-            low, high = low.float(), high.float()
-            metrics["clip_ratio/low_mean"].append(global_mean(low))
-            metrics["clip_ratio/high_mean"].append(global_mean(high))
-            metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
-            metrics["clip_ratio/low_min"].append(_nanmin(self.accelerator.gather(seq_mean(low))))
-            metrics["clip_ratio/high_max"].append(_nanmax(self.accelerator.gather(seq_mean(high))))
-
-    def _rpg_vespo_phi(self, r, adv, mask, behavior):
-        """``[B, 1]`` φ(W) of the loss's kernel, W = Π_t r_t (times the correction's weight, as the loss)."""
-        cfg = self._rpg_plan.loss.loss_config
-        m = mask.bool()
-        log_big_w = torch.where(m, r.log_w, torch.zeros((), dtype=r.log_w.dtype)).sum(-1, keepdim=True)
-        if behavior is not None:
-            correction = cfg.correction if cfg.correction is not None else RolloutCorrection()
-            weight = correction.weight(r.old_logp, behavior.detach().to(r.old_logp.dtype), m)
-            log_big_w = log_big_w + correction_log_weight(weight, m, correction.level)
-        up = adv[:, :1] >= 0 if adv.size(1) > 1 else adv >= 0
-        return cfg.kernel.log_phi(log_big_w, up).exp()
-
-    def _rpg_codes(self, r, adv, mask):
-        """A given loss's own clip codes (rpg's view of the ratio and the sign), for TRL's clip metric names."""
-        from .._kernel import clip_view
-
-        cfg = self._rpg_plan.loss.loss_config
-        return cfg.clip.codes(*clip_view(r, adv, mask.bool(), cfg))
-
-
-def _response_mean(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]``: every token's weight replaced by the masked mean of its response's weights."""
-    m = mask.to(weights.dtype)
-    mean = (weights * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    return mean.expand_as(weights)
-
-
-def _nanmin(x: torch.Tensor) -> float:
-    """min ignoring NaN (NaN if all are), as TRL's ``nanmin``."""
-    x = x[~torch.isnan(x)]
-    return x.min().item() if x.numel() else float("nan")
-
-
-def _nanmax(x: torch.Tensor) -> float:
-    """max ignoring NaN (NaN if all are), as TRL's ``nanmax``."""
-    x = x[~torch.isnan(x)]
-    return x.max().item() if x.numel() else float("nan")
