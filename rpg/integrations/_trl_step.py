@@ -325,11 +325,11 @@ def _vespo_phi(loss, r, adv, mask, behavior):
 
 
 def _codes(loss, r, adv, mask):
-    """A given loss's own clip codes (rpg's view of the ratio and the sign), for TRL's clip metric names."""
-    from .._kernel import clip_view
+    """A given loss's own clip codes (rpg's view of the ratio and the sign, A's for TOPR), for TRL's clip
+    metric names: the codes of the loss's own ``clip_frac``."""
+    from .._kernel import clip_codes
 
-    cfg = loss.loss_config
-    return cfg.clip.codes(*clip_view(r, adv, mask.bool(), cfg))
+    return clip_codes(r, adv, mask.bool(), loss.loss_config)
 
 
 def _nanmin(x: torch.Tensor) -> float:

@@ -529,3 +529,15 @@ def test_a_lora_training_run_with_the_fused_head_equals_the_unfused_one(tmp_path
     assert any("lm_head.modules_to_save" in n for n, _ in trained) and any("lora_B" in n for n, _ in trained)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trl_clip_names_count_what_the_losss_clip_frac_counts():
+    """TOPR with a KL term: TRL's clip_ratio/* read the loss's own codes, which for SignedTruncate follow the
+    sign of A (not of the REINFORCE weight, which a large β·KL flips): region_mean equals rpg/clip_frac."""
+    loss = rpg.TOPRLoss().replace(beta=3.0, kl="rkl")
+    args = _config(beta=3.0)
+    model = _model()
+    _, _, s = _loss_and_grads(args, model, _inputs(args, model), False, loss=loss)
+    m = s._metrics["train"]
+    assert m["rpg/clip_frac"][0] > 0
+    assert m["clip_ratio/region_mean"][0] == pytest.approx(m["rpg/clip_frac"][0], rel=1e-6)
