@@ -100,7 +100,9 @@ over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio
 TRL logs it only with an entropy bonus), ``entropy_coef`` and ``aux_loss``. For a loss built from
 GRPOConfig the clip ratios are TRL's definitions with GRPOConfig's ε, ε_high, δ; a given loss reports
 its own clip rule's clipped tokens under the same names. rpg's own metrics are logged as
-``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
+``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``: per-call means, reduced over
+processes (token-weighted means; min / max for ``*min`` / ``*max``), so a multi-process step logs what
+one process holding the same micro-batch logs.
 
 A Mixture-of-Experts router loss is added as TRL does, and logged as ``aux_loss``.
 (TRL averages logged values over micro-batches, so rpg's are per-call means.)
@@ -770,9 +772,7 @@ class RPGGRPOTrainer(GRPOTrainer):
             weights=weights,
             entropy=entropies,
         )
-        for name, value in out.metrics.items():  # per-call means: TRL averages logged values over micro-batches
-            key = name if name.startswith("rollout_corr/") else f"rpg/{name}"
-            self._metrics[mode][key].append(value)
+        self._rpg_log_metrics(mode, out.metrics, mask)
         loss = out.loss
         self._rpg_log_trl_metrics(
             mode, logp, old, advantages, mask, entropies, inputs.get("ref_per_token_logps"), behavior
@@ -791,8 +791,45 @@ class RPGGRPOTrainer(GRPOTrainer):
     def _rpg_log_correction(self, mode, old, behavior, mask, correction) -> None:
         """rpg's ``rollout_corr/`` metrics where the trainer applies the correction's weight itself."""
         values = correction_metrics(old.detach().double(), behavior.detach().double(), mask.bool(), correction)
-        for name, value in values.items():
-            self._metrics[mode][name].append(float(value))
+        self._rpg_log_metrics(mode, {k: float(v) for k, v in values.items()}, mask)
+
+    def _rpg_log_metrics(self, mode, metrics: dict[str, float], mask: torch.Tensor) -> None:
+        """Log one call's rpg metrics (per-call means) as ``rpg/<name>`` (``rollout_corr/`` names as they are),
+        reduced over processes as TRL reduces its own: ``*min``/``*max`` as the min/max over processes, the rest
+        as the mean of the processes' values weighted by their token counts (Σ_p n_p·x_p / Σ_p n_p, n_p the
+        call's ``mask`` count) — the token mean over all processes' tokens for every token-mean metric, so a
+        multi-process step logs what one process holding the same batch logs; ``ratio/ess`` is recombined
+        from each process's Σw and Σw² (a token-weighted mean if a weight is infinite); the per-sequence
+        ``rollout_corr/`` values do not add up: they are token-weighted means of the processes' values. TRL then averages the logged values over the micro-batches of a logging step."""
+        names = list(metrics)
+        if self.accelerator.num_processes > 1 and names:
+            values = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=mask.device)
+            count = torch.count_nonzero(mask).to(torch.float64).reshape(1)
+            rows = self.accelerator.gather(torch.cat([values, count]).unsqueeze(0))  # [P, K + 1]
+            values, counts = rows[:, :-1], rows[:, -1:]
+            weighted = (values * counts).sum(0) / counts.sum().clamp(min=1.0)
+            seen = counts > 0  # a process without tokens has no min/max (its call logs 0)
+            inf = torch.tensor(math.inf, dtype=values.dtype, device=values.device)
+            low = torch.where(seen, values, inf).min(0).values
+            high = torch.where(seen, values, -inf).max(0).values
+            zero = torch.zeros_like(weighted)
+            low, high = torch.where(seen.any(), low, zero), torch.where(seen.any(), high, zero)
+            reduced = [
+                low[i] if k.endswith("min") else high[i] if k.endswith("max") else weighted[i]
+                for i, k in enumerate(names)
+            ]
+            if "ratio/ess" in names and "ratio/mean" in names:  # (Σw)² / (n·Σw²) from each process's Σw, Σw²
+                i, j = names.index("ratio/ess"), names.index("ratio/mean")
+                n, ess = counts[:, 0], values[:, i]
+                sum_w = values[:, j] * n
+                ok = (n == 0) | (torch.isfinite(sum_w) & (ess > 0))
+                if seen.any() and bool(ok.all()):  # else (an infinite weight) the token-weighted mean above
+                    sum_w2 = torch.where(n > 0, sum_w * sum_w / (n * ess).clamp(min=1e-300), 0.0)
+                    reduced[i] = sum_w.sum() ** 2 / (n.sum() * sum_w2.sum()).clamp(min=1e-300)
+            metrics = dict(zip(names, torch.stack(reduced).tolist(), strict=True))
+        for name, value in metrics.items():
+            key = name if name.startswith("rollout_corr/") else f"rpg/{name}"
+            self._metrics[mode][key].append(value)
 
     def _rpg_log_trl_metrics(self, mode, logp, old, advantages, mask, entropies, ref, behavior=None) -> None:
         """GRPOTrainer's loss metrics under its names and reductions (token-weighted means reduced over
