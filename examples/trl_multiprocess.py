@@ -2,8 +2,10 @@
 
     python examples/trl_multiprocess.py            # launches both runs, compares, exits 1 on a mismatch
 
-Runs ``accelerate launch --cpu --num_processes 2`` (gloo) and ``--num_processes 1`` of
-``rpg.integrations.trl.RPGGRPOTrainer`` on a tiny random Llama in float64, with the same global batch
+Runs ``python -m torch.distributed.run --nproc_per_node 2`` and ``--nproc_per_node 1`` of
+``rpg.integrations.trl.RPGGRPOTrainer`` on a tiny random Llama (float64 weights) on CPU: Accelerate sees the
+launcher's environment and trains data-parallel over gloo (``accelerate launch --cpu --num_processes 2`` starts
+one process unless it is given an MPI host file, hence the torch launcher). Both runs see the same global batch
 (``per_device_train_batch_size`` 2 x 2 processes vs 4 x 1, groups of 4 completions that span both processes,
 ``num_iterations`` 2, three optimizer steps), then compares
 
@@ -16,7 +18,8 @@ the step and of the row's place in the global batch (not sampled), so both runs 
 the same rule-based reward, with response lengths that differ from row to row and from process to process.
 
 ``--break`` scales the second process's loss by 1.5 (the check must then fail); ``--worker`` is the
-per-process entry point that ``accelerate launch`` runs.
+per-process entry point that the launcher runs; a run that does not finish within ``--timeout`` seconds
+is killed and fails.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -160,8 +164,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, out: Path, model_path: Path, broken: bool = False, timeout: float = 300.0) -> dict:
-    """One ``accelerate launch --cpu --num_processes nproc`` run of :func:`worker`; its saved result."""
+def start(nproc: int, out: Path, model_path: Path, broken: bool = False) -> subprocess.Popen:
+    """Start one ``torch.distributed.run --nproc_per_node nproc`` run of ``worker`` (in its own session)."""
+    import rpg  # the processes import the rpg this process imported (a checkout's or the installed one)
+
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc)]
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker", "--out", str(out)]
@@ -169,13 +175,23 @@ def launch(nproc: int, out: Path, model_path: Path, broken: bool = False, timeou
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env["TRL_EXPERIMENTAL_SILENCE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
+        p for p in (str(Path(rpg.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
     )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def finish(proc: subprocess.Popen, nproc: int, out: Path, deadline: float) -> dict:
+    """Wait for a run that ``start`` began until ``deadline`` (``time.monotonic()``); its saved result."""
+    try:
+        stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: a hang fails instead of blocking
+        proc.communicate()
+        raise RuntimeError(f"the {nproc}-process run did not finish in time") from None
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{nproc}-process run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
+        raise RuntimeError(f"{nproc}-process run failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
     result = torch.load(out / "result.pt")
     if result["nproc"] != nproc:
         raise RuntimeError(f"the run had {result['nproc']} processes, not {nproc}")
@@ -218,13 +234,22 @@ def compare(one: dict, two: dict) -> dict:
 
 
 def run(broken: bool = False, timeout: float = 300.0) -> dict:
-    """Both runs in a temporary directory, compared: :func:`compare`'s dict plus the wall time."""
+    """Both runs, at once, in a temporary directory, killed if not done within ``timeout`` seconds;
+    ``compare``'s dict plus the wall time."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_model(root / "model")
-        one = launch(1, root / "one", root / "model", timeout=timeout)
-        two = launch(2, root / "two", root / "model", broken=broken, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        runs = [start(n, root / name, root / "model", broken and n == 2) for n, name in ((1, "one"), (2, "two"))]
+        try:  # both runs at once: three processes
+            one = finish(runs[0], 1, root / "one", deadline)
+            two = finish(runs[1], 2, root / "two", deadline)
+        finally:
+            for proc in runs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
     return {**compare(one, two), "wall_s": time.perf_counter() - t0}
 
 
@@ -234,7 +259,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--break", dest="broken", action="store_true", help="scale process 1's loss by 1.5")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it counts as hung")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for both runs before they count as hung")
     a = parser.parse_args()
     if a.worker:
         worker(a.out, a.model, a.broken)

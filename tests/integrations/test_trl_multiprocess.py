@@ -1,0 +1,60 @@
+"""RPGGRPOTrainer data-parallel on two CPU processes (gloo) vs one process with the same global batch.
+
+Drives examples/trl_multiprocess.py: both runs train three steps of an rpg loss with a reference model and a
+token-mean over the global batch; every optimizer step's gradient and every logged value must agree.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the trl extra is not installed")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "trl_multiprocess.py"
+
+
+def _script():
+    if not SCRIPT.exists():
+        pytest.skip("examples/trl_multiprocess.py is not in this tree")
+    spec = importlib.util.spec_from_file_location("trl_multiprocess", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trl_multiprocess"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_processes_give_the_gradient_and_logs_of_one(tmp_path):
+    script = _script()
+    result = script.run(timeout=240.0)
+    assert not result["mismatches"], "\n".join(result["mismatches"])
+    for key in ("loss", "policy_loss", "kl", "entropy", "rpg/ratio/mean", "rpg/kl/term", "rpg/clip_frac"):
+        assert key in result["compared"]
+    assert 0.0 < result["max_rel"] < script.GRAD_RTOL  # nonzero: the runs really are different processes
+
+
+def _result(grads, loss=1.0):
+    return {"grads": grads, "logs": [{"step": 1, "loss": loss, "policy_loss": loss, "kl": 0.1}], "nproc": 1}
+
+
+def test_the_comparison_catches_a_process_weighted_differently():
+    """compare() on made-up results: float32-size noise passes, a gradient off by 1 % or a loss off by
+    1e-4 (relative) fails, and so does a missing step or a missing logged value."""
+    script = _script()
+    g = torch.linspace(-1.0, 1.0, 50, dtype=torch.float64)
+    one = _result([g, 2 * g])
+    logs = [{**h, "rpg/ratio/mean": 1.0, "rpg/kl/term": 0.1} for h in one["logs"]]
+    one["logs"] = logs
+    same = {**_result([g * (1 + 1e-8), 2 * g]), "logs": [dict(h) for h in logs]}
+    assert script.compare(one, same)["mismatches"] == []
+    off = {**_result([g, 2 * g * 1.01]), "logs": [dict(h) for h in logs]}
+    assert any("gradient of step 2" in m for m in script.compare(one, off)["mismatches"])
+    loss_off = {**_result([g, 2 * g]), "logs": [{**h, "loss": 1.0001} for h in logs]}
+    assert any("loss" in m for m in script.compare(one, loss_off)["mismatches"])
+    short = {**_result([g]), "logs": [dict(h) for h in logs]}
+    assert any("optimizer steps" in m for m in script.compare(one, short)["mismatches"])
+    unlogged = {**_result([g, 2 * g]), "logs": [{k: v for k, v in h.items() if k != "kl"} for h in logs]}
+    assert script.compare(one, unlogged)["mismatches"]
