@@ -1,6 +1,6 @@
 """RPGGRPOTrainer data-parallel on two CPU processes (gloo) vs one process with the same global batch.
 
-Drives examples/trl_multiprocess.py: both runs train three steps of an rpg loss with a reference model and a
+Drives tests/integrations/_trl_two_process.py: both runs train three steps of an rpg loss with a reference model and a
 token-mean over the global batch; every optimizer step's gradient and every logged value must agree.
 """
 
@@ -13,21 +13,19 @@ import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "trl_multiprocess.py"
+SCRIPT = Path(__file__).resolve().parent / "_trl_two_process.py"
 
 
 def _script():
-    if not SCRIPT.exists():
-        pytest.skip("examples/trl_multiprocess.py is not in this tree")
-    spec = importlib.util.spec_from_file_location("trl_multiprocess", SCRIPT)
+    spec = importlib.util.spec_from_file_location("_trl_two_process", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["trl_multiprocess"] = module
+    sys.modules["_trl_two_process"] = module
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-def test_two_processes_give_the_gradient_and_logs_of_one(tmp_path):
+def test_two_processes_give_the_gradient_and_logs_of_one():
     script = _script()
     result = script.run(timeout=240.0)
     assert not result["mismatches"], "\n".join(result["mismatches"])
