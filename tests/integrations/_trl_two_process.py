@@ -6,14 +6,20 @@ Runs ``python -m torch.distributed.run --nproc_per_node 2`` and ``--nproc_per_no
 ``rpg.integrations.trl.RPGGRPOTrainer`` on a tiny random Llama (float64 weights) on CPU: Accelerate sees the
 launcher's environment and trains data-parallel over gloo (``accelerate launch --cpu --num_processes 2`` starts
 one process unless it is given an MPI host file, hence the torch launcher). Both runs see the same global batch
-(``per_device_train_batch_size`` 2 x 2 processes vs 4 x 1, groups of 4 completions that span both processes,
-``num_iterations`` 2, three optimizer steps), then compares
+(``per_device_train_batch_size`` 2 x 2 processes vs 4 x 1), in two settings, three optimizer steps each:
+
+* one micro-batch per step, groups of 4 completions that span both processes;
+* two micro-batches per step (gradient accumulation), groups of 8.
+
+``num_iterations`` is 2 (the second pass over a batch is off-policy and clips). It compares
 
 * the gradient of every optimizer step (read just before ``optimizer.step()``, after DDP's all-reduce),
-* TRL's logged ``loss`` and ``policy_loss``, its ``kl``/``entropy``/``clip_ratio/*`` and rpg's ``rpg/*`` metrics.
+* every logged value: TRL's ``loss`` and ``policy_loss``, rewards, and with one micro-batch per step its
+  ``kl``/``entropy``/``clip_ratio/*`` and rpg's ``rpg/*`` metrics (per-micro-batch means: with two micro-batches
+  TRL shuffles each process's rows before splitting them, so the runs' micro-batches hold different rows).
 
-The loss is ``rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean")``: a reference model (β > 0), a proximal
-policy (``num_iterations`` 2) and a token-mean over the global batch. Completions are a fixed function of
+The loss is ``rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean")`` (RPG-style clip): a
+reference model (β > 0) and a token mean over the global batch. Completions are a fixed function of
 the step and of the row's place in the global batch (not sampled), so both runs score the same tokens with
 the same rule-based reward, with response lengths that differ from row to row and from process to process.
 
@@ -94,7 +100,11 @@ def _completion(step: int, row: int) -> list[int]:
     return [*ids, 1] if n < MAX_LEN else ids
 
 
+SETTINGS = ("one micro-batch", "two micro-batches")
+
+
 def worker(out: Path, model_path: Path, broken: bool) -> None:
+    """Train every setting in ``SETTINGS`` in this process; the main process saves the results."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig
@@ -112,50 +122,57 @@ def worker(out: Path, model_path: Path, broken: bool) -> None:
             loss = super()._compute_loss(model, inputs)
             return loss * 1.5 if broken and self.accelerator.process_index == 1 else loss
 
-    grads: list[torch.Tensor] = []
-
     class Grads(TrainerCallback):
+        def __init__(self):
+            self.grads: list[torch.Tensor] = []
+            self.trainer: Trainer | None = None
+
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            params = trainer.accelerator.unwrap_model(trainer.model).parameters()
-            grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
+            params = self.trainer.accelerator.unwrap_model(self.trainer.model).parameters()
+            self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in params]))
 
     nproc = int(os.environ.get("WORLD_SIZE", "1"))
-    args = GRPOConfig(
-        output_dir=str(out / "trainer"),
-        per_device_train_batch_size=GLOBAL_BATCH // nproc,
-        gradient_accumulation_steps=1,
-        num_generations=4,
-        max_completion_length=MAX_LEN,
-        max_steps=3,
-        num_iterations=2,
-        beta=0.05,
-        loss_type="dapo",
-        learning_rate=0.05,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=0,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
-    loss = rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean")
-    trainer = Trainer(
-        loss=loss,
-        model=model,
-        reward_funcs=count_a,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        processing_class=_tokenizer(),
-        callbacks=[Grads()],
-    )
-    trainer.train()
-    if trainer.accelerator.is_main_process:
+    results = {}
+    for setting in SETTINGS:
+        accumulate = setting == "two micro-batches"  # a group of 8 per optimizer step, 2 micro-batches
+        args = GRPOConfig(
+            output_dir=str(out / "trainer"),
+            per_device_train_batch_size=GLOBAL_BATCH // nproc,
+            gradient_accumulation_steps=2 if accumulate else 1,
+            num_generations=8 if accumulate else 4,
+            max_completion_length=MAX_LEN,
+            max_steps=3,
+            num_iterations=2,
+            beta=0.05,
+            loss_type="dapo",
+            learning_rate=0.05,
+            max_grad_norm=0.0,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+        grads = Grads()
+        trainer = Trainer(
+            loss=rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean"),
+            model=model,
+            reward_funcs=count_a,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+            processing_class=_tokenizer(),
+            callbacks=[grads],
+        )
+        grads.trainer = trainer
+        trainer.train()
         logs = [{k: v for k, v in h.items() if k not in SKIP_METRICS} for h in trainer.state.log_history]
-        torch.save({"grads": grads, "logs": logs, "nproc": trainer.accelerator.num_processes}, out / "result.pt")
+        results[setting] = {"grads": grads.grads, "logs": logs}
+    if trainer.accelerator.is_main_process:
+        torch.save({"settings": results, "nproc": trainer.accelerator.num_processes}, out / "result.pt")
 
 
 def _free_port() -> int:
@@ -198,8 +215,12 @@ def finish(proc: subprocess.Popen, nproc: int, out: Path, deadline: float) -> di
     return result
 
 
-def compare(one: dict, two: dict) -> dict:
-    """Max abs/rel gradient difference and the logged values that disagree (``mismatches``, empty if none)."""
+def compare(one: dict, two: dict, accumulate: bool = False) -> dict:
+    """Max abs/rel gradient difference and the logged values that disagree (``mismatches``, empty if none).
+    With ``accumulate``, the per-micro-batch token means (``kl``, ``entropy``, ``clip_ratio/*``, ``rpg/*``)
+    are not compared: TRL shuffles each process's generation batch before splitting it into micro-batches,
+    so the runs' micro-batches hold different rows (their sums over the window, the gradient and the
+    losses, agree)."""
     mismatches = []
     if len(one["grads"]) != len(two["grads"]) or not one["grads"]:
         mismatches.append(f"optimizer steps: {len(one['grads'])} vs {len(two['grads'])}")
@@ -219,6 +240,8 @@ def compare(one: dict, two: dict) -> dict:
         if set(h1) != set(h2):
             mismatches.append(f"logged keys differ: {sorted(set(h1) ^ set(h2))}")
         for key in set(h1) & set(h2):
+            if accumulate and (key in ("kl", "entropy") or key.startswith(("clip_ratio/", "rpg/"))):
+                continue
             v1, v2 = h1[key], h2[key]
             if not isinstance(v1, (int, float)) or v1 is None or v2 is None:
                 continue
@@ -227,15 +250,17 @@ def compare(one: dict, two: dict) -> dict:
                 v1, v2, rel_tol=METRIC_TOL, abs_tol=METRIC_TOL
             ):
                 mismatches.append(f"step {h1.get('step')}: {key} {v1!r} (1 process) vs {v2!r} (2 processes)")
-    for key in ("loss", "policy_loss", "kl", "rpg/ratio/mean", "rpg/kl/term"):
+    required = ("loss", "policy_loss") if accumulate else ("loss", "policy_loss", "kl", "rpg/ratio/mean", "rpg/kl/term")
+    for key in required:
         if key not in compared:
             mismatches.append(f"{key} was not logged")
     return {"max_abs": max_abs, "max_rel": max_rel, "mismatches": mismatches, "compared": sorted(compared)}
 
 
 def run(broken: bool = False, timeout: float = 300.0) -> dict:
-    """Both runs, at once, in a temporary directory, killed if not done within ``timeout`` seconds;
-    ``compare``'s dict plus the wall time."""
+    """Both runs, at once, in a temporary directory, killed if not done within ``timeout`` seconds; for every
+    setting, ``compare``'s dict (``max_abs``, ``max_rel`` the largest over settings, ``mismatches`` and
+    ``compared`` by setting) plus the wall time."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -250,7 +275,14 @@ def run(broken: bool = False, timeout: float = 300.0) -> dict:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.communicate()
-    return {**compare(one, two), "wall_s": time.perf_counter() - t0}
+    out: dict = {"max_abs": 0.0, "max_rel": 0.0, "mismatches": [], "compared": {}, "wall_s": 0.0}
+    for setting in SETTINGS:
+        c = compare(one["settings"][setting], two["settings"][setting], setting == "two micro-batches")
+        out["max_abs"], out["max_rel"] = max(out["max_abs"], c["max_abs"]), max(out["max_rel"], c["max_rel"])
+        out["mismatches"] += [f"{setting}: {m}" for m in c["mismatches"]]
+        out["compared"][setting] = c["compared"]
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def main() -> int:
@@ -266,7 +298,8 @@ def main() -> int:
         return 0
     result = run(a.broken, a.timeout)
     print(json.dumps({k: v for k, v in result.items() if k != "compared"}, indent=1))
-    print("compared:", ", ".join(result["compared"]))
+    for setting, keys in result["compared"].items():
+        print(f"compared ({setting}):", ", ".join(keys))
     print("MATCH" if not result["mismatches"] else "MISMATCH")
     return 1 if result["mismatches"] else 0
 

@@ -1,7 +1,8 @@
 """RPGGRPOTrainer data-parallel on two CPU processes (gloo) vs one process with the same global batch.
 
-Drives tests/integrations/_trl_two_process.py: both runs train three steps of an rpg loss with a reference model and a
-token-mean over the global batch; every optimizer step's gradient and every logged value must agree.
+Drives tests/integrations/_trl_two_process.py: both runs train three steps of an rpg loss with a reference model
+and a token mean over the global batch, with one and with two micro-batches per step; every optimizer step's
+gradient and every logged value it compares must agree.
 """
 
 import importlib.util
@@ -29,8 +30,9 @@ def test_two_processes_give_the_gradient_and_logs_of_one():
     script = _script()
     result = script.run(timeout=240.0)
     assert not result["mismatches"], "\n".join(result["mismatches"])
-    for key in ("loss", "policy_loss", "kl", "entropy", "rpg/ratio/mean", "rpg/kl/term", "rpg/clip_frac"):
-        assert key in result["compared"]
+    one, two = (result["compared"][s] for s in script.SETTINGS)
+    assert {"loss", "policy_loss", "kl", "entropy", "rpg/ratio/mean", "rpg/kl/term", "rpg/clip_frac"} <= set(one)
+    assert {"loss", "policy_loss", "grad_norm", "reward"} <= set(two)
     assert 0.0 < result["max_rel"] < script.GRAD_RTOL  # nonzero: the runs really are different processes
 
 
