@@ -795,16 +795,18 @@ class RPGGRPOTrainer(GRPOTrainer):
 
     def _rpg_log_metrics(self, mode, metrics: dict[str, float], mask: torch.Tensor) -> None:
         """Log one call's rpg metrics (per-call means) as ``rpg/<name>`` (``rollout_corr/`` names as they are),
-        reduced over processes as TRL reduces its own: ``*min``/``*max`` as the min/max over processes, the rest
-        as the mean of the processes' values weighted by their token counts (Σ_p n_p·x_p / Σ_p n_p, n_p the
-        call's ``mask`` count) — the token mean over all processes' tokens for every token-mean metric, so a
-        multi-process step logs what one process holding the same batch logs; ``ratio/ess`` is recombined
+        reduced over processes as TRL reduces its own: ``*min``/``*max`` as the min/max over processes, the
+        rest as the mean of the processes' values weighted by their token counts (Σ_p n_p·x_p / Σ_p n_p, n_p
+        the call's ``mask`` count): the token mean over all processes' tokens for every token-mean metric, so
+        a multi-process step logs what one process holding the same batch logs. ``ratio/ess`` is recombined
         from each process's Σw and Σw² (a token-weighted mean if a weight is infinite); the per-sequence
-        ``rollout_corr/`` values do not add up: they are token-weighted means of the processes' values. TRL then averages the logged values over the micro-batches of a logging step."""
+        ``rollout_corr/`` values do not add up: they are token-weighted means of the processes' values.
+        TRL then averages the logged values over the micro-batches of a logging step."""
         names = list(metrics)
         if self.accelerator.num_processes > 1 and names:
-            values = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=mask.device)
-            count = torch.count_nonzero(mask).to(torch.float64).reshape(1)
+            dtype = torch.float32 if mask.device.type == "mps" else torch.float64  # MPS has no float64
+            values = torch.tensor([metrics[k] for k in names], dtype=dtype, device=mask.device)
+            count = torch.count_nonzero(mask).to(dtype).reshape(1)
             rows = self.accelerator.gather(torch.cat([values, count]).unsqueeze(0))  # [P, K + 1]
             values, counts = rows[:, :-1], rows[:, -1:]
             weighted = (values * counts).sum(0) / counts.sum().clamp(min=1.0)
@@ -824,8 +826,9 @@ class RPGGRPOTrainer(GRPOTrainer):
                 sum_w = values[:, j] * n
                 ok = (n == 0) | (torch.isfinite(sum_w) & (ess > 0))
                 if seen.any() and bool(ok.all()):  # else (an infinite weight) the token-weighted mean above
-                    sum_w2 = torch.where(n > 0, sum_w * sum_w / (n * ess).clamp(min=1e-300), 0.0)
-                    reduced[i] = sum_w.sum() ** 2 / (n.sum() * sum_w2.sum()).clamp(min=1e-300)
+                    tiny = torch.finfo(dtype).tiny
+                    sum_w2 = torch.where(n > 0, sum_w * sum_w / (n * ess).clamp(min=tiny), 0.0)
+                    reduced[i] = sum_w.sum() ** 2 / (n.sum() * sum_w2.sum()).clamp(min=tiny)
             metrics = dict(zip(names, torch.stack(reduced).tolist(), strict=True))
         for name, value in metrics.items():
             key = name if name.startswith("rollout_corr/") else f"rpg/{name}"

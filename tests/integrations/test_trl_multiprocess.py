@@ -58,3 +58,51 @@ def test_the_comparison_catches_a_process_weighted_differently():
     assert any("optimizer steps" in m for m in script.compare(one, short)["mismatches"])
     unlogged = {**_result([g, 2 * g]), "logs": [{k: v for k, v in h.items() if k != "kl"} for h in logs]}
     assert script.compare(one, unlogged)["mismatches"]
+
+
+class _TwoProcesses:
+    """An accelerator stand-in for process 0 of two: ``gather`` returns process 0's row (checked to be the
+    one passed) stacked over process 1's."""
+
+    num_processes = 2
+
+    def __init__(self, row1):
+        self.row1 = row1
+        self.rows = []
+
+    def gather(self, x):
+        self.rows.append(x)
+        return torch.cat([x, self.row1])
+
+
+def test_rpg_metrics_reduced_over_processes_equal_the_full_batch_metrics():
+    """The trainer's reduction of two processes' per-call rpg metrics gives the full batch's metrics (float64,
+    1e-12): token means, min/max, and the ESS recombined from Σw and Σw²; the processes hold 5 and 2 rows with
+    different token counts."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import rpg
+    from rpg.integrations.trl import RPGGRPOTrainer
+
+    from ..conftest import make_batch
+
+    logp, old, adv, mask, ref = make_batch(7, 5, seed=3, spread=0.6)
+    mask[5:, 3:] = False  # process 1's responses are shorter
+    loss_fn = rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean")
+    full = loss_fn(logp, old, adv, mask, ref_logp=ref).metrics
+    halves = [slice(0, 5), slice(5, 7)]
+    outs = [loss_fn(logp[s], old[s], adv[s], mask[s], ref_logp=ref[s]).metrics for s in halves]
+    assert float(mask[halves[0]].sum()) / 5 != float(mask[halves[1]].sum()) / 2  # unequal tokens per row
+    names = list(outs[0])
+    row1 = torch.tensor([[*(outs[1][k] for k in names), float(mask[halves[1]].sum())]], dtype=torch.float64)
+
+    holder = SimpleNamespace(accelerator=_TwoProcesses(row1), _metrics={"train": defaultdict(list)})
+    RPGGRPOTrainer._rpg_log_metrics(holder, "train", outs[0], mask[halves[0]])
+    logged = {k: v[0] for k, v in holder._metrics["train"].items()}
+    assert len(holder.accelerator.rows) == 1
+    assert set(logged) == {f"rpg/{k}" for k in full}
+    for k, v in full.items():
+        assert abs(logged[f"rpg/{k}"] - v) <= 1e-12 * max(1.0, abs(v)), (k, logged[f"rpg/{k}"], v)
+    # a per-process mean (what logging process 0's own value gives) is not the full batch's
+    assert abs(outs[0]["ratio/mean"] - full["ratio/mean"]) > 1e-3
