@@ -51,7 +51,8 @@ GLOBAL_BATCH = 4  # 2 per process x 2 processes, or 4 on one process
 # The model is float64, but TRL's fused LM head (trl/kernels/chunked_logprob.py) computes the logits, log-probs
 # and entropies in float32, and TRL keeps rewards, advantages and the old/reference log-probs in float32: the
 # two runs differ by float32 rounding of sums taken in another order (DDP's all-reduce of the two halves vs one
-# sum), ~1e-7 of the gradient's norm. A wrong normalisation or a process weighted differently moves it by ~1e-1.
+# sum), below 1e-7 of the gradient's norm. A wrong normalisation or a process weighted differently moves it
+# by 1e-2 or more.
 GRAD_RTOL = 1e-5  # ‖g₁ − g₂‖ ≤ GRAD_RTOL·‖g₁‖, and elementwise |g₁ − g₂| ≤ GRAD_RTOL·(|g₁| + max|g₁|)
 METRIC_TOL = 1e-5  # relative (and absolute) on logged values, which TRL takes from float32 tensors
 SKIP_METRICS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch", "step_time"}
