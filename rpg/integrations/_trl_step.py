@@ -234,16 +234,57 @@ def log_metrics(trainer, step: Step, out, logp, old, entropy, policy_loss) -> No
     values over micro-batches) as ``rpg/<name>`` or ``rollout_corr/<name>``, GRPOTrainer's names, and
     ``policy_loss`` (the rpg loss before the entropy bonus and the accumulation scale)."""
     metrics = trainer._metrics[step.mode]
-    for name, value in out.metrics.items():
-        metrics[name if name.startswith("rollout_corr/") else f"rpg/{name}"].append(value)
+    values = dict(out.metrics)
     if step.folded is not None:  # the correction's metrics where the trainer applied its weight itself
         f_old, f_behavior = (x.detach().double() for x in step.folded)
-        for name, value in correction_metrics(f_old, f_behavior, step.mask.bool(), trainer.rpg_loss.correction).items():
-            metrics[name].append(float(value))
+        folded = correction_metrics(f_old, f_behavior, step.mask.bool(), trainer.rpg_loss.correction)
+        values.update({name: float(value) for name, value in folded.items()})
+    for name, value in _across_processes(trainer.accelerator, values, step.mask).items():
+        metrics[name if name.startswith("rollout_corr/") else f"rpg/{name}"].append(value)
     with torch.no_grad():
         _trl_metrics(trainer, step, logp.detach(), old.detach(), entropy.detach())
     value = policy_loss.detach() * step.policy_scale
     metrics["policy_loss"].append(trainer.accelerator.gather(value).nanmean().item())
+
+
+def _across_processes(accelerator, metrics: dict[str, float], mask: torch.Tensor) -> dict[str, float]:
+    """One call's rpg metrics (per-call means) reduced over processes as TRL reduces its own.
+
+    ``*min`` / ``*max``: the min / max over processes with tokens; the rest: the processes' values weighted
+    by their token counts (Σ_p n_p·x_p / Σ_p n_p, n_p the call's ``mask`` count), the token mean over all
+    processes' tokens for every token-mean metric, so a multi-process step logs what one process holding
+    the same batch logs. ``ratio/ess`` is recombined from each process's Σw and Σw² (a token-weighted mean
+    if a weight is infinite); the per-sequence ``rollout_corr/`` values do not add up: they are
+    token-weighted means of the processes' values. One process: the values unchanged.
+    """
+    names = list(metrics)
+    if accelerator.num_processes == 1 or not names:
+        return metrics
+    dtype = torch.float32 if mask.device.type == "mps" else torch.float64  # MPS has no float64
+    values = torch.tensor([metrics[k] for k in names], dtype=dtype, device=mask.device)
+    count = torch.count_nonzero(mask).to(dtype).reshape(1)
+    rows = accelerator.gather(torch.cat([values, count]).unsqueeze(0))  # [P, K + 1]
+    values, counts = rows[:, :-1], rows[:, -1:]
+    weighted = (values * counts).sum(0) / counts.sum().clamp(min=1.0)
+    seen = counts > 0  # a process without tokens has no min/max (its call logs 0)
+    inf = torch.tensor(math.inf, dtype=values.dtype, device=values.device)
+    low = torch.where(seen, values, inf).min(0).values
+    high = torch.where(seen, values, -inf).max(0).values
+    zero = torch.zeros_like(weighted)
+    low, high = torch.where(seen.any(), low, zero), torch.where(seen.any(), high, zero)
+    reduced = [
+        low[i] if k.endswith("min") else high[i] if k.endswith("max") else weighted[i] for i, k in enumerate(names)
+    ]
+    if "ratio/ess" in names and "ratio/mean" in names:  # (Σw)² / (n·Σw²) from each process's Σw, Σw²
+        i, j = names.index("ratio/ess"), names.index("ratio/mean")
+        n, ess = counts[:, 0], values[:, i]
+        sum_w = values[:, j] * n
+        ok = (n == 0) | (torch.isfinite(sum_w) & (ess > 0))
+        if seen.any() and bool(ok.all()):  # else (an infinite weight) the token-weighted mean above
+            tiny = torch.finfo(dtype).tiny
+            sum_w2 = torch.where(n > 0, sum_w * sum_w / (n * ess).clamp(min=tiny), 0.0)
+            reduced[i] = sum_w.sum() ** 2 / (n.sum() * sum_w2.sum()).clamp(min=tiny)
+    return dict(zip(names, torch.stack(reduced).tolist(), strict=True))
 
 
 def _trl_metrics(trainer, step: Step, logp, old, entropy) -> None:

@@ -100,7 +100,9 @@ over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio
 TRL logs it only with an entropy bonus), ``entropy_coef`` and ``aux_loss``. For a loss built from
 GRPOConfig the clip ratios are TRL's definitions with GRPOConfig's ε, ε_high, δ; a given loss reports
 its own clip rule's clipped tokens under the same names. rpg's own metrics are logged as
-``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``.
+``rpg/<name>`` and the rollout correction's as ``rollout_corr/<name>``: per-call means, reduced over
+processes (token-weighted means; min / max for ``*min`` / ``*max``), so a multi-process step logs what
+one process holding the same micro-batch logs.
 
 A Mixture-of-Experts router loss is added as TRL does, and logged as ``aux_loss``.
 (TRL averages logged values over micro-batches, so rpg's are per-call means.)
