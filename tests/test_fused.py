@@ -416,6 +416,23 @@ def _plan(loss_fn, keep, chunk, compact):
     return [((w.start, w.stop) if isinstance(w, slice) else w.tolist(), b0, b1) for w, b0, b1 in plan]
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("counts", [{"batch_num_tokens": 17}, {"global_batch_size": 6}])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_one_global_count(agg, counts, chunk_size):
+    """One count given without the other: the chunks' derivative calls use it as the value's call does
+    (each call then covers the whole batch), so the gradient follows the loss normalised by that count."""
+    d = make(3)
+    chunking = [(chunk_size, None, False, None)]
+    ref, ref_grads = reference(rpg.PolicyLoss(agg=agg), d, counts=counts)
+    out = fused(rpg.PolicyLoss(agg=agg), d, chunk_size=chunk_size, counts=counts)
+    grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10, msg=f"grad {name} ({chunking})")
+    assert ref_grads[1].abs().sum() > 0
+
+
 def test_chunk_plan():
     """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences; masked
     positions are skipped when asked."""
