@@ -61,14 +61,14 @@ for bf16/fp16 weights, i.e. twice the weight's bytes, cast to the weight's
 dtype at the end of the forward pass; the weight's own dtype for
 float32/float64) — and ``bias``'s (``[V]``). Gradients are computed only for
 the tensors that require them (a frozen head gets none). On CPU the default
-``chunk_size`` is H / 5 tokens (H / 10 with an entropy term, at least 32), so
-for H ≥ 160 (H ≥ 320 with an entropy term; below that the 32-token floor makes
-them larger) the blocks together are at most a fifth of the float32 ``[V, H]``
+``chunk_size`` is H / 4 tokens (H / 8 with an entropy term, at least 32), so
+for H ≥ 128 (H ≥ 256 with an entropy term; below that the 32-token floor makes
+them larger) the blocks together are at most a quarter of the float32 ``[V, H]``
 weight-gradient accumulator (``4·V·chunk_size`` against ``4·V·H`` bytes): for a
-float32 head, a peak within about 1.2× the gradients it returns. Smaller chunks
-read the weight and update its gradient more often: in the no-padding tables of
-``benchmarks/README.md`` (a 2-core CPU, 1 thread) a chunk of 51 tokens took 1.37× the time of one
-of 128; pass a larger ``chunk_size`` to trade memory for time. With
+float32 head, a peak within about 1.25× the gradients it returns. Smaller chunks
+read the weight and update its gradient more often: in the no-padding chunk sweep of
+``benchmarks/README.md`` (a shared 2-core CPU, 1 thread) chunks of 48 and 51 tokens took more
+time than the default's 64; pass a larger ``chunk_size`` to trade memory for time. With
 vocabulary blocks (``vocab_chunk_size`` set, or no gradient) the blocks do not
 grow with V and the default is 1024 tokens, as ``from_hidden``'s.
 
@@ -97,13 +97,13 @@ from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperat
 
 __all__ = ["FusedLinearLoss"]
 
-# Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a fifth of
-# the float32 [V, H] weight-gradient accumulator (chunk_size = H / 5 tokens, H / 10 with an entropy term,
-# at least _MIN_CHUNK), so a float32 head's peak stays within ~1.2× the gradients it returns. Measured at
-# V = 32000, H = 256 (benchmarks/README.md): smaller chunks stream the weight and its gradient more often,
-# so they cost time (51 tokens took 1.37× the time of 128 without padding); that is the price of the memory.
+# Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a quarter of
+# the float32 [V, H] weight-gradient accumulator (chunk_size = H / 4 tokens, H / 8 with an entropy term,
+# at least _MIN_CHUNK), so a float32 head's peak stays within ~1.25× the gradients it returns. Smaller chunks
+# stream the weight and its gradient more often, so they cost time: at V = 32000, H = 256 without padding
+# (benchmarks/README.md's chunk sweep, a shared 2-core CPU) 48 and 51 tokens were slower than 64.
 # Accelerators: not measured; 512 MiB blocks, so each chunk's kernels have several hundred rows at V ≈ 152k.
-_GRADIENT_FRACTION = 5
+_GRADIENT_FRACTION = 4
 _MIN_CHUNK = 32
 _BLOCK_BYTES_ACCELERATOR = 512 * 2**20
 _VOCAB_BLOCKED_CHUNK = 1024  # tokens per [vocab_chunk_size, chunk] block, as rpg.logprobs.from_hidden
@@ -366,9 +366,9 @@ class FusedLinearLoss:
             callable with the same call and a result with a settable ``loss`` (treated as per-token
             unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
             ``logp`` only).
-        chunk_size: tokens per chunk. Default on CPU: H / 5 (H / 10 with an entropy term, at least
-            32) — 51 tokens at H = 256 — so the logits blocks stay within a fifth of the weight's
-            gradient (for H ≥ 160); on an accelerator: as many as make a 512 MiB block — 883 tokens
+        chunk_size: tokens per chunk. Default on CPU: H / 4 (H / 8 with an entropy term, at least
+            32) — 64 tokens at H = 256 — so the logits blocks stay within a quarter of the weight's
+            gradient (for H ≥ 128); on an accelerator: as many as make a 512 MiB block — 883 tokens
             at V = 151936; with vocabulary blocks (``vocab_chunk_size``, or no gradient): 1024.
             Memory is one float32 ``[V, chunk_size]`` block (two with an entropy term).
             For a sequence-level ratio (GSPO) a chunk holds as many whole sequences as fit (at least one).
