@@ -239,6 +239,72 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if b else "—"  # a toy size can stay within the pages already resident
 
 
+def measure_peak(name, args, chunk_size):
+    """Peak memory (bytes) of one forward+backward of ``name`` in a fresh process (see ``peak_child``)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--seq-len", str(args.seq_len)]
+    cmd += ["--h", str(args.h), "--v", str(args.v), "--dtype", args.dtype, "--threads", str(args.threads)]
+    cmd += ["--device", args.device] + (["--full-mask"] if args.full_mask else [])
+    cmd += ["--chunk-size", str(chunk_size)] if chunk_size else []
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def sweep_main(args) -> None:
+    """FusedLinearLoss at several chunk sizes against from_hidden + loss (time, interleaved in one process)
+    and Liger's PyTorch path (peak memory, each in a fresh process)."""
+    dtype = getattr(torch, args.dtype)
+    inputs = make(args.n, args.seq_len, args.h, args.v, args.device, dtype, full_mask=args.full_mask)
+    base, liger = "rpg from_hidden + loss", "Liger GRPO compiled=False"
+    fns = {base: impl_fn(base)}
+    fns.update({f"chunk_size={c}": impl_fn("rpg FusedLinearLoss", c) for c in args.sweep})
+    samples = time_runs({k: (lambda f=f: step(f, inputs, args.device)) for k, f in fns.items()}, args.runs, args.device)
+    try:
+        impl_fn(liger)
+        liger_peak = measure_peak(liger, args, None)
+    except ImportError:
+        liger_peak = None
+    rows = []
+    for c in args.sweep:
+        name = f"chunk_size={c}"
+        ratio = [a / b for a, b in zip(samples[name], samples[base], strict=False)]
+        peak = measure_peak("rpg FusedLinearLoss", args, c)
+        rows.append(
+            [
+                str(c),
+                fmt_ms((statistics.median(samples[name]), min(samples[name]), max(samples[name]))),
+                f"{statistics.median(ratio):.2f} ({min(ratio):.2f}–{max(ratio):.2f})",
+                f"{sum(r <= 0.85 for r in ratio)} of {args.runs}",
+                f"{peak / 2**20:.0f}",
+                "—" if liger_peak is None else _ratio(peak, liger_peak),
+            ]
+        )
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    masked = "no padding" if args.full_mask else f"{1 - inputs[5].float().mean().item():.0%} of positions padding"
+    stats = statistics.median(samples[base]), min(samples[base]), max(samples[base])
+    print(
+        f"FusedLinearLoss chunk sweep, DAPO loss, forward+backward: N={args.n} (B={args.n // args.seq_len} × "
+        f"T={args.seq_len}, {masked}), H={args.h}, V={args.v}, {args.dtype}, {device}, torch {torch.__version__}; "
+        f"time median of {args.runs} interleaved runs (min–max), from_hidden + loss {fmt_ms(stats)} ms; peak memory "
+        f"above inputs, each in a fresh process"
+        + ("" if liger_peak is None else f", {liger} {liger_peak / 2**20:.0f} MiB")
+        + "\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                "chunk_size",
+                "fused ms",
+                "fused time ÷ from_hidden + loss (per run)",
+                "runs ≤ 0.85×",
+                "fused peak MiB",
+                "fused peak ÷ Liger's",
+            ],
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096, help="tokens (B × T)")
@@ -257,6 +323,14 @@ def main() -> None:
         action="store_true",
         help="instead: a whole train step of a tiny model, torch.compile'd against eager",
     )
+    ap.add_argument(
+        "--sweep",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="CHUNK",
+        help="instead: FusedLinearLoss at these chunk sizes against from_hidden + loss (time) and Liger (peak)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -270,6 +344,8 @@ def main() -> None:
         return peak_child(args.child, args)
     if args.train_step:
         return train_step_main(args)
+    if args.sweep:
+        return sweep_main(args)
 
     fns, missing = {}, []
     for name in IMPLS:
@@ -299,35 +375,7 @@ def main() -> None:
 
     samples = time_runs({k: (lambda f=f: step(f, inputs, args.device)) for k, f in fns.items()}, args.runs, args.device)
     stats = {k: (statistics.median(s), min(s), max(s)) for k, s in samples.items()}
-    peaks = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    for name in fns:
-        cmd = (
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                name,
-                "--n",
-                str(args.n),
-                "--seq-len",
-                str(args.seq_len),
-                "--h",
-                str(args.h),
-                "--v",
-                str(args.v),
-                "--dtype",
-                args.dtype,
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-            ]
-            + (["--full-mask"] if args.full_mask else [])
-            + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
-        )
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()
-        peaks[name] = json.loads(out[-1])
+    peaks = {name: measure_peak(name, args, args.chunk_size) for name in fns}
 
     fused = "rpg FusedLinearLoss"
     rows = []

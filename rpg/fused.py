@@ -61,14 +61,14 @@ for bf16/fp16 weights, i.e. twice the weight's bytes, cast to the weight's
 dtype at the end of the forward pass; the weight's own dtype for
 float32/float64) — and ``bias``'s (``[V]``). Gradients are computed only for
 the tensors that require them (a frozen head gets none). On CPU the default
-``chunk_size`` is H / 5 tokens (H / 10 with an entropy term, at least 32), so
-for H ≥ 160 (H ≥ 320 with an entropy term; below that the 32-token floor makes
-them larger) the blocks together are at most a fifth of the float32 ``[V, H]``
+``chunk_size`` is H / 4 tokens (H / 8 with an entropy term, at least 32), so
+for H ≥ 128 (H ≥ 256 with an entropy term; below that the 32-token floor makes
+them larger) the blocks together are at most a quarter of the float32 ``[V, H]``
 weight-gradient accumulator (``4·V·chunk_size`` against ``4·V·H`` bytes): for a
-float32 head, a peak within about 1.2× the gradients it returns. Smaller chunks
-read the weight and update its gradient more often: in the no-padding tables of
-``benchmarks/README.md`` (a 2-core CPU, 1 thread) a chunk of 51 tokens took 1.37× the time of one
-of 128; pass a larger ``chunk_size`` to trade memory for time. With
+float32 head, a peak within about 1.25× the gradients it returns. Smaller chunks
+read the weight and update its gradient more often: in the no-padding chunk sweep of
+``benchmarks/README.md`` (a shared 2-core CPU, 1 thread) chunks of 48 and 51 tokens took more
+time than the default's 64; pass a larger ``chunk_size`` to trade memory for time. With
 vocabulary blocks (``vocab_chunk_size`` set, or no gradient) the blocks do not
 grow with V and the default is 1024 tokens, as ``from_hidden``'s.
 
@@ -87,6 +87,8 @@ same lean way, without any gradient work.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._util import check_floating, check_mask_values, compute_dtype, trusted_inputs
@@ -95,13 +97,13 @@ from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperat
 
 __all__ = ["FusedLinearLoss"]
 
-# Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a fifth of
-# the float32 [V, H] weight-gradient accumulator (chunk_size = H / 5 tokens, H / 10 with an entropy term,
-# at least _MIN_CHUNK), so a float32 head's peak stays within ~1.2× the gradients it returns. Measured at
-# V = 32000, H = 256 (benchmarks/README.md): smaller chunks stream the weight and its gradient more often,
-# so they cost time (51 tokens took 1.37× the time of 128 without padding); that is the price of the memory.
+# Default chunk on CPU: the float32 [V, chunk_size] blocks of logits together hold at most a quarter of
+# the float32 [V, H] weight-gradient accumulator (chunk_size = H / 4 tokens, H / 8 with an entropy term,
+# at least _MIN_CHUNK), so a float32 head's peak stays within ~1.25× the gradients it returns. Smaller chunks
+# stream the weight and its gradient more often, so they cost time: at V = 32000, H = 256 without padding
+# (benchmarks/README.md's chunk sweep, a shared 2-core CPU) 48 and 51 tokens were slower than 64.
 # Accelerators: not measured; 512 MiB blocks, so each chunk's kernels have several hundred rows at V ≈ 152k.
-_GRADIENT_FRACTION = 5
+_GRADIENT_FRACTION = 4
 _MIN_CHUNK = 32
 _BLOCK_BYTES_ACCELERATOR = 512 * 2**20
 _VOCAB_BLOCKED_CHUNK = 1024  # tokens per [vocab_chunk_size, chunk] block, as rpg.logprobs.from_hidden
@@ -364,9 +366,9 @@ class FusedLinearLoss:
             callable with the same call and a result with a settable ``loss`` (treated as per-token
             unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
             ``logp`` only).
-        chunk_size: tokens per chunk. Default on CPU: H / 5 (H / 10 with an entropy term, at least
-            32) — 51 tokens at H = 256 — so the logits blocks stay within a fifth of the weight's
-            gradient (for H ≥ 160); on an accelerator: as many as make a 512 MiB block — 883 tokens
+        chunk_size: tokens per chunk. Default on CPU: H / 4 (H / 8 with an entropy term, at least
+            32) — 64 tokens at H = 256 — so the logits blocks stay within a quarter of the weight's
+            gradient (for H ≥ 128); on an accelerator: as many as make a 512 MiB block — 883 tokens
             at V = 151936; with vocabulary blocks (``vocab_chunk_size``, or no gradient): 1024.
             Memory is one float32 ``[V, chunk_size]`` block (two with an entropy term).
             For a sequence-level ratio (GSPO) a chunk holds as many whole sequences as fit (at least one).
@@ -481,308 +483,143 @@ class FusedLinearLoss:
         generator: torch.Generator | None = None,
     ):
         """Loss of the head's log-probs; see the class docstring."""
-        check_floating("hidden", hidden)
-        check_floating("weight", weight)
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
-        b, t, hdim = hidden.shape
-        if weight.dim() != 2 or weight.shape[1] != hdim:
-            raise ValueError(
-                f"weight must have shape [V, H] with H = hidden.shape[-1] = {hdim}, got {tuple(weight.shape)}"
-            )
-        v = weight.shape[0]
-        if bias is not None:
-            check_floating("bias", bias)
-            if tuple(bias.shape) != (v,):
-                raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
+        _check_head(hidden, weight, bias)
         temperature = _check_temperature(temperature)  # one validator with from_hidden: the same types
-        shape = (b, t)
-        if isinstance(tokens, torch.Tensor) and tuple(tokens.shape) != shape:
-            raise ValueError(
-                f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}"
+        per_token = {"ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
+        counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
+        batch = _prepare(
+            hidden, tokens, old_logp, advantages, mask, per_token, counts, weight.shape[0], self.ignore_index
+        )
+        plan = self._plan_call(batch, hidden, weight, bias, generator)
+        with trusted_inputs(), torch.no_grad():  # value rules checked once in _prepare
+            if plan.need_grad:
+                logp, entropy, grads = self._fused_pass(batch, plan, weight, bias, temperature)
+            else:
+                (logp, entropy), grads = self._logprob_pass(batch, plan, weight, bias, temperature), None
+            if plan.rng is not None:  # the value's call draws the tokens the derivative's calls drew
+                plan.rng[0].set_state(plan.rng[1])
+            out = self.loss_fn(logp, batch.old_logp, batch.advantages, batch.mask, **batch.loss_kwargs(None, entropy))
+        if grads is not None:
+            out.loss = _SavedGradients.apply(
+                out.loss.detach(), hidden, weight, bias, *_cast_grads(grads, hidden, weight, bias)
             )
-        _check_tokens(tokens, torch.Size(shape), v, "hidden [B, T, H]", self.ignore_index)
-        optional = {"old_logp": old_logp, "ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
-        for name, x in optional.items():
-            _check_bt(name, x, shape)
-        if old_logp is None:
-            raise TypeError("old_logp must be a [B, T] tensor of the sampling policy's log-probs, got None")
-        _check_bt("mask", mask, shape, floating=False)
-        if advantages is not None:
-            if not isinstance(advantages, torch.Tensor):
-                raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
-            if tuple(advantages.shape) not in ((b,), (b, 1), shape):
-                raise ValueError(
-                    f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, "
-                    f"got {tuple(advantages.shape)}"
-                )
-        # The value rules of the loss (rpg.functional.check_logprobs) on the caller's tensors, once: the
-        # chunks' calls below then skip them (trusted_inputs), as does the final call on the head's logp.
-        if mask is not None:
-            check_mask_values(mask)
-        response = None if mask is None else mask.bool()
+        return out
 
-        tokens = tokens.long()
-        keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
-        if self.ignore_index is not None:
-            ignored = tokens == self.ignore_index
-            keep = keep & ~ignored
-            tokens = tokens.masked_fill(ignored, 0)
-            mask = response = keep  # the loss (and its value checks) see the ignored positions as padding
-        else:
-            ignored = None
-        check_logprobs(None, old_logp, ref_logp, behavior_logp, response)
-        invalid = None
-        if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
-            # host-device sync: an out-of-range id gives NaN instead
-            invalid = (tokens < 0) | (tokens >= v)
-            tokens = tokens.clamp(0, v - 1)
-
+    def _plan_call(self, batch: _Batch, hidden, weight, bias, generator) -> _Plan:
+        """What to compute (which gradients, the entropy, the compute dtype) and the chunks."""
+        v, hdim = weight.shape
         want_entropy = getattr(self.loss_fn, "entropy_coef", 0) > 0
-        dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         need_grad = torch.is_grad_enabled() and any(need)
-        n = b * t
-        flat_h, flat_y = hidden.reshape(n, hdim), tokens.reshape(n)
-        logp_all = torch.zeros(n, dtype=dtype, device=hidden.device)
-        entropy_all = torch.zeros(n, dtype=dtype, device=hidden.device) if want_entropy else None
-
-        extra: dict[str, object] = {}
-        if ref_logp is not None:
-            extra["ref_logp"] = ref_logp
-        if behavior_logp is not None:
-            extra["behavior_logp"] = behavior_logp
-        if weights is not None:
-            extra["weights"] = weights
-
         whole_vocabulary = need_grad and self.vocab_chunk_size is None
         chunk = self.chunk_size or _default_chunk(
             hidden.device.type, v, hdim, 2 if want_entropy else 1, whole_vocabulary
         )
-        batch_coupled, one_chunk = _batch_coupled(self.loss_fn, behavior_logp is not None)
+        batch_coupled, one_chunk = _batch_coupled(self.loss_fn, batch.has("behavior_logp"))
         if one_chunk:  # the selection ranks the whole batch's log-probs: one chunk holds them all
-            chunk = max(n, 1)
-        rng: torch.Generator | None = None
-        rng_state: torch.Tensor | None = None
+            chunk = max(batch.tokens.numel(), 1)
+        # Row shards add up to the loss only given the full batch's counts (the aggregation's contract);
+        # without them each chunk's call sees the whole batch (see _chunk_derivative).
+        rows_local = batch.counts_given and not batch_coupled
+        rng = None
         if getattr(self.loss_fn, "select", None) is not None:
             # the derivative's call and the value's call must draw the same tokens
-            rng = generator if generator is not None else torch.default_generator
-            rng_state = rng.get_state()
-            extra["generator"] = rng
+            gen = generator if generator is not None else torch.default_generator
+            rng = (gen, gen.get_state())
+            batch.constants["generator"] = gen
         compact = self.skip_masked if self.skip_masked is not None else hidden.device.type == "cpu"
-        plan = self._plan(keep, chunk, compact and mask is not None and not bool(keep.all()))
-        with trusted_inputs():
-            with torch.no_grad():
-                if need_grad:
-                    grads = (
-                        torch.zeros(n, hdim, dtype=dtype, device=hidden.device) if need[0] else None,
-                        torch.zeros(v, hdim, dtype=dtype, device=weight.device) if need[1] else None,
-                        torch.zeros(v, dtype=dtype, device=weight.device) if need[2] else None,
-                    )
-                    # Row shards add up to the loss only given the full batch's counts (the aggregation's
-                    # contract); without them each chunk's call sees the whole batch (see _chunk_derivative).
-                    given = batch_num_tokens is not None and global_batch_size is not None
-                    counts = (
-                        dict(batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size) if given else None
-                    )
-                    if batch_coupled and counts is not None:  # the whole batch in every call, with the given counts
-                        counts["_whole"] = True
-                    self._fused_chunks(
-                        flat_h,
-                        weight,
-                        bias,
-                        flat_y,
-                        temperature,
-                        dtype,
-                        want_entropy,
-                        plan,
-                        shape,
-                        grads,
-                        logp_all,
-                        entropy_all,
-                        ignored,
-                        invalid,
-                        old_logp,
-                        advantages,
-                        mask,
-                        extra,
-                        counts,
-                        None if mask is None and ignored is None else ~keep.reshape(n),
-                    )
-                else:
-                    self._logprob_chunks(
-                        flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
-                    )
-                    if invalid is not None:
-                        logp_all.masked_fill_(invalid.reshape(n), float("nan"))
-                    grads = None
-            logp = logp_all.view(shape)
-            entropy = None if entropy_all is None else entropy_all.view(shape)
-            if ignored is not None:
-                logp = logp.masked_fill(ignored, 0)
-                entropy = None if entropy is None else entropy.masked_fill(ignored, 0)
+        compact = compact and batch.mask is not None and not bool(batch.keep.all())
+        chunks = self._plan(batch.keep, chunk, compact)
+        dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        return _Plan(dtype, want_entropy, need, need_grad, chunks, rows_local, rng)
 
-            call = dict(extra, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-            if entropy is not None:
-                call["entropy"] = entropy
-            if rng is not None and rng_state is not None:
-                rng.set_state(rng_state)
-            with torch.no_grad():
-                out = self.loss_fn(logp, old_logp, advantages, mask, **call)
-        if grads is not None:
-            g_h, g_w, g_b = grads
-            g_h = None if g_h is None else g_h.view(hidden.shape).to(hidden.dtype)
-            g_w = None if g_w is None else g_w.to(weight.dtype)
-            g_b = None if g_b is None or bias is None else g_b.to(bias.dtype)
-            out.loss = _SavedGradients.apply(out.loss.detach(), hidden, weight, bias, g_h, g_w, g_b)
-        return out
+    def _plan(self, keep: torch.Tensor, chunk: int, compact: bool) -> list:
+        """The chunks of a ``[B, T]`` ``keep`` mask for this loss (`_chunks`)."""
+        return _chunks(keep, chunk, compact, _sequence_coupled(self.loss_fn))
 
-    def _plan(self, keep: torch.Tensor, chunk: int, compact: bool):
-        """The chunks: ``(where, b0, b1)`` with ``where`` the chunk's flat token positions (a slice, or an
-        index tensor when masked positions are skipped) and ``[b0, b1)`` the rows it touches. Per-token
-        derivatives allow any cut; a sequence-level ratio (GSPO) gets whole sequences."""
-        b, t = keep.shape
-        coupled = _sequence_coupled(self.loss_fn)
-        if not compact:
-            step = max(1, chunk // t) * t if coupled and t else chunk
-            return [
-                (slice(k0, min(b * t, k0 + step)), k0 // t, (min(b * t, k0 + step) - 1) // t + 1)
-                for k0 in range(0, b * t, step)
-            ]
-        pos = keep.reshape(-1).nonzero().squeeze(1)
-        pos_cpu = pos.cpu()  # one host-device sync on an accelerator (compaction is opt-in there)
-        if coupled:  # whole rows, as many as fit in `chunk` kept tokens (at least one)
-            per_row = torch.count_nonzero(keep, dim=-1).cpu().tolist()
-            bounds, start, size = [], 0, 0
-            for n_b in per_row:
-                if size and size + n_b > chunk:
-                    bounds.append((start, start + size))
-                    start, size = start + size, 0
-                size += n_b
-            if size:
-                bounds.append((start, start + size))
-        else:
-            bounds = [(c0, min(pos.numel(), c0 + chunk)) for c0 in range(0, pos.numel(), chunk)]
-        return [(pos[c0:c1], int(pos_cpu[c0]) // t, int(pos_cpu[c1 - 1]) // t + 1) for c0, c1 in bounds]
-
-    def _logprob_chunks(
-        self, flat_h, weight, bias, flat_y, temperature, dtype, want_entropy, plan, logp_all, entropy_all
-    ):
+    def _logprob_pass(self, batch: _Batch, plan: _Plan, weight, bias, temperature):
+        """``(logp, entropy)`` ``[B, T]`` without any gradient work: vocabulary blocks, online log-sum-exp."""
         v = weight.shape[0]
         vb = min(v, self.vocab_chunk_size or 4096)
-        rows = max((_size(w) for w, _, _ in plan), default=0)
-        buffers = [torch.empty(rows * vb, dtype=dtype, device=flat_h.device) for _ in range(2)]
-        for where, _, _ in plan:
-            logp, ent, _ = _blocked_forward(
-                flat_h[where].to(dtype), weight, bias, flat_y[where], temperature, dtype, want_entropy, vb, buffers
-            )
-            logp_all[where] = logp
-            if want_entropy:
-                entropy_all[where] = ent
+        rows = max((_size(w) for w, _, _ in plan.chunks), default=0)
+        buffers = [torch.empty(rows * vb, dtype=plan.dtype, device=batch.hidden.device) for _ in range(2)]
+        logp_all, entropy_all = _outputs(batch, plan)
+        for where, _, _ in plan.chunks:
+            h, y = batch.hidden[where].to(plan.dtype), batch.tokens[where]
+            logp, ent, _ = _blocked_forward(h, weight, bias, y, temperature, plan.dtype, plan.want_entropy, vb, buffers)
+            _store(batch, where, logp, ent, logp_all, entropy_all)
+        return batch.finish(logp_all, entropy_all)
 
-    def _fused_chunks(
-        self,
-        flat_h,
-        weight,
-        bias,
-        flat_y,
-        temperature,
-        dtype,
-        want_entropy,
-        plan,
-        shape,
-        grads,
-        logp_all,
-        entropy_all,
-        ignored,
-        invalid,
-        old_logp,
-        advantages,
-        mask,
-        extra,
-        counts,
-        flat_dropped,
-    ):
+    def _fused_pass(self, batch: _Batch, plan: _Plan, weight, bias, temperature):
+        """``(logp, entropy, grads)``: per chunk, the head's forward, the loss's derivative at the chunk's
+        tokens, and the logits' gradient turned into those of ``hidden``, ``weight`` and ``bias``."""
         v, hdim = weight.shape
-        rows = max((_size(w) for w, _, _ in plan), default=0)
-        vb = self.vocab_chunk_size
+        n, dtype, vb = batch.tokens.numel(), plan.dtype, self.vocab_chunk_size
+        grads = (
+            torch.zeros(n, hdim, dtype=dtype, device=batch.hidden.device) if plan.need[0] else None,
+            torch.zeros(v, hdim, dtype=dtype, device=weight.device) if plan.need[1] else None,
+            torch.zeros(v, dtype=dtype, device=weight.device) if plan.need[2] else None,
+        )
+        rows = max((_size(w) for w, _, _ in plan.chunks), default=0)
+        n_buf = 2 if (plan.want_entropy or vb is not None) else 1
         cols = v if vb is None else min(v, vb)
-        n_buf = 2 if (want_entropy or vb is not None) else 1
-        buffers = [torch.empty(rows * cols, dtype=dtype, device=flat_h.device) for _ in range(n_buf)]
-        old_flat = old_logp.detach().reshape(-1).to(dtype)
-        flat_ignored = None if ignored is None else ignored.reshape(-1)
-        inv_t = 1.0 / temperature
+        buffers = [torch.empty(rows * cols, dtype=dtype, device=batch.hidden.device) for _ in range(n_buf)]
+        logp_all, entropy_all = _outputs(batch, plan)
         g_h, g_w, g_b = grads
-        for where, b0, b1 in plan:
-            if isinstance(where, slice):  # padding's rows zeroed, as from_hidden's: a NaN there reaches no gradient
-                h = _rows(flat_h, flat_dropped, where.start, where.stop, dtype)
-            else:  # kept positions only
-                h = flat_h[where].to(dtype)
-            y = flat_y[where]
+        inv_t = 1.0 / temperature
+        for where, b0, b1 in plan.chunks:
+            h, y = batch.chunk_hidden(where, dtype), batch.tokens[where]
             if vb is None:
-                logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, want_entropy, buffers)
+                logp, ent, state = _head_forward(h, weight, bias, y, temperature, dtype, plan.want_entropy, buffers)
             else:
-                logp, ent, lse = _blocked_forward(h, weight, bias, y, temperature, dtype, want_entropy, vb, buffers)
-            if flat_ignored is not None:
-                logp = logp.masked_fill(flat_ignored[where], 0)
-                ent = None if ent is None else ent.masked_fill(flat_ignored[where], 0)
-            if invalid is not None:
-                logp = logp.masked_fill(invalid.reshape(-1)[where], float("nan"))
-            logp_all[where] = logp
-            if want_entropy:
-                entropy_all[where] = ent
-            a, e = self._chunk_derivative(
-                logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts
-            )
-            if flat_ignored is not None:
-                a = a.masked_fill(flat_ignored[where], 0)
-                e = None if e is None else e.masked_fill(flat_ignored[where], 0)
+                logp, ent, lse = _blocked_forward(
+                    h, weight, bias, y, temperature, dtype, plan.want_entropy, vb, buffers
+                )
+            logp, ent = _store(batch, where, logp, ent, logp_all, entropy_all)
+            a, e = self._chunk_derivative(batch, plan, where, b0, b1, logp, ent)
             a = a * inv_t  # ∂z/∂logits = 1/temperature; ∂L/∂z is linear in (a, e)
             e = None if e is None else e * inv_t
             compact = isinstance(where, torch.Tensor)
-            if g_h is None:
-                rows_h = None
-            else:  # the chunk's rows of ∂L/∂hidden: a view, or (masked positions skipped) a block copied back
-                rows_h = torch.zeros(h.shape[0], hdim, dtype=dtype, device=h.device) if compact else g_h[where]
+            # the chunk's rows of ∂L/∂hidden: a view, or (masked positions skipped) a block copied back
+            rows_h = None if g_h is None else (torch.zeros_like(h) if compact else g_h[where])
             if vb is None:
                 _accumulate(_head_backward(a, e, state, y), h, weight, dtype, (rows_h, g_w, g_b))
             else:
-                grads_here = (rows_h, g_w, g_b)
-                _blocked_backward(h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, grads_here)
-            if compact and g_h is not None:
+                _blocked_backward(
+                    h, weight, bias, y, temperature, dtype, a, e, ent, lse, vb, buffers, (rows_h, g_w, g_b)
+                )
+            if compact and g_h is not None and rows_h is not None:
                 g_h.index_copy_(0, where, rows_h)
+        logp, entropy = batch.finish(logp_all, entropy_all)
+        return logp, entropy, grads
 
-    def _chunk_derivative(self, logp, ent, where, b0, b1, shape, old_flat, old_logp, advantages, mask, extra, counts):
+    def _chunk_derivative(self, batch: _Batch, plan: _Plan, where, b0, b1, logp, ent):
         """a = ∂L/∂logp and e = ∂L/∂H at the chunk's tokens, from one call of ``loss_fn``.
 
         With both global counts known the call covers only the rows ``[b0, b1)`` the chunk touches (the
         counts make row shards add up exactly); otherwise it covers the whole batch, so the loss counts
         its own N and S whatever its settings drop from them. Tokens outside the chunk hold placeholders
-        (``old_logp``, entropy 0) whose derivative is not used.
+        (``old_logp``, entropy 0) whose derivative is not used. The call gets the arguments the value's
+        call gets (`_Batch.loss_kwargs`), on its rows.
         """
-        b, t = shape
-        if counts is None or counts.get("_whole"):
+        b, t = batch.shape
+        if not plan.rows_local:
             b0, b1 = 0, b
-            counts = None if counts is None else {k: x for k, x in counts.items() if k != "_whole"}
         shift = b0 * t
         local = slice(where.start - shift, where.stop - shift) if isinstance(where, slice) else where - shift
         rows = slice(b0, b1)
-        lp = old_flat[b0 * t : b1 * t].clone()
+        lp = batch.old_flat[b0 * t : b1 * t].to(logp.dtype, copy=True)
         lp[local] = logp
-        lp = lp.view(b1 - b0, t).requires_grad_(True)
-        leaves = [lp]
-        call = {k: x[rows] if isinstance(x, torch.Tensor) else x for k, x in extra.items()}
-        if counts is not None:
-            call.update(counts)
+        leaves = [lp.view(b1 - b0, t).requires_grad_(True)]
         if ent is not None:
             en = torch.zeros((b1 - b0) * t, dtype=ent.dtype, device=ent.device)
             en[local] = ent
-            en = en.view(b1 - b0, t).requires_grad_(True)
-            call["entropy"] = en
-            leaves.append(en)
-        adv = None if advantages is None else advantages[rows]
+            leaves.append(en.view(b1 - b0, t).requires_grad_(True))
+        adv = None if batch.advantages is None else batch.advantages[rows]
+        mask = None if batch.mask is None else batch.mask[rows]
+        kwargs = batch.loss_kwargs(rows, leaves[1] if ent is not None else None)
         with torch.enable_grad():
-            loss = self._chunk_loss(self.loss_fn, lp, old_logp[rows], adv, None if mask is None else mask[rows], call)
+            loss = self._chunk_loss(self.loss_fn, leaves[0], batch.old_logp[rows], adv, mask, kwargs)
             got = torch.autograd.grad(loss, leaves, allow_unused=True)
 
         def pick(g):
@@ -790,7 +627,206 @@ class FusedLinearLoss:
                 return torch.zeros_like(logp)
             return g.reshape(-1)[local].to(logp.dtype)
 
-        return pick(got[0]), (pick(got[1]) if ent is not None else None)
+        a = pick(got[0])
+        e = pick(got[1]) if ent is not None else None
+        if batch.ignored is not None:
+            a = a.masked_fill(batch.ignored[where], 0)
+            e = None if e is None else e.masked_fill(batch.ignored[where], 0)
+        return a, e
+
+
+def _check_head(hidden, weight, bias) -> None:
+    """``hidden`` ``[B, T, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` (or None), all floating."""
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
+    hdim = hidden.shape[2]
+    if weight.dim() != 2 or weight.shape[1] != hdim:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hdim}, got {tuple(weight.shape)}")
+    v = weight.shape[0]
+    if bias is not None:
+        check_floating("bias", bias)
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
+
+
+def _check_loss_inputs(shape, tokens, old_logp, advantages, mask, per_token, v, ignore_index) -> None:
+    """Shapes and types of the loss's arguments against ``hidden``'s ``[B, T]`` (values: `_prepare`)."""
+    if isinstance(tokens, torch.Tensor) and tuple(tokens.shape) != shape:
+        raise ValueError(f"tokens must have shape [B, T] = {shape} (hidden is [B, T, H]), got {tuple(tokens.shape)}")
+    _check_tokens(tokens, torch.Size(shape), v, "hidden [B, T, H]", ignore_index)
+    for name, x in {"old_logp": old_logp, **per_token}.items():
+        _check_bt(name, x, shape)
+    if old_logp is None:
+        raise TypeError("old_logp must be a [B, T] tensor of the sampling policy's log-probs, got None")
+    _check_bt("mask", mask, shape, floating=False)
+    if advantages is not None:
+        if not isinstance(advantages, torch.Tensor):
+            raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
+        if tuple(advantages.shape) not in ((shape[0],), (shape[0], 1), shape):
+            raise ValueError(
+                f"advantages must have shape [B] = ({shape[0]},), [B, 1] or [B, T] = {shape}, "
+                f"got {tuple(advantages.shape)}"
+            )
+
+
+class _Batch:
+    """One checked call of the fused loss, flattened as the chunks see it.
+
+    ``tokens`` ``[N]`` (long; ignored positions → 0; on an accelerator out-of-range ids clamped and
+    marked ``invalid``), ``keep`` ``[B, T]`` (the positions inside the loss), ``mask`` (what the loss
+    gets: ignored positions removed), and the loss's other arguments: ``per_token`` tensors
+    (``ref_logp``, ``behavior_logp``, ``weights`` — only those given) and ``constants`` (the counts, the
+    generator) that every call of the loss receives alike (`loss_kwargs`).
+    """
+
+    def __init__(self, hidden, tokens, keep, mask, ignored, invalid, old_logp, advantages, per_token, constants):
+        self.shape = tuple(keep.shape)
+        n = keep.numel()
+        self.hidden = hidden.reshape(n, hidden.shape[-1])
+        self.tokens = tokens.reshape(n)
+        self.keep, self.mask = keep, mask
+        self.ignored = None if ignored is None else ignored.reshape(n)
+        self.invalid = None if invalid is None else invalid.reshape(n)
+        self.dropped = None if mask is None else ~keep.reshape(n)  # positions whose hidden rows are zeroed
+        self.old_logp, self.advantages = old_logp, advantages
+        self.old_flat = old_logp.detach().reshape(n)
+        self.per_token = per_token
+        self.constants = constants
+
+    @property
+    def counts_given(self) -> bool:
+        return self.constants["batch_num_tokens"] is not None and self.constants["global_batch_size"] is not None
+
+    def has(self, name: str) -> bool:
+        """Whether the call was given the per-token tensor ``name``."""
+        return name in self.per_token
+
+    def loss_kwargs(self, rows: slice | None, entropy: torch.Tensor | None) -> dict[str, object]:
+        """Keyword arguments of one call of the loss on ``rows`` (``None``: the whole batch)."""
+        kwargs = {k: x if rows is None else x[rows] for k, x in self.per_token.items()}
+        kwargs.update(self.constants)
+        if entropy is not None:
+            kwargs["entropy"] = entropy
+        return kwargs
+
+    def chunk_hidden(self, where, dtype):
+        """The chunk's hidden rows in ``dtype``; padding's rows zeroed, as ``from_hidden``'s (a NaN there
+        reaches no gradient). Compacted chunks (an index tensor) hold kept positions only."""
+        if isinstance(where, slice):
+            return _rows(self.hidden, self.dropped, where.start, where.stop, dtype)
+        return self.hidden[where].to(dtype)
+
+    def finish(self, logp_all, entropy_all):
+        """``[B, T]`` log-probs (and entropy), 0 at ignored positions."""
+        logp = logp_all.view(self.shape)
+        entropy = None if entropy_all is None else entropy_all.view(self.shape)
+        if self.ignored is not None:
+            ignored = self.ignored.view(self.shape)
+            logp = logp.masked_fill(ignored, 0)
+            entropy = None if entropy is None else entropy.masked_fill(ignored, 0)
+        return logp, entropy
+
+
+def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, ignore_index) -> _Batch:
+    """Checks the loss's arguments (shapes, types, and once the value rules of
+    ``rpg.functional.check_logprobs``: the chunks' calls then skip them) and folds ``ignore_index``
+    into the mask."""
+    shape = tuple(hidden.shape[:2])
+    _check_loss_inputs(shape, tokens, old_logp, advantages, mask, per_token, v, ignore_index)
+    if mask is not None:
+        check_mask_values(mask)
+    tokens = tokens.long()
+    keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    ignored = None
+    if ignore_index is not None:
+        ignored = tokens == ignore_index
+        keep = keep & ~ignored
+        tokens = tokens.masked_fill(ignored, 0)
+        mask = keep  # the loss (and its value checks) see the ignored positions as padding
+    response = None if mask is None else mask.bool()
+    check_logprobs(None, old_logp, per_token["ref_logp"], per_token["behavior_logp"], response)
+    invalid = None
+    if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
+        # host-device sync: an out-of-range id gives NaN instead
+        invalid = (tokens < 0) | (tokens >= v)
+        tokens = tokens.clamp(0, v - 1)
+    given = {k: x for k, x in per_token.items() if x is not None}
+    return _Batch(hidden, tokens, keep, mask, ignored, invalid, old_logp, advantages, given, dict(counts))
+
+
+class _Plan(NamedTuple):
+    """What one call computes: the compute ``dtype``, the entropy, which gradients (``need``: hidden,
+    weight, bias), the ``chunks`` (`_chunks`), whether each chunk's derivative call covers only its own
+    rows (``rows_local``), and the generator with the state to rewind it to before the value's call."""
+
+    dtype: torch.dtype
+    want_entropy: bool
+    need: tuple[bool, bool, bool]
+    need_grad: bool
+    chunks: list
+    rows_local: bool
+    rng: tuple[torch.Generator, torch.Tensor] | None
+
+
+def _chunks(keep: torch.Tensor, chunk: int, compact: bool, coupled: bool) -> list:
+    """The chunks: ``(where, b0, b1)`` with ``where`` the chunk's flat token positions (a slice, or an
+    index tensor when masked positions are skipped) and ``[b0, b1)`` the rows it touches. Per-token
+    derivatives allow any cut; a sequence-level ratio (``coupled``, GSPO) gets whole sequences."""
+    b, t = keep.shape
+    if not compact:
+        step = max(1, chunk // t) * t if coupled and t else chunk
+        return [
+            (slice(k0, min(b * t, k0 + step)), k0 // t, (min(b * t, k0 + step) - 1) // t + 1)
+            for k0 in range(0, b * t, step)
+        ]
+    pos = keep.reshape(-1).nonzero().squeeze(1)
+    pos_cpu = pos.cpu()  # one host-device sync on an accelerator (compaction is opt-in there)
+    if coupled:  # whole rows, as many as fit in `chunk` kept tokens (at least one)
+        per_row = torch.count_nonzero(keep, dim=-1).cpu().tolist()
+        bounds, start, size = [], 0, 0
+        for n_b in per_row:
+            if size and size + n_b > chunk:
+                bounds.append((start, start + size))
+                start, size = start + size, 0
+            size += n_b
+        if size:
+            bounds.append((start, start + size))
+    else:
+        bounds = [(c0, min(pos.numel(), c0 + chunk)) for c0 in range(0, pos.numel(), chunk)]
+    return [(pos[c0:c1], int(pos_cpu[c0]) // t, int(pos_cpu[c1 - 1]) // t + 1) for c0, c1 in bounds]
+
+
+def _outputs(batch: _Batch, plan: _Plan):
+    """Flat ``[N]`` buffers for the log-probs and (with an entropy term) the entropy."""
+    n, device = batch.tokens.numel(), batch.hidden.device
+    logp_all = torch.zeros(n, dtype=plan.dtype, device=device)
+    return logp_all, (torch.zeros_like(logp_all) if plan.want_entropy else None)
+
+
+def _store(batch: _Batch, where, logp, ent, logp_all, entropy_all):
+    """A chunk's ``(logp, entropy)`` with ignored positions at 0 and out-of-range ids at NaN, written into
+    the flat outputs and returned (what the chunk's derivative call sees)."""
+    if batch.ignored is not None:
+        logp = logp.masked_fill(batch.ignored[where], 0)
+        ent = None if ent is None else ent.masked_fill(batch.ignored[where], 0)
+    if batch.invalid is not None:
+        logp = logp.masked_fill(batch.invalid[where], float("nan"))
+    logp_all[where] = logp
+    if entropy_all is not None:
+        entropy_all[where] = ent
+    return logp, ent
+
+
+def _cast_grads(grads, hidden, weight, bias):
+    """The accumulated gradients in the dtypes (and ``hidden``'s shape) of the tensors they belong to."""
+    g_h, g_w, g_b = grads
+    return (
+        None if g_h is None else g_h.view(hidden.shape).to(hidden.dtype),
+        None if g_w is None else g_w.to(weight.dtype),
+        None if g_b is None or bias is None else g_b.to(bias.dtype),
+    )
 
 
 def _size(where) -> int:
