@@ -91,7 +91,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._util import check_floating, check_mask_values, compute_dtype, trusted_inputs
+from ._util import check_finite, check_floating, check_mask_values, compute_dtype, trusted_inputs
 from .functional import check_logprobs
 from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperature, _check_tokens, _rows
 
@@ -747,6 +747,10 @@ def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, i
         mask = keep  # the loss (and its value checks) see the ignored positions as padding
     response = None if mask is None else mask.bool()
     check_logprobs(None, old_logp, per_token["ref_logp"], per_token["behavior_logp"], response)
+    if advantages is not None:
+        check_finite("advantages", advantages, keep)
+    if per_token["weights"] is not None:
+        check_finite("weights", per_token["weights"], keep)
     invalid = None
     if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
         # host-device sync: an out-of-range id gives NaN instead
