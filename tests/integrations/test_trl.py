@@ -46,41 +46,57 @@ def count_a(completions, **kwargs):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+PROMPTS = ["abc", "hgf", "bad", "fed"]
+
+
+def tiny_config(output_dir, **overrides):
+    """A GRPOConfig for the tiny CPU runs: 4 completions per prompt, 6 tokens, one step, float32, seed 0."""
+    from trl import GRPOConfig
+
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        fp16=False,
+    )
+    return GRPOConfig(**{**base, **overrides})
+
+
+def tiny_trainer(args, cls=None, model=None, prompts=PROMPTS, **kwargs):
+    """``cls`` (RPGGRPOTrainer by default) on the tiny Llama, the character tokenizer and the ``count_a`` reward."""
+    from datasets import Dataset
+
+    from rpg.integrations.trl import RPGGRPOTrainer
+
+    tokenizer = _tokenizer()
+    return (cls or RPGGRPOTrainer)(
+        model=_model(len(tokenizer)) if model is None else model,
+        reward_funcs=count_a,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize(
     "loss",
     [rpg.RPGLoss("urkl", style="reinforce", beta=1e-3), rpg.GRPOLoss(beta=0.0)],
     ids=["rpg-urkl-reinforce", "grpo"],
 )
 def test_grpo_trainer_trains_with_an_rpg_loss(tmp_path, loss):
-    from datasets import Dataset
-    from trl import GRPOConfig
-
-    from rpg.integrations.trl import RPGGRPOTrainer
-
-    tokenizer = _tokenizer()
-    model = _model(len(tokenizer))
+    args = tiny_config(tmp_path, max_steps=2, num_iterations=2, learning_rate=1e-2, beta=0.0)
+    trainer = tiny_trainer(args, loss=loss, prompts=PROMPTS * 4)
+    model = trainer.model
     before = [p.detach().clone() for p in model.parameters()]
-    dataset = Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4})
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        num_iterations=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        beta=0.0,
-        bf16=False,
-        fp16=False,
-    )
-    trainer = RPGGRPOTrainer(
-        loss=loss, model=model, reward_funcs=count_a, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
     trainer.train()
     changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
     assert changed, "the optimizer steps did not change the parameters"
@@ -107,32 +123,9 @@ def test_loss_must_be_an_rpg_loss():
     ids=["not-expressible", "conflicts-with-the-loss"],
 )
 def test_grpo_config_settings_the_trainer_cannot_honour_are_refused(tmp_path, loss, kw, match):
-    from datasets import Dataset
-    from trl import GRPOConfig
-
-    from rpg.integrations.trl import RPGGRPOTrainer
-
-    tokenizer = _tokenizer()
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        **kw,
-    )
+    args = tiny_config(tmp_path, max_completion_length=4, **kw)
     with pytest.raises(ValueError, match=match):
-        RPGGRPOTrainer(
-            loss=loss,
-            model=_model(len(tokenizer)),
-            reward_funcs=count_a,
-            args=args,
-            train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}),
-            processing_class=tokenizer,
-        )
+        tiny_trainer(args, loss=loss, prompts=["abc"] * 4)
 
 
 @pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
@@ -140,27 +133,13 @@ def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path, fused_
     """No loss=: the rpg loss is built from GRPOConfig, with TRL's reference model, entropy mask, off-policy
     mask and entropy bonus running through the real model's log-probs and entropies (or, fused_head=True,
     its hidden states and LM head through FusedLinearLoss)."""
-    from datasets import Dataset
-    from trl import GRPOConfig
-
-    from rpg.integrations.trl import RPGGRPOTrainer
-
     tokenizer = _tokenizer()
     _model(len(tokenizer)).save_pretrained(tmp_path / "model")  # TRL loads the reference model (beta != 0) by path
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
+    args = tiny_config(
+        tmp_path,
         max_steps=2,
         num_iterations=2,
         learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        bf16=False,
         loss_type="grpo",
         beta=0.04,
         epsilon_high=0.28,
@@ -170,14 +149,7 @@ def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path, fused_
         entropy_coef=0.01,
         model_init_kwargs={"dtype": torch.float32},
     )
-    trainer = RPGGRPOTrainer(
-        model=str(tmp_path / "model"),
-        reward_funcs=count_a,
-        args=args,
-        processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4}),
-        fused_head=fused_head,
-    )
+    trainer = tiny_trainer(args, model=str(tmp_path / "model"), prompts=PROMPTS * 4, fused_head=fused_head)
     model = trainer.model
     before = [p.detach().clone() for p in model.parameters()]
     loss = trainer.rpg_loss
@@ -190,11 +162,7 @@ def test_grpo_trainer_trains_with_the_loss_its_config_describes(tmp_path, fused_
 
 
 def test_moe_router_loss_is_added_and_logged(tmp_path):
-    from datasets import Dataset
     from transformers import MixtralConfig, MixtralForCausalLM
-    from trl import GRPOConfig
-
-    from rpg.integrations.trl import RPGGRPOTrainer
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
@@ -215,26 +183,8 @@ def test_moe_router_loss_is_added_and_logged(tmp_path):
             router_aux_loss_coef=0.01,
         )
     )  # TRL asks for router logits
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=1,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-    )
-    trainer = RPGGRPOTrainer(
-        loss=rpg.DAPOLoss(),
-        model=model,
-        reward_funcs=count_a,
-        args=args,
-        processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": ["abc"] * 4}),
-    )
+    args = tiny_config(tmp_path, max_completion_length=4)
+    trainer = tiny_trainer(args, loss=rpg.DAPOLoss(), model=model, prompts=["abc"] * 4)
     assert trainer.aux_loss_enabled
     trainer.train()
     (entry,) = [h for h in trainer.state.log_history if "aux_loss" in h]
@@ -256,39 +206,21 @@ def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
     """The preset inside RPGGRPOTrainer gives TRL's own loss for the matching loss_type (normalisation included)."""
     import collections
 
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rpg.integrations.trl import RPGGRPOTrainer
 
-    tokenizer = _tokenizer()
-    dataset = Dataset.from_dict({"prompt": ["abc", "hgf"] * 8})
-
     def make(cls, **kw):
-        args = GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=6,
-            max_steps=1,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="no",
-            seed=0,
+        args = tiny_config(
+            tmp_path,
+            logging_steps=500,
             beta=0.0,
             loss_type=loss_type,
             epsilon=0.2,
             epsilon_high=0.28,
             gradient_accumulation_steps=2,
         )
-        trainer = cls(
-            model=_model(len(tokenizer)),
-            reward_funcs=count_a,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=dataset,
-            **kw,
-        )
+        trainer = tiny_trainer(args, cls, prompts=["abc", "hgf"] * 8, **kw)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 2
         trainer._metrics = {"train": collections.defaultdict(list)}
@@ -329,40 +261,17 @@ def test_same_loss_as_trls_own_on_the_same_inputs(tmp_path, loss_type, loss):
 def test_logged_metrics_are_a_superset_of_trls_with_trls_values(tmp_path, kw):
     """Both trainers, same tiny model, data and seed, one optimizer step: RPGGRPOTrainer logs every key
     GRPOTrainer logs (TRL's dashboards and callbacks keep working), with the same values."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rpg.integrations.trl import RPGGRPOTrainer
 
-    tokenizer = _tokenizer()
     logs = {}
     for name, cls, extra in (
         ("trl", GRPOTrainer, {}),
         ("rpg", RPGGRPOTrainer, {}),
         ("rpg-fused", RPGGRPOTrainer, {"fused_head": True}),
     ):
-        args = GRPOConfig(
-            output_dir=str(tmp_path / name),
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=6,
-            max_steps=1,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="no",
-            seed=0,
-            bf16=False,
-            **kw,
-        )
-        trainer = cls(
-            model=_model(len(tokenizer)),
-            reward_funcs=count_a,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"]}),
-            **extra,
-        )
+        trainer = tiny_trainer(tiny_config(tmp_path / name, **kw), cls, **extra)
         trainer.train()
         (entry,) = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
         logs[name] = entry

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 import rpg
 from rpg.integrations import _trl_fused
@@ -438,59 +438,35 @@ def test_multimodal_inputs_several_processes_and_router_losses_are_refused():
 
 
 def _train(tmp_path, fused, peft_config=None, beta=0.0):
-    from datasets import Dataset
+    from tests.integrations.test_trl import PROMPTS, tiny_config, tiny_trainer
 
-    from tests.integrations.test_trl import _model as tiny_model
-    from tests.integrations.test_trl import _tokenizer, count_a
-
-    tokenizer = _tokenizer()
-    model = tiny_model(len(tokenizer))
-    dataset = Dataset.from_dict({"prompt": ["abc", "hgf", "bad", "fed"] * 4})
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        num_iterations=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        beta=beta,
-        entropy_coef=0.01,
-        bf16=False,
-        fp16=False,
-    )
-    trainer = RPGGRPOTrainer(
-        model=model,
-        reward_funcs=count_a,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        fused_head=fused,
-        peft_config=peft_config,
-    )
+    args = tiny_config(tmp_path, max_steps=2, num_iterations=2, learning_rate=1e-2, beta=beta, entropy_coef=0.01)
+    trainer = tiny_trainer(args, prompts=PROMPTS * 4, fused_head=fused, peft_config=peft_config)
     return trainer, trainer.model
+
+
+@contextlib.contextmanager
+def _spy_on_from_hidden_scoring(record):
+    """Calls ``record(args)`` on each call of the fused path's no-grad scoring (old and reference log-probs)."""
+    real = _trl_fused.per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        record(a)
+        return real(*a, **kw)
+
+    _trl_fused.per_token_logps_and_entropies = spy
+    try:
+        yield
+    finally:
+        _trl_fused.per_token_logps_and_entropies = real
 
 
 def test_a_training_run_with_the_fused_head_learns(tmp_path):
     trainer, model = _train(tmp_path, True)
     before = [p.detach().clone() for p in model.parameters()]
     calls = []
-    real = _trl_fused.per_token_logps_and_entropies
-
-    def spy(*a, **kw):
-        calls.append(torch.is_grad_enabled())
-        return real(*a, **kw)
-
-    _trl_fused.per_token_logps_and_entropies = spy
-    try:
+    with _spy_on_from_hidden_scoring(lambda a: calls.append(torch.is_grad_enabled())):
         trainer.train()
-    finally:
-        _trl_fused.per_token_logps_and_entropies = real
     assert calls and not any(calls), "old log-probs (num_iterations=2) go through from_hidden under no_grad"
     changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
     assert changed, "the optimizer steps did not change the parameters"
@@ -511,17 +487,8 @@ def test_a_lora_training_run_with_the_fused_head_equals_the_unfused_one(tmp_path
     config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
     trainer, model = _train(tmp_path, True, peft.LoraConfig(**config), beta=0.04)
     calls = []
-    real = _trl_fused.per_token_logps_and_entropies
-
-    def spy(*a, **kw):
-        calls.append(bool(a[1].get_base_model().lm_head.disable_adapters))
-        return real(*a, **kw)
-
-    _trl_fused.per_token_logps_and_entropies = spy
-    try:
+    with _spy_on_from_hidden_scoring(lambda a: calls.append(bool(a[1].get_base_model().lm_head.disable_adapters))):
         trainer.train()
-    finally:
-        _trl_fused.per_token_logps_and_entropies = real
     assert True in calls and False in calls  # reference (adapters off) and old log-probs (on)
     unfused, reference = _train(tmp_path, False, peft.LoraConfig(**config), beta=0.04)
     unfused.train()
