@@ -25,7 +25,8 @@ in eval mode, and without a LoRA variant such as DoRA (TRL 1.16's ``GRPOTrainer`
 ``lm_head`` itself); or PEFT's ``modules_to_save`` copy of it.
 Disabled or merged adapters use the base weight, as PEFT's forward does. The backbone is the
 model's ``base_model`` (``model.model`` for Llama/Qwen-style models). Anything else is refused
-with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs,
+with the reason, as are PEFT prompt-learning adapters (their virtual tokens enter in ``PeftModel``'s
+forward, which the backbone alone skips), models whose config scales or soft-caps the logits, multimodal inputs,
 MoE router losses and runs on several processes (the backbone is called outside the distributed
 wrapper's forward).
 """
@@ -66,9 +67,19 @@ _LOGIT_MODIFIERS = (
 
 
 def _hf_model(model):
-    """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate)."""
+    """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate).
+
+    A PEFT prompt-learning adapter (prompt tuning, prefix tuning, P-tuning) acts in ``PeftModel``'s own
+    forward (virtual tokens or past key-values), which the backbone alone never sees: refused."""
     peft = _peft()
     if peft is not None and isinstance(model, peft[0]):
+        config = model.active_peft_config
+        if getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"fused_head=True runs the backbone without PeftModel's forward, which is where the active "
+                f"adapter ({type(config).__name__}, prompt learning) adds its virtual tokens: the log-probs "
+                "would be those of the model without the adapter. Use fused_head=False"
+            )
         return model.get_base_model()
     return model
 

@@ -407,7 +407,33 @@ REFUSED_MODELS = {
     "router-loss": (lambda: _with_config(output_router_logits=True), r"router load-balancing loss"),
     "lora-dropout": (lambda: _lora(_model(), lora_dropout=0.1), r"lora_dropout=0\.1"),
     "dora": (lambda: _lora(_model(), lora_dropout=0.0, use_dora=True), "variant"),
+    "prompt-tuning": (lambda: _prompt_tuning(_model()), r"prompt learning"),
 }
+
+
+def _prompt_tuning(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_a_prompt_learning_adapter_is_refused_where_the_backbone_alone_would_drop_it():
+    """PEFT's prompt tuning prepends its virtual tokens in PeftModel's forward: the backbone alone gives the
+    log-probs of the model without them (measured: they differ by more than 1e-3), so the old/reference
+    log-probs and the loss refuse such a model at every call, not only at construction."""
+    model = _prompt_tuning(_model())
+    args = _config()
+    ids = torch.randint(1, V, (B, P + T), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, P + T, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits[:, -T - 1 : -1]
+        with_prompt = torch.log_softmax(logits, -1).gather(-1, ids[:, -T:, None])[..., 0]
+        without = _unfused_logps(model.get_base_model(), 1.0)(model.get_base_model(), ids, am, T)[0]
+    assert (with_prompt - without).abs().max() > 1e-3  # the adapter changes the log-probs
+    s = _stub(args, model, True)
+    with pytest.raises(ValueError, match="prompt learning"):
+        s._get_per_token_logps_and_entropies(model, ids, am, T)
+    with pytest.raises(ValueError, match="prompt learning"):
+        RPGGRPOTrainer._compute_loss(s, model, _inputs(args, model.get_base_model()))
 
 
 @pytest.mark.parametrize("make,match", REFUSED_MODELS.values(), ids=REFUSED_MODELS.keys())
