@@ -310,7 +310,10 @@ def _trl_metrics(trainer, step: Step, logp, old, entropy) -> None:
 
     metrics = trainer._metrics[step.mode]
     metrics["entropy"].append(global_mean(entropy))
-    r = Ratios(logp, old, None if step.ref is None else step.ref.detach())
+    # The KL term's anchor as the loss sees it: ref_logp, or behavior_logp for a behaviour-anchored loss
+    # (kl_anchor="behavior"; π_old where the trainer passes none).
+    anchor = step.behavior if loss.loss_config.kl_anchor == "behavior" else step.ref
+    r = Ratios(logp, old, None if anchor is None else anchor.detach())
     if loss.kl is not None and loss.beta != 0:  # the loss's KL term, β excluded (TRL's per_token_kl)
         value = torch.zeros_like(r.log_w)
         REGISTRY[loss.kl].accumulate(value, torch.zeros_like(value), 1.0, r)

@@ -318,6 +318,29 @@ def test_fused_head_without_gradient_gives_the_same_loss_and_metrics(kw):
     _same_metrics(got_s._metrics["eval"], want_s._metrics["eval"])
 
 
+@pytest.mark.parametrize(
+    "kw,loss",
+    [
+        ({"loss_type": "dapo", "use_vllm": True}, rpg.PrimeRLLoss(kl_tau=0.05)),
+        ({"loss_type": "dapo", "use_vllm": True}, rpg.DROLoss(beta=0.1)),
+        ({"loss_type": "dapo"}, rpg.PrimeRLLoss(kl_tau=0.05)),
+        ({"loss_type": "grpo", "beta": 0.04}, None),
+    ],
+    ids=["prime-rl-vllm", "dro-vllm", "prime-rl", "grpo-config"],
+)
+def test_the_logged_kl_is_the_losss_own_kl_term(kw, loss):
+    """TRL's ``kl`` is the mean of the loss's KL term (β excluded), so it equals ``rpg/kl/term`` on a
+    token-level loss: a behaviour-anchored loss (kl_anchor="behavior") compares π_θ with vLLM's μ, not with
+    π_old (the value logged before differed: 0.027 against the term's 0.076 for prime-rl-vllm)."""
+    gs, ws = _compare(_config(temperature=0.9, **kw), loss=loss, bias=True)
+    for s in (gs, ws):
+        metrics = s._metrics["train"]
+        torch.testing.assert_close(
+            torch.tensor(metrics["kl"], dtype=DT), torch.tensor(metrics["rpg/kl/term"], dtype=DT), rtol=1e-12, atol=0
+        )
+        assert metrics["kl"][0] > 1e-3
+
+
 def test_fused_head_runs_the_adaptive_entropy_controller_as_the_unfused_trainer():
     args = _config(
         loss_type="grpo",
