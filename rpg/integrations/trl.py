@@ -92,7 +92,8 @@ bonuses).
 
 **Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
 ``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
-excluded, toward the loss's own anchor — TRL's k3 or r·k3, vLLM's μ for a kl_anchor="behavior" loss), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+excluded, toward the loss's own anchor — TRL's k3 or r·k3; vLLM's μ for a ``kl_anchor="behavior"`` loss),
+``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
 ``clip_ratio/region_mean`` (token-weighted), ``clip_ratio/low_min``, ``clip_ratio/high_max`` (min / max
 over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio`` for cispo,
 ``vespo/phi_seq_mean`` (the mean over sequences of φ(W)) for vespo,
