@@ -341,6 +341,23 @@ def test_the_logged_kl_is_the_losss_own_kl_term(kw, loss):
         assert metrics["kl"][0] > 1e-3
 
 
+def test_the_logged_kl_ignores_values_at_tokens_outside_the_mask():
+    """A token outside the loss's mask (a tool's output, tool_mask 0) may hold any log-prob: an old log-prob of
+    -1000 there gives an infinite ratio, which ``(x * mask).sum()`` turned into a NaN ``kl`` (0·inf) on both
+    paths while the loss and ``rpg/kl/term`` ignore it. The logged ``kl`` is the mean over the masked tokens."""
+    args = _config(loss_type="grpo", beta=0.04, temperature=0.9)  # use_bias_correction_kl: r·k3
+    model = _model()
+    inputs = _inputs(args, model, tool=True)
+    inputs["old_per_token_logps"][0, 2:4] = -1000.0  # tool_mask is 0 at [0, 2:4]
+    for fused in (False, True):
+        _, _, s = _loss_and_grads(args, model, inputs, fused)
+        metrics = s._metrics["train"]
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in metrics.values()), metrics
+        torch.testing.assert_close(
+            torch.tensor(metrics["kl"], dtype=DT), torch.tensor(metrics["rpg/kl/term"], dtype=DT), rtol=1e-12, atol=0
+        )
+
+
 def test_fused_head_runs_the_adaptive_entropy_controller_as_the_unfused_trainer():
     args = _config(
         loss_type="grpo",
