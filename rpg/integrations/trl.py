@@ -639,8 +639,8 @@ class RPGGRPOTrainer(GRPOTrainer):
     [`FusedLinearLoss`][rpg.fused.FusedLinearLoss], without the logits (old and reference log-probs:
     [`from_hidden`][rpg.logprobs.from_hidden]); same loss and gradients, for every setting the trainer
     accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias,
-    or PEFT's ``modules_to_save`` copy of one): other heads, logit scaling/soft-capping, MoE router
-    losses, multimodal inputs and runs on several processes are refused.
+    or PEFT's ``modules_to_save`` copy of one): other heads, PEFT prompt-learning adapters, logit
+    scaling/soft-capping, MoE router losses, multimodal inputs and runs on several processes are refused.
     """
 
     args: GRPOConfig  # Trainer annotates TrainingArguments; GRPOTrainer is given a GRPOConfig
