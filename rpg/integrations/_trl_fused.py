@@ -56,9 +56,11 @@ def _peft():
     return PeftModel, LoraLinear, BaseTunerLayer, ModulesToSaveWrapper
 
 
-# Config fields by which Hugging Face models scale or soft-cap their logits after the head.
+# Config fields by which Hugging Face models scale or soft-cap their logits after the head (RecurrentGemma's
+# logits_soft_cap, 30 by default, is one that TRL's own fused head does not read).
+_LOGIT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
 _LOGIT_MODIFIERS = (
-    "final_logit_softcapping",
+    *_LOGIT_CAPS,
     "logit_scale",
     "output_multiplier",
     "lm_head_multiplier",
@@ -114,7 +116,7 @@ def check_model(model) -> None:
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     for name in _LOGIT_MODIFIERS:
         value = getattr(text, name, None)
-        if value is not None and not (name != "final_logit_softcapping" and value == 1):
+        if value is not None and not (name not in _LOGIT_CAPS and value == 1):
             raise ValueError(
                 f"fused_head=True computes logits as hidden·Wᵀ + b; this model's config sets {name}={value!r}, "
                 "which transforms them after the head. Use fused_head=False"

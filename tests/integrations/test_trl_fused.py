@@ -448,7 +448,28 @@ REFUSED_MODELS = {
     "lora-dropout": (lambda: _lora(_model(), lora_dropout=0.1), r"lora_dropout=0\.1"),
     "dora": (lambda: _lora(_model(), lora_dropout=0.0, use_dora=True), "variant"),
     "prompt-tuning": (lambda: _prompt_tuning(_model()), r"prompt learning"),
+    "recurrent-gemma-soft-cap": (lambda: _recurrent_gemma(), r"logits_soft_cap=30\.0"),
 }
+
+
+def _recurrent_gemma():
+    """A tiny RecurrentGemma: its forward soft-caps the logits, tanh(z / 30)·30, by ``logits_soft_cap`` (30 by
+    default), a config name other than ``final_logit_softcapping``."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = RecurrentGemmaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        lru_width=H,
+        attention_window_size=8,
+        block_types=["recurrent", "attention"],
+    )
+    return RecurrentGemmaForCausalLM(config).to(DT)
 
 
 def _prompt_tuning(model):
