@@ -25,7 +25,8 @@ in eval mode, and without a LoRA variant such as DoRA (TRL 1.16's ``GRPOTrainer`
 ``lm_head`` itself); or PEFT's ``modules_to_save`` copy of it.
 Disabled or merged adapters use the base weight, as PEFT's forward does. The backbone is the
 model's ``base_model`` (``model.model`` for Llama/Qwen-style models). Anything else is refused
-with the reason, as are models whose config scales or soft-caps the logits, multimodal inputs,
+with the reason, as are PEFT prompt-learning adapters (their virtual tokens enter in ``PeftModel``'s
+forward, which the backbone alone skips), models whose config scales or soft-caps the logits, multimodal inputs,
 MoE router losses and runs on several processes (the backbone is called outside the distributed
 wrapper's forward).
 """
@@ -55,9 +56,11 @@ def _peft():
     return PeftModel, LoraLinear, BaseTunerLayer, ModulesToSaveWrapper
 
 
-# Config fields by which Hugging Face models scale or soft-cap their logits after the head.
+# Config fields by which Hugging Face models scale or soft-cap their logits after the head (RecurrentGemma's
+# logits_soft_cap, 30 by default, is one that TRL's own fused head does not read).
+_LOGIT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
 _LOGIT_MODIFIERS = (
-    "final_logit_softcapping",
+    *_LOGIT_CAPS,
     "logit_scale",
     "output_multiplier",
     "lm_head_multiplier",
@@ -66,9 +69,19 @@ _LOGIT_MODIFIERS = (
 
 
 def _hf_model(model):
-    """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate)."""
+    """The Hugging Face model under a PEFT wrapper (the trainer's model, already unwrapped from accelerate).
+
+    A PEFT prompt-learning adapter (prompt tuning, prefix tuning, P-tuning) acts in ``PeftModel``'s own
+    forward (virtual tokens or past key-values), which the backbone alone never sees: refused."""
     peft = _peft()
     if peft is not None and isinstance(model, peft[0]):
+        config = model.active_peft_config
+        if getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"fused_head=True runs the backbone without PeftModel's forward, which is where the active "
+                f"adapter ({type(config).__name__}, prompt learning) adds its virtual tokens: the log-probs "
+                "would be those of the model without the adapter. Use fused_head=False"
+            )
         return model.get_base_model()
     return model
 
@@ -103,7 +116,7 @@ def check_model(model) -> None:
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     for name in _LOGIT_MODIFIERS:
         value = getattr(text, name, None)
-        if value is not None and not (name != "final_logit_softcapping" and value == 1):
+        if value is not None and not (name not in _LOGIT_CAPS and value == 1):
             raise ValueError(
                 f"fused_head=True computes logits as hidden·Wᵀ + b; this model's config sets {name}={value!r}, "
                 "which transforms them after the head. Use fused_head=False"

@@ -296,12 +296,14 @@ def _trl_metrics(trainer, step: Step, logp, old, entropy) -> None:
     adv = adv.to(logp.dtype)
 
     # TRL's reductions, dtypes included (indicators in float32, counts as mask.sum().float()), so
-    # the logged numbers are TRL's to the last bit on the same inputs.
+    # the logged numbers are TRL's to the last bit on the same inputs; tokens outside the mask are
+    # dropped with torch.where (TRL's x·mask turns an infinite value there, e.g. r·k3 at a tool token
+    # whose old log-prob is far below the policy's, into a NaN mean).
     def global_mean(x):  # a [B, 1] value counts once per sequence, a [B, T] one per token
         if x.size(1) == 1:
             part = torch.stack([x.sum(), torch.tensor(float(x.size(0)), device=x.device)])
         else:
-            part = torch.stack([(x * mask).sum(), mask.sum().float()])
+            part = torch.stack([torch.where(mask.bool(), x, x.new_zeros(())).sum(), mask.sum().float()])
         total = trainer.accelerator.reduce(part, reduction="sum")
         return (total[0] / total[1].clamp(min=1.0)).item()
 
@@ -310,7 +312,10 @@ def _trl_metrics(trainer, step: Step, logp, old, entropy) -> None:
 
     metrics = trainer._metrics[step.mode]
     metrics["entropy"].append(global_mean(entropy))
-    r = Ratios(logp, old, None if step.ref is None else step.ref.detach())
+    # The KL term's anchor as the loss sees it: ref_logp, or behavior_logp for a behaviour-anchored loss
+    # (kl_anchor="behavior"; π_old where the trainer passes none).
+    anchor = step.behavior if loss.loss_config.kl_anchor == "behavior" else step.ref
+    r = Ratios(logp, old, None if anchor is None else anchor.detach())
     if loss.kl is not None and loss.beta != 0:  # the loss's KL term, β excluded (TRL's per_token_kl)
         value = torch.zeros_like(r.log_w)
         REGISTRY[loss.kl].accumulate(value, torch.zeros_like(value), 1.0, r)

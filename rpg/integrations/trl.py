@@ -26,7 +26,8 @@ and rollout-engine log-probs, and the normalisation counts.
   ``ValueError`` names the fields. TRL's token and sequence masks, its vLLM
   correction and its entropy bonus act as below. With ``GRPOConfig(beta=0)`` TRL
   loads no reference model, and a loss with β > 0 uses π_ref = π_old (RPG's
-  iterative reference).
+  iterative reference); a loss whose KL term is anchored on the behaviour policy
+  (``kl_anchor="behavior"``, e.g. ``PrimeRLLoss``) needs ``beta=0`` there.
 
 **What the loss receives** (per micro-batch, ``[B, T]`` unless noted): ``logp`` —
 TRL's per-token log-probs; ``old_logp`` — ``old_per_token_logps`` or
@@ -92,7 +93,8 @@ bonuses).
 
 **Metrics.** Every loss metric ``GRPOTrainer`` logs, under its names and reductions:
 ``entropy`` and ``kl`` (token-weighted means over all processes; ``kl`` is the loss's KL term, β
-excluded — TRL's k3 or r·k3), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+excluded, toward the loss's own anchor — TRL's k3 or r·k3; vLLM's μ for a ``kl_anchor="behavior"`` loss),
+``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
 ``clip_ratio/region_mean`` (token-weighted), ``clip_ratio/low_min``, ``clip_ratio/high_max`` (min / max
 over the gathered per-sequence means) for the PPO loss types, ``cispo_clip_ratio`` for cispo,
 ``vespo/phi_seq_mean`` (the mean over sequences of φ(W)) for vespo,
@@ -403,6 +405,12 @@ def _plan(args, loss: PolicyLoss | None = None, has_rollout_logprobs: bool = Fal
     if not isinstance(loss, PolicyLoss):
         raise TypeError(f"loss must be an rpg loss (rpg.PolicyLoss or a preset) or None, got {type(loss).__name__}")
     _check_agreement(args, loss)
+    if loss.loss_config.kl_anchor == "behavior" and loss.beta != 0 and args.beta != 0:
+        raise ValueError(
+            f"GRPOConfig.beta={args.beta!r} makes TRL load a reference model and pass its log-probs, but the loss's "
+            "KL term is anchored on the behaviour policy (kl_anchor='behavior': vLLM's μ, or π_old), so it would "
+            f"refuse them at its first call: set GRPOConfig.beta=0 (the loss keeps its own beta={loss.beta!r})"
+        )
     if trl_correction is not None:
         if loss.correction is not None and loss.correction != trl_correction:
             raise ValueError(
@@ -638,8 +646,8 @@ class RPGGRPOTrainer(GRPOTrainer):
     [`FusedLinearLoss`][rpg.fused.FusedLinearLoss], without the logits (old and reference log-probs:
     [`from_hidden`][rpg.logprobs.from_hidden]); same loss and gradients, for every setting the trainer
     accepts. The head must be a linear map (``torch.nn.Linear``, tied or not, with or without a bias,
-    or PEFT's ``modules_to_save`` copy of one): other heads, logit scaling/soft-capping, MoE router
-    losses, multimodal inputs and runs on several processes are refused.
+    or PEFT's ``modules_to_save`` copy of one): other heads, PEFT prompt-learning adapters, logit
+    scaling/soft-capping, MoE router losses, multimodal inputs and runs on several processes are refused.
     """
 
     args: GRPOConfig  # Trainer annotates TrainingArguments; GRPOTrainer is given a GRPOConfig

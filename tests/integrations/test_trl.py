@@ -119,8 +119,10 @@ def test_loss_must_be_an_rpg_loss():
     [
         (None, {"importance_sampling_level": "sequence", "beta": 0.04}, "use_bias_correction_kl"),
         (rpg.DAPOLoss(), {"epsilon_high": 0.3}, "epsilon_high=0.3"),
+        # TRL would load a reference model whose log-probs this loss refuses at its first call
+        (rpg.PrimeRLLoss(kl_tau=0.05), {"beta": 0.1}, r"kl_anchor='behavior'.*beta=0"),
     ],
-    ids=["not-expressible", "conflicts-with-the-loss"],
+    ids=["not-expressible", "conflicts-with-the-loss", "behaviour-anchored-kl-with-a-reference"],
 )
 def test_grpo_config_settings_the_trainer_cannot_honour_are_refused(tmp_path, loss, kw, match):
     args = tiny_config(tmp_path, max_completion_length=4, **kw)

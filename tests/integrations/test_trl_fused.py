@@ -318,6 +318,46 @@ def test_fused_head_without_gradient_gives_the_same_loss_and_metrics(kw):
     _same_metrics(got_s._metrics["eval"], want_s._metrics["eval"])
 
 
+@pytest.mark.parametrize(
+    "kw,loss",
+    [
+        ({"loss_type": "dapo", "use_vllm": True}, rpg.PrimeRLLoss(kl_tau=0.05)),
+        ({"loss_type": "dapo", "use_vllm": True}, rpg.DROLoss(beta=0.1)),
+        ({"loss_type": "dapo"}, rpg.PrimeRLLoss(kl_tau=0.05)),
+        ({"loss_type": "grpo", "beta": 0.04}, None),
+    ],
+    ids=["prime-rl-vllm", "dro-vllm", "prime-rl", "grpo-config"],
+)
+def test_the_logged_kl_is_the_losss_own_kl_term(kw, loss):
+    """TRL's ``kl`` is the mean of the loss's KL term (β excluded), so it equals ``rpg/kl/term`` on a
+    token-level loss: a behaviour-anchored loss (kl_anchor="behavior") compares π_θ with vLLM's μ, not with
+    π_old (the value logged before differed: 0.027 against the term's 0.076 for prime-rl-vllm)."""
+    gs, ws = _compare(_config(temperature=0.9, **kw), loss=loss, bias=True)
+    for s in (gs, ws):
+        metrics = s._metrics["train"]
+        torch.testing.assert_close(
+            torch.tensor(metrics["kl"], dtype=DT), torch.tensor(metrics["rpg/kl/term"], dtype=DT), rtol=1e-12, atol=0
+        )
+        assert metrics["kl"][0] > 1e-3
+
+
+def test_the_logged_kl_ignores_values_at_tokens_outside_the_mask():
+    """A token outside the loss's mask (a tool's output, tool_mask 0) may hold any log-prob: an old log-prob of
+    -1000 there gives an infinite ratio, which ``(x * mask).sum()`` turned into a NaN ``kl`` (0·inf) on both
+    paths while the loss and ``rpg/kl/term`` ignore it. The logged ``kl`` is the mean over the masked tokens."""
+    args = _config(loss_type="grpo", beta=0.04, temperature=0.9)  # use_bias_correction_kl: r·k3
+    model = _model()
+    inputs = _inputs(args, model, tool=True)
+    inputs["old_per_token_logps"][0, 2:4] = -1000.0  # tool_mask is 0 at [0, 2:4]
+    for fused in (False, True):
+        _, _, s = _loss_and_grads(args, model, inputs, fused)
+        metrics = s._metrics["train"]
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in metrics.values()), metrics
+        torch.testing.assert_close(
+            torch.tensor(metrics["kl"], dtype=DT), torch.tensor(metrics["rpg/kl/term"], dtype=DT), rtol=1e-12, atol=0
+        )
+
+
 def test_fused_head_runs_the_adaptive_entropy_controller_as_the_unfused_trainer():
     args = _config(
         loss_type="grpo",
@@ -407,7 +447,54 @@ REFUSED_MODELS = {
     "router-loss": (lambda: _with_config(output_router_logits=True), r"router load-balancing loss"),
     "lora-dropout": (lambda: _lora(_model(), lora_dropout=0.1), r"lora_dropout=0\.1"),
     "dora": (lambda: _lora(_model(), lora_dropout=0.0, use_dora=True), "variant"),
+    "prompt-tuning": (lambda: _prompt_tuning(_model()), r"prompt learning"),
+    "recurrent-gemma-soft-cap": (lambda: _recurrent_gemma(), r"logits_soft_cap=30\.0"),
 }
+
+
+def _recurrent_gemma():
+    """A tiny RecurrentGemma: its forward soft-caps the logits, tanh(z / 30)·30, by ``logits_soft_cap`` (30 by
+    default), a config name other than ``final_logit_softcapping``."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = RecurrentGemmaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        lru_width=H,
+        attention_window_size=8,
+        block_types=["recurrent", "attention"],
+    )
+    return RecurrentGemmaForCausalLM(config).to(DT)
+
+
+def _prompt_tuning(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_a_prompt_learning_adapter_is_refused_where_the_backbone_alone_would_drop_it():
+    """PEFT's prompt tuning prepends its virtual tokens in PeftModel's forward: the backbone alone gives the
+    log-probs of the model without them (measured: they differ by more than 1e-3), so the old/reference
+    log-probs and the loss refuse such a model at every call, not only at construction."""
+    model = _prompt_tuning(_model())
+    args = _config()
+    ids = torch.randint(1, V, (B, P + T), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, P + T, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits[:, -T - 1 : -1]
+        with_prompt = torch.log_softmax(logits, -1).gather(-1, ids[:, -T:, None])[..., 0]
+        without = _unfused_logps(model.get_base_model(), 1.0)(model.get_base_model(), ids, am, T)[0]
+    assert (with_prompt - without).abs().max() > 1e-3  # the adapter changes the log-probs
+    s = _stub(args, model, True)
+    with pytest.raises(ValueError, match="prompt learning"):
+        s._get_per_token_logps_and_entropies(model, ids, am, T)
+    with pytest.raises(ValueError, match="prompt learning"):
+        RPGGRPOTrainer._compute_loss(s, model, _inputs(args, model.get_base_model()))
 
 
 @pytest.mark.parametrize("make,match", REFUSED_MODELS.values(), ids=REFUSED_MODELS.keys())

@@ -104,3 +104,28 @@ def test_rpg_metrics_reduced_over_processes_equal_the_full_batch_metrics():
         assert abs(logged[k] - v) <= 1e-12 * max(1.0, abs(v)), (k, logged[k], v)
     # a per-process mean (what logging process 0's own value gives) is not the full batch's
     assert abs(outs[0]["ratio/mean"] - full["ratio/mean"]) > 1e-3
+
+
+def test_a_process_without_tokens_leaves_the_reduced_metrics_those_of_the_others():
+    """A process whose micro-batch has no response token logs 0 for every rpg metric: the reduction gives it
+    weight 0 in the token means and leaves it out of min/max and the ESS, so the result is the other
+    process's batch metrics (float64, 1e-12)."""
+
+    import rpg
+    from rpg.integrations._trl_step import _across_processes
+
+    from ..conftest import make_batch
+
+    logp, old, adv, mask, ref = make_batch(7, 5, seed=4, spread=0.6)
+    mask[5:] = False  # process 1 holds rows 5 and 6, both empty
+    loss_fn = rpg.RPGLoss("urkl", style="reinforce", beta=0.05, agg="token-mean")
+    full = loss_fn(logp, old, adv, mask, ref_logp=ref).metrics
+    halves = [slice(0, 5), slice(5, 7)]
+    outs = [loss_fn(logp[s], old[s], adv[s], mask[s], ref_logp=ref[s]).metrics for s in halves]
+    assert all(v == 0.0 for v in outs[1].values())  # what the empty process logs
+    assert full["ratio/min"] > 0.1  # a min that took the empty process's 0 would be caught
+    names = list(outs[0])
+    row1 = torch.tensor([[*(outs[1][k] for k in names), 0.0]], dtype=torch.float64)
+    logged = _across_processes(_TwoProcesses(row1), outs[0], mask[halves[0]])
+    for k, v in full.items():
+        assert abs(logged[k] - v) <= 1e-12 * max(1.0, abs(v)), (k, logged[k], v)
