@@ -92,6 +92,7 @@ from typing import NamedTuple
 import torch
 
 from ._util import check_finite, check_floating, check_mask_values, compute_dtype, trusted_inputs
+from .aggregation import check_count
 from .functional import check_logprobs
 from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperature, _check_tokens, _rows
 
@@ -730,9 +731,9 @@ class _Batch:
 
 
 def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, ignore_index) -> _Batch:
-    """Checks the loss's arguments (shapes, types, and once the value rules of
-    ``rpg.functional.check_logprobs``: the chunks' calls then skip them) and folds ``ignore_index``
-    into the mask."""
+    """Checks the loss's arguments (shapes, types, and once the value rules the loss checks — the
+    log-probs', the advantages', the weights', the counts': the chunks' calls then skip them) and folds
+    ``ignore_index`` into the mask."""
     shape = tuple(hidden.shape[:2])
     _check_loss_inputs(shape, tokens, old_logp, advantages, mask, per_token, v, ignore_index)
     if mask is not None:
@@ -751,6 +752,8 @@ def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, i
         check_finite("advantages", advantages, keep)
     if per_token["weights"] is not None:
         check_finite("weights", per_token["weights"], keep)
+    for name, count in counts.items():  # a tensor count's value check is skipped in the chunks' calls too
+        check_count(name, count)
     invalid = None
     if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
         # host-device sync: an out-of-range id gives NaN instead

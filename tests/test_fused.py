@@ -487,6 +487,16 @@ def test_bad_inputs(change, error, match):
         _call(make(11), **change)
 
 
+@pytest.mark.parametrize("name", ["batch_num_tokens", "global_batch_size"])
+@pytest.mark.parametrize("bad", [-5.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("grad", [True, False])
+def test_bad_tensor_counts_are_refused(name, bad, grad):
+    """A tensor count is checked as the loss checks it (the chunks' calls run with the value checks off):
+    a negative, NaN or infinite count is a ValueError naming it, not a silently rescaled loss."""
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
+        _call(make(11), **{name: torch.tensor(bad, dtype=F64)})
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match="chunk_size"):
