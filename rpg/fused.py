@@ -486,6 +486,8 @@ class FusedLinearLoss:
         """Loss of the head's log-probs; see the class docstring."""
         _check_head(hidden, weight, bias)
         temperature = _check_temperature(temperature)  # one validator with from_hidden: the same types
+        if generator is not None and not isinstance(generator, torch.Generator):  # as the loss: used or not
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         per_token = {"ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
         counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
         batch = _prepare(

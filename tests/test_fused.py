@@ -497,6 +497,16 @@ def test_bad_tensor_counts_are_refused(name, bad, grad):
         _call(make(11), **{name: torch.tensor(bad, dtype=F64)})
 
 
+@pytest.mark.parametrize("loss_fn", [rpg.DAPOLoss(), rpg.ClipCovLoss()], ids=["no-selection", "clip-cov"])
+def test_a_generator_that_is_not_one_is_refused(loss_fn):
+    """``generator=`` is checked as the loss checks it: a TypeError naming it, with or without a selection
+    rule to use it (not an AttributeError, nor silently dropped)."""
+    d = make(11)
+    args = [d[k] for k in ("hidden", "weight", "tokens", "old_logp", "advantages", "mask")]
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None"):
+        FusedLinearLoss(loss_fn)(*args, generator=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match="chunk_size"):
