@@ -365,8 +365,10 @@ class FusedLinearLoss:
     Args:
         loss_fn: any rpg loss ([`PolicyLoss`][rpg.losses.PolicyLoss], [`RPGLoss`][rpg.losses.RPGLoss], the presets), or a
             callable with the same call and a result with a settable ``loss`` (treated as per-token
-            unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
-            ``logp`` only).
+            unless its ``ratio`` is not ``"token"`` or it has a ``select`` rule: its derivative at a token
+            must depend on that token's ``logp`` only; in each call the tokens outside the chunk hold
+            ``old_logp``'s values, so a callable that reads ``logp`` elsewhere — e.g. ``sg(logp)`` as π_old
+            in a sequence-level weight — must be given those values as ``old_logp``).
         chunk_size: tokens per chunk. Default on CPU: H / 4 (H / 8 with an entropy term, at least
             32) — 64 tokens at H = 256 — so the logits blocks stay within a quarter of the weight's
             gradient (for H ≥ 128); on an accelerator: as many as make a 512 MiB block — 883 tokens
