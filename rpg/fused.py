@@ -92,6 +92,7 @@ from typing import NamedTuple
 import torch
 
 from ._util import check_finite, check_floating, check_mask_values, compute_dtype, trusted_inputs
+from .aggregation import check_count
 from .functional import check_logprobs
 from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperature, _check_tokens, _rows
 
@@ -364,8 +365,10 @@ class FusedLinearLoss:
     Args:
         loss_fn: any rpg loss ([`PolicyLoss`][rpg.losses.PolicyLoss], [`RPGLoss`][rpg.losses.RPGLoss], the presets), or a
             callable with the same call and a result with a settable ``loss`` (treated as per-token
-            unless it has ``ratio="sequence"``: its derivative at a token must depend on that token's
-            ``logp`` only).
+            unless its ``ratio`` is not ``"token"`` or it has a ``select`` rule: its derivative at a token
+            must depend on that token's ``logp`` only; in each call the tokens outside the chunk hold
+            ``old_logp``'s values, so a callable that reads ``logp`` elsewhere — e.g. ``sg(logp)`` as π_old
+            in a sequence-level weight — must be given those values as ``old_logp``).
         chunk_size: tokens per chunk. Default on CPU: H / 4 (H / 8 with an entropy term, at least
             32) — 64 tokens at H = 256 — so the logits blocks stay within a quarter of the weight's
             gradient (for H ≥ 128); on an accelerator: as many as make a 512 MiB block — 883 tokens
@@ -485,6 +488,8 @@ class FusedLinearLoss:
         """Loss of the head's log-probs; see the class docstring."""
         _check_head(hidden, weight, bias)
         temperature = _check_temperature(temperature)  # one validator with from_hidden: the same types
+        if generator is not None and not isinstance(generator, torch.Generator):  # as the loss: used or not
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         per_token = {"ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
         counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
         batch = _prepare(
@@ -730,9 +735,9 @@ class _Batch:
 
 
 def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, ignore_index) -> _Batch:
-    """Checks the loss's arguments (shapes, types, and once the value rules of
-    ``rpg.functional.check_logprobs``: the chunks' calls then skip them) and folds ``ignore_index``
-    into the mask."""
+    """Checks the loss's arguments (shapes, types, and once the value rules the loss checks — the
+    log-probs', the advantages', the weights', the counts': the chunks' calls then skip them) and folds
+    ``ignore_index`` into the mask."""
     shape = tuple(hidden.shape[:2])
     _check_loss_inputs(shape, tokens, old_logp, advantages, mask, per_token, v, ignore_index)
     if mask is not None:
@@ -751,6 +756,8 @@ def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, i
         check_finite("advantages", advantages, keep)
     if per_token["weights"] is not None:
         check_finite("weights", per_token["weights"], keep)
+    for name, count in counts.items():  # a tensor count's value check is skipped in the chunks' calls too
+        check_count(name, count)
     invalid = None
     if tokens.device.type != "cpu":  # (checked above on a CPU) on an accelerator a check would be a
         # host-device sync: an out-of-range id gives NaN instead

@@ -433,6 +433,95 @@ def test_one_global_count(agg, counts, chunk_size):
     assert ref_grads[1].abs().sum() > 0
 
 
+SELECTIONS = {
+    "clip-cov": rpg.ClipCovLoss(fraction=0.3, low=-100.0, high=100.0),  # a wide band: the draw picks among many
+    "kl-cov-entropy": rpg.KLCovLoss(fraction=0.3, entropy_coef=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTIONS))
+@pytest.mark.parametrize("own_generator", [True, False])
+@pytest.mark.parametrize("chunk_size,vocab_chunk_size,with_counts,skip_masked", CHUNKINGS[1:4])
+def test_selection_rules_draw_the_tokens_the_reference_draws(
+    name, own_generator, chunk_size, vocab_chunk_size, with_counts, skip_masked
+):
+    """Clip-Cov / KL-Cov rank the whole batch (one chunk), and the generator is rewound between the
+    derivative's call and the value's: the same tokens are selected as by from_hidden + the loss, whose
+    gradient is matched exactly, and the generator (given, or torch's default) ends where one call leaves it."""
+    loss_fn, d = SELECTIONS[name], make(16)
+    counts = {"batch_num_tokens": 17, "global_batch_size": 6} if with_counts else {}
+    gens = [torch.Generator().manual_seed(3) for _ in range(2)] if own_generator else [None, None]
+    want_entropy = loss_fn.entropy_coef > 0
+    lp = from_hidden(
+        d["hidden"], d["weight"], d["tokens"], bias=d["bias"], temperature=TEMP, return_entropy=want_entropy
+    )
+    kw = dict(counts, ref_logp=d["ref_logp"])
+    if want_entropy:
+        lp, kw["entropy"] = lp
+    torch.manual_seed(5)
+    ref = loss_fn(lp, d["old_logp"], d["advantages"], d["mask"], generator=gens[0], **kw)
+    ref_grads = torch.autograd.grad(ref.loss, (d["hidden"], d["weight"], d["bias"]))
+    ref_next = torch.rand(4)
+    torch.manual_seed(5)
+    out = FusedLinearLoss(loss_fn, chunk_size, vocab_chunk_size, skip_masked=skip_masked)(
+        *(d[k] for k in ("hidden", "weight", "tokens", "old_logp", "advantages", "mask")),
+        bias=d["bias"],
+        temperature=TEMP,
+        ref_logp=d["ref_logp"],
+        generator=gens[1],
+        **counts,
+    )
+    grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+    assert ref.metrics["select_frac"] > 0.1  # the selection drops or penalises tokens: the draw matters
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.per_token, ref.per_token.detach(), rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+    if own_generator:
+        assert torch.equal(gens[0].get_state(), gens[1].get_state())
+    else:
+        assert torch.equal(torch.rand(4), ref_next)
+
+
+@needs_options
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        pytest.param(
+            rpg.GMPOLoss(correction=rpg.RolloutCorrection(level="sequence", mode="mask", lower=0.5, upper=2.0)),
+            id="gmpo-sequence-mask",
+        ),
+        pytest.param(
+            rpg.VESPOLoss(
+                entropy_coef=0.2, correction=rpg.RolloutCorrection(level="sequence", lower=0.5, count_rejected=False)
+            ),
+            id="vespo-sequence-truncate-entropy",
+        ),
+        pytest.param(
+            rpg.GSPOLoss(
+                clip=rpg.Clip(0.2, 0.2, None),  # the default (3e-4, 4e-4) clips every row here; the band rejects 2 of 4
+                correction=rpg.RolloutCorrection(
+                    level="sequence", mode="mask", lower=0.4, upper=1.5, count_rejected=False
+                ),
+            ),
+            id="gspo-sequence-mask-uncounted",
+        ),
+    ],
+)
+@pytest.mark.parametrize("counts", [{"batch_num_tokens": 17}, {"global_batch_size": 6}])
+def test_sequence_level_ratios_with_a_sequence_correction(loss_fn, counts):
+    """GMPO's and VESPO's sequence ratios (whole sequences per chunk) with a sequence-level rollout
+    correction, weights, and every way of giving the counts (both or none: CHUNKINGS; one: here)."""
+    d = make(17)
+    assert_same(loss_fn, d, options=("weights", "behavior_logp"))
+    ref, ref_grads = reference(loss_fn, d, counts=counts, options=("weights", "behavior_logp"))
+    out = fused(loss_fn, d, chunk_size=3, counts=counts, options=("weights", "behavior_logp"))
+    grads = torch.autograd.grad(out.loss, (d["hidden"], d["weight"], d["bias"]))
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
 def test_chunk_plan():
     """Per-token losses may cut sequences; a sequence-level ratio (GSPO) gets whole sequences; masked
     positions are skipped when asked."""
@@ -485,6 +574,26 @@ def _call(d, **change):
 def test_bad_inputs(change, error, match):
     with pytest.raises(error, match=match):
         _call(make(11), **change)
+
+
+@pytest.mark.parametrize("name", ["batch_num_tokens", "global_batch_size"])
+@pytest.mark.parametrize("bad", [-5.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("grad", [True, False])
+def test_bad_tensor_counts_are_refused(name, bad, grad):
+    """A tensor count is checked as the loss checks it (the chunks' calls run with the value checks off):
+    a negative, NaN or infinite count is a ValueError naming it, not a silently rescaled loss."""
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
+        _call(make(11), **{name: torch.tensor(bad, dtype=F64)})
+
+
+@pytest.mark.parametrize("loss_fn", [rpg.DAPOLoss(), rpg.ClipCovLoss()], ids=["no-selection", "clip-cov"])
+def test_a_generator_that_is_not_one_is_refused(loss_fn):
+    """``generator=`` is checked as the loss checks it: a TypeError naming it, with or without a selection
+    rule to use it (not an AttributeError, nor silently dropped)."""
+    d = make(11)
+    args = [d[k] for k in ("hidden", "weight", "tokens", "old_logp", "advantages", "mask")]
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None"):
+        FusedLinearLoss(loss_fn)(*args, generator=0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])

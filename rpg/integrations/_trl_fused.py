@@ -331,7 +331,11 @@ def compute_loss(trainer, model, inputs):
     if held:  # the bonus's m′ is not the mask: no counts, so every call covers the whole batch
         kwargs.update(batch_num_tokens=None, global_batch_size=None)
     fused = FusedLinearLoss(step_loss, chunk_size=trainer._rpg_fused_chunk_size)
-    old = torch.zeros_like(step.mask, dtype=hidden.dtype) if step.old is None else step.old  # on-policy: unread
+    old = step.old
+    if old is None:  # on-policy: π_old = sg(π_θ) in each call (_StepLoss); the tokens outside a chunk hold these
+        # placeholders, which a rollout correction reads: a sequence-level ρ of a response that a chunk cuts needs
+        # the policy's own values there (computed above whenever there is a correction), else they are unread
+        old = values[0] if values[0] is not None else torch.zeros_like(step.mask, dtype=hidden.dtype)
     with _no_autocast(hidden.device):
         out = fused(
             hidden,

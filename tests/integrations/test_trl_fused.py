@@ -249,13 +249,15 @@ def test_fused_head_with_the_vllm_correction(mode, kw):
     assert any(k.startswith("rollout_corr/") for k in gs._metrics["train"])
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", "sequence_truncate"])
 @pytest.mark.parametrize("kw", [VLLM_SETTINGS["grpo-kl"], VLLM_SETTINGS["sequence-quantile"]], ids=["grpo-kl", "fold"])
-def test_fused_head_with_the_vllm_correction_on_policy(mode, kw):
+@pytest.mark.parametrize("chunk", [8, 3])
+def test_fused_head_with_the_vllm_correction_on_policy(mode, kw, chunk):
     """No old log-probs (π_old = sg(π_θ)): the unscored token's ρ = 1 and a folded token-level weight need the
-    policy's log-probs before the loss, which the fused path takes from its pass without gradient."""
+    policy's log-probs before the loss, which the fused path takes from its pass without gradient. A
+    sequence-level ρ reads π_old at every token of its response, also where a chunk of 3 tokens cuts it."""
     args = _config(use_vllm=True, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=1.5, **kw)
-    _compare(args, old=False, nan_token=True, bias=True)
+    _compare(args, old=False, nan_token=True, bias=True, chunk=chunk)
 
 
 GIVEN_LOSSES = {
