@@ -80,14 +80,14 @@ def unnormalized_policies() -> Iterator[None]:
         yield
 
 
-def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
+def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask, sequence_ratio: bool = False) -> None:
     r"""The value rules of the log-prob inputs at response tokens (``mask``, bool, or ``None``: all),
     padding never read (``logp=None``: not checked).
 
     | input | refused (``ValueError`` naming it) | accepted |
     |---|---|---|
     | ``logp`` | NaN; a value > 0 beyond rounding (logits or probabilities) | −∞ (a token π_θ cannot emit: every term takes its limit) |
-    | ``old_logp`` | NaN, ±∞ (the tokens were sampled where π_old > 0), a value > 0 | −∞ only with ``behavior_logp`` (π_old = 0 where μ sampled: ρ = π_old/μ = 0) |
+    | ``old_logp`` | NaN, ±∞ (the tokens were sampled where π_old > 0), a value > 0 | −∞ only with ``behavior_logp`` (π_old = 0 where μ sampled: ρ = π_old/μ = 0) and a token ratio (``sequence_ratio=False``: a sequence ratio multiplies every token's π_θ/π_old, so one π_old = 0 makes it infinite) |
     | ``ref_logp`` | NaN, +∞, a value > 0 | −∞ (π_ref = 0: each KL term takes its true, often infinite, value; where ``logp`` is −∞ too, log(π_θ/π_ref) is taken as 0) |
     | ``behavior_logp`` | NaN, ±∞ (μ sampled the token, so μ > 0), a value > 0 | — |
 
@@ -104,13 +104,16 @@ def check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask) -> None:
     if logp is not None:
         check_logprob("logp", logp, mask, neg_inf=True)
     with_mu = behavior_logp is not None
-    check_logprob(
-        "old_logp",
-        old_logp,
-        mask,
-        neg_inf=with_mu,
-        hint="" if with_mu else " (the tokens were sampled from π_old, so π_old > 0 there; mask such a token out)",
-    )
+    if not with_mu:
+        hint = " (the tokens were sampled from π_old, so π_old > 0 there; mask such a token out)"
+    elif sequence_ratio:
+        hint = (
+            " (the loss's sequence ratio multiplies every token's π_θ/π_old, so one π_old = 0 makes it "
+            "infinite; mask such a token out)"
+        )
+    else:
+        hint = ""
+    check_logprob("old_logp", old_logp, mask, neg_inf=with_mu and not sequence_ratio, hint=hint)
     if ref_logp is not None:
         check_logprob("ref_logp", ref_logp, mask, neg_inf=True)
     if with_mu:
@@ -240,7 +243,7 @@ def policy_loss(
             f"entropy_coef={config.entropy_coef} needs the per-token entropy: pass entropy= "
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
-    check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask)
+    check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask, sequence_ratio=config.ratio != "token")
     if check_advantages:
         check_finite("advantages", advantages, mask)
     if weights is not None:

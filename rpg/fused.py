@@ -492,8 +492,18 @@ class FusedLinearLoss:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         per_token = {"ref_logp": ref_logp, "behavior_logp": behavior_logp, "weights": weights}
         counts = {"batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size}
+        sequence_ratio = getattr(self.loss_fn, "ratio", "token") != "token"
         batch = _prepare(
-            hidden, tokens, old_logp, advantages, mask, per_token, counts, weight.shape[0], self.ignore_index
+            hidden,
+            tokens,
+            old_logp,
+            advantages,
+            mask,
+            per_token,
+            counts,
+            weight.shape[0],
+            self.ignore_index,
+            sequence_ratio,
         )
         plan = self._plan_call(batch, hidden, weight, bias, generator)
         with trusted_inputs(), torch.no_grad():  # value rules checked once in _prepare
@@ -734,7 +744,9 @@ class _Batch:
         return logp, entropy
 
 
-def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, ignore_index) -> _Batch:
+def _prepare(
+    hidden, tokens, old_logp, advantages, mask, per_token, counts, v, ignore_index, sequence_ratio=False
+) -> _Batch:
     """Checks the loss's arguments (shapes, types, and once the value rules the loss checks — the
     log-probs', the advantages', the weights', the counts': the chunks' calls then skip them) and folds
     ``ignore_index`` into the mask."""
@@ -751,7 +763,7 @@ def _prepare(hidden, tokens, old_logp, advantages, mask, per_token, counts, v, i
         tokens = tokens.masked_fill(ignored, 0)
         mask = keep  # the loss (and its value checks) see the ignored positions as padding
     response = None if mask is None else mask.bool()
-    check_logprobs(None, old_logp, per_token["ref_logp"], per_token["behavior_logp"], response)
+    check_logprobs(None, old_logp, per_token["ref_logp"], per_token["behavior_logp"], response, sequence_ratio)
     if advantages is not None:
         check_finite("advantages", advantages, keep)
     if per_token["weights"] is not None:

@@ -448,3 +448,25 @@ def test_advantage_and_weight_checks_are_skipped_inside_trusted_inputs_and_under
 
     got = f(d["logp"], d["old_logp"], d["advantages"], d["mask"], w)
     torch.testing.assert_close(got, LOSS(d["logp"], d["old_logp"], d["advantages"], d["mask"], weights=w).loss)
+
+
+@pytest.mark.parametrize("loss", [rpg.GSPOLoss(), rpg.GMPOLoss(), rpg.VESPOLoss()], ids=["gspo", "gmpo", "vespo"])
+def test_a_minus_inf_old_logp_under_a_sequence_ratio_is_refused_even_with_a_behaviour_policy(loss):
+    """With μ a token's π_old may be 0 (ρ = 0 at that token), but a sequence ratio multiplies every token's
+    π_θ/π_old: one π_old = 0 makes it infinite, and the loss and its gradient were inf/NaN. Refused, naming
+    old_logp, in the loss and in the fused head; a token-level loss keeps accepting it."""
+    d = batch()
+    old = d["old_logp"].detach().clone()
+    old[0, 1] = -math.inf
+    behavior = d["old_logp"].detach().clone()
+    args = (d["logp"], old, d["advantages"], d["mask"])
+    with pytest.raises(ValueError, match=r"old_logp is -inf at 1 response token.*sequence ratio"):
+        loss(*args, behavior_logp=behavior)
+    out = rpg.DAPOLoss()(*args, behavior_logp=behavior)
+    (grad,) = torch.autograd.grad(out.loss, d["logp"])
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    h, w, tokens, fused_old = fused_batch()
+    fused_old = fused_old.clone()
+    fused_old[0, 1] = -math.inf
+    with pytest.raises(ValueError, match="sequence ratio"):
+        FusedLinearLoss(loss)(h, w, tokens, fused_old, torch.ones(B, dtype=F64), behavior_logp=fused_old.clamp(min=-5))
