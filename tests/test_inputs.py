@@ -421,3 +421,17 @@ def test_advantage_and_weight_checks_are_skipped_inside_trusted_inputs_and_under
 
     got = f(d["logp"], d["old_logp"], d["advantages"], d["mask"], w)
     torch.testing.assert_close(got, LOSS(d["logp"], d["old_logp"], d["advantages"], d["mask"], weights=w).loss)
+
+
+@pytest.mark.parametrize("name", ["advantages", "weights"])
+def test_a_wide_advantage_or_weight_that_overflows_the_compute_dtype_is_refused(name):
+    """The loss computes in float32 for float32 log-probs: a float64 advantage or weight of 1e39 is finite as
+    passed but +inf as the loss reads it (the loss was −inf, silently). The check reads the value the loss
+    reads."""
+    d = batch(torch.float32)
+    d["advantages"], d["weights"] = d["advantages"].to(F64), torch.ones(B, T, dtype=F64)
+    d = _with(d, name, 1e39, (0,) if name == "advantages" else (0, 1))
+    with pytest.raises(ValueError, match=rf"{name} is \+inf at"):
+        call(d)
+    d = _with(d, name, 1e30, (0,) if name == "advantages" else (0, 1))  # representable in float32: accepted
+    assert torch.isfinite(call(d).loss)
