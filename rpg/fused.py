@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import torch
 
-from ._util import check_floating, check_mask_values, compute_dtype, trusted_inputs
+from ._util import check_finite, check_floating, check_mask_values, compute_dtype, trusted_inputs
 from .functional import check_logprobs
 from .logprobs import _block, _check_chunk, _check_ignore_index, _check_temperature, _check_tokens, _rows
 
@@ -516,8 +516,9 @@ class FusedLinearLoss:
                     f"advantages must have shape [B] = ({b},), [B, 1] or [B, T] = {shape}, "
                     f"got {tuple(advantages.shape)}"
                 )
-        # The value rules of the loss (rpg.functional.check_logprobs) on the caller's tensors, once: the
-        # chunks' calls below then skip them (trusted_inputs), as does the final call on the head's logp.
+        # The value rules of the loss (rpg.functional.check_logprobs; advantages and weights below) on the
+        # caller's tensors, once: the chunks' calls below then skip them (trusted_inputs), as does the final
+        # call on the head's logp.
         if mask is not None:
             check_mask_values(mask)
         response = None if mask is None else mask.bool()
@@ -540,6 +541,12 @@ class FusedLinearLoss:
 
         want_entropy = getattr(self.loss_fn, "entropy_coef", 0) > 0
         dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        # the loss's finiteness rule for advantages and weights, once (its calls below skip it), in the
+        # dtype the loss reads them in
+        if isinstance(advantages, torch.Tensor):
+            check_finite("advantages", advantages, keep, dtype)
+        if weights is not None:
+            check_finite("weights", weights, keep, dtype)
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         need_grad = torch.is_grad_enabled() and any(need)
         n = b * t
