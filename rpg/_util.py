@@ -190,17 +190,18 @@ def check_logprob(name: str, x: torch.Tensor, mask: torch.Tensor | None, *, neg_
     raise ValueError(f"{name} is -inf at {int(torch.count_nonzero(keep & (x == -math.inf)))} response token(s){hint}")
 
 
-def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Refuse NaN or ±inf in ``x`` at the response tokens of ``mask`` (bool ``[B, T]``); ``x`` is ``[B]``,
     ``[B, 1]`` or ``[B, T]`` (a per-sequence value counts at its row's tokens). Padding is never looked at.
-    On a CPU one reduction over ``x`` when it is finite everywhere, else a masked copy; see
-    [`value_check_mode`][rpg._util.value_check_mode] for where it runs."""
+    ``dtype``: the dtype the caller computes in; ``x`` is checked as cast to it (a float64 1e39 is finite,
+    its float32 cast is +inf). On a CPU one reduction over ``x`` when it is finite everywhere, else a
+    masked copy; see [`value_check_mode`][rpg._util.value_check_mode] for where it runs."""
     if not x.is_floating_point():
         return
     mode = value_check_mode(x)
     if mode is None or x.numel() == 0 or mask.numel() == 0:
         return
-    x = x.detach()
+    x = x.detach() if dtype is None else x.detach().to(dtype)
     if x.dim() == 1:
         x = x.unsqueeze(-1)
     if mode == "raise" and bool(torch.isfinite(x).all()):

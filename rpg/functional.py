@@ -244,10 +244,11 @@ def policy_loss(
             "(e.g. rpg.logprobs.from_hidden(..., return_entropy=True))"
         )
     check_logprobs(logp, old_logp, ref_logp, behavior_logp, mask, sequence_ratio=config.ratio != "token")
+    # checked as the loss reads them, in the compute dtype: a float64 1e39 is finite, its float32 cast is not
     if check_advantages:
-        check_finite("advantages", advantages, mask)
+        check_finite("advantages", advantages, mask, compute_dtype(logp.dtype))
     if weights is not None:
-        check_finite("weights", weights, mask)
+        check_finite("weights", weights, mask, compute_dtype(logp.dtype))
     check_count("batch_num_tokens", batch_num_tokens)
     check_count("global_batch_size", global_batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -765,9 +765,9 @@ def _prepare(
     response = None if mask is None else mask.bool()
     check_logprobs(None, old_logp, per_token["ref_logp"], per_token["behavior_logp"], response, sequence_ratio)
     if advantages is not None:
-        check_finite("advantages", advantages, keep)
-    if per_token["weights"] is not None:
-        check_finite("weights", per_token["weights"], keep)
+        check_finite("advantages", advantages, keep, compute_dtype(hidden.dtype))
+    if per_token["weights"] is not None:  # in the compute dtype, as the loss reads them
+        check_finite("weights", per_token["weights"], keep, compute_dtype(hidden.dtype))
     for name, count in counts.items():  # a tensor count's value check is skipped in the chunks' calls too
         check_count(name, count)
     invalid = None

@@ -633,3 +633,27 @@ def test_benchmark_script_runs():
     out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| rpg FusedLinearLoss |" in out.stdout and "| rpg from_hidden + loss |" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["advantages", "weights"])
+def test_a_non_finite_advantage_or_weight_at_a_response_token_is_refused(name):
+    """The fused head calls its loss inside ``trusted_inputs`` (the value checks run once, up front): the
+    advantages and weights are checked there too, as by the loss itself (a NaN advantage gave a NaN loss
+    silently); at padding they stay inert."""
+    d = make(neg_inf_block=False)
+    fused = FusedLinearLoss(rpg.PolicyLoss(), chunk_size=8)
+
+    def call(x):
+        return fused(
+            x["hidden"], x["weight"], x["tokens"], x["old_logp"], x["advantages"], x["mask"], weights=x["weights"]
+        ).loss
+
+    want = call(d)
+    for value, word in ((float("nan"), "NaN"), (float("inf"), r"\+inf")):
+        bad = d[name].clone()
+        bad[(0,) if name == "advantages" else (0, 0)] = value  # mask[:, 0] is set
+        with pytest.raises(ValueError, match=rf"{name} is {word} at"):
+            call({**d, name: bad})
+        inert = d[name].clone()
+        inert[(2,) if name == "advantages" else (2, 0)] = value  # row 2 is all padding
+        torch.testing.assert_close(call({**d, name: inert}), want, rtol=0, atol=0)

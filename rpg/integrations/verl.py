@@ -68,7 +68,9 @@ verl log. ``actor/rpg/ratio/ess`` is the effective sample size of each micro-bat
 ratios, averaged over micro-batches (not the ESS of the whole batch).
 For DPPO, ``actor/pg_clipfrac`` is the fraction of masked tokens and
 ``actor/pg_clipfrac_lower`` the fraction of kept tokens whose weight reached C,
-as verl's ``dppo_*`` log them; for ``rpg_gmpo``, ``rpg_clip_cov`` and ``rpg_kl_cov``
+and ``actor/ppo_kl`` is taken of log w clamped to [−20, 20], as verl's ``dppo_*`` log them
+(``rpg_sapo``'s ``ppo_kl`` too, as verl's ``sapo``; ``rpg_dro`` logs ``actor/ppo_kl`` alone,
+as verl's ``dro``); for ``rpg_gmpo``, ``rpg_clip_cov`` and ``rpg_kl_cov``
 they carry the definitions of verl's ``geo_mean`` (a token whose log w leaves
 [−ε_low, ε_high], counted in ``pg_clipfrac`` where A > 0 and ``pg_clipfrac_lower`` where
 A < 0), ``clip_cov`` (``pg_clipfrac``: the share of tokens whose gradient it dropped,
@@ -309,7 +311,45 @@ def _make(loss_mode: str):
     what = LOSS_MODES.get(loss_mode) or (
         f"TrustRegion({DPPO_MODES[loss_mode]!r})" if loss_mode in DPPO_MODES else loss_mode.removeprefix("rpg_")
     )
-    return _verl_loss(loss_mode, lambda config, agg: loss_from_config(loss_mode, config, agg), prepare, str(what))
+    return _verl_loss(
+        loss_mode,
+        lambda config, agg: loss_from_config(loss_mode, config, agg),
+        prepare,
+        str(what),
+        _TOKEN_METRICS.get(loss_mode),
+    )
+
+
+def _clamped_ppo_kl(log_w: torch.Tensor, mask: torch.Tensor) -> float:
+    """verl's ``ppo_kl`` for ``sapo`` and ``dppo_*``: mean(−log w) with log w clamped to [−20, 20] first."""
+    return _masked_mean(-log_w.clamp(-20.0, 20.0), mask)
+
+
+def _dppo_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``dppo_*``: ``ppo_kl`` of the clamped log w (the clip fractions come from ``_dppo_mask``)."""
+    return {"actor/ppo_kl": _clamped_ppo_kl(log_w, mask)}
+
+
+def _sapo_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``sapo``: ``ppo_kl`` of the clamped log w; the clip fractions are the gate's (0, as verl's)."""
+    return {
+        "actor/pg_clipfrac": m["clip_frac/low"] + m["clip_frac/high"],
+        "actor/ppo_kl": _clamped_ppo_kl(log_w, mask),
+        "actor/pg_clipfrac_lower": m["clip_frac/dual"],
+    }
+
+
+def _dro_metrics(loss_fn, m, log_w, advantages, mask):
+    """verl's ``dro``: ``ppo_kl`` = mean(−log w) alone (it has no clip, so no clip fraction)."""
+    return {"actor/ppo_kl": _masked_mean(-log_w, mask)}
+
+
+_TOKEN_METRICS = {
+    "rpg_dppo_tv": _dppo_metrics,
+    "rpg_dppo_kl": _dppo_metrics,
+    "rpg_sapo": _sapo_metrics,
+    "rpg_dro": _dro_metrics,
+}
 
 
 def _dppo_mask(region: TrustRegion, log_prob, old_log_prob, advantages, mask, rollout_is_weights):

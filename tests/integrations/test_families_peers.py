@@ -336,3 +336,35 @@ def test_registered_family_metrics_are_verls(mode):
         assert 0 < theirs["actor/pg_clipfrac"]  # tokens are clipped / dropped here
     if mode == "geo_mean":
         assert 0 < theirs["actor/pg_clipfrac_lower"]
+
+
+@pytest.mark.parametrize("mode", ["sapo", "dro", "dppo_tv", "dppo_kl"])
+def test_registered_token_mode_metrics_are_verls(mode):
+    """rpg_sapo / rpg_dro / rpg_dppo_* log the ``actor/*`` keys and values of the verl loss they mirror: verl's
+    ``sapo`` and ``dppo_*`` take ``ppo_kl`` of log w clamped to [−20, 20] (a batch with |log w| > 20 here, as
+    after a policy moved far from a stale π_old), verl's ``dro`` logs ``ppo_kl`` alone (it has no clip)."""
+    pytest.importorskip("verl")
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from rpg.integrations import verl as rpg_verl  # noqa: F401
+
+    logp, old, adv, mask = _batch(30, adv_scale=3.0)
+    logp, old = logp.detach().clone(), old.clone()
+    old[0, 0], logp[0, 0] = -25.0, -1.0  # log w = 24
+    old[1, 1], logp[1, 1] = -0.5, -22.0  # log w = -21.5
+    logp.requires_grad_(True)
+    config = _verl_config(policy_loss=dict(loss_mode=mode, dro_beta=0.3), clip_ratio_low=0.3, clip_ratio_high=0.25)
+    got = {}
+    for name in (mode, f"rpg_{mode}"):
+        _, metrics = get_policy_loss_fn(name)(
+            old_log_prob=old,
+            log_prob=logp,
+            advantages=adv[:, None].expand(B, T),
+            response_mask=mask.double(),
+            config=config,
+        )
+        got[name] = {k: v for k, v in metrics.items() if not k.startswith("actor/rpg/")}
+    theirs, ours = got.values()
+    assert theirs.keys() == ours.keys()
+    for key in theirs:  # verl's masked_mean divides by Σ mask + 1e-8
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
