@@ -31,8 +31,20 @@ def test_exact_gradients_example(capsys):
             assert (fkl_err if "f" in div else rkl_err) < 1e-12
 
 
+# Scripts with a test of their own that also runs their failure path (so not run again here).
+DRIVEN_ELSEWHERE = {"trl_two_process.py": "tests/integrations/test_trl_multiprocess.py"}
+
+
+def test_scripts_driven_elsewhere_exist():
+    for script, test in DRIVEN_ELSEWHERE.items():
+        assert (EXAMPLES / script).is_file() and (EXAMPLES.parent / test).is_file(), (script, test)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")))
+@pytest.mark.parametrize(
+    "script",
+    sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_") and p.name not in DRIVEN_ELSEWHERE),
+)
 def test_every_example_runs(script, capsys):
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     assert capsys.readouterr().out

@@ -1,6 +1,6 @@
 """RPGGRPOTrainer data-parallel on two CPU processes (gloo) vs one process with the same global batch.
 
-Drives tests/integrations/_trl_two_process.py: both runs train three steps of an rpg loss with a reference model
+Drives examples/trl_two_process.py: both runs train three steps of an rpg loss with a reference model
 and a token mean over the global batch, with one and with two micro-batches per step; every optimizer step's
 gradient and every logged value it compares must agree.
 """
@@ -14,13 +14,13 @@ import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-SCRIPT = Path(__file__).resolve().parent / "_trl_two_process.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "trl_two_process.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("_trl_two_process", SCRIPT)
+    spec = importlib.util.spec_from_file_location("trl_two_process", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["_trl_two_process"] = module
+    sys.modules["trl_two_process"] = module
     spec.loader.exec_module(module)
     return module
 

@@ -1,6 +1,6 @@
 """RPGGRPOTrainer on two processes vs one: the same gradients and the same logged losses.
 
-    python tests/integrations/_trl_two_process.py   # launches both runs, compares, exits 1 on a mismatch
+    python examples/trl_two_process.py   # launches both runs, compares, exits 1 on a mismatch
 
 Runs ``python -m torch.distributed.run --nproc_per_node 2`` and ``--nproc_per_node 1`` of
 ``rpg.integrations.trl.RPGGRPOTrainer`` on a tiny random Llama (float64 weights) on CPU: Accelerate sees the
