@@ -304,21 +304,17 @@ def test_vespo_equals_trls_compute_loss(params, vllm):
     _close(g_got, g_want)
 
 
-@pytest.mark.parametrize("mode", ["geo_mean", "kl_cov", "clip_cov"])
-def test_registered_family_metrics_are_verls(mode):
-    """The ``actor/*`` metrics rpg_gmpo / rpg_kl_cov / rpg_clip_cov log carry verl's geo_mean / kl_cov /
-    clip_cov definitions (geo_mean's clip fractions by the sign of A, kl_cov's mean |log w|, clip_cov's
-    share of dropped tokens): the same keys and values on the same inputs (clip_cov: the same seed)."""
+def _verl_metrics_of_both(mode, ours, logp, old, adv, mask, config):
+    """``(theirs, ours)``: the ``actor/*`` metrics (rpg's own ``actor/rpg/*`` left out) of verl's registered
+    ``mode`` and of rpg's registered ``ours`` on the same inputs (each after ``torch.manual_seed(3)``), checked
+    to have the same keys and values (verl's masked_mean divides by Σ mask + 1e-8)."""
     pytest.importorskip("verl")
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    from rpg.integrations import verl as rpg_verl  # noqa: F401
+    from rpg.integrations import verl as rpg_verl  # noqa: F401  (registers the losses)
 
-    logp, old, adv, mask = _batch(30, adv_scale=3.0)
-    policy = dict(loss_mode=mode, kl_cov_ratio=0.1, ppo_kl_coef=0.5, clip_cov_ratio=0.1, clip_cov_lb=0.2)
-    config = _verl_config(policy_loss=policy, clip_ratio_low=0.3, clip_ratio_high=0.25)
-    got = {}
-    for name in (mode, {"geo_mean": "rpg_gmpo", "kl_cov": "rpg_kl_cov", "clip_cov": "rpg_clip_cov"}[mode]):
+    got = []
+    for name in (mode, ours):
         torch.manual_seed(3)
         _, metrics = get_policy_loss_fn(name)(
             old_log_prob=old,
@@ -327,11 +323,24 @@ def test_registered_family_metrics_are_verls(mode):
             response_mask=mask.double(),
             config=config,
         )
-        got[name] = {k: v for k, v in metrics.items() if not k.startswith("actor/rpg/")}
-    theirs, ours = got.values()
-    assert theirs.keys() == ours.keys()
-    for key in theirs:  # verl's masked_mean divides by Σ mask + 1e-8
-        assert ours[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
+        got.append({k: v for k, v in metrics.items() if not k.startswith("actor/rpg/")})
+    theirs, mine = got
+    assert theirs.keys() == mine.keys()
+    for key in theirs:
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
+    return theirs, mine
+
+
+@pytest.mark.parametrize("mode", ["geo_mean", "kl_cov", "clip_cov"])
+def test_registered_family_metrics_are_verls(mode):
+    """The ``actor/*`` metrics rpg_gmpo / rpg_kl_cov / rpg_clip_cov log carry verl's geo_mean / kl_cov /
+    clip_cov definitions (geo_mean's clip fractions by the sign of A, kl_cov's mean |log w|, clip_cov's
+    share of dropped tokens): the same keys and values on the same inputs (clip_cov: the same seed)."""
+    logp, old, adv, mask = _batch(30, adv_scale=3.0)
+    policy = dict(loss_mode=mode, kl_cov_ratio=0.1, ppo_kl_coef=0.5, clip_cov_ratio=0.1, clip_cov_lb=0.2)
+    config = _verl_config(policy_loss=policy, clip_ratio_low=0.3, clip_ratio_high=0.25)
+    ours = {"geo_mean": "rpg_gmpo", "kl_cov": "rpg_kl_cov", "clip_cov": "rpg_clip_cov"}[mode]
+    theirs, _ = _verl_metrics_of_both(mode, ours, logp, old, adv, mask, config)
     if mode != "kl_cov":
         assert 0 < theirs["actor/pg_clipfrac"]  # tokens are clipped / dropped here
     if mode == "geo_mean":
@@ -343,28 +352,10 @@ def test_registered_token_mode_metrics_are_verls(mode):
     """rpg_sapo / rpg_dro / rpg_dppo_* log the ``actor/*`` keys and values of the verl loss they mirror: verl's
     ``sapo`` and ``dppo_*`` take ``ppo_kl`` of log w clamped to [−20, 20] (a batch with |log w| > 20 here, as
     after a policy moved far from a stale π_old), verl's ``dro`` logs ``ppo_kl`` alone (it has no clip)."""
-    pytest.importorskip("verl")
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
-    from rpg.integrations import verl as rpg_verl  # noqa: F401
-
     logp, old, adv, mask = _batch(30, adv_scale=3.0)
     logp, old = logp.detach().clone(), old.clone()
     old[0, 0], logp[0, 0] = -25.0, -1.0  # log w = 24
     old[1, 1], logp[1, 1] = -0.5, -22.0  # log w = -21.5
     logp.requires_grad_(True)
     config = _verl_config(policy_loss=dict(loss_mode=mode, dro_beta=0.3), clip_ratio_low=0.3, clip_ratio_high=0.25)
-    got = {}
-    for name in (mode, f"rpg_{mode}"):
-        _, metrics = get_policy_loss_fn(name)(
-            old_log_prob=old,
-            log_prob=logp,
-            advantages=adv[:, None].expand(B, T),
-            response_mask=mask.double(),
-            config=config,
-        )
-        got[name] = {k: v for k, v in metrics.items() if not k.startswith("actor/rpg/")}
-    theirs, ours = got.values()
-    assert theirs.keys() == ours.keys()
-    for key in theirs:  # verl's masked_mean divides by Σ mask + 1e-8
-        assert ours[key] == pytest.approx(theirs[key], rel=1e-8, abs=1e-12), key
+    _verl_metrics_of_both(mode, f"rpg_{mode}", logp, old, adv, mask, config)

@@ -93,8 +93,12 @@ def _stub(args, logits, ids, training=True):
 
 
 def _ours(args, logits, ids, loss=None, training=True):
-    s = _stub(args, logits, ids, training)
-    s._rpg_plan = _plan(args, loss)
+    return _as_rpg_trainer(_stub(args, logits, ids, training), args, loss)
+
+
+def _as_rpg_trainer(s, args, loss=None, has_rollout_logprobs=False):
+    """``s`` with RPGGRPOTrainer's plan, loss and every ``_rpg_*`` method bound."""
+    s._rpg_plan = _plan(args, loss, has_rollout_logprobs=has_rollout_logprobs)
     s.rpg_loss = s._rpg_plan.loss
     for name in vars(RPGGRPOTrainer):
         if name.startswith("_rpg_") and callable(getattr(RPGGRPOTrainer, name)):

@@ -13,19 +13,25 @@ Real training runs end at the unfused run's parameters, and what the fused path 
 
 import contextlib
 import types
-from collections import defaultdict
 
 import pytest
 import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
-from trl import GRPOTrainer
 
 import rpg
 from rpg.integrations import _trl_fused
 from rpg.integrations.trl import RPGGRPOTrainer, _plan
-from tests.integrations.test_trl_equivalence import MAPPED, VLLM_MODES, _Accelerator, _config, _is_ratio
+from tests.integrations.test_trl_equivalence import (
+    MAPPED,
+    VLLM_MODES,
+    _Accelerator,
+    _as_rpg_trainer,
+    _config,
+    _is_ratio,
+)
+from tests.integrations.test_trl_equivalence import _stub as _trl_stub
 
 DT = torch.float64
 B, P, T, V, H = 6, 3, 7, 13, 16
@@ -80,24 +86,12 @@ def _unfused_logps(model, temperature):
 
 
 def _stub(args, model, fused, training=True, chunk=8, loss=None):
-    """A ``self`` with the attributes GRPOTrainer.__init__ derives from ``args`` and every ``_rpg_*`` method."""
-    s = types.SimpleNamespace(args=args, temperature=args.temperature)
-    s.beta = args.beta
-    s.entropy_coef, s.use_adaptive_entropy = args.entropy_coef, args.use_adaptive_entropy
-    s._last_world_entropy, s._entropy_window_stats = float("inf"), None
-    s.aux_loss_enabled, s.router_aux_loss_coef = False, 0.0
-    s.model = types.SimpleNamespace(training=training)
-    s.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    """test_trl_equivalence's ``self`` (GRPOTrainer's attributes from ``args``) with every ``_rpg_*`` method, the
+    fused head's settings and the unfused path's log-probs from the model's full logits."""
+    s = _as_rpg_trainer(_trl_stub(args, None, None, training), args, loss, has_rollout_logprobs=True)
+    s.temperature = args.temperature
     s.accelerator = _Acc()
-    s._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    s.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, s)
-    s.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
-    s._rpg_plan = _plan(args, loss, has_rollout_logprobs=True)
-    s.rpg_loss = s._rpg_plan.loss
     s._rpg_fused, s._rpg_fused_chunk_size = fused, chunk
-    for name in vars(RPGGRPOTrainer):
-        if name.startswith("_rpg_") and callable(getattr(RPGGRPOTrainer, name)):
-            setattr(s, name, types.MethodType(getattr(RPGGRPOTrainer, name), s))
     if fused:
         s._get_per_token_logps_and_entropies = types.MethodType(RPGGRPOTrainer._get_per_token_logps_and_entropies, s)
     else:
